@@ -1,0 +1,30 @@
+# One venv for everything: `make artifacts` and `make test` both create it on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install artifacts test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+artifacts: $(STAMP)
+	$(PY) -m export
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check xattn export tests
+
+bench: $(STAMP)
+	$(PY) -m export.bench --batch 1,32 --threads 1
+
+clean:
+	rm -rf $(VENV) artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json artifacts/*.npz
