@@ -1,0 +1,289 @@
+"""The one argparse parser every entry point shares; maps typed errors to exit codes.
+
+Exit codes: 0 success; 1 an artifact failed verification (nothing published); 2 usage error
+(bad flag, impossible configuration, bad calibration file); 3 a `--weights` file that is
+missing, unsafe or does not fit; 4 a converter failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from export import FORMATS
+from export.errors import ExportError, SpecError
+from export.spec import DEFAULT_BATCH, QUANTIZE_MODES, ArtifactSpec
+
+log = logging.getLogger("export")
+
+SHAPE_DEFAULTS = {
+    "units": 64, "heads": 4, "query_len": 10, "kv_len": 10, "query_features": 64, "kv_features": 64,
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit 2 (argparse prints the whole usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def _batch(text: str):
+    if text.strip().lower() == "dynamic":
+        return None
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or 'dynamic', got {text!r}"
+        ) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def build_parser(formats: tuple[str, ...] = FORMATS, prog: str = "python -m export"):
+    """The shared parser; format-specific flags appear only where they apply."""
+    names = ", ".join(formats)
+    parser = _OneLineParser(
+        prog=prog,
+        description=(
+            f"Build {names} artifact(s) of an xattn CrossAttention, verify each in its own "
+            "runtime against the Keras reference, and publish it with a manifest and golden "
+            "vectors into --output-dir."
+        ),
+        epilog=(
+            "exit codes: 0 ok; 1 verification failed (nothing published); 2 usage error; "
+            "3 bad --weights file; 4 converter failure"
+        ),
+    )
+    shapes = parser.add_argument_group("layer and shapes")
+    shapes.add_argument("--units", type=_positive_int, help="layer units (default 64)")
+    shapes.add_argument("--heads", type=_positive_int, help="attention heads (default 4)")
+    shapes.add_argument("--query-len", type=_positive_int, help="query length Tq (default 10)")
+    shapes.add_argument("--kv-len", type=_positive_int, help="key/value length Tkv (default 10)")
+    shapes.add_argument("--query-features", type=_positive_int,
+                        help="source1 feature size (default 64)")
+    shapes.add_argument("--kv-features", type=_positive_int,
+                        help="source2 feature size (default 64)")
+    defaults = ", ".join(
+        f"{f} {'dynamic' if DEFAULT_BATCH[f] is None else DEFAULT_BATCH[f]}" for f in formats
+    )
+    shapes.add_argument("--batch", type=_batch, default=argparse.SUPPRESS, metavar="N|dynamic",
+                        help=f"batch size; only this axis can be dynamic (default: {defaults})")
+    masks = parser.add_argument_group("masks and outputs")
+    masks.add_argument("--query-mask", action="store_true",
+                       help="add a bool input query_mask (B, Tq); True marks a real position")
+    masks.add_argument("--value-mask", action="store_true",
+                       help="add a bool input value_mask (B, Tkv); True marks a real position")
+    masks.add_argument("--causal", action="store_true", help="bake in use_causal_mask=True")
+    masks.add_argument("--scores", action="store_true",
+                       help="add an output attention_scores (B, heads, Tq, Tkv)")
+    weights = parser.add_argument_group("weights")
+    weights.add_argument("--weights", metavar="PATH",
+                         help="a .keras file holding a CrossAttention, or a .weights.h5 from "
+                              "model.save_weights of a model built like the reference")
+    weights.add_argument("--seed", type=_non_negative_int, default=0,
+                         help="seed of the random weights when --weights is not given (default 0)")
+    out = parser.add_argument_group("output and verification")
+    out.add_argument("--output-dir", default="artifacts", metavar="DIR",
+                     help="where artifacts are published (default artifacts/)")
+    out.add_argument("--name", help="base file name (default derived from the configuration, "
+                                    "e.g. xattn_u64_h4_q10x64_kv10x64)")
+    if "onnx" in formats:
+        out.add_argument("--opset", type=_positive_int,
+                         help=f"ONNX opset (default {_default_opset_text()})")
+    atol_defaults = ", ".join(f"{f} {_atol_default(f):g}" for f in formats)
+    out.add_argument("--atol", type=_positive_float,
+                     help=f"max abs diff allowed vs the reference (default {atol_defaults})")
+    if set(formats) & {"onnx", "tflite"}:
+        quant = parser.add_argument_group("quantized variants (onnx, tflite)")
+        quant.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                           help="variant to build (default none = float32)")
+        quant.add_argument("--int8-io", action="store_true",
+                           help="with --quantize int8 (TFLite): int8 inputs and outputs")
+        quant.add_argument("--calibration", metavar="PATH.npz",
+                           help="calibration inputs: arrays source1, source2 (int8 only)")
+        quant.add_argument("--max-rel-error", type=_positive_float,
+                           help="relative L2 gate of a variant (default float16 1e-3, "
+                                "dynamic-int8 2.5e-2, int8 5e-2)")
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    talk.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    return parser
+
+
+def _atol_default(fmt: str) -> float:
+    from export.check import DEFAULT_ATOL
+
+    return DEFAULT_ATOL[fmt]
+
+
+def _default_opset_text() -> str:
+    try:
+        import onnx
+        from tf2onnx import constants
+
+        newest = min(max(constants.OPSET_TO_IR_VERSION), onnx.defs.onnx_opset_version())
+        return f"{newest}, the newest tf2onnx writes that onnxruntime runs"
+    except Exception:  # pragma: no cover - only for --help without tf2onnx
+        return "the newest tf2onnx writes that onnxruntime runs"
+
+
+def configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
+    logger = logging.getLogger("export")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
+    """Flags (+ a --weights file) -> ExportRequest. Raises SpecError / WeightsError."""
+    from export.pipeline import ExportRequest
+
+    given = {k: getattr(args, k) for k in SHAPE_DEFAULTS if getattr(args, k) is not None}
+    weights = None
+    weights_source = None
+    if args.weights:
+        from export import reference
+
+        path = args.weights
+        if path.endswith(".keras"):
+            found = reference.load_keras_file(path)
+            from_file = {
+                "units": found.units, "heads": found.heads,
+                "query_features": found.query_features, "kv_features": found.kv_features,
+            }
+            for key, value in from_file.items():
+                flag = "--" + key.replace("_", "-")
+                if key in given and given[key] != value:
+                    raise SpecError(
+                        f"{flag} {given[key]} contradicts {path}, whose CrossAttention has "
+                        f"{key}={value}"
+                    )
+                given[key] = value
+            weights = found.weights
+        elif path.endswith(".h5"):
+            weights = "h5"
+        else:
+            from export.errors import WeightsError
+
+            raise WeightsError(
+                f"--weights must be a .keras or .weights.h5 file. Received: {path}"
+            )
+        weights_source = os.path.basename(path)
+    shape_args = {**SHAPE_DEFAULTS, **given}
+    quantize = getattr(args, "quantize", "none")
+    common = dict(
+        **shape_args,
+        query_mask=args.query_mask, value_mask=args.value_mask, causal=args.causal,
+        scores=args.scores, name=args.name or "",
+    )
+    specs = {}
+    for fmt in formats:
+        batch = getattr(args, "batch", DEFAULT_BATCH[fmt])
+        if fmt == "tflite" and batch is None:
+            if formats == ("tflite",):
+                raise SpecError(
+                    "TFLite artifacts have a static batch; --batch dynamic is not possible "
+                    "for tflite. Received: --batch dynamic"
+                )
+            log.info("note     tflite keeps a static batch of 1 (--batch dynamic applies to "
+                     "onnx and savedmodel)")
+            batch = 1
+        fmt_quant = quantize if fmt in ("onnx", "tflite") else "none"
+        specs[fmt] = ArtifactSpec(
+            **common, batch=batch, quantize=fmt_quant,
+            int8_io=bool(getattr(args, "int8_io", False)) and fmt == "tflite",
+        )
+    if weights == "h5":
+        from export import reference
+
+        weights = reference.load_h5_weights(args.weights, next(iter(specs.values())))
+    return ExportRequest(
+        specs=specs,
+        output_dir=args.output_dir,
+        seed=args.seed,
+        weights=weights,
+        weights_source=weights_source,
+        atol=args.atol,
+        max_rel_error=getattr(args, "max_rel_error", None),
+        opset=getattr(args, "opset", None),
+        calibration=getattr(args, "calibration", None),
+    )
+
+
+def print_table(results) -> None:
+    rows = [("artifact", "size", "max abs diff", "path")]
+    for r in results:
+        rows.append((
+            f"{r.format}{'' if r.spec.quantize == 'none' else ' ' + r.spec.quantize}",
+            _human_size(r.bytes),
+            f"{r.parity['max_abs']:.2e}",
+            r.path,
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for i, row in enumerate(rows):
+        print("  ".join(cell.ljust(widths[j]) for j, cell in enumerate(row)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _human_size(n: int) -> str:
+    return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MB"
+
+
+def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMATS,
+         prog: str = "python -m export") -> int:
+    parser = build_parser(formats, prog)
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    if getattr(args, "int8_io", False) and getattr(args, "quantize", "none") != "int8":
+        parser.error(f"--int8-io needs --quantize int8. Received: --quantize {args.quantize}")
+    try:
+        from export.pipeline import export_artifacts
+
+        request = resolve_request(args, formats)
+        results = export_artifacts(request)
+    except ExportError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing published", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print_table(results)
+    return 0

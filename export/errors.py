@@ -1,0 +1,51 @@
+"""Typed errors of the artifact builder; only `export.cli` turns them into exit codes."""
+
+from __future__ import annotations
+
+
+class ExportError(ValueError):
+    """Base class of every failure the builder reports to a user."""
+
+    exit_code = 1
+
+
+class SpecError(ExportError):
+    """An impossible configuration: sizes, batch, names, flags that contradict each other."""
+
+    exit_code = 2
+
+
+class WeightsError(ExportError):
+    """A `--weights` file that is missing, unreadable, unsafe or does not fit the shapes."""
+
+    exit_code = 3
+
+
+class CalibrationError(ExportError):
+    """A calibration file with missing arrays, wrong shapes or dtypes."""
+
+    exit_code = 2
+
+
+class ConversionError(ExportError):
+    """A converter (TensorFlow, tf2onnx, the TFLite converter) failed."""
+
+    exit_code = 4
+
+
+class ParityError(ExportError):
+    """An artifact's outputs differ from the Keras reference beyond the tolerance."""
+
+    exit_code = 1
+
+
+class GraphCheckError(ExportError):
+    """An artifact holds something its runtime should not see (dynamic shapes, non-builtin ops)."""
+
+    exit_code = 1
+
+
+class ManifestError(ExportError):
+    """A manifest, golden file or artifact that cannot be trusted (verify)."""
+
+    exit_code = 1

@@ -1,0 +1,216 @@
+"""The export pipeline as a library call: reference -> convert -> verify -> manifest -> publish.
+
+`export_artifacts` is what every entry point calls; it raises typed errors (export.errors) and
+never exits. Nothing reaches `output_dir` until every requested artifact has passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from export import check, publish, reference
+from export.errors import ExportError, SpecError
+from export.spec import ArtifactSpec
+
+log = logging.getLogger("export")
+
+# Graph layout per format (see export.graph): what each runtime runs fastest.
+LAYOUT = {"onnx": "onnx", "savedmodel": "onnx", "tflite": "tflite"}
+
+
+@dataclass
+class ExportRequest:
+    """What to build. `specs` maps format -> spec (formats may differ in batch only)."""
+
+    specs: dict[str, ArtifactSpec]
+    output_dir: str = "artifacts"
+    seed: int = 0
+    weights: list | None = None  # 12 arrays in fusionlab order; None -> random from `seed`
+    weights_source: str | None = None  # a file path, for the manifest
+    atol: float | None = None  # None -> check.DEFAULT_ATOL[format]
+    max_rel_error: float | None = None  # None -> check.DEFAULT_MAX_REL[variant]
+    opset: int | None = None
+    calibration: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ArtifactResult:
+    format: str
+    spec: ArtifactSpec
+    path: str
+    manifest_path: str
+    bytes: int
+    sha256: str
+    parity: dict
+    manifest: dict
+
+
+def verification_batches(spec: ArtifactSpec) -> list[int]:
+    """Several seeded batches; two different sizes when the batch axis is dynamic."""
+    return [spec.batch] * 3 if spec.batch is not None else [1, 5, 8]
+
+
+def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
+    specs = request.specs
+    if not specs:
+        raise SpecError("no format requested")
+    first = next(iter(specs.values()))
+    for fmt, spec in specs.items():
+        if spec.replace(batch=first.batch, name=first.name) != first.replace(
+            batch=first.batch, name=first.name
+        ):
+            raise SpecError(f"the {fmt} spec differs from the others in more than its batch")
+    started = time.perf_counter()
+    if request.weights is not None:
+        weights = [np.asarray(w, dtype=np.float32) for w in request.weights]
+        source = request.weights_source or "given weights"
+    else:
+        weights = reference.random_weights(first, request.seed)
+        source = f"seed {request.seed}"
+    log.info("build    reference CrossAttention(%d, %d), %s, weights from %s",
+             first.units, first.heads, first.describe().split(" batch=")[0], source)
+    model = reference.build_reference(first, weights)
+    from export.graph import fold_weights
+
+    folded = fold_weights(reference.reference_weights(model), first.heads)
+    layer_config = reference.find_cross_attention(model).get_config()
+
+    results: list[ArtifactResult] = []
+    with publish.staging(request.output_dir) as stage:
+        staged: list[str] = []
+        model.save(os.path.join(stage, first.reference_name))
+        staged.append(first.reference_name)
+        goldens = {}
+        for spec in specs.values():
+            if spec.golden_name in goldens:
+                continue
+            feeds = reference.make_inputs(spec, spec.golden_samples, reference.GOLDEN_SEED)
+            outputs = reference.run_reference(model, feeds)
+            publish.write_npz(os.path.join(stage, spec.golden_name), {**feeds, **outputs})
+            goldens[spec.golden_name] = (feeds, outputs)
+            staged.append(spec.golden_name)
+        for fmt, spec in specs.items():
+            results.append(
+                _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source)
+            )
+        manifests = [os.path.basename(r.manifest_path) for r in results]
+        artifacts = [os.path.basename(r.path) for r in results]
+        log.info("publish  %d artifact(s) into %s", len(results), request.output_dir)
+        publish.publish(stage, request.output_dir, staged + artifacts + manifests)
+    for r in results:
+        r.path = os.path.join(request.output_dir, os.path.basename(r.path))
+        r.manifest_path = os.path.join(request.output_dir, os.path.basename(r.manifest_path))
+    log.info("done in %.1f s", time.perf_counter() - started)
+    return results
+
+
+def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source):
+    from export.graph import build_inference_function
+    from export.runtimes import load_runner
+
+    t0 = time.perf_counter()
+    fn = build_inference_function(spec, folded, layout=LAYOUT[fmt])
+    extra_manifest = {}
+    if fmt == "onnx":
+        from export.onnx import build_onnx, max_opset
+
+        opset = request.opset if request.opset is not None else max_opset()
+        path = build_onnx(spec, fn, stage, opset=opset)
+        extra_manifest["opset"] = opset
+    elif fmt == "tflite":
+        from export.tflite import build_tflite
+
+        path = build_tflite(spec, fn, stage)
+    elif fmt == "savedmodel":
+        from export.savedmodel import build_savedmodel
+
+        path = build_savedmodel(spec, fn, stage)
+    else:
+        raise SpecError(f"unknown format {fmt!r}")
+    log.info("convert  %-10s %s (%.1f s)", fmt, os.path.basename(path), time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    if fmt == "onnx":
+        check.check_onnx_graph(
+            path,
+            fixed_batch=spec.batch is not None,
+            input_names=[i.name for i in spec.inputs()],
+            output_names=[o.name for o in spec.outputs()],
+        )
+    elif fmt == "tflite":
+        check.check_tflite_graph(path)
+    runner = load_runner(fmt, path, batch=spec.batch)
+    refs, outs = [], []
+    batches = verification_batches(spec)
+    for i, rows in enumerate(batches):
+        feeds = reference.make_inputs(spec, rows, reference.VERIFY_SEED + i)
+        refs.append(reference.run_reference(model, feeds))
+        outs.append(runner.run(feeds))
+    ref_all = {k: np.concatenate([r[k] for r in refs]) for k in refs[0]}
+    out_all = {k: np.concatenate([o[k] for o in outs]) for k in refs[0] if k in outs[0]}
+    metrics = check.parity_metrics(ref_all, out_all)
+    atol = request.atol if request.atol is not None else check.DEFAULT_ATOL[fmt]
+    name = os.path.basename(path)
+    check.gate(metrics, artifact=name, atol=atol)
+    # The golden vectors must pass too: that is what `export.verify` will check later.
+    golden_feeds, golden_outputs = goldens[spec.golden_name]
+    golden_metrics = check.parity_metrics(golden_outputs, runner.run(golden_feeds))
+    check.gate(golden_metrics, artifact=f"{name} (golden vectors)", atol=atol)
+    parity = {
+        "runtime": _runtime_label(fmt),
+        "n_samples": int(sum(batches)),
+        **metrics,
+        "atol": atol,
+        "passed": True,
+    }
+    log.info("verify   %-10s max abs diff %.2e <= %g on %d samples (%.1f s)", fmt,
+             metrics["max_abs"], atol, parity["n_samples"], time.perf_counter() - t0)
+
+    manifest = {
+        "format": fmt,
+        "artifact": name,
+        "sha256": publish.sha256_path(path),
+        "bytes": publish.size_bytes(path),
+        "inputs": [i.as_json() for i in spec.inputs()],
+        "outputs": [o.as_json() for o in spec.outputs()],
+        "config": layer_config,
+        "shapes": {
+            "batch": spec.batch, "query_len": spec.query_len, "kv_len": spec.kv_len,
+            "query_features": spec.query_features, "kv_features": spec.kv_features,
+        },
+        "masks": {"query_mask": spec.query_mask, "value_mask": spec.value_mask,
+                  "causal": spec.causal, "scores": spec.scores},
+        "reference": spec.reference_name,
+        "golden": spec.golden_name,
+        "golden_sha256": publish.sha256_path(os.path.join(stage, spec.golden_name)),
+        **extra_manifest,
+        "quantization": {"mode": spec.quantize, "io_dtype": "float32", "calibration": None,
+                         "n_samples": 0},
+        "parity": parity,
+        "weights": source,
+        "versions": publish.versions(),
+        "created": publish.utc_now(),
+    }
+    manifest_path = os.path.join(stage, spec.manifest_name(fmt))
+    publish.write_json(manifest_path, manifest)
+    return ArtifactResult(
+        format=fmt, spec=spec, path=path, manifest_path=manifest_path, bytes=manifest["bytes"],
+        sha256=manifest["sha256"], parity=parity, manifest=manifest,
+    )
+
+
+def _runtime_label(fmt: str) -> str:
+    from export.publish import versions
+
+    v = versions()
+    key = {"onnx": "onnxruntime", "tflite": "ai-edge-litert", "savedmodel": "tensorflow"}[fmt]
+    return f"{key} {v.get(key, '?')}"
+
+
+__all__ = ["ExportRequest", "ArtifactResult", "export_artifacts", "ExportError"]

@@ -1,0 +1,210 @@
+"""The Keras reference: a `keras.Model` holding one CrossAttention, its weights, seeded inputs.
+
+Weights come from a seed (every weight random and non-zero, biases included: Keras starts biases
+at zero, which would let a dropped bias pass any parity test) or from a user's `.keras` /
+`.weights.h5` file, loaded with Keras' `safe_mode` on.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from export.errors import WeightsError
+from export.spec import ArtifactSpec
+
+GOLDEN_SEED = 20240601
+VERIFY_SEED = 1000
+
+
+@dataclass(frozen=True)
+class FileWeights:
+    """What a `.keras` file says about its CrossAttention."""
+
+    path: str
+    units: int
+    heads: int
+    query_features: int
+    kv_features: int
+    weights: list
+
+
+def random_weights(spec: ArtifactSpec, seed: int) -> list[np.ndarray]:
+    """Seeded weights in fusionlab order; every entry non-zero, scaled to keep activations O(1)."""
+    rng = np.random.default_rng(seed)
+    u, h = spec.units, spec.heads
+
+    def kernel(shape, fan_in):
+        return rng.normal(0.0, 1.0 / np.sqrt(fan_in), size=shape)
+
+    def bias(shape):
+        # Bounded away from zero so a lost bias always shows.
+        return rng.choice([-1.0, 1.0], size=shape) * rng.uniform(0.05, 0.5, size=shape)
+
+    arrays = [
+        kernel((spec.query_features, u), spec.query_features), bias((u,)),
+        kernel((spec.kv_features, u), spec.kv_features), bias((u,)),
+        kernel((u, h, u), u), bias((h, u)),
+        kernel((u, h, u), u), bias((h, u)),
+        kernel((u, h, u), u), bias((h, u)),
+        kernel((h, u, u), h * u), bias((u,)),
+    ]
+    return [a.astype(np.float32) for a in arrays]
+
+
+def build_reference(spec: ArtifactSpec, weights: list[np.ndarray]):
+    """A `keras.Model` with inputs named as the artifact's and a dict of named outputs."""
+    import keras
+
+    from xattn import CrossAttention
+
+    inputs = {
+        "source1": keras.Input((spec.query_len, spec.query_features), name="source1"),
+        "source2": keras.Input((spec.kv_len, spec.kv_features), name="source2"),
+    }
+    if spec.query_mask:
+        inputs["query_mask"] = keras.Input((spec.query_len,), dtype="bool", name="query_mask")
+    if spec.value_mask:
+        inputs["value_mask"] = keras.Input((spec.kv_len,), dtype="bool", name="value_mask")
+    layer = CrossAttention(spec.units, spec.heads, name="cross_attention")
+    result = layer(
+        [inputs["source1"], inputs["source2"]],
+        query_mask=inputs.get("query_mask"),
+        value_mask=inputs.get("value_mask"),
+        use_causal_mask=spec.causal,
+        return_attention_scores=spec.scores,
+    )
+    outputs = {"output": result[0], "attention_scores": result[1]} if spec.scores else {
+        "output": result
+    }
+    model = keras.Model(inputs=inputs, outputs=outputs, name=spec.name)
+    try:
+        layer.set_weights(weights)
+    except ValueError as e:
+        raise WeightsError(f"weights do not fit {spec.describe()}: {e}") from e
+    return model
+
+
+def reference_weights(model) -> list[np.ndarray]:
+    return [np.asarray(w) for w in find_cross_attention(model).get_weights()]
+
+
+def run_reference(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    outputs = model(dict(feeds), training=False)
+    return {k: np.asarray(v) for k, v in outputs.items()}
+
+
+def make_inputs(spec: ArtifactSpec, rows: int, seed: int) -> dict[str, np.ndarray]:
+    """Seeded standard-normal sources and random masks with >= 1 real position per row."""
+    rng = np.random.default_rng(seed)
+    feeds = {
+        "source1": rng.standard_normal((rows, spec.query_len, spec.query_features), dtype=np.float32),
+        "source2": rng.standard_normal((rows, spec.kv_len, spec.kv_features), dtype=np.float32),
+    }
+    if spec.query_mask:
+        feeds["query_mask"] = _random_mask(rng, rows, spec.query_len)
+    if spec.value_mask:
+        feeds["value_mask"] = _random_mask(rng, rows, spec.kv_len)
+    return feeds
+
+
+def _random_mask(rng: np.random.Generator, rows: int, length: int) -> np.ndarray:
+    """Padding-style masks: each row keeps a prefix of 1..length real positions."""
+    lengths = rng.integers(1, length + 1, size=rows)
+    return np.arange(length)[None, :] < lengths[:, None]
+
+
+# -- loading a user's weights -------------------------------------------------------------------
+
+
+def find_cross_attention(obj):
+    """The first CrossAttention in `obj` (itself, or depth-first through its sublayers)."""
+    from xattn import CrossAttention
+
+    if isinstance(obj, CrossAttention):
+        return obj
+    for layer in getattr(obj, "_flatten_layers", lambda **_: [])(include_self=False, recursive=True):
+        if isinstance(layer, CrossAttention):
+            return layer
+    return None
+
+
+def _check_readable(path: str) -> None:
+    if not os.path.exists(path):
+        raise WeightsError(f"--weights file not found: {path}")
+    if not os.path.isfile(path):
+        raise WeightsError(f"--weights must be a file, got a folder: {path}")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise WeightsError(f"--weights file {path} cannot be read: {e.strerror or e}") from e
+
+
+def load_keras_file(path: str) -> FileWeights:
+    """Load a `.keras` file with safe_mode on and read its first CrossAttention."""
+    import keras
+
+    import xattn  # noqa: F401  (registers CrossAttention for deserialization)
+
+    _check_readable(path)
+    if not zipfile.is_zipfile(path):
+        raise WeightsError(f"--weights file {path} is not a .keras archive (not a zip file)")
+    try:
+        obj = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many types; the user needs the file and the reason.
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "lambda" in str(e).lower() and "safe_mode" in str(e).lower():
+            reason = "it holds a Lambda layer (arbitrary code), refused with safe_mode on"
+        raise WeightsError(f"--weights file {path} could not be loaded safely: {reason}") from e
+    layer = find_cross_attention(obj)
+    if layer is None:
+        raise WeightsError(f"--weights file {path} holds no xattn CrossAttention layer")
+    if not layer.built:
+        raise WeightsError(f"--weights file {path}: its CrossAttention was never built (no weights)")
+    weights = [np.asarray(w) for w in layer.get_weights()]
+    if not layer.use_bias:
+        weights = _with_zero_biases(weights, layer.units, layer.num_heads)
+    return FileWeights(
+        path=path,
+        units=layer.units,
+        heads=layer.num_heads,
+        query_features=int(weights[0].shape[0]),
+        kv_features=int(weights[2].shape[0]),
+        weights=weights,
+    )
+
+
+def _with_zero_biases(weights: list, units: int, heads: int) -> list:
+    s1, s2, q, k, v, o = weights
+    z = np.zeros
+    return [s1, z(units), s2, z(units), q, z((heads, units)), k, z((heads, units)),
+            v, z((heads, units)), o, z(units)]
+
+
+def load_h5_weights(path: str, spec: ArtifactSpec) -> list[np.ndarray]:
+    """Weights from `model.save_weights(...)` of a model built like the reference."""
+    _check_readable(path)
+    placeholder = random_weights(spec, 0)
+    model = build_reference(spec.replace(query_mask=False, value_mask=False, causal=False,
+                                         scores=False), placeholder)
+    try:
+        model.load_weights(path)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(
+            f"--weights file {path} does not fit a CrossAttention with {spec.describe()}: {reason}"
+        ) from e
+    loaded = reference_weights(model)
+    # Keras skips (with a warning) variables it cannot find; never export placeholders.
+    unchanged = [i for i, (a, b) in enumerate(zip(loaded, placeholder)) if np.array_equal(a, b)]
+    if unchanged:
+        raise WeightsError(
+            f"--weights file {path} does not hold the weights of a model built like the reference "
+            f"(inputs source1, source2 into one CrossAttention named 'cross_attention'); "
+            f"{len(unchanged)} of 12 weights were not found in it"
+        )
+    return loaded

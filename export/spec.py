@@ -1,0 +1,170 @@
+"""ArtifactSpec: one artifact's shapes, batch, masks and variant, and the names derived from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from export.errors import SpecError
+
+QUANTIZE_MODES = ("none", "float16", "dynamic-int8", "int8")
+VARIANT_SUFFIX = {"none": "", "float16": "_fp16", "dynamic-int8": "_dynint8", "int8": "_int8"}
+FILE_EXTENSION = {"onnx": ".onnx", "tflite": ".tflite", "savedmodel": "_savedmodel"}
+DEFAULT_BATCH = {"onnx": None, "savedmodel": None, "tflite": 1}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """An input or output of an artifact: name, shape (None for a dynamic axis), dtype."""
+
+    name: str
+    shape: tuple
+    dtype: str
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """Everything that decides an artifact's graph and file names.
+
+    `batch=None` means a dynamic batch axis (the only axis that may be dynamic).
+    `name` is the base name shared by the reference `.keras`, the golden vectors and
+    every format; the artifact's own file adds the variant suffix and extension.
+    """
+
+    units: int = 64
+    heads: int = 4
+    query_len: int = 10
+    kv_len: int = 10
+    query_features: int = 64
+    kv_features: int = 64
+    batch: int | None = None
+    query_mask: bool = False
+    value_mask: bool = False
+    causal: bool = False
+    scores: bool = False
+    quantize: str = "none"
+    int8_io: bool = False
+    name: str = field(default="")
+
+    def __post_init__(self):
+        for attr in ("units", "heads", "query_len", "kv_len", "query_features", "kv_features"):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise SpecError(f"`{attr}` must be a positive integer. Received: {attr}={value!r}")
+        if self.batch is not None and (
+            isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch <= 0
+        ):
+            raise SpecError(
+                f"`batch` must be a positive integer or None (dynamic). Received: batch={self.batch!r}"
+            )
+        if self.quantize not in QUANTIZE_MODES:
+            raise SpecError(
+                f"`quantize` must be one of {', '.join(QUANTIZE_MODES)}. "
+                f"Received: quantize={self.quantize!r}"
+            )
+        if self.int8_io and self.quantize != "int8":
+            raise SpecError(
+                f"`int8_io` needs quantize='int8'. Received: quantize={self.quantize!r}"
+            )
+        if not self.name:
+            object.__setattr__(self, "name", self.default_name())
+        elif not _NAME_RE.match(self.name):
+            raise SpecError(
+                "`name` must be 1-128 characters of letters, digits, '_', '-' or '.', starting "
+                f"with a letter or digit. Received: name={self.name!r}"
+            )
+
+    def replace(self, **changes) -> ArtifactSpec:
+        """A copy with some fields changed; a derived default name is derived again."""
+        if self.name == self.default_name() and "name" not in changes:
+            changes["name"] = ""
+        return dataclasses.replace(self, **changes)
+
+    def default_name(self) -> str:
+        name = (
+            f"xattn_u{self.units}_h{self.heads}"
+            f"_q{self.query_len}x{self.query_features}_kv{self.kv_len}x{self.kv_features}"
+        )
+        # Batch 1 and a dynamic batch share a name: both run the same golden vectors.
+        if self.batch is not None and self.batch != 1:
+            name += f"_b{self.batch}"
+        for flag, suffix in (
+            (self.query_mask, "_qmask"),
+            (self.value_mask, "_vmask"),
+            (self.causal, "_causal"),
+            (self.scores, "_scores"),
+        ):
+            if flag:
+                name += suffix
+        return name
+
+    # -- names -----------------------------------------------------------------------------
+
+    @property
+    def variant_suffix(self) -> str:
+        return VARIANT_SUFFIX[self.quantize] + ("io" if self.int8_io else "")
+
+    def artifact_name(self, fmt: str) -> str:
+        """File (or folder, for SavedModel) name of this spec's artifact in format `fmt`."""
+        return f"{self.name}{self.variant_suffix}{FILE_EXTENSION[fmt]}"
+
+    def manifest_name(self, fmt: str) -> str:
+        return f"{self.artifact_name(fmt)}.json"
+
+    @property
+    def reference_name(self) -> str:
+        return f"{self.name}.keras"
+
+    @property
+    def golden_name(self) -> str:
+        return f"{self.name}.golden.npz"
+
+    @property
+    def golden_samples(self) -> int:
+        """Rows in the golden file: a multiple of any fixed batch that shares this name."""
+        return 4 if self.batch in (None, 1) else 2 * self.batch
+
+    # -- tensors -----------------------------------------------------------------------------
+
+    def inputs(self) -> list[TensorInfo]:
+        b = self.batch
+        infos = [
+            TensorInfo("source1", (b, self.query_len, self.query_features), "float32"),
+            TensorInfo("source2", (b, self.kv_len, self.kv_features), "float32"),
+        ]
+        if self.query_mask:
+            infos.append(TensorInfo("query_mask", (b, self.query_len), "bool"))
+        if self.value_mask:
+            infos.append(TensorInfo("value_mask", (b, self.kv_len), "bool"))
+        return infos
+
+    def outputs(self) -> list[TensorInfo]:
+        b = self.batch
+        infos = [TensorInfo("output", (b, self.query_len, self.units), "float32")]
+        if self.scores:
+            infos.append(
+                TensorInfo("attention_scores", (b, self.heads, self.query_len, self.kv_len), "float32")
+            )
+        return infos
+
+    def layer_config(self) -> dict:
+        return {"units": self.units, "num_heads": self.heads}
+
+    def describe(self) -> str:
+        batch = "dynamic" if self.batch is None else self.batch
+        extras = [n for n, on in (("query_mask", self.query_mask), ("value_mask", self.value_mask),
+                                  ("causal", self.causal), ("scores", self.scores)) if on]
+        text = (
+            f"units={self.units} heads={self.heads} query={self.query_len}x{self.query_features} "
+            f"kv={self.kv_len}x{self.kv_features} batch={batch}"
+        )
+        if extras:
+            text += " " + " ".join(extras)
+        if self.quantize != "none":
+            text += f" quantize={self.quantize}" + (" int8-io" if self.int8_io else "")
+        return text
