@@ -1,0 +1,62 @@
+"""Shared pytest setup. TensorFlow's C++ logs are silenced here, before anything imports it."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The project is TensorFlow-only (SavedModel, TFLite and ONNX via tf2onnx).
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+# -- export fixtures shared by every test module ------------------------------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_FORMATS = ("savedmodel", "tflite", "onnx")
+
+
+@pytest.fixture(scope="session")
+def artifact_factory(tmp_path_factory):
+    """build(formats=..., seed=0, batch=<format default>, **spec fields) -> (output_dir, {fmt: result}).
+
+    Builds through the library (`export.pipeline.export_artifacts`) once per distinct request
+    and caches it for the whole session. The folder is shared: tests that change files in it
+    must copy it first (`shutil.copytree`).
+    """
+    from export.pipeline import ExportRequest, export_artifacts
+    from export.spec import DEFAULT_BATCH, ArtifactSpec
+
+    cache = {}
+
+    def build(formats=ALL_FORMATS, seed=0, **fields):
+        key = (tuple(formats), seed, tuple(sorted(fields.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("artifacts")
+            specs = {}
+            for fmt in formats:
+                spec_fields = dict(fields)
+                spec_fields.setdefault("batch", DEFAULT_BATCH[fmt])
+                if fmt not in ("onnx", "tflite"):
+                    spec_fields.pop("quantize", None)
+                specs[fmt] = ArtifactSpec(**spec_fields)
+            results = export_artifacts(ExportRequest(specs=specs, output_dir=str(out), seed=seed))
+            cache[key] = (str(out), {r.format: r for r in results})
+        return cache[key]
+
+    return build
+
+
+def run_module(module: str, *args: str, cwd: str | None = None, env: dict | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in a subprocess, as a user types it."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
