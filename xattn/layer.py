@@ -301,6 +301,9 @@ def _describe(value) -> str:
     shape = getattr(value, "shape", None)
     if shape is not None:
         return f"{type(value).__name__} of shape {tuple(shape)}"
+    if isinstance(value, dict):
+        # Its repr would print every tensor in full.
+        return f"{type(value).__name__} with keys {list(value)}"
     return repr(value) if not isinstance(value, (list, tuple)) else (
         f"{type(value).__name__} of length {len(value)}"
     )
