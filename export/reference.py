@@ -187,20 +187,28 @@ def _with_zero_biases(weights: list, units: int, heads: int) -> list:
 
 def load_h5_weights(path: str, spec: ArtifactSpec) -> list[np.ndarray]:
     """Weights from `model.save_weights(...)` of a model built like the reference."""
+    import h5py
+
     _check_readable(path)
-    placeholder = random_weights(spec, 0)
+    if not h5py.is_hdf5(path):
+        raise WeightsError(f"--weights file {path} is not an HDF5 file (from model.save_weights)")
+    # NaN placeholders: no real weight equals them (seeded ones could, e.g. those of seed 0).
+    placeholder = [np.full(w.shape, np.nan, np.float32) for w in random_weights(spec, 0)]
     model = build_reference(spec.replace(query_mask=False, value_mask=False, causal=False,
                                          scores=False), placeholder)
+    shapes = spec.describe().split(" batch=")[0]
     try:
         model.load_weights(path)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _h5_shape_mismatch(path, placeholder)
+        if reason is None:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(
-            f"--weights file {path} does not fit a CrossAttention with {spec.describe()}: {reason}"
+            f"--weights file {path} does not fit a CrossAttention with {shapes}: {reason}"
         ) from e
     loaded = reference_weights(model)
     # Keras skips (with a warning) variables it cannot find; never export placeholders.
-    unchanged = [i for i, (a, b) in enumerate(zip(loaded, placeholder)) if np.array_equal(a, b)]
+    unchanged = [i for i, w in enumerate(loaded) if np.isnan(w).any()]
     if unchanged:
         raise WeightsError(
             f"--weights file {path} does not hold the weights of a model built like the reference "
@@ -208,3 +216,31 @@ def load_h5_weights(path: str, spec: ArtifactSpec) -> list[np.ndarray]:
             f"{len(unchanged)} of 12 weights were not found in it"
         )
     return loaded
+
+
+def _h5_shape_mismatch(path: str, expected: list[np.ndarray]) -> str | None:
+    """The array shapes a weights file holds that the configuration has no place for, and back.
+
+    Keras' own message for this names an inner layer and "0 variables received"; the shapes
+    tell a user which flag (units, heads, features) to change.
+    """
+    import h5py
+
+    found: list[tuple] = []
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(
+                lambda _, obj: found.append(tuple(obj.shape)) if isinstance(obj, h5py.Dataset) else None
+            )
+    except Exception:  # unreadable: the caller keeps Keras' reason
+        return None
+    needed = [tuple(w.shape) for w in expected]
+    extra = sorted(set(found) - set(needed))
+    missing = sorted(set(needed) - set(found))
+    if not extra and not missing:
+        return None
+    text = ", ".join(str(s) for s in extra) or "none"
+    return (
+        f"it holds arrays of shapes {text} where this configuration needs "
+        f"{', '.join(str(s) for s in missing) or 'none'}"
+    )

@@ -6,7 +6,11 @@ numpy plus the runtime only; TensorFlow is imported for SavedModel alone, and la
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import sys
+import tempfile
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -82,7 +86,46 @@ def _onnx_fn(path: str, threads: int | None):
 def tflite_interpreter(path: str, threads: int | None = None):
     from ai_edge_litert.interpreter import Interpreter
 
-    return Interpreter(model_path=path, num_threads=threads)
+    with _drop_litert_banner():
+        interpreter = Interpreter(model_path=path, num_threads=threads)
+        # Delegates are applied here (not at the first run), so the banner is too.
+        interpreter.allocate_tensors()
+    return interpreter
+
+
+# LiteRT's C++ logger writes this to fd 2 the first time it applies XNNPACK: noise on a CLI's
+# stderr, and it breaks --quiet. Python's sys.stderr cannot filter it, so fd 2 is captured.
+_LITERT_BANNER = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+
+
+@contextlib.contextmanager
+def _drop_litert_banner():
+    """Capture fd 2 meanwhile, then pass on everything written there except LiteRT's banner.
+
+    Exceptions propagate untouched; any other native message (an error) still reaches stderr.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (a daemon): nothing to filter
+        yield
+        return
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            if sys.stderr is not None:
+                with contextlib.suppress(Exception):
+                    sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().splitlines(keepends=True)
+                    if line.strip() != _LITERT_BANNER]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def _tflite_fn(path: str, threads: int | None):
