@@ -49,3 +49,9 @@ class ManifestError(ExportError):
     """A manifest, golden file or artifact that cannot be trusted (verify)."""
 
     exit_code = 1
+
+
+class InputError(ExportError):
+    """Arrays fed to an artifact that do not fit its inputs: missing, extra, wrong shape or dtype."""
+
+    exit_code = 2

@@ -145,7 +145,7 @@ def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, 
         )
     elif fmt == "tflite":
         check.check_tflite_graph(path)
-    runner = load_runner(fmt, path, batch=spec.batch)
+    runner = load_runner(fmt, path, batch=spec.batch, inputs=spec.inputs())
     refs, outs = [], []
     batches = verification_batches(spec)
     for i, rows in enumerate(batches):

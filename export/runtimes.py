@@ -7,13 +7,17 @@ numpy plus the runtime only; TensorFlow is imported for SavedModel alone, and la
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
+
+from export.errors import InputError
 
 RUNTIME_MODULE = {"onnx": "onnxruntime", "tflite": "ai_edge_litert", "savedmodel": "tensorflow"}
 RUNTIME_NAME = {"onnx": "onnxruntime", "tflite": "ai-edge-litert", "savedmodel": "tensorflow"}
@@ -27,19 +31,70 @@ def runtime_available(fmt: str) -> bool:
     return importlib.util.find_spec(RUNTIME_MODULE[fmt]) is not None
 
 
-class Runner:
-    """A loaded artifact: `run(feeds)` maps input name -> array to output name -> array."""
+@dataclass(frozen=True)
+class InputInfo:
+    """What `Runner.run` accepts for one input. Axis 0 is the batch axis; None is any size.
 
-    def __init__(self, fn: Callable[[dict], dict], batch: int | None):
+    `dtype` is what a caller passes; `stored_dtype` is the tensor's own integer dtype when the
+    runner quantizes floats into it (int8-io TFLite), and arrays of that dtype pass as they are.
+    """
+
+    name: str
+    shape: tuple
+    dtype: str | None
+    stored_dtype: str | None = None
+
+    @classmethod
+    def of(cls, info) -> InputInfo:
+        """From an InputInfo, a `export.spec.TensorInfo` or a manifest dict {name, shape, dtype}."""
+        if isinstance(info, InputInfo):
+            return info
+        if isinstance(info, Mapping):
+            name, shape, dtype = info["name"], info["shape"], info.get("dtype")
+        else:
+            name, shape, dtype = info.name, info.shape, info.dtype
+        return cls(str(name), _dims(shape), None if dtype is None else np.dtype(dtype).name)
+
+    def describe(self) -> str:
+        # Axis 0 is always B: the runner splits any multiple of a fixed batch into chunks.
+        dims = ", ".join(
+            "B" if i == 0 else "?" if d is None else str(d) for i, d in enumerate(self.shape)
+        )
+        dtype = self.dtype or "any dtype"
+        if self.stored_dtype:
+            dtype += f" (or {self.stored_dtype})"
+        text = f"{dtype} of shape ({dims}{',' if len(self.shape) == 1 else ''})"
+        if self.shape and self.shape[0] not in (None, 1):
+            text += f" with B a multiple of {self.shape[0]}"
+        return text
+
+
+def _dims(shape) -> tuple:
+    # Runtimes spell a dynamic axis -1, None or a symbol ('unk__36', 'batch').
+    return tuple(int(d) if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape)
+
+
+class Runner:
+    """A loaded artifact: `run(feeds)` maps input name -> array to output name -> array.
+
+    `inputs` (a list of InputInfo) are checked before anything reaches the runtime: a missing,
+    extra or misshapen input raises `InputError` naming it, instead of the runtime's own error
+    (or, in LiteRT, a silent resize of the input tensor).
+    """
+
+    def __init__(self, fn: Callable[[dict], dict], batch: int | None,
+                 inputs: list | None = None):
         self._fn = fn
         self.batch = batch
+        self.inputs = None if inputs is None else [InputInfo.of(i) for i in inputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run every row of `feeds`, in chunks of the artifact's fixed batch if it has one."""
+        feeds = self.check_feeds(feeds)
         rows = len(next(iter(feeds.values())))
-        step = self.batch or rows
+        step = self.batch or self._fixed_batch() or rows
         if rows % step:
-            raise ValueError(
+            raise InputError(
                 f"The artifact takes batches of {step}; {rows} rows cannot be split into them."
             )
         chunks = [
@@ -48,18 +103,97 @@ class Runner:
         ]
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
+    def _fixed_batch(self) -> int | None:
+        if not self.inputs or not self.inputs[0].shape:
+            return None
+        return self.inputs[0].shape[0]
 
-def load_runner(fmt: str, path: str, *, batch: int | None = None, threads: int | None = None) -> Runner:
-    """Load `path` in the runtime of `fmt`. `batch` is the artifact's fixed batch (None: dynamic)."""
+    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`feeds` as arrays of the expected dtypes; InputError on anything that does not fit."""
+        arrays = {str(k): np.asarray(v) for k, v in feeds.items()}
+        if not arrays:
+            raise InputError("no inputs given")
+        if self.inputs is None:
+            return arrays
+        expected = {i.name: i for i in self.inputs}
+        takes = ", ".join(f"`{i.name}` {i.describe()}" for i in self.inputs)
+        missing = [n for n in expected if n not in arrays]
+        if missing:
+            raise InputError(
+                f"missing input(s) {', '.join(f'`{n}`' for n in missing)}; the artifact takes "
+                f"{takes}. Received: {sorted(arrays)}"
+            )
+        extra = sorted(set(arrays) - set(expected))
+        if extra:
+            raise InputError(
+                f"unexpected input(s) {', '.join(f'`{n}`' for n in extra)}; the artifact takes "
+                f"{takes}"
+            )
+        rows = None
+        checked = {}
+        for name, info in expected.items():
+            array = arrays[name]
+            received = f"Received: {name} of shape {array.shape}, dtype {array.dtype}"
+            fits = array.ndim == len(info.shape) and all(
+                e is None or s == e for i, (s, e) in enumerate(zip(array.shape, info.shape))
+                if i > 0
+            )
+            if not fits:
+                raise InputError(f"`{name}` must be {info.describe()}. {received}")
+            if not _dtype_fits(array.dtype, info):
+                raise InputError(f"`{name}` must be {info.describe()}. {received}")
+            if rows is None:
+                rows = array.shape[0]
+            elif array.shape[0] != rows:
+                sizes = {n: arrays[n].shape[0] for n in expected}
+                raise InputError(f"every input must have the same batch size. Received: {sizes}")
+            if info.dtype and np.dtype(info.dtype).kind == "f" and array.dtype.kind == "f":
+                array = array.astype(info.dtype, copy=False)
+            checked[name] = array
+        return checked
+
+
+def _dtype_fits(dtype: np.dtype, info: InputInfo) -> bool:
+    if info.dtype is None:
+        return True
+    want = np.dtype(info.dtype)
+    if info.stored_dtype and dtype == np.dtype(info.stored_dtype):
+        return True
+    if want.kind == "f":
+        # float64 is cast down; ints and bools into a float input are a caller's mistake.
+        return dtype.kind == "f"
+    return dtype == want
+
+
+def load_runner(fmt: str, path: str, *, batch: int | None = None, threads: int | None = None,
+                inputs: list | None = None) -> Runner:
+    """Load `path` in the runtime of `fmt`. `batch` is the artifact's fixed batch (None: dynamic).
+
+    `inputs` (TensorInfo, manifest dicts or InputInfo) are what `run` checks feeds against;
+    by default the inputs the runtime reports for the file.
+    """
     if not runtime_available(fmt):
         raise RuntimeMissing(f"{RUNTIME_NAME[fmt]} is not installed")
     if fmt == "onnx":
-        return Runner(_onnx_fn(path, threads), batch)
-    if fmt == "tflite":
-        return Runner(_tflite_fn(path, threads), batch)
-    if fmt == "savedmodel":
-        return Runner(_savedmodel_fn(path), batch)
-    raise ValueError(f"Unknown format {fmt!r}")
+        fn, reported = _onnx_fn(path, threads)
+    elif fmt == "tflite":
+        fn, reported = _tflite_fn(path, threads)
+    elif fmt == "savedmodel":
+        fn, reported = _savedmodel_fn(path)
+    else:
+        raise ValueError(f"Unknown format {fmt!r}")
+    if inputs is None:
+        expected = reported
+    else:
+        # The caller's shapes and dtypes; the runtime adds what it stores (int8-io TFLite).
+        stored = {i.name: i.stored_dtype for i in reported}
+        expected = [
+            dataclasses.replace(i, stored_dtype=stored.get(i.name))
+            for i in (InputInfo.of(x) for x in inputs)
+        ]
+    runner = Runner(fn, batch, expected)
+    runner.runtime_inputs = reported
+    return runner
 
 
 def onnx_session(path: str, threads: int | None = None):
@@ -80,7 +214,17 @@ def _onnx_fn(path: str, threads: int | None):
     def run(feeds):
         return dict(zip(names, session.run(names, dict(feeds))))
 
-    return run
+    reported = [
+        InputInfo(i.name, _dims(i.shape), _ONNX_DTYPES.get(i.type)) for i in session.get_inputs()
+    ]
+    return run, reported
+
+
+_ONNX_DTYPES = {
+    "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+    "tensor(bool)": "bool", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32", "tensor(int64)": "int64",
+}
 
 
 def tflite_interpreter(path: str, threads: int | None = None):
@@ -142,7 +286,17 @@ def _tflite_fn(path: str, threads: int | None):
         outputs = runner(**quantized)
         return {name: dequantize(outputs[name], output_details[name]) for name in outputs}
 
-    return run
+    reported = [_tflite_input(name, detail) for name, detail in input_details.items()]
+    return run, reported
+
+
+def _tflite_input(name: str, detail: dict) -> InputInfo:
+    dtype = np.dtype(detail["dtype"])
+    shape = _dims(detail.get("shape_signature", detail["shape"]))
+    if dtype.kind in "iu" and detail["quantization"][0]:
+        # A quantized input: the runner quantizes float arrays with the tensor's scale.
+        return InputInfo(name, shape, "float32", stored_dtype=dtype.name)
+    return InputInfo(name, shape, dtype.name)
 
 
 def quantize(array: np.ndarray, detail: dict) -> np.ndarray:
@@ -176,4 +330,8 @@ def _savedmodel_fn(path: str):
 
     # Keep the loaded object alive as long as the function.
     run.loaded = loaded
-    return run
+    _, specs = signature.structured_input_signature
+    reported = [
+        InputInfo(name, _dims(s.shape.as_list()), s.dtype.name) for name, s in specs.items()
+    ]
+    return run, reported
