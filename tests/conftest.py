@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# What `import export` sets too; set here first so every test and subprocess runs TF the same way.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # The project is TensorFlow-only (SavedModel, TFLite and ONNX via tf2onnx).
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
