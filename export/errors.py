@@ -55,3 +55,9 @@ class InputError(ExportError):
     """Arrays fed to an artifact that do not fit its inputs: missing, extra, wrong shape or dtype."""
 
     exit_code = 2
+
+
+class UsageError(ExportError):
+    """A command line that cannot be acted on: no such path, nothing to verify."""
+
+    exit_code = 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from export.errors import ConversionError, SpecError
@@ -40,10 +41,61 @@ def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None
     except Exception as e:
         raise ConversionError(f"ONNX conversion (tf2onnx) failed: {e}") from e
     _rename_io(model, [i.name for i in spec.inputs()], [o.name for o in spec.outputs()])
+    canonicalize_initializers(model)
     model.producer_name = "xattn"
     model.doc_string = f"xattn CrossAttention ({spec.describe()})"
+    # tf2onnx writes the traced function's name here, `__inference_call_<n>` with a per-process
+    # counter: `python -m export` and `python -m export.onnx` would differ in this string only.
+    model.graph.doc_string = "converted by tf2onnx from the xattn inference function"
     onnx.save(model, path)
     return path
+
+
+# tf2onnx numbers the constants its optimizers create (`const_fold_opt__29`, `const_axes__18`)
+# while iterating over sets of Python objects, so the numbers and the initializer order change from
+# one process to the next although the graph is the same.
+_GENERATED_NAME = re.compile(r"^(?P<stem>.+?)__\d+$")
+
+
+def canonicalize_initializers(model) -> None:
+    """Rename tf2onnx's numbered constants by first use and order initializers that way.
+
+    Same graph, same bytes: the node order and every other name are already deterministic, so
+    this makes the file reproducible (`python -m export.onnx` twice gives one sha256).
+    """
+    graph = model.graph
+    if any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):
+        return  # subgraphs may reference these names; not something our graphs hold
+    first_use: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            first_use.setdefault(name, len(first_use))
+    unused = len(first_use)
+    initializers = sorted(graph.initializer, key=lambda t: (first_use.get(t.name, unused), t.name))
+    taken = {t.name for t in graph.initializer if not _GENERATED_NAME.match(t.name)}
+    io_names = {v.name for v in list(graph.input) + list(graph.output)}
+    taken |= {n for node in graph.node for n in node.output} | io_names
+    renames: dict[str, str] = {}
+    for tensor in initializers:
+        match = _GENERATED_NAME.match(tensor.name)
+        if not match or tensor.name in io_names:
+            continue
+        k = len(renames)
+        new = f"{match['stem']}__{k}"
+        while new in taken:
+            k += 1
+            new = f"{match['stem']}__c{k}"
+        renames[tensor.name] = new
+        taken.add(new)
+    ordered = [type(t).FromString(t.SerializeToString()) for t in initializers]
+    for tensor in ordered:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    del graph.initializer[:]
+    graph.initializer.extend(ordered)
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+    for value in graph.value_info:
+        value.name = renames.get(value.name, value.name)
 
 
 def _rename_io(model, input_names: list[str], output_names: list[str]) -> None:

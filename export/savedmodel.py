@@ -23,7 +23,34 @@ def build_savedmodel(spec: ArtifactSpec, fn, workdir: str) -> str:
         )
     except Exception as e:
         raise ConversionError(f"SavedModel export failed: {e}") from e
+    _deterministic_fingerprint(path)
     return path
+
+
+def _deterministic_fingerprint(path: str) -> None:
+    """Replace the random `uuid` of `fingerprint.pb` with one derived from its hashes.
+
+    TensorFlow writes a fresh random uuid into every fingerprint (the other fields hash the
+    graph and the checkpoint and are already deterministic); it is the only byte of a
+    SavedModel that changes from one identical export to the next.
+    """
+    import hashlib
+
+    from tensorflow.core.protobuf import fingerprint_pb2
+
+    fingerprint_path = os.path.join(path, "fingerprint.pb")
+    if not os.path.exists(fingerprint_path):
+        return  # fingerprinting switched off in this TensorFlow
+    with open(fingerprint_path, "rb") as f:
+        fingerprint = fingerprint_pb2.FingerprintDef.FromString(f.read())
+    if "uuid" not in fingerprint.DESCRIPTOR.fields_by_name:
+        return  # a TensorFlow from before the uuid: nothing random in it
+    fingerprint.ClearField("uuid")
+    digest = hashlib.sha256(fingerprint.SerializeToString(deterministic=True)).digest()
+    # Same form as TensorFlow's: a 128-bit number in decimal.
+    fingerprint.uuid = str(int.from_bytes(digest[:16], "big"))
+    with open(fingerprint_path, "wb") as f:
+        f.write(fingerprint.SerializeToString(deterministic=True))
 
 
 def main(argv: list[str] | None = None) -> int:
