@@ -5,6 +5,13 @@ are one: `source1_dense` is folded into the query projection (with the 1/sqrt(d)
 `source2_dense` into the key and value projections, and key and value share one matmul. All
 reshapes use constant shapes (`-1` only for a dynamic batch), so converters see no run-time
 shape arithmetic.
+
+The "source" layout folds one step further, per head: queries meet keys through
+`Wq_h·Wk_hᵀ` and values leave through `Wv_h·Wo_h`, so attention runs on `source2` itself and
+neither keys nor values are ever computed (the key bias only shifts each row of logits, which
+the softmax ignores; the value bias reaches the output through rows of probabilities that sum
+to 1). Where `source2` has no more features than a head, it does fewer FLOPs than the head
+layouts (about half at the defaults), has no transposes, and holds half the parameters.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from export.spec import ArtifactSpec
 
 # Masked logits get this added; exp() of it underflows to exactly 0 in float32, as in Keras.
 MASK_BIAS = -1e9
-LAYOUTS = ("onnx", "tflite")
+LAYOUTS = ("onnx", "tflite", "source")
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,11 @@ class FoldedWeights:
     output_bias: np.ndarray  # (U,)
     heads: int
     head_dim: int
+    # The "source" layout's matrices (None when folded by hand from the six above).
+    qk_kernel: np.ndarray | None = None  # (Fq, H*Fkv): per head Wq_h·Wk_hᵀ, scale folded in
+    qk_bias: np.ndarray | None = None  # (H*Fkv,): per head bq_h·Wk_hᵀ
+    vo_kernel: np.ndarray | None = None  # (H*Fkv, U): per head Wv_h·Wo_h, stacked
+    vo_bias: np.ndarray | None = None  # (U,): sum over heads of bv_h·Wo_h
 
     @property
     def parameter_count(self) -> int:
@@ -60,17 +72,52 @@ def fold_weights(weights: list[np.ndarray], heads: int) -> FoldedWeights:
     query_bias = (s1_b @ q_k2 + q_b.reshape(hd)) * scale
     kv_kernel = np.concatenate([s2_k @ k_k2, s2_k @ v_k2], axis=1)
     kv_bias = np.concatenate([s2_b @ k_k2 + k_b.reshape(hd), s2_b @ v_k2 + v_b.reshape(hd)])
+    output_kernel = o_k.reshape(hd, o_k.shape[-1])
+    heads_of = lambda a: [a[..., h * head_dim:(h + 1) * head_dim] for h in range(heads)]  # noqa: E731
+    q_h, qb_h = heads_of(query_kernel), heads_of(query_bias)
+    k_h, v_h, vb_h = heads_of(kv_kernel[:, :hd]), heads_of(kv_kernel[:, hd:]), heads_of(kv_bias[hd:])
+    o_h = [output_kernel[h * head_dim:(h + 1) * head_dim] for h in range(heads)]  # (D, U) each
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
     return FoldedWeights(
         query_kernel=f32(query_kernel),
         query_bias=f32(query_bias),
         kv_kernel=f32(kv_kernel),
         kv_bias=f32(kv_bias),
-        output_kernel=f32(o_k.reshape(hd, o_k.shape[-1])),
+        output_kernel=f32(output_kernel),
         output_bias=f32(o_b),
         heads=heads,
         head_dim=head_dim,
+        qk_kernel=f32(np.concatenate([q @ k.T for q, k in zip(q_h, k_h)], axis=1)),
+        qk_bias=f32(np.concatenate([b @ k.T for b, k in zip(qb_h, k_h)])),
+        vo_kernel=f32(np.concatenate([v @ o for v, o in zip(v_h, o_h)], axis=0)),
+        vo_bias=f32(sum(b @ o for b, o in zip(vb_h, o_h))),
     )
+
+
+def executed_flops(spec: ArtifactSpec, layout: str, *, batch: int = 1) -> int:
+    """FLOPs (2 per multiply-add) the matmuls of `layout` run for `batch` rows of `spec`."""
+    tq, tkv, fq, fkv, u, h = (spec.query_len, spec.kv_len, spec.query_features,
+                              spec.kv_features, spec.units, spec.heads)
+    d = u  # the layer's key_dim is its units
+    if layout == "source":
+        macs = tq * fq * h * fkv + 2 * h * tq * tkv * fkv + tq * h * fkv * u
+    elif layout in LAYOUTS:
+        macs = tq * fq * h * d + tkv * fkv * 2 * h * d + 2 * h * tq * tkv * d + tq * h * d * u
+    else:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}. Received: layout={layout!r}")
+    return 2 * batch * macs
+
+
+def preferred_layout(spec: ArtifactSpec, runtime_layout: str) -> str:
+    """"source" where it does no more FLOPs than the runtime's head layout, else that layout.
+
+    Measured (python -m export.bench): "source" wins in onnxruntime and in LiteRT/XNNPACK alike
+    at the defaults; `runtime_layout` ("onnx" or "tflite") is the fallback for shapes where
+    source2 has more features than a head.
+    """
+    if executed_flops(spec, "source") <= executed_flops(spec, runtime_layout):
+        return "source"
+    return runtime_layout
 
 
 def causal_bias(spec: ArtifactSpec) -> np.ndarray:
@@ -92,8 +139,10 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layou
     """A `tf.function` with named inputs and a dict of named outputs, weights as constants.
 
     `layout` picks the head arrangement: "onnx" transposes heads into a batch axis and runs
-    batched matmuls (what onnxruntime does best); "tflite" runs each head as its own plain
-    matmul on slices (what XNNPACK does best).
+    batched matmuls; "tflite" runs each head as its own plain matmul on slices (better than
+    "onnx" in XNNPACK); "source" attends over `source2` directly with the per-head folded
+    matrices (see the module docstring; fastest in both runtimes where it applies, see
+    `preferred_layout`).
     """
     import tensorflow as tf
 
@@ -131,10 +180,12 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layou
         wo, bo = tf.constant(folded.output_kernel), tf.constant(folded.output_bias)
         causal = tf.constant(causal_bias(spec)) if spec.causal else None
         x1 = tf.reshape(source1, [-1, fq])  # (B*Tq, Fq)
+        bias, keep = attention_bias(query_mask, value_mask, causal)
+        if layout == "source":
+            return source_attention(x1, source2, bias, keep)
         x2 = tf.reshape(source2, [-1, fkv])  # (B*Tkv, Fkv)
         q = tf.matmul(x1, wq) + bq  # (B*Tq, H*D), already scaled
         kv = tf.matmul(x2, wkv) + bkv  # (B*Tkv, 2*H*D)
-        bias, keep = attention_bias(query_mask, value_mask, causal)
         if layout == "onnx":
             q = tf.transpose(tf.reshape(q, [b, tq, heads, d]), [0, 2, 1, 3])  # (B, H, Tq, D)
             kv = tf.reshape(kv, [b, tkv, 2, heads, d])
@@ -168,6 +219,42 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layou
             context = tf.reshape(tf.concat(contexts, axis=-1), [-1, hd])  # (B*Tq, H*D)
             scores = tf.stack(head_scores, axis=1) if spec.scores else None
         out = tf.reshape(tf.matmul(context, wo) + bo, [b, tq, units])  # (B, Tq, U)
+        return named_outputs(out, scores)
+
+    def source_attention(x1, source2, bias, keep):
+        if folded.qk_kernel is None:
+            raise ValueError("The 'source' layout needs FoldedWeights from fold_weights().")
+        # Rows ordered (query position, head): every head attends over the same source2 rows,
+        # so all heads are one batched matmul and the head sum is the output matmul's.
+        q = tf.matmul(x1, tf.constant(folded.qk_kernel)) + tf.constant(folded.qk_bias)
+        q = tf.reshape(q, [b, tq * heads, fkv])  # (B, Tq*H, Fkv)
+        logits = tf.matmul(q, source2, transpose_b=True)  # (B, Tq*H, Tkv)
+        if bias is None:
+            probs = tf.nn.softmax(logits, axis=-1)
+        else:
+            logits = tf.reshape(logits, [b, tq, heads, tkv]) + tf.reshape(bias, [-1, tq, 1, tkv])
+            probs = tf.nn.softmax(logits, axis=-1)  # (B, Tq, H, Tkv)
+            if keep is not None:
+                probs = probs * tf.reshape(keep, [-1, tq, 1, tkv])
+            probs = tf.reshape(probs, [b, tq * heads, tkv])
+        context = tf.matmul(probs, source2)  # (B, Tq*H, Fkv)
+        context = tf.reshape(context, [-1, heads * fkv])  # (B*Tq, H*Fkv)
+        vo_bias = folded.vo_bias.astype(np.float64)
+        if keep is None:
+            out = tf.matmul(context, tf.constant(folded.vo_kernel)) + tf.constant(
+                (folded.output_bias + vo_bias).astype(np.float32))
+        else:
+            # A query row with every key masked has all-zero probabilities: no value bias.
+            row_any = tf.reshape(tf.reduce_max(keep, axis=-1), [-1, 1])  # (B*Tq, 1)
+            out = (tf.matmul(context, tf.constant(folded.vo_kernel)) + tf.constant(folded.output_bias)
+                   + row_any * tf.constant(folded.vo_bias))
+        out = tf.reshape(out, [b, tq, units])  # (B, Tq, U)
+        scores = None
+        if spec.scores:
+            scores = tf.transpose(tf.reshape(probs, [b, tq, heads, tkv]), [0, 2, 1, 3])  # (B, H, Tq, Tkv)
+        return named_outputs(out, scores)
+
+    def named_outputs(out, scores):
         result = {"output": tf.identity(out, name="output")}
         if spec.scores:
             result["attention_scores"] = tf.identity(scores, name="attention_scores")

@@ -19,7 +19,8 @@ from export.spec import ArtifactSpec
 
 log = logging.getLogger("export")
 
-# Graph layout per format (see export.graph): what each runtime runs fastest.
+# Head layout per format (see export.graph), the fallback where the "source" layout does not
+# apply (export.graph.preferred_layout).
 LAYOUT = {"onnx": "onnx", "savedmodel": "onnx", "tflite": "tflite"}
 
 
@@ -111,11 +112,11 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
 
 
 def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source):
-    from export.graph import build_inference_function
+    from export.graph import build_inference_function, preferred_layout
     from export.runtimes import load_runner
 
     t0 = time.perf_counter()
-    fn = build_inference_function(spec, folded, layout=LAYOUT[fmt])
+    fn = build_inference_function(spec, folded, layout=preferred_layout(spec, LAYOUT[fmt]))
     extra_manifest = {}
     if fmt == "onnx":
         from export.onnx import build_onnx, max_opset
