@@ -124,11 +124,13 @@ def build_parser(formats: tuple[str, ...] = FORMATS, prog: str = "python -m expo
                          help=f"ONNX opset (default {_default_opset_text()})")
     atol_defaults = ", ".join(f"{f} {_atol_default(f):g}" for f in formats)
     out.add_argument("--atol", type=_positive_float,
-                     help=f"max abs diff allowed vs the reference (default {atol_defaults})")
+                     help=f"max abs diff allowed vs the reference, float32 artifacts (default "
+                          f"{atol_defaults}); variants gate on --max-rel-error")
     if set(formats) & {"onnx", "tflite"}:
         quant = parser.add_argument_group("quantized variants (onnx, tflite)")
         quant.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
-                           help="variant to build (default none = float32)")
+                           help="variant to build (default none = float32)"
+                                + ("; savedmodel stays float32" if "savedmodel" in formats else ""))
         quant.add_argument("--int8-io", action="store_true",
                            help="with --quantize int8 (TFLite): int8 inputs and outputs")
         quant.add_argument("--calibration", metavar="PATH.npz",
@@ -273,6 +275,9 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMATS,
     configure_logging(args.verbose, args.quiet)
     if getattr(args, "int8_io", False) and getattr(args, "quantize", "none") != "int8":
         parser.error(f"--int8-io needs --quantize int8. Received: --quantize {args.quantize}")
+    if getattr(args, "int8_io", False) and "tflite" not in formats:
+        # ONNX int8 keeps float32 inputs and outputs (QDQ); only TFLite files take int8 ones.
+        parser.error("--int8-io applies to TFLite only; ONNX int8 files take and return float32")
     try:
         from export.pipeline import export_artifacts
 

@@ -135,7 +135,8 @@ def input_signature(spec: ArtifactSpec):
     ]
 
 
-def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layout: str = "onnx"):
+def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layout: str = "onnx",
+                             mask_margin: float | None = None):
     """A `tf.function` with named inputs and a dict of named outputs, weights as constants.
 
     `layout` picks the head arrangement: "onnx" transposes heads into a batch axis and runs
@@ -143,6 +144,11 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layou
     "onnx" in XNNPACK); "source" attends over `source2` directly with the per-head folded
     matrices (see the module docstring; fastest in both runtimes where it applies, see
     `preferred_layout`).
+
+    `mask_margin` is for integer graphs (export.quantize): masked logits are then replaced by
+    their row's smallest logit minus `mask_margin` instead of getting MASK_BIAS added. A -1e9
+    would stretch the int8 range of the logits over 1e9 and round every real logit to one
+    value; this way the range grows by the margin only.
     """
     import tensorflow as tf
 
@@ -153,6 +159,10 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layou
     hd = heads * d
     units = folded.output_kernel.shape[1]
     b = -1 if spec.batch is None else spec.batch
+    # With `mask_margin` the bias only marks masked logits (-1, or -2 where padding and causal
+    # both mask): an int8 graph represents 0 and -1 exactly, while an int8 product with -1e9
+    # got the scale of its output and rounded the 0/1 factor of the padding mask to 0.
+    mask_bias = MASK_BIAS if mask_margin is None else -1.0
 
     def attention_bias(query_mask, value_mask, causal):
         """Additive logits bias (B|1, 1|H, Tq, Tkv) and a 0/1 keep factor, or (None, None)."""
@@ -165,12 +175,18 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layou
             q = ones_q if query_mask is None else tf.reshape(tf.cast(query_mask, tf.float32), [b, 1, tq, 1])
             v = ones_v if value_mask is None else tf.reshape(tf.cast(value_mask, tf.float32), [b, 1, 1, tkv])
             keep = q * v  # (B, 1, Tq, Tkv)
-            pad_bias = (1.0 - keep) * MASK_BIAS
+            pad_bias = (1.0 - keep) * mask_bias
             bias = pad_bias if bias is None else bias + pad_bias
         if causal is not None and keep is not None:
             # Only padding can leave a row with no visible key (key 0 is always causal-visible).
             keep = keep * tf.reshape(tf.cast(causal == 0.0, tf.float32), [1, 1, tq, tkv])
         return bias, keep
+
+    def add_mask(logits, bias):
+        if mask_margin is None:
+            return logits + bias
+        floor = tf.reduce_min(logits, axis=-1, keepdims=True) - mask_margin
+        return tf.where(bias < -0.5, floor, logits)
 
     def forward(source1, source2, query_mask=None, value_mask=None):
         # Created inside the trace, the weights are Const nodes of the graph: no variables or
@@ -178,7 +194,7 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layou
         wq, bq = tf.constant(folded.query_kernel), tf.constant(folded.query_bias)
         wkv, bkv = tf.constant(folded.kv_kernel), tf.constant(folded.kv_bias)
         wo, bo = tf.constant(folded.output_kernel), tf.constant(folded.output_bias)
-        causal = tf.constant(causal_bias(spec)) if spec.causal else None
+        causal = tf.constant(causal_bias(spec) * np.float32(mask_bias / MASK_BIAS)) if spec.causal else None
         x1 = tf.reshape(source1, [-1, fq])  # (B*Tq, Fq)
         bias, keep = attention_bias(query_mask, value_mask, causal)
         if layout == "source":
@@ -193,7 +209,7 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layou
             v = tf.transpose(kv[:, :, 1], [0, 2, 1, 3])  # (B, H, Tkv, D)
             logits = tf.matmul(q, k)  # (B, H, Tq, Tkv)
             if bias is not None:
-                logits = logits + bias
+                logits = add_mask(logits, bias)
             probs = tf.nn.softmax(logits, axis=-1)
             if keep is not None:
                 probs = probs * keep
@@ -210,7 +226,7 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layou
                 vh = kv[:, :, hd + h * d:hd + (h + 1) * d]  # (B, Tkv, D)
                 logits = tf.matmul(qh, kh, transpose_b=True)  # (B, Tq, Tkv)
                 if bias is not None:
-                    logits = logits + tf.reshape(bias, [-1, tq, tkv])
+                    logits = add_mask(logits, tf.reshape(bias, [-1, tq, tkv]))
                 probs = tf.nn.softmax(logits, axis=-1)
                 if keep is not None:
                     probs = probs * tf.reshape(keep, [-1, tq, tkv])
@@ -232,7 +248,7 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layou
         if bias is None:
             probs = tf.nn.softmax(logits, axis=-1)
         else:
-            logits = tf.reshape(logits, [b, tq, heads, tkv]) + tf.reshape(bias, [-1, tq, 1, tkv])
+            logits = add_mask(tf.reshape(logits, [b, tq, heads, tkv]), tf.reshape(bias, [-1, tq, 1, tkv]))
             probs = tf.nn.softmax(logits, axis=-1)  # (B, Tq, H, Tkv)
             if keep is not None:
                 probs = probs * tf.reshape(keep, [-1, tq, 1, tkv])

@@ -21,8 +21,13 @@ def max_opset() -> int:
 MIN_OPSET = 13
 
 
-def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None) -> str:
-    """Convert `fn` with tf2onnx into a `.onnx` file under `workdir`; return its path."""
+def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None,
+               calibration=None) -> str:
+    """Convert `fn` with tf2onnx into a `.onnx` file under `workdir`; return its path.
+
+    A variant (`spec.quantize`) is made from the float32 file after conversion
+    (`export.quantize.quantize_onnx`, with `calibration` for int8).
+    """
     import onnx
     import tf2onnx
 
@@ -47,7 +52,18 @@ def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None
     # tf2onnx writes the traced function's name here, `__inference_call_<n>` with a per-process
     # counter: `python -m export` and `python -m export.onnx` would differ in this string only.
     model.graph.doc_string = "converted by tf2onnx from the xattn inference function"
-    onnx.save(model, path)
+    if spec.quantize == "none":
+        onnx.save(model, path)
+        return path
+    from export import quantize
+
+    scratch = quantize.scratch_dir(workdir, "onnx-float32")
+    try:
+        float_path = os.path.join(scratch, spec.replace(quantize="none", int8_io=False).artifact_name("onnx"))
+        onnx.save(model, float_path)
+        quantize.quantize_onnx(spec, float_path, path, calibration)
+    finally:
+        quantize.remove(scratch)
     return path
 
 

@@ -62,11 +62,16 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
     if not specs:
         raise SpecError("no format requested")
     first = next(iter(specs.values()))
+    from export import quantize
+
+    # Formats may differ in batch and variant (savedmodel stays float32 under --quantize).
+    same = dict(batch=first.batch, name=first.name, quantize="none", int8_io=False)
     for fmt, spec in specs.items():
-        if spec.replace(batch=first.batch, name=first.name) != first.replace(
-            batch=first.batch, name=first.name
-        ):
+        if spec.replace(**same) != first.replace(**same):
             raise SpecError(f"the {fmt} spec differs from the others in more than its batch")
+        quantize.check_variant(fmt, spec)
+    # A bad calibration file fails here, before anything is built.
+    calibrations = quantize.calibrations_for(specs, request.calibration)
     started = time.perf_counter()
     if request.weights is not None:
         weights = [np.asarray(w, dtype=np.float32) for w in request.weights]
@@ -98,7 +103,8 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
             staged.append(spec.golden_name)
         for fmt, spec in specs.items():
             results.append(
-                _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source)
+                _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source,
+                           calibration=calibrations.get(fmt))
             )
         manifests = [os.path.basename(r.manifest_path) for r in results]
         artifacts = [os.path.basename(r.path) for r in results]
@@ -111,23 +117,26 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
     return results
 
 
-def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source):
+def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source,
+               calibration=None):
+    from export import quantize
     from export.graph import build_inference_function, preferred_layout
     from export.runtimes import load_runner
 
     t0 = time.perf_counter()
-    fn = build_inference_function(spec, folded, layout=preferred_layout(spec, LAYOUT[fmt]))
+    fn = build_inference_function(spec, folded, layout=preferred_layout(spec, LAYOUT[fmt]),
+                                  **quantize.graph_options(spec))
     extra_manifest = {}
     if fmt == "onnx":
         from export.onnx import build_onnx, max_opset
 
         opset = request.opset if request.opset is not None else max_opset()
-        path = build_onnx(spec, fn, stage, opset=opset)
+        path = build_onnx(spec, fn, stage, opset=opset, calibration=calibration)
         extra_manifest["opset"] = opset
     elif fmt == "tflite":
         from export.tflite import build_tflite
 
-        path = build_tflite(spec, fn, stage)
+        path = build_tflite(spec, fn, stage, calibration=calibration)
     elif fmt == "savedmodel":
         from export.savedmodel import build_savedmodel
 
@@ -156,30 +165,44 @@ def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, 
     ref_all = {k: np.concatenate([r[k] for r in refs]) for k in refs[0]}
     out_all = {k: np.concatenate([o[k] for o in outs]) for k in refs[0] if k in outs[0]}
     metrics = check.parity_metrics(ref_all, out_all)
-    atol = request.atol if request.atol is not None else check.DEFAULT_ATOL[fmt]
     name = os.path.basename(path)
-    check.gate(metrics, artifact=name, atol=atol)
+    # float32 gates on the max abs diff; a variant on the relative L2 error (its max abs diff
+    # grows with the output's scale, its relative error does not).
+    if spec.quantize == "none":
+        tolerance = {"atol": request.atol if request.atol is not None else check.DEFAULT_ATOL[fmt]}
+    else:
+        tolerance = {"max_rel": request.max_rel_error if request.max_rel_error is not None
+                     else check.DEFAULT_MAX_REL[spec.quantize]}
+    check.gate(metrics, artifact=name, **tolerance)
     # The golden vectors must pass too: that is what `export.verify` will check later.
     golden_feeds, golden_outputs = goldens[spec.golden_name]
     golden_metrics = check.parity_metrics(golden_outputs, runner.run(golden_feeds))
-    check.gate(golden_metrics, artifact=f"{name} (golden vectors)", atol=atol)
+    check.gate(golden_metrics, artifact=f"{name} (golden vectors)", **tolerance)
     parity = {
         "runtime": _runtime_label(fmt),
         "n_samples": int(sum(batches)),
         **metrics,
-        "atol": atol,
+        **({"atol": tolerance["atol"]} if "atol" in tolerance
+           else {"max_rel_error": tolerance["max_rel"]}),
         "passed": True,
     }
-    log.info("verify   %-10s max abs diff %.2e <= %g on %d samples (%.1f s)", fmt,
-             metrics["max_abs"], atol, parity["n_samples"], time.perf_counter() - t0)
+    if "atol" in tolerance:
+        log.info("verify   %-10s max abs diff %.2e <= %g on %d samples (%.1f s)", fmt,
+                 metrics["max_abs"], tolerance["atol"], parity["n_samples"],
+                 time.perf_counter() - t0)
+    else:
+        log.info("verify   %-10s %s rel_l2 %.2e <= %g, cosine %.6f on %d samples (%.1f s)", fmt,
+                 spec.quantize, metrics["rel_l2"], tolerance["max_rel"], metrics["cosine"],
+                 parity["n_samples"], time.perf_counter() - t0)
+    inputs, outputs = quantize.manifest_tensors(spec, path, fmt)
 
     manifest = {
         "format": fmt,
         "artifact": name,
         "sha256": publish.sha256_path(path),
         "bytes": publish.size_bytes(path),
-        "inputs": [i.as_json() for i in spec.inputs()],
-        "outputs": [o.as_json() for o in spec.outputs()],
+        "inputs": inputs,
+        "outputs": outputs,
         "config": layer_config,
         "shapes": {
             "batch": spec.batch, "query_len": spec.query_len, "kv_len": spec.kv_len,
@@ -191,8 +214,7 @@ def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, 
         "golden": spec.golden_name,
         "golden_sha256": publish.sha256_path(os.path.join(stage, spec.golden_name)),
         **extra_manifest,
-        "quantization": {"mode": spec.quantize, "io_dtype": "float32", "calibration": None,
-                         "n_samples": 0},
+        "quantization": quantize.manifest_entry(spec, calibration),
         "parity": parity,
         "weights": source,
         "versions": publish.versions(),

@@ -51,6 +51,9 @@ class InputInfo:
             return info
         if isinstance(info, Mapping):
             name, shape, dtype = info["name"], info["shape"], info.get("dtype")
+            if info.get("quantization") and dtype and np.dtype(dtype).kind in "iu":
+                # An int8-io input (export.quantize): floats are quantized with its scale.
+                return cls(str(name), _dims(shape), "float32", stored_dtype=np.dtype(dtype).name)
         else:
             name, shape, dtype = info.name, info.shape, info.dtype
         return cls(str(name), _dims(shape), None if dtype is None else np.dtype(dtype).name)

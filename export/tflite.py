@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
 
 from export.errors import ConversionError
 from export.spec import ArtifactSpec
@@ -17,10 +20,12 @@ def build_tflite(
     workdir: str,
     *,
     configure: Callable | None = None,
+    calibration=None,
 ) -> str:
     """Convert `fn` to a `.tflite` file under `workdir`; return its path.
 
-    `configure(converter)` may set quantization options (see `export.quantize`). SELECT_TF_OPS
+    `configure(converter)` may set quantization options; by default they are those of
+    `spec.quantize` (`export.quantize.configure_tflite`, with `calibration` for int8). SELECT_TF_OPS
     stays off: a file that needs Flex ops fails here instead of on the device.
     """
     import tensorflow as tf
@@ -34,10 +39,15 @@ def build_tflite(
     saved = build_savedmodel(spec, fn, os.path.join(workdir, "tflite-src"))
     converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=["serving_default"])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if configure is None and spec.quantize != "none":
+        from export.quantize import configure_tflite
+
+        configure = configure_tflite(spec, calibration)
     if configure is not None:
         configure(converter)
     try:
-        flatbuffer = converter.convert()
+        with _calibration_chatter_dropped(converter):
+            flatbuffer = converter.convert()
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(f"TFLite conversion failed: {first}") from e
@@ -46,6 +56,40 @@ def build_tflite(
         f.write(flatbuffer)
     shutil.rmtree(os.path.dirname(saved), ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def _calibration_chatter_dropped(converter) -> Iterator[None]:
+    """Full-int8 calibration runs the deprecated tf.lite.Interpreter (a UserWarning) and prints
+    `fully_quantize: 0, inference_type: 6, ...` from C++ straight to the process's stderr, past
+    `-q` and TF_CPP_MIN_LOG_LEVEL. Both are dropped while it converts; what the converter prints
+    is written back if the conversion fails."""
+    if getattr(converter, "representative_dataset", None) is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    failed = False
+    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if failed:
+                sink.seek(0)
+                os.write(2, sink.read())
 
 
 def main(argv: list[str] | None = None) -> int:
