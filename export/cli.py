@@ -249,15 +249,17 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
 
 
 def print_table(results) -> None:
-    rows = [("artifact", "size", "max abs diff", "path")]
+    """The closing table on stdout: artifact, size, max abs diff, rel L2, path."""
+    rows = [("artifact", "size", "max abs diff", "rel L2", "path")]
     for r in results:
         rows.append((
             f"{r.format}{'' if r.spec.quantize == 'none' else ' ' + r.spec.quantize}",
             _human_size(r.bytes),
             f"{r.parity['max_abs']:.2e}",
+            f"{r.parity['rel_l2']:.1e}",
             r.path,
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         print("  ".join(cell.ljust(widths[j]) for j, cell in enumerate(row)).rstrip())
         if i == 0:

@@ -191,14 +191,15 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layou
     def forward(source1, source2, query_mask=None, value_mask=None):
         # Created inside the trace, the weights are Const nodes of the graph: no variables or
         # captured inputs for a converter to lose.
-        wq, bq = tf.constant(folded.query_kernel), tf.constant(folded.query_bias)
-        wkv, bkv = tf.constant(folded.kv_kernel), tf.constant(folded.kv_bias)
-        wo, bo = tf.constant(folded.output_kernel), tf.constant(folded.output_bias)
         causal = tf.constant(causal_bias(spec) * np.float32(mask_bias / MASK_BIAS)) if spec.causal else None
         x1 = tf.reshape(source1, [-1, fq])  # (B*Tq, Fq)
         bias, keep = attention_bias(query_mask, value_mask, causal)
         if layout == "source":
             return source_attention(x1, source2, bias, keep)
+        # Only the head layouts' weights: a SavedModel keeps even unused constants.
+        wq, bq = tf.constant(folded.query_kernel), tf.constant(folded.query_bias)
+        wkv, bkv = tf.constant(folded.kv_kernel), tf.constant(folded.kv_bias)
+        wo, bo = tf.constant(folded.output_kernel), tf.constant(folded.output_bias)
         x2 = tf.reshape(source2, [-1, fkv])  # (B*Tkv, Fkv)
         q = tf.matmul(x1, wq) + bq  # (B*Tq, H*D), already scaled
         kv = tf.matmul(x2, wkv) + bkv  # (B*Tkv, 2*H*D)

@@ -6,6 +6,7 @@ never exits. Nothing reaches `output_dir` until every requested artifact has pas
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -101,6 +102,7 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
             publish.write_npz(os.path.join(stage, spec.golden_name), {**feeds, **outputs})
             goldens[spec.golden_name] = (feeds, outputs)
             staged.append(spec.golden_name)
+        _guard_shared_files(request.output_dir, stage, specs)
         for fmt, spec in specs.items():
             results.append(
                 _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source,
@@ -115,6 +117,36 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
         r.manifest_path = os.path.join(request.output_dir, os.path.basename(r.manifest_path))
     log.info("done in %.1f s", time.perf_counter() - started)
     return results
+
+
+def _guard_shared_files(output_dir: str, stage: str, specs: dict[str, ArtifactSpec]) -> None:
+    """Refuse to replace a golden file that artifacts not rebuilt in this run still rely on.
+
+    The reference and golden vectors are shared by every format of one name. Publishing new
+    weights under a name whose other artifacts stay would leave those artifacts failing
+    `export.verify`; fail before converting anything instead, and say how to avoid it.
+    """
+    rebuilt = {spec.manifest_name(fmt) for fmt, spec in specs.items()}
+    new_golden = {
+        spec.golden_name: publish.sha256_path(os.path.join(stage, spec.golden_name))
+        for spec in specs.values()
+    }
+    for entry in sorted(os.listdir(output_dir)):
+        if not entry.endswith(".json") or entry in rebuilt:
+            continue
+        try:
+            with open(os.path.join(output_dir, entry), encoding="utf-8") as f:
+                manifest = json.load(f)
+            golden, golden_sha = manifest.get("golden"), manifest.get("golden_sha256")
+        except (OSError, ValueError, AttributeError):
+            continue  # not one of ours, or damaged: export.verify reports those
+        if golden in new_golden and golden_sha and golden_sha != new_golden[golden]:
+            name = golden[: -len(".golden.npz")]
+            raise SpecError(
+                f"{entry} in {output_dir} was built from other weights under the name {name!r}, "
+                f"and this export would replace the golden vectors it is verified with; rebuild "
+                f"all its formats in one run (python -m export ...) or pass --name to keep both"
+            )
 
 
 def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source,

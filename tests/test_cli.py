@@ -123,7 +123,7 @@ def test_log_on_stderr_and_only_the_table_on_stdout(entry_runs):
     out, proc = entry_runs["export"]
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["artifact", "size", "max", "abs", "diff", "path"]
+    assert lines[0].split() == ["artifact", "size", "max", "abs", "diff", "rel", "L2", "path"]
     assert set(lines[1].replace(" ", "")) == {"-"}
     rows = lines[2:]
     assert [row.split()[0] for row in rows] == list(FORMATS)
@@ -133,6 +133,7 @@ def test_log_on_stderr_and_only_the_table_on_stdout(entry_runs):
         assert os.path.exists(cells[-1])
         assert cells[2] in ("KB", "MB")
         assert float(cells[3]) <= ATOL[fmt]
+        assert 0 <= float(cells[4]) < 1e-4
     steps = [line.split()[0] for line in proc.stderr.splitlines() if line.strip()]
     for step in LOG_STEPS:
         assert step.strip() in steps, proc.stderr

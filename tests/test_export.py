@@ -500,3 +500,23 @@ def test_specs_must_agree_except_batch(tmp_path):
     b = dataclasses.replace(spec_for(SMALL, "tflite"), units=8, name="")
     with pytest.raises(SpecError):
         export_artifacts(ExportRequest(specs={"onnx": a, "tflite": b}, output_dir=str(tmp_path)))
+
+
+def test_other_weights_under_a_shared_name_are_refused(artifact_factory, tmp_path):
+    """One name = one set of weights: replacing the golden file that other formats' manifests
+    are verified with is refused before anything is built; the same weights re-export fine."""
+    from export.errors import SpecError
+
+    src, _ = built(artifact_factory, SMALL)
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    onnx_only = {"onnx": spec_for(SMALL, "onnx")}
+    with pytest.raises(SpecError, match=r"built from other weights .* --name"):
+        export_artifacts(ExportRequest(specs=onnx_only, output_dir=str(out), seed=1))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # The weights the folder was built with (seed 0): fine, and --name keeps both.
+    export_artifacts(ExportRequest(specs=onnx_only, output_dir=str(out), seed=0))
+    renamed = {"onnx": spec_for(SMALL, "onnx", name="other")}
+    export_artifacts(ExportRequest(specs=renamed, output_dir=str(out), seed=1))
+    assert (out / "other.onnx").is_file() and (out / "other.golden.npz").is_file()
