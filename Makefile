@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install artifacts test lint bench clean
+.PHONY: install artifacts test lint bench verify clean
 
 install: $(STAMP)
 
@@ -24,7 +24,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check xattn export tests
 
 bench: $(STAMP)
-	$(PY) -m export.bench --batch 1,32 --threads 1
+	$(PY) -m export.bench --batch 1,32 --threads 1 --lengths 10,64,256 --startup
 
 clean:
 	rm -rf $(VENV) artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json artifacts/*.npz
+
+verify: $(STAMP)
+	$(PY) -m export.verify artifacts/
