@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 from export.cli import SHAPE_DEFAULTS, _OneLineParser, _positive_int, configure_logging  # noqa: E402
 from export.errors import ConversionError, ExportError, SpecError  # noqa: E402
+from export.native_output import captured_native_output  # noqa: E402
 from export.spec import QUANTIZE_MODES, ArtifactSpec  # noqa: E402
 
 log = logging.getLogger("export")
@@ -293,36 +294,9 @@ class LengthSet:
         return None
 
 
-@contextlib.contextmanager
 def _quiet_native(enabled: bool):
     """Converters write progress to fd 1/2 from C++; keep it, and show it only if they fail."""
-    if not enabled:
-        yield
-        return
-    saved = [os.dup(1), os.dup(2)]
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 1)
-        os.dup2(capture.fileno(), 2)
-        failed = False
-        try:
-            yield
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            if failed:
-                capture.seek(0)
-                os.write(2, capture.read()[-4000:])
+    return captured_native_output((1, 2)) if enabled else contextlib.nullcontext()
 
 
 def build_length(spec: ArtifactSpec, weights: list, args, workdir: str, quiet: bool) -> LengthSet:

@@ -6,18 +6,15 @@ numpy plus the runtime only; TensorFlow is imported for SavedModel alone, and la
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
-import os
-import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from export.errors import InputError
+from export.native_output import captured_native_output, without_lines
 
 RUNTIME_MODULE = {"onnx": "onnxruntime", "tflite": "ai_edge_litert", "savedmodel": "tensorflow"}
 RUNTIME_NAME = {"onnx": "onnxruntime", "tflite": "ai-edge-litert", "savedmodel": "tensorflow"}
@@ -233,7 +230,7 @@ _ONNX_DTYPES = {
 def tflite_interpreter(path: str, threads: int | None = None):
     from ai_edge_litert.interpreter import Interpreter
 
-    with _drop_litert_banner():
+    with captured_native_output((2,), keep=without_lines(_LITERT_BANNER)):
         interpreter = Interpreter(model_path=path, num_threads=threads)
         # Delegates are applied here (not at the first run), so the banner is too.
         interpreter.allocate_tensors()
@@ -241,38 +238,8 @@ def tflite_interpreter(path: str, threads: int | None = None):
 
 
 # LiteRT's C++ logger writes this to fd 2 the first time it applies XNNPACK: noise on a CLI's
-# stderr, and it breaks --quiet. Python's sys.stderr cannot filter it, so fd 2 is captured.
+# stderr, and it breaks --quiet. Any other native message still reaches stderr.
 _LITERT_BANNER = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-
-
-@contextlib.contextmanager
-def _drop_litert_banner():
-    """Capture fd 2 meanwhile, then pass on everything written there except LiteRT's banner.
-
-    Exceptions propagate untouched; any other native message (an error) still reaches stderr.
-    """
-    try:
-        saved = os.dup(2)
-    except OSError:  # no fd 2 (a daemon): nothing to filter
-        yield
-        return
-    if sys.stderr is not None:
-        sys.stderr.flush()
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            if sys.stderr is not None:
-                with contextlib.suppress(Exception):
-                    sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = [line for line in capture.read().splitlines(keepends=True)
-                    if line.strip() != _LITERT_BANNER]
-            if kept:
-                os.write(2, b"".join(kept))
 
 
 def _tflite_fn(path: str, threads: int | None):

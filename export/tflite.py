@@ -6,11 +6,11 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 
 from export.errors import ConversionError
+from export.native_output import captured_native_output
 from export.spec import ArtifactSpec
 
 
@@ -67,29 +67,9 @@ def _calibration_chatter_dropped(converter) -> Iterator[None]:
     if getattr(converter, "representative_dataset", None) is None:
         yield
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    failed = False
-    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+    with warnings.catch_warnings(), captured_native_output((1, 2)):
         warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
-        try:
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
-            yield
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            if failed:
-                sink.seek(0)
-                os.write(2, sink.read())
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:

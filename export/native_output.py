@@ -1,0 +1,71 @@
+"""Capture what C++ code writes straight to file descriptors 1 and 2.
+
+Converters and runtimes (the TFLite calibrator, LiteRT's XNNPACK banner, Keras' exporters) print
+from C++ past `sys.stderr`, `--quiet` and TF_CPP_MIN_LOG_LEVEL. Python cannot filter that at the
+stream level, so the descriptors themselves are redirected into a temporary file meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.flush()
+
+
+@contextlib.contextmanager
+def captured_native_output(
+    fds: tuple[int, ...] = (1, 2),
+    *,
+    keep: Callable[[bytes], bytes] = lambda text: b"",
+) -> Iterator[None]:
+    """Redirect `fds` into a temporary file for the duration of the block.
+
+    On success, `keep(captured)` is written to stderr (by default nothing); when the block raises,
+    everything captured is written back (the last 8 KB), so a failure keeps its native context.
+    Exceptions propagate untouched. Not thread-safe: descriptors are process-wide.
+    """
+    try:
+        saved = [os.dup(fd) for fd in fds]
+    except OSError:  # no such descriptor (a daemon): nothing to capture
+        yield
+        return
+    _flush()
+    failed = False
+    with tempfile.TemporaryFile() as capture:
+        for fd in fds:
+            os.dup2(capture.fileno(), fd)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            _flush()
+            for fd, old in zip(fds, saved):
+                os.dup2(old, fd)
+                os.close(old)
+            capture.seek(0)
+            text = capture.read()
+            shown = text[-8192:] if failed else keep(text)
+            if shown:
+                os.write(2, shown)
+
+
+def without_lines(*unwanted: bytes) -> Callable[[bytes], bytes]:
+    """A `keep` filter passing on every captured line except the `unwanted` ones."""
+
+    def keep(text: bytes) -> bytes:
+        return b"".join(
+            line for line in text.splitlines(keepends=True) if line.strip() not in unwanted
+        )
+
+    return keep
