@@ -61,3 +61,11 @@ class UsageError(ExportError):
     """A command line that cannot be acted on: no such path, nothing to verify."""
 
     exit_code = 2
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name: a one-line reason."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from export.errors import CalibrationError, ConversionError, SpecError
+from export.errors import CalibrationError, ConversionError, SpecError, first_line
 from export.spec import ArtifactSpec
 
 log = logging.getLogger("export")
@@ -118,7 +118,7 @@ def load_calibration(path: str, spec: ArtifactSpec) -> Calibration:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise CalibrationError(f"{label} cannot be read as .npz: {_first_line(e)}") from e
+        raise CalibrationError(f"{label} cannot be read as .npz: {first_line(e)}") from e
     with archive:
         names = sorted(archive.files)
         missing = [n for n in CALIBRATION_ARRAYS if n not in archive.files]
@@ -141,7 +141,7 @@ def load_calibration(path: str, spec: ArtifactSpec) -> Calibration:
                     "(loaded with allow_pickle=False); save plain float32 arrays"
                 ) from e
             except Exception as e:
-                raise CalibrationError(f"{label}: array {name!r} cannot be read: {_first_line(e)}") from e
+                raise CalibrationError(f"{label}: array {name!r} cannot be read: {first_line(e)}") from e
     expected = {
         "source1": (spec.query_len, spec.query_features),
         "source2": (spec.kv_len, spec.kv_features),
@@ -202,11 +202,6 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def calibration_for(spec: ArtifactSpec, path: str | None) -> Calibration | None:
@@ -340,7 +335,7 @@ def quantize_onnx(spec: ArtifactSpec, float_path: str, out_path: str,
     except (CalibrationError, SpecError):
         raise
     except Exception as e:
-        raise ConversionError(f"ONNX {spec.quantize} quantization failed: {_first_line(e)}") from e
+        raise ConversionError(f"ONNX {spec.quantize} quantization failed: {first_line(e)}") from e
     return out_path
 
 

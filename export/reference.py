@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.errors import WeightsError
+from export.errors import WeightsError, first_line
 from export.spec import ArtifactSpec
 
 GOLDEN_SEED = 20240601
@@ -156,7 +156,7 @@ def load_keras_file(path: str) -> FileWeights:
     try:
         obj = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # Keras raises many types; the user needs the file and the reason.
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         if "lambda" in str(e).lower() and "safe_mode" in str(e).lower():
             reason = "it holds a Lambda layer (arbitrary code), refused with safe_mode on"
         raise WeightsError(f"--weights file {path} could not be loaded safely: {reason}") from e
@@ -202,7 +202,7 @@ def load_h5_weights(path: str, spec: ArtifactSpec) -> list[np.ndarray]:
     except Exception as e:
         reason = _h5_shape_mismatch(path, placeholder)
         if reason is None:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
         raise WeightsError(
             f"--weights file {path} does not fit a CrossAttention with {shapes}: {reason}"
         ) from e

@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 
-from export.errors import ConversionError
+from export.errors import ConversionError, first_line
 from export.native_output import captured_native_output
 from export.spec import ArtifactSpec
 
@@ -49,8 +49,7 @@ def build_tflite(
         with _calibration_chatter_dropped(converter):
             flatbuffer = converter.convert()
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"TFLite conversion failed: {first}") from e
+        raise ConversionError(f"TFLite conversion failed: {first_line(e)}") from e
     path = os.path.join(workdir, spec.artifact_name("tflite"))
     with open(path, "wb") as f:
         f.write(flatbuffer)

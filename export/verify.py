@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from export.errors import ManifestError, ParityError, UsageError
+from export.errors import ManifestError, ParityError, UsageError, first_line
 from export.publish import sha256_path
 
 FORMATS = ("onnx", "tflite", "savedmodel")
@@ -467,11 +467,7 @@ def _num(x: float) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    for line in text.splitlines():
-        if line.strip():
-            return _one_line(line.strip())
-    return type(e).__name__
+    return _one_line(first_line(e))
 
 
 def _one_line(text: str, limit: int = 300) -> str:
