@@ -43,7 +43,13 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from export.cli import SHAPE_DEFAULTS, _OneLineParser, _positive_int, configure_logging  # noqa: E402
+from export.cli import (  # noqa: E402
+    SHAPE_DEFAULTS,
+    _OneLineParser,
+    _positive_float,
+    _positive_int,
+    configure_logging,
+)
 from export.errors import ConversionError, ExportError, SpecError  # noqa: E402
 from export.native_output import captured_native_output  # noqa: E402
 from export.spec import QUANTIZE_MODES, ArtifactSpec  # noqa: E402
@@ -90,16 +96,6 @@ def _choice_list(choices: tuple[str, ...]):
         return list(dict.fromkeys(values))
 
     return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

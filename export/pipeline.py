@@ -261,11 +261,10 @@ def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, 
 
 
 def _runtime_label(fmt: str) -> str:
-    from export.publish import versions
+    from export.runtimes import RUNTIME_NAME
 
-    v = versions()
-    key = {"onnx": "onnxruntime", "tflite": "ai-edge-litert", "savedmodel": "tensorflow"}[fmt]
-    return f"{key} {v.get(key, '?')}"
+    name = RUNTIME_NAME[fmt]
+    return f"{name} {publish.versions().get(name, '?')}"
 
 
 __all__ = ["ExportRequest", "ArtifactResult", "export_artifacts", "ExportError"]

@@ -10,7 +10,6 @@ pipeline: a variant is published only after its relative L2 error was measured i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from export.errors import CalibrationError, ConversionError, SpecError, first_line
+from export.publish import sha256_path
 from export.spec import ArtifactSpec
 
 log = logging.getLogger("export")
@@ -189,19 +189,11 @@ def load_calibration(path: str, spec: ArtifactSpec) -> Calibration:
             else:
                 feeds[name] = drawn[name]
                 notes.append(f"{name} drawn at random (seed {CALIBRATION_SEED})")
-    return Calibration(feeds=feeds, source="file", path=path, sha256=_sha256(path), notes=notes)
+    return Calibration(feeds=feeds, source="file", path=path, sha256=sha256_path(path), notes=notes)
 
 
 def _round_up(rows: int, batch: int | None) -> int:
     return rows if not batch else -(-rows // batch) * batch
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def calibration_for(spec: ArtifactSpec, path: str | None) -> Calibration | None:

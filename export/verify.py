@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from export.check import parity_metrics
+from export.cli import _OneLineParser
 from export.errors import ManifestError, ParityError, UsageError, first_line
 from export.publish import sha256_path
+from export.runtimes import RUNTIME_NAME
 
 FORMATS = ("onnx", "tflite", "savedmodel")
 # Manifest names as the pipeline writes them: `<artifact>.json` (see export.spec.FILE_EXTENSION).
@@ -36,9 +39,6 @@ PATH_FIELDS = ("artifact", "golden", "reference")
 MAX_MANIFEST_BYTES = 16 << 20
 # Golden files hold a few samples; refuse to inflate more than this (a zip can lie about sizes).
 MAX_GOLDEN_BYTES = 2 << 30
-_RUNTIME_NAME = {"onnx": "onnxruntime", "tflite": "ai-edge-litert", "savedmodel": "tensorflow"}
-
-
 class RuntimeNotRun(Exception):
     """The format's runtime is not importable here: reported as not run, not as a failure."""
 
@@ -158,7 +158,7 @@ def _verify(path: str, result: VerifyResult) -> None:
 
     if not runtimes.runtime_available(fmt):
         raise RuntimeNotRun(
-            f"not run: {_RUNTIME_NAME[fmt]} is not importable here (sha256 and golden file ok)"
+            f"not run: {RUNTIME_NAME[fmt]} is not importable here (sha256 and golden file ok)"
         )
     batch = inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else None
     # Runtimes print to stdout (onnxruntime's "EP Error" banner on a file it cannot parse);
@@ -169,10 +169,10 @@ def _verify(path: str, result: VerifyResult) -> None:
     except runtimes.RuntimeMissing as e:
         raise RuntimeNotRun(f"not run: {e}") from e
     except ImportError as e:
-        raise RuntimeNotRun(f"not run: {_RUNTIME_NAME[fmt]} cannot be imported ({e})") from e
+        raise RuntimeNotRun(f"not run: {RUNTIME_NAME[fmt]} cannot be imported ({e})") from e
     except Exception as e:
         raise ManifestError(
-            f"{_RUNTIME_NAME[fmt]} cannot load {manifest['artifact']}: {_first_line(e)}"
+            f"{RUNTIME_NAME[fmt]} cannot load {manifest['artifact']}: {_first_line(e)}"
         ) from e
     feeds = {t["name"]: golden[t["name"]] for t in inputs}
     try:
@@ -180,13 +180,13 @@ def _verify(path: str, result: VerifyResult) -> None:
             got = runner.run(feeds)
     except Exception as e:
         raise ManifestError(
-            f"{_RUNTIME_NAME[fmt]} failed to run the golden inputs: {_first_line(e)}"
+            f"{RUNTIME_NAME[fmt]} failed to run the golden inputs: {_first_line(e)}"
         ) from e
     expected = {t["name"]: golden[t["name"]] for t in outputs}
     missing = sorted(set(expected) - set(got))
     if missing:
         raise ManifestError(f"the artifact returned {sorted(got)}, not the outputs {missing}")
-    metrics = _parity_metrics(expected, {k: got[k] for k in expected})
+    metrics = parity_metrics(expected, {k: got[k] for k in expected})
     result.metrics = metrics
     atol, max_rel = tolerance.get("atol"), tolerance.get("max_rel_error")
     if atol is not None and not metrics["max_abs"] <= atol:
@@ -451,12 +451,6 @@ def _read_npy(zf: zipfile.ZipFile, golden: str, tensor: dict) -> np.ndarray:
     return array
 
 
-def _parity_metrics(expected: dict, got: dict) -> dict:
-    from export.check import parity_metrics
-
-    return parity_metrics(expected, got)
-
-
 # -- small text helpers --------------------------------------------------------------------------
 
 
@@ -490,11 +484,6 @@ def _shape_text(shape: list) -> str:
 
 
 # -- the command line ----------------------------------------------------------------------------
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
