@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,7 +38,6 @@ class ExportRequest:
     max_rel_error: float | None = None  # None -> check.DEFAULT_MAX_REL[variant]
     opset: int | None = None
     calibration: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -99,10 +98,11 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
                 continue
             feeds = reference.make_inputs(spec, spec.golden_samples, reference.GOLDEN_SEED)
             outputs = reference.run_reference(model, feeds)
-            publish.write_npz(os.path.join(stage, spec.golden_name), {**feeds, **outputs})
-            goldens[spec.golden_name] = (feeds, outputs)
+            golden_path = os.path.join(stage, spec.golden_name)
+            publish.write_npz(golden_path, {**feeds, **outputs})
+            goldens[spec.golden_name] = (feeds, outputs, publish.sha256_path(golden_path))
             staged.append(spec.golden_name)
-        _guard_shared_files(request.output_dir, stage, specs)
+        _guard_shared_files(request.output_dir, specs, goldens)
         for fmt, spec in specs.items():
             results.append(
                 _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source,
@@ -119,7 +119,7 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
     return results
 
 
-def _guard_shared_files(output_dir: str, stage: str, specs: dict[str, ArtifactSpec]) -> None:
+def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens: dict) -> None:
     """Refuse to replace a golden file that artifacts not rebuilt in this run still rely on.
 
     The reference and golden vectors are shared by every format of one name. Publishing new
@@ -127,10 +127,7 @@ def _guard_shared_files(output_dir: str, stage: str, specs: dict[str, ArtifactSp
     `export.verify`; fail before converting anything instead, and say how to avoid it.
     """
     rebuilt = {spec.manifest_name(fmt) for fmt, spec in specs.items()}
-    new_golden = {
-        spec.golden_name: publish.sha256_path(os.path.join(stage, spec.golden_name))
-        for spec in specs.values()
-    }
+    new_golden = {name: sha for name, (_, _, sha) in goldens.items()}
     for entry in sorted(os.listdir(output_dir)):
         if not entry.endswith(".json") or entry in rebuilt:
             continue
@@ -207,7 +204,7 @@ def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, 
                      else check.DEFAULT_MAX_REL[spec.quantize]}
     check.gate(metrics, artifact=name, **tolerance)
     # The golden vectors must pass too: that is what `export.verify` will check later.
-    golden_feeds, golden_outputs = goldens[spec.golden_name]
+    golden_feeds, golden_outputs, golden_sha = goldens[spec.golden_name]
     golden_metrics = check.parity_metrics(golden_outputs, runner.run(golden_feeds))
     check.gate(golden_metrics, artifact=f"{name} (golden vectors)", **tolerance)
     parity = {
@@ -244,7 +241,7 @@ def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, 
                   "causal": spec.causal, "scores": spec.scores},
         "reference": spec.reference_name,
         "golden": spec.golden_name,
-        "golden_sha256": publish.sha256_path(os.path.join(stage, spec.golden_name)),
+        "golden_sha256": golden_sha,
         **extra_manifest,
         "quantization": quantize.manifest_entry(spec, calibration),
         "parity": parity,

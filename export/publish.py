@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
 import io
 import json
@@ -72,6 +73,13 @@ def write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def versions() -> dict:
+    """Versions of the converters and runtimes installed here (for manifests)."""
+    return dict(_installed_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> tuple:
+    # Package metadata is read from disk; it does not change while a process runs.
     from importlib import metadata
 
     out = {"python": platform.python_version()}
@@ -84,7 +92,7 @@ def versions() -> dict:
             continue
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[key] = metadata.version(dist)
-    return dict(sorted(out.items()))
+    return tuple(sorted(out.items()))
 
 
 def utc_now() -> str:

@@ -2,8 +2,7 @@
 
 TFLite variants are converter options (`configure_tflite`, applied by `export.tflite.build_tflite`
 through its `configure` hook); ONNX variants rewrite the float32 file tf2onnx wrote
-(`quantize_onnx`, called by `export.onnx.build_onnx`). `build_variant` builds one variant from
-folded weights without the pipeline (the benchmark uses it). Verification and gates stay in the
+(`quantize_onnx`, called by `export.onnx.build_onnx`). Verification and gates stay in the
 pipeline: a variant is published only after its relative L2 error was measured in its runtime.
 """
 
@@ -428,36 +427,6 @@ def _onnx_static_int8(spec: ArtifactSpec, float_path: str, out_path: str,
         # masks, and error: rel_l2 2.5e-2 instead of 2.2e-2 at the defaults.
         op_types_to_quantize=["MatMul", "Gemm"],
     )
-
-
-# -- one variant from folded weights (benchmark, experiments) ----------------------------------
-
-
-def build_variant(fmt: str, spec: ArtifactSpec, folded, workdir: str, *, opset: int | None = None,
-                  calibration: Calibration | str | None = None) -> str:
-    """Build `spec`'s artifact (any `spec.quantize`) in `fmt` from FoldedWeights; return its path.
-
-    No verification: `export.pipeline.export_artifacts` is what verifies and publishes.
-    `calibration` may be a Calibration, an .npz path, or None (seeded inputs for int8).
-    """
-    from export.graph import build_inference_function, preferred_layout
-
-    check_variant(fmt, spec)
-    if isinstance(calibration, str):
-        calibration = load_calibration(calibration, spec)
-    layout = preferred_layout(spec, "tflite" if fmt == "tflite" else "onnx")
-    fn = build_inference_function(spec, folded, layout=layout, **graph_options(spec))
-    if fmt == "onnx":
-        from export.onnx import build_onnx
-
-        return build_onnx(spec, fn, workdir, opset=opset, calibration=calibration)
-    if fmt == "tflite":
-        from export.tflite import build_tflite
-
-        return build_tflite(spec, fn, workdir, calibration=calibration)
-    from export.savedmodel import build_savedmodel
-
-    return build_savedmodel(spec, fn, workdir)
 
 
 def scratch_dir(workdir: str, label: str) -> str:
