@@ -49,6 +49,7 @@ from export.cli import (  # noqa: E402
     _positive_float,
     _positive_int,
     configure_logging,
+    report_failures,
 )
 from export.errors import ConversionError, ExportError, SpecError  # noqa: E402
 from export.native_output import captured_native_output  # noqa: E402
@@ -803,14 +804,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.quiet)
     prog = parser.prog
-    try:
-        report = run(args)
-    except ExportError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    report, code = report_failures(prog, lambda: run(args))
+    if code:
+        return code
     print(render(report))
     if report.get("goals") and report.get("goals_note"):
         print(report["goals_note"])

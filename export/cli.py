@@ -11,12 +11,15 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 from export import FORMATS
 from export.errors import ExportError, SpecError
 from export.spec import DEFAULT_BATCH, QUANTIZE_MODES, ArtifactSpec
 
 log = logging.getLogger("export")
+T = TypeVar("T")
 
 SHAPE_DEFAULTS = {
     "units": 64, "heads": 4, "query_len": 10, "kv_len": 10, "query_features": 64, "kv_features": 64,
@@ -270,6 +273,22 @@ def _human_size(n: int) -> str:
     return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MB"
 
 
+def report_failures(prog: str, call: Callable[[], T], *,
+                    interrupted: str = "interrupted") -> tuple[T | None, int]:
+    """Run `call()`: a typed error or Ctrl-C becomes one line on stderr and its exit code.
+
+    Returns `(result, 0)`, or `(None, exit code)`; every entry point's main() reports this way.
+    """
+    try:
+        return call(), 0
+    except ExportError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return None, e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return None, 130
+
+
 def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMATS,
          prog: str = "python -m export") -> int:
     parser = build_parser(formats, prog)
@@ -280,17 +299,15 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMATS,
     if getattr(args, "int8_io", False) and "tflite" not in formats:
         # ONNX int8 keeps float32 inputs and outputs (QDQ); only TFLite files take int8 ones.
         parser.error("--int8-io applies to TFLite only; ONNX int8 files take and return float32")
-    try:
+
+    def export():
         from export.pipeline import export_artifacts
 
-        request = resolve_request(args, formats)
-        results = export_artifacts(request)
-    except ExportError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing published", file=sys.stderr)
-        return 130
+        return export_artifacts(resolve_request(args, formats))
+
+    results, code = report_failures(prog, export, interrupted="interrupted; nothing published")
+    if code:
+        return code
     if not args.quiet:
         print_table(results)
     return 0
