@@ -204,20 +204,20 @@ class CrossAttention(keras.layers.Layer):
 
     def _merge_masks(self, source1, source2, attention_mask, query_mask, value_mask, causal):
         """Keras MultiHeadAttention's rule: every mask given is merged with AND."""
-        batch, q_len, kv_len = source1.shape[0], source1.shape[1], source2.shape[1]
+        expected = _mask_shapes(source1, source2)
         merged = None
         if query_mask is not None:
-            query_mask = _check_mask("query_mask", query_mask, (batch, q_len))
+            query_mask = _check_mask("query_mask", query_mask, expected["query_mask"])
             merged = ops.expand_dims(query_mask, -1)  # (B, Tq, 1)
         if value_mask is not None:
-            value_mask = _check_mask("value_mask", value_mask, (batch, kv_len))
+            value_mask = _check_mask("value_mask", value_mask, expected["value_mask"])
             value_mask = ops.expand_dims(value_mask, -2)  # (B, 1, Tkv)
             merged = value_mask if merged is None else ops.logical_and(merged, value_mask)
         if causal:
             causal_mask = _causal_mask(source1, source2)  # (1, Tq, Tkv)
             merged = causal_mask if merged is None else ops.logical_and(merged, causal_mask)
         if attention_mask is not None:
-            attention_mask = _check_mask("attention_mask", attention_mask, (batch, q_len, kv_len))
+            attention_mask = _check_mask("attention_mask", attention_mask, expected["attention_mask"])
             merged = attention_mask if merged is None else ops.logical_and(attention_mask, merged)
         return merged
 
@@ -235,17 +235,9 @@ class CrossAttention(keras.layers.Layer):
             [source1.shape, source2.shape],
             return_attention_scores=kwargs.get("return_attention_scores", False),
         )
-        for name in ("attention_mask", "query_mask", "value_mask"):
+        for name, expected in _mask_shapes(source1, source2).items():
             if kwargs.get(name) is not None:
-                _check_mask_shape(
-                    name,
-                    tuple(kwargs[name].shape),
-                    {
-                        "attention_mask": (source1.shape[0], source1.shape[1], source2.shape[1]),
-                        "query_mask": (source1.shape[0], source1.shape[1]),
-                        "value_mask": (source2.shape[0], source2.shape[1]),
-                    }[name],
-                )
+                _check_mask_shape(name, tuple(kwargs[name].shape), expected)
         dtype = self.compute_dtype
         if kwargs.get("return_attention_scores", False):
             return tuple(keras.KerasTensor(s, dtype=dtype) for s in shapes)
@@ -347,6 +339,16 @@ def _split_shapes(input_shape):
                 f"Received: shape {tuple(shape)}"
             )
     return tuple(input_shape[0]), tuple(input_shape[1])
+
+
+def _mask_shapes(source1, source2) -> dict:
+    """The shape each mask argument must fit: (B, Tq), (B, Tkv) and (B, Tq, Tkv)."""
+    batch, q_len, kv_len = source1.shape[0], source1.shape[1], source2.shape[1]
+    return {
+        "query_mask": (batch, q_len),
+        "value_mask": (batch, kv_len),
+        "attention_mask": (batch, q_len, kv_len),
+    }
 
 
 def _check_mask_shape(name: str, shape: tuple, expected: tuple) -> None:
