@@ -9,6 +9,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-__all__ = ["FORMATS"]
+from export.formats import FORMAT_NAMES as FORMATS  # noqa: E402  (after the environment)
 
-FORMATS = ("savedmodel", "tflite", "onnx")
+__all__ = ["FORMATS"]

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from export import FORMATS
-from export.errors import ExportError, SpecError
-from export.spec import DEFAULT_BATCH, QUANTIZE_MODES, ArtifactSpec
+from export.errors import ExportError, SpecError, WeightsError
+from export.formats import FORMAT_NAMES, get_format
+from export.spec import QUANTIZE_MODES, ArtifactSpec
 
 log = logging.getLogger("export")
 T = TypeVar("T")
@@ -26,7 +26,7 @@ SHAPE_DEFAULTS = {
 }
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line on stderr and exit 2 (argparse prints the whole usage)."""
 
     def error(self, message):
@@ -74,10 +74,10 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser(formats: tuple[str, ...] = FORMATS, prog: str = "python -m export"):
+def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m export"):
     """The shared parser; format-specific flags appear only where they apply."""
     names = ", ".join(formats)
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog=prog,
         description=(
             f"Build {names} artifact(s) of an xattn CrossAttention, verify each in its own "
@@ -99,7 +99,8 @@ def build_parser(formats: tuple[str, ...] = FORMATS, prog: str = "python -m expo
     shapes.add_argument("--kv-features", type=_positive_int,
                         help="source2 feature size (default 64)")
     defaults = ", ".join(
-        f"{f} {'dynamic' if DEFAULT_BATCH[f] is None else DEFAULT_BATCH[f]}" for f in formats
+        f"{f} {'dynamic' if get_format(f).default_batch is None else get_format(f).default_batch}"
+        for f in formats
     )
     shapes.add_argument("--batch", type=_batch, default=argparse.SUPPRESS, metavar="N|dynamic",
                         help=f"batch size; only this axis can be dynamic (default: {defaults})")
@@ -125,15 +126,17 @@ def build_parser(formats: tuple[str, ...] = FORMATS, prog: str = "python -m expo
     if "onnx" in formats:
         out.add_argument("--opset", type=_positive_int,
                          help=f"ONNX opset (default {_default_opset_text()})")
-    atol_defaults = ", ".join(f"{f} {_atol_default(f):g}" for f in formats)
+    atol_defaults = ", ".join(f"{f} {get_format(f).atol:g}" for f in formats)
     out.add_argument("--atol", type=_positive_float,
                      help=f"max abs diff allowed vs the reference, float32 artifacts (default "
                           f"{atol_defaults}); variants gate on --max-rel-error")
-    if set(formats) & {"onnx", "tflite"}:
-        quant = parser.add_argument_group("quantized variants (onnx, tflite)")
+    quantizable = [f for f in formats if get_format(f).quantizable]
+    if quantizable:
+        quant = parser.add_argument_group(f"quantized variants ({', '.join(quantizable)})")
         quant.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
                            help="variant to build (default none = float32)"
-                                + ("; savedmodel stays float32" if "savedmodel" in formats else ""))
+                                + "".join(f"; {f} stays float32" for f in formats
+                                          if not get_format(f).quantizable))
         quant.add_argument("--int8-io", action="store_true",
                            help="with --quantize int8 (TFLite): int8 inputs and outputs")
         quant.add_argument("--calibration", metavar="PATH.npz",
@@ -147,14 +150,8 @@ def build_parser(formats: tuple[str, ...] = FORMATS, prog: str = "python -m expo
     return parser
 
 
-def _atol_default(fmt: str) -> float:
-    from export.check import DEFAULT_ATOL
-
-    return DEFAULT_ATOL[fmt]
-
-
 def _default_opset_text() -> str:
-    try:
+    try:  # lazy: tf2onnx imports TensorFlow; only a parser with --opset needs it
         import onnx
         from tf2onnx import constants
 
@@ -177,14 +174,14 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
 
 def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
     """Flags (+ a --weights file) -> ExportRequest. Raises SpecError / WeightsError."""
+    # lazy: both import Keras and TensorFlow; `--help` and export.verify's parser need neither.
+    from export import reference
     from export.pipeline import ExportRequest
 
     given = {k: getattr(args, k) for k in SHAPE_DEFAULTS if getattr(args, k) is not None}
     weights = None
     weights_source = None
     if args.weights:
-        from export import reference
-
         path = args.weights
         if path.endswith(".keras"):
             found = reference.load_keras_file(path)
@@ -204,8 +201,6 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
         elif path.endswith(".h5"):
             weights = "h5"
         else:
-            from export.errors import WeightsError
-
             raise WeightsError(
                 f"--weights must be a .keras or .weights.h5 file. Received: {path}"
             )
@@ -219,24 +214,23 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
     )
     specs = {}
     for fmt in formats:
-        batch = getattr(args, "batch", DEFAULT_BATCH[fmt])
-        if fmt == "tflite" and batch is None:
-            if formats == ("tflite",):
+        record = get_format(fmt)
+        batch = getattr(args, "batch", record.default_batch)
+        if batch is None and not record.dynamic_batch:
+            if formats == (fmt,):
                 raise SpecError(
-                    "TFLite artifacts have a static batch; --batch dynamic is not possible "
-                    "for tflite. Received: --batch dynamic"
+                    f"{record.title} artifacts have a static batch; --batch dynamic is not "
+                    f"possible for {fmt}. Received: --batch dynamic"
                 )
-            log.info("note     tflite keeps a static batch of 1 (--batch dynamic applies to "
-                     "onnx and savedmodel)")
-            batch = 1
-        fmt_quant = quantize if fmt in ("onnx", "tflite") else "none"
+            dynamic = [f for f in formats if get_format(f).dynamic_batch]
+            log.info("note     %s keeps a static batch of %d (--batch dynamic applies to %s)",
+                     fmt, record.default_batch, " and ".join(dynamic))
+            batch = record.default_batch
         specs[fmt] = ArtifactSpec(
-            **common, batch=batch, quantize=fmt_quant,
-            int8_io=bool(getattr(args, "int8_io", False)) and fmt == "tflite",
+            **common, batch=batch, quantize=quantize if record.quantizable else "none",
+            int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
         )
     if weights == "h5":
-        from export import reference
-
         weights = reference.load_h5_weights(args.weights, next(iter(specs.values())))
     return ExportRequest(
         specs=specs,
@@ -289,19 +283,19 @@ def report_failures(prog: str, call: Callable[[], T], *,
         return None, 130
 
 
-def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMATS,
+def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAMES,
          prog: str = "python -m export") -> int:
     parser = build_parser(formats, prog)
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.quiet)
     if getattr(args, "int8_io", False) and getattr(args, "quantize", "none") != "int8":
         parser.error(f"--int8-io needs --quantize int8. Received: --quantize {args.quantize}")
-    if getattr(args, "int8_io", False) and "tflite" not in formats:
+    if getattr(args, "int8_io", False) and not any(get_format(f).int8_io for f in formats):
         # ONNX int8 keeps float32 inputs and outputs (QDQ); only TFLite files take int8 ones.
         parser.error("--int8-io applies to TFLite only; ONNX int8 files take and return float32")
 
     def export():
-        from export.pipeline import export_artifacts
+        from export.pipeline import export_artifacts  # lazy: TensorFlow, after parsing
 
         return export_artifacts(resolve_request(args, formats))
 

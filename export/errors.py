@@ -69,3 +69,15 @@ def first_line(error: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(error).__name__
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` with its whitespace (newlines included) collapsed, cut at `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short(value: object, limit: int = 60) -> str:
+    """repr(value) cut at `limit` characters: a value read from a file, quoted in a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"

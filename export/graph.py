@@ -19,12 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import tensorflow as tf
 
 from export.spec import ArtifactSpec
+from xattn.layer import MASK_BIAS
 
-# Masked logits get this added; exp() of it underflows to exactly 0 in float32, as in Keras.
-MASK_BIAS = -1e9
-LAYOUTS = ("onnx", "tflite", "source")
+# Head layouts, named by what they do (see build_inference_function).
+LAYOUTS = ("batched-heads", "per-head", "source")
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,8 @@ def preferred_layout(spec: ArtifactSpec, runtime_layout: str) -> str:
     """"source" where it does no more FLOPs than the runtime's head layout, else that layout.
 
     Measured (python -m export.bench): "source" wins in onnxruntime and in LiteRT/XNNPACK alike
-    at the defaults; `runtime_layout` ("onnx" or "tflite") is the fallback for shapes where
-    source2 has more features than a head.
+    at the defaults; `runtime_layout` (the format record's `layout`: "batched-heads" or
+    "per-head") is the fallback for shapes where source2 has more features than a head.
     """
     if executed_flops(spec, "source") <= executed_flops(spec, runtime_layout):
         return "source"
@@ -127,31 +128,28 @@ def causal_bias(spec: ArtifactSpec) -> np.ndarray:
 
 
 def input_signature(spec: ArtifactSpec):
-    import tensorflow as tf
-
     return [
         tf.TensorSpec(info.shape, tf.as_dtype(info.dtype), name=info.name)
         for info in spec.inputs()
     ]
 
 
-def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layout: str = "onnx",
+def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *,
+                             layout: str = "batched-heads",
                              mask_margin: float | None = None):
     """A `tf.function` with named inputs and a dict of named outputs, weights as constants.
 
-    `layout` picks the head arrangement: "onnx" transposes heads into a batch axis and runs
-    batched matmuls; "tflite" runs each head as its own plain matmul on slices (better than
-    "onnx" in XNNPACK); "source" attends over `source2` directly with the per-head folded
-    matrices (see the module docstring; fastest in both runtimes where it applies, see
-    `preferred_layout`).
+    `layout` picks the head arrangement: "batched-heads" transposes heads into a batch axis and
+    runs batched matmuls (onnxruntime's choice); "per-head" runs each head as its own plain matmul
+    on slices, without transposes (better in XNNPACK); "source" attends over `source2` directly
+    with the per-head folded matrices (see the module docstring; fastest in both runtimes where
+    it applies, see `preferred_layout`).
 
-    `mask_margin` is for integer graphs (export.quantize): masked logits are then replaced by
-    their row's smallest logit minus `mask_margin` instead of getting MASK_BIAS added. A -1e9
+    `mask_margin` is for integer graphs (export.calibration.graph_options): masked logits are
+    then replaced by their row's smallest logit minus `mask_margin` instead of getting MASK_BIAS added. A -1e9
     would stretch the int8 range of the logits over 1e9 and round every real logit to one
     value; this way the range grows by the margin only.
     """
-    import tensorflow as tf
-
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` must be one of {LAYOUTS}. Received: layout={layout!r}")
     tq, tkv, fq, fkv = spec.query_len, spec.kv_len, spec.query_features, spec.kv_features
@@ -203,7 +201,7 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *, layou
         x2 = tf.reshape(source2, [-1, fkv])  # (B*Tkv, Fkv)
         q = tf.matmul(x1, wq) + bq  # (B*Tq, H*D), already scaled
         kv = tf.matmul(x2, wkv) + bkv  # (B*Tkv, 2*H*D)
-        if layout == "onnx":
+        if layout == "batched-heads":
             q = tf.transpose(tf.reshape(q, [b, tq, heads, d]), [0, 2, 1, 3])  # (B, H, Tq, D)
             kv = tf.reshape(kv, [b, tkv, 2, heads, d])
             k = tf.transpose(kv[:, :, 0], [0, 2, 3, 1])  # (B, H, D, Tkv)

@@ -14,20 +14,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export import check, publish, reference
+from export import check, publish, reference, runtimes
+from export.calibration import Calibration, calibrations_for, check_variant, graph_options
 from export.errors import ExportError, SpecError
+from export.formats import get_format
+from export.graph import FoldedWeights, build_inference_function, fold_weights, preferred_layout
+from export.manifest import build_manifest, quantization_entry, write_manifest
 from export.spec import ArtifactSpec
 
 log = logging.getLogger("export")
 
-# Head layout per format (see export.graph), the fallback where the "source" layout does not
-# apply (export.graph.preferred_layout).
-LAYOUT = {"onnx": "onnx", "savedmodel": "onnx", "tflite": "tflite"}
-
 
 @dataclass
 class ExportRequest:
-    """What to build. `specs` maps format -> spec (formats may differ in batch only)."""
+    """What to build, where, and from which weights.
+
+    Attributes:
+        specs: format name -> ArtifactSpec; formats may differ in batch and variant only.
+        output_dir: where the artifacts are published.
+        seed: seed of the random weights when `weights` is None.
+        weights: the layer's 12 arrays in fusionlab order; None draws them from `seed`.
+        weights_source: where `weights` came from (a file name), for the manifest.
+        atol: the float32 gate; None takes each format's default (export.formats).
+        max_rel_error: a variant's relative L2 gate; None takes the variant's default.
+        opset: the ONNX opset; None the newest tf2onnx writes that onnxruntime runs.
+        calibration: an .npz of calibration inputs for int8 variants; None draws them.
+    """
 
     specs: dict[str, ArtifactSpec]
     output_dir: str = "artifacts"
@@ -42,6 +54,8 @@ class ExportRequest:
 
 @dataclass
 class ArtifactResult:
+    """One published artifact: where it is, its manifest, and the parity it passed."""
+
     format: str
     spec: ArtifactSpec
     path: str
@@ -52,26 +66,47 @@ class ArtifactResult:
     manifest: dict
 
 
+@dataclass(frozen=True)
+class _Reference:
+    """The Keras side every artifact of one request is built from and verified against."""
+
+    model: object  # keras.Model
+    folded: FoldedWeights
+    layer_config: dict
+    source: str  # where the weights came from
+
+
 def verification_batches(spec: ArtifactSpec) -> list[int]:
     """Several seeded batches; two different sizes when the batch axis is dynamic."""
     return [spec.batch] * 3 if spec.batch is not None else [1, 5, 8]
 
 
 def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
+    """Build, verify and publish the artifacts `request` asks for.
+
+    Args:
+        request: the specs per format, the output folder, the weights and the gates.
+
+    Returns:
+        One ArtifactResult per format, in the request's order, with published paths.
+
+    Raises:
+        SpecError: contradictory specs or flags. WeightsError: weights that do not fit.
+        CalibrationError: a bad calibration file. ConversionError: a converter failed.
+        GraphCheckError, ParityError: an artifact failed its checks; nothing was published.
+    """
     specs = request.specs
     if not specs:
         raise SpecError("no format requested")
     first = next(iter(specs.values()))
-    from export import quantize
-
     # Formats may differ in batch and variant (savedmodel stays float32 under --quantize).
     same = dict(batch=first.batch, name=first.name, quantize="none", int8_io=False)
     for fmt, spec in specs.items():
         if spec.replace(**same) != first.replace(**same):
             raise SpecError(f"the {fmt} spec differs from the others in more than its batch")
-        quantize.check_variant(fmt, spec)
+        check_variant(fmt, spec)
     # A bad calibration file fails here, before anything is built.
-    calibrations = quantize.calibrations_for(specs, request.calibration)
+    calibrations = calibrations_for(specs, request.calibration)
     started = time.perf_counter()
     if request.weights is not None:
         weights = [np.asarray(w, dtype=np.float32) for w in request.weights]
@@ -82,10 +117,12 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
     log.info("build    reference CrossAttention(%d, %d), %s, weights from %s",
              first.units, first.heads, first.describe().split(" batch=")[0], source)
     model = reference.build_reference(first, weights)
-    from export.graph import fold_weights
-
-    folded = fold_weights(reference.reference_weights(model), first.heads)
-    layer_config = reference.find_cross_attention(model).get_config()
+    ref = _Reference(
+        model=model,
+        folded=fold_weights(reference.reference_weights(model), first.heads),
+        layer_config=reference.find_cross_attention(model).get_config(),
+        source=source,
+    )
 
     results: list[ArtifactResult] = []
     with publish.staging(request.output_dir) as stage:
@@ -104,10 +141,7 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
             staged.append(spec.golden_name)
         _guard_shared_files(request.output_dir, specs, goldens)
         for fmt, spec in specs.items():
-            results.append(
-                _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source,
-                           calibration=calibrations.get(fmt))
-            )
+            results.append(_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt)))
         manifests = [os.path.basename(r.manifest_path) for r in results]
         artifacts = [os.path.basename(r.path) for r in results]
         log.info("publish  %d artifact(s) into %s", len(results), request.output_dir)
@@ -146,45 +180,55 @@ def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens
             )
 
 
-def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source,
-               calibration=None):
-    from export import quantize
-    from export.graph import build_inference_function, preferred_layout
-    from export.runtimes import load_runner
+def _build_one(fmt: str, spec: ArtifactSpec, request: ExportRequest, ref: _Reference,
+               stage: str, goldens: dict, calibration: Calibration | None) -> ArtifactResult:
+    """Convert, check, verify and describe one artifact in the staging folder."""
+    record = get_format(fmt)
+    layout = preferred_layout(spec, record.layout)
+    t0 = time.perf_counter()
+    fn = build_inference_function(spec, ref.folded, layout=layout, **graph_options(spec))
+    built = record.build(spec, fn, stage, opset=request.opset, calibration=calibration)
+    name = os.path.basename(built.path)
+    log.info("convert  %-10s %s (%.1f s)", fmt, name, time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    fn = build_inference_function(spec, folded, layout=preferred_layout(spec, LAYOUT[fmt]),
-                                  **quantize.graph_options(spec))
-    extra_manifest = {}
-    if fmt == "onnx":
-        from export.onnx import build_onnx, max_opset
-
-        opset = request.opset if request.opset is not None else max_opset()
-        path = build_onnx(spec, fn, stage, opset=opset, calibration=calibration)
-        extra_manifest["opset"] = opset
-    elif fmt == "tflite":
-        from export.tflite import build_tflite
-
-        path = build_tflite(spec, fn, stage, calibration=calibration)
-    elif fmt == "savedmodel":
-        from export.savedmodel import build_savedmodel
-
-        path = build_savedmodel(spec, fn, stage)
+    record.check_graph(built.path, spec)
+    tolerance = check.tolerance(fmt, spec.quantize, atol=request.atol,
+                                max_rel=request.max_rel_error)
+    runner = runtimes.load_runner(fmt, built.path, batch=spec.batch, inputs=spec.inputs())
+    metrics, n_samples = _verify_artifact(runner, spec, ref.model, tolerance, name)
+    # The golden vectors must pass too: that is what `export.verify` will check later.
+    golden_feeds, golden_outputs, golden_sha = goldens[spec.golden_name]
+    check.gate(check.parity_metrics(golden_outputs, runner.run(golden_feeds)),
+               artifact=f"{name} (golden vectors)", **tolerance)
+    parity = {"runtime": f"{record.runtime} {publish.versions().get(record.runtime, '?')}",
+              "n_samples": n_samples, **metrics, **tolerance, "passed": True}
+    if "atol" in tolerance:
+        log.info("verify   %-10s max abs diff %.2e <= %g on %d samples (%.1f s)", fmt,
+                 metrics["max_abs"], tolerance["atol"], n_samples, time.perf_counter() - t0)
     else:
-        raise SpecError(f"unknown format {fmt!r}")
-    log.info("convert  %-10s %s (%.1f s)", fmt, os.path.basename(path), time.perf_counter() - t0)
+        log.info("verify   %-10s %s rel_l2 %.2e <= %g, cosine %.6f on %d samples (%.1f s)", fmt,
+                 spec.quantize, metrics["rel_l2"], tolerance["max_rel_error"], metrics["cosine"],
+                 n_samples, time.perf_counter() - t0)
 
-    t0 = time.perf_counter()
-    if fmt == "onnx":
-        check.check_onnx_graph(
-            path,
-            fixed_batch=spec.batch is not None,
-            input_names=[i.name for i in spec.inputs()],
-            output_names=[o.name for o in spec.outputs()],
-        )
-    elif fmt == "tflite":
-        check.check_tflite_graph(path)
-    runner = load_runner(fmt, path, batch=spec.batch, inputs=spec.inputs())
+    manifest = build_manifest(
+        fmt=fmt, spec=spec, built=built, layer_config=ref.layer_config, layout=layout,
+        golden_sha256=golden_sha, parity=parity,
+        quantization=quantization_entry(spec, calibration), weights=ref.source,
+        versions=publish.versions(), created=publish.utc_now(),
+        sha256=publish.sha256_path(built.path), size=publish.size_bytes(built.path),
+    )
+    manifest_path = os.path.join(stage, spec.manifest_name(fmt))
+    write_manifest(manifest_path, manifest)
+    return ArtifactResult(
+        format=fmt, spec=spec, path=built.path, manifest_path=manifest_path,
+        bytes=manifest["bytes"], sha256=manifest["sha256"], parity=parity, manifest=manifest,
+    )
+
+
+def _verify_artifact(runner, spec: ArtifactSpec, model, tolerance: dict,
+                     name: str) -> tuple[dict, int]:
+    """Run the artifact in its runtime on seeded batches against the reference, and gate it."""
     refs, outs = [], []
     batches = verification_batches(spec)
     for i, rows in enumerate(batches):
@@ -194,74 +238,8 @@ def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, 
     ref_all = {k: np.concatenate([r[k] for r in refs]) for k in refs[0]}
     out_all = {k: np.concatenate([o[k] for o in outs]) for k in refs[0] if k in outs[0]}
     metrics = check.parity_metrics(ref_all, out_all)
-    name = os.path.basename(path)
-    # float32 gates on the max abs diff; a variant on the relative L2 error (its max abs diff
-    # grows with the output's scale, its relative error does not).
-    if spec.quantize == "none":
-        tolerance = {"atol": request.atol if request.atol is not None else check.DEFAULT_ATOL[fmt]}
-    else:
-        tolerance = {"max_rel": request.max_rel_error if request.max_rel_error is not None
-                     else check.DEFAULT_MAX_REL[spec.quantize]}
     check.gate(metrics, artifact=name, **tolerance)
-    # The golden vectors must pass too: that is what `export.verify` will check later.
-    golden_feeds, golden_outputs, golden_sha = goldens[spec.golden_name]
-    golden_metrics = check.parity_metrics(golden_outputs, runner.run(golden_feeds))
-    check.gate(golden_metrics, artifact=f"{name} (golden vectors)", **tolerance)
-    parity = {
-        "runtime": _runtime_label(fmt),
-        "n_samples": int(sum(batches)),
-        **metrics,
-        **({"atol": tolerance["atol"]} if "atol" in tolerance
-           else {"max_rel_error": tolerance["max_rel"]}),
-        "passed": True,
-    }
-    if "atol" in tolerance:
-        log.info("verify   %-10s max abs diff %.2e <= %g on %d samples (%.1f s)", fmt,
-                 metrics["max_abs"], tolerance["atol"], parity["n_samples"],
-                 time.perf_counter() - t0)
-    else:
-        log.info("verify   %-10s %s rel_l2 %.2e <= %g, cosine %.6f on %d samples (%.1f s)", fmt,
-                 spec.quantize, metrics["rel_l2"], tolerance["max_rel"], metrics["cosine"],
-                 parity["n_samples"], time.perf_counter() - t0)
-    inputs, outputs = quantize.manifest_tensors(spec, path, fmt)
-
-    manifest = {
-        "format": fmt,
-        "artifact": name,
-        "sha256": publish.sha256_path(path),
-        "bytes": publish.size_bytes(path),
-        "inputs": inputs,
-        "outputs": outputs,
-        "config": layer_config,
-        "shapes": {
-            "batch": spec.batch, "query_len": spec.query_len, "kv_len": spec.kv_len,
-            "query_features": spec.query_features, "kv_features": spec.kv_features,
-        },
-        "masks": {"query_mask": spec.query_mask, "value_mask": spec.value_mask,
-                  "causal": spec.causal, "scores": spec.scores},
-        "reference": spec.reference_name,
-        "golden": spec.golden_name,
-        "golden_sha256": golden_sha,
-        **extra_manifest,
-        "quantization": quantize.manifest_entry(spec, calibration),
-        "parity": parity,
-        "weights": source,
-        "versions": publish.versions(),
-        "created": publish.utc_now(),
-    }
-    manifest_path = os.path.join(stage, spec.manifest_name(fmt))
-    publish.write_json(manifest_path, manifest)
-    return ArtifactResult(
-        format=fmt, spec=spec, path=path, manifest_path=manifest_path, bytes=manifest["bytes"],
-        sha256=manifest["sha256"], parity=parity, manifest=manifest,
-    )
-
-
-def _runtime_label(fmt: str) -> str:
-    from export.runtimes import RUNTIME_NAME
-
-    name = RUNTIME_NAME[fmt]
-    return f"{name} {publish.versions().get(name, '?')}"
+    return metrics, int(sum(batches))
 
 
 __all__ = ["ExportRequest", "ArtifactResult", "export_artifacts", "ExportError"]

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
+from importlib import metadata
 
 import numpy as np
 
@@ -80,8 +81,6 @@ def versions() -> dict:
 @functools.lru_cache(maxsize=1)
 def _installed_versions() -> tuple:
     # Package metadata is read from disk; it does not change while a process runs.
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for dist, key in (
         ("tensorflow-cpu", "tensorflow"), ("tensorflow", "tensorflow"), ("keras", "keras"),

@@ -11,10 +11,13 @@ import os
 import zipfile
 from dataclasses import dataclass
 
+import h5py
+import keras
 import numpy as np
 
 from export.errors import WeightsError, first_line
 from export.spec import ArtifactSpec
+from xattn import CrossAttention
 
 GOLDEN_SEED = 20240601
 VERIFY_SEED = 1000
@@ -57,10 +60,6 @@ def random_weights(spec: ArtifactSpec, seed: int) -> list[np.ndarray]:
 
 def build_reference(spec: ArtifactSpec, weights: list[np.ndarray]):
     """A `keras.Model` with inputs named as the artifact's and a dict of named outputs."""
-    import keras
-
-    from xattn import CrossAttention
-
     inputs = {
         "source1": keras.Input((spec.query_len, spec.query_features), name="source1"),
         "source2": keras.Input((spec.kv_len, spec.kv_features), name="source2"),
@@ -122,8 +121,6 @@ def _random_mask(rng: np.random.Generator, rows: int, length: int) -> np.ndarray
 
 def find_cross_attention(obj):
     """The first CrossAttention in `obj` (itself, or depth-first through its sublayers)."""
-    from xattn import CrossAttention
-
     if isinstance(obj, CrossAttention):
         return obj
     for layer in getattr(obj, "_flatten_layers", lambda **_: [])(include_self=False, recursive=True):
@@ -146,10 +143,6 @@ def _check_readable(path: str) -> None:
 
 def load_keras_file(path: str) -> FileWeights:
     """Load a `.keras` file with safe_mode on and read its first CrossAttention."""
-    import keras
-
-    import xattn  # noqa: F401  (registers CrossAttention for deserialization)
-
     _check_readable(path)
     if not zipfile.is_zipfile(path):
         raise WeightsError(f"--weights file {path} is not a .keras archive (not a zip file)")
@@ -187,8 +180,6 @@ def _with_zero_biases(weights: list, units: int, heads: int) -> list:
 
 def load_h5_weights(path: str, spec: ArtifactSpec) -> list[np.ndarray]:
     """Weights from `model.save_weights(...)` of a model built like the reference."""
-    import h5py
-
     _check_readable(path)
     if not h5py.is_hdf5(path):
         raise WeightsError(f"--weights file {path} is not an HDF5 file (from model.save_weights)")
@@ -224,8 +215,6 @@ def _h5_shape_mismatch(path: str, expected: list[np.ndarray]) -> str | None:
     Keras' own message for this names an inner layer and "0 variables received"; the shapes
     tell a user which flag (units, heads, features) to change.
     """
-    import h5py
-
     found: list[tuple] = []
     try:
         with h5py.File(path, "r") as f:

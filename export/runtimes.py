@@ -1,7 +1,9 @@
 """Run an artifact in the runtime it is deployed to: onnxruntime, the LiteRT interpreter, TensorFlow.
 
-numpy plus the runtime only; TensorFlow is imported for SavedModel alone, and lazily, so that
-`export.verify` works in a container that has only numpy and one runtime.
+numpy plus the runtime only. Each runtime is imported where it is first used, never at the top:
+`export.verify` works in a container that has only numpy and one runtime (TensorFlow, for
+SavedModel, is the one a device never has). Which function opens which format is the format
+registry's `runner` (export.formats).
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.errors import InputError
+from export.formats import get_format
 from export.native_output import captured_native_output, without_lines
-
-RUNTIME_MODULE = {"onnx": "onnxruntime", "tflite": "ai_edge_litert", "savedmodel": "tensorflow"}
-RUNTIME_NAME = {"onnx": "onnxruntime", "tflite": "ai-edge-litert", "savedmodel": "tensorflow"}
 
 
 class RuntimeMissing(RuntimeError):
@@ -25,7 +25,8 @@ class RuntimeMissing(RuntimeError):
 
 
 def runtime_available(fmt: str) -> bool:
-    return importlib.util.find_spec(RUNTIME_MODULE[fmt]) is not None
+    """Whether the runtime of format `fmt` is installed here (without importing it)."""
+    return importlib.util.find_spec(get_format(fmt).runtime_module) is not None
 
 
 @dataclass(frozen=True)
@@ -167,21 +168,27 @@ def _dtype_fits(dtype: np.dtype, info: InputInfo) -> bool:
 
 def load_runner(fmt: str, path: str, *, batch: int | None = None, threads: int | None = None,
                 inputs: list | None = None) -> Runner:
-    """Load `path` in the runtime of `fmt`. `batch` is the artifact's fixed batch (None: dynamic).
+    """Load an artifact in the runtime of its format.
 
-    `inputs` (TensorInfo, manifest dicts or InputInfo) are what `run` checks feeds against;
-    by default the inputs the runtime reports for the file.
+    Args:
+        fmt: the format's name (export.formats).
+        path: the artifact's file (or folder).
+        batch: the artifact's fixed batch; None for a dynamic batch axis.
+        threads: the runtime's threads; None leaves the runtime's default.
+        inputs: what `run` checks feeds against (TensorInfo, manifest dicts or InputInfo); by
+            default the inputs the runtime reports for the file.
+
+    Returns:
+        A Runner whose `run(feeds)` maps input name -> array to output name -> array.
+
+    Raises:
+        SpecError: an unknown format. RuntimeMissing: its runtime is not installed here.
+        Whatever the runtime raises for a file it cannot load.
     """
+    record = get_format(fmt)
     if not runtime_available(fmt):
-        raise RuntimeMissing(f"{RUNTIME_NAME[fmt]} is not installed")
-    if fmt == "onnx":
-        fn, reported = _onnx_fn(path, threads)
-    elif fmt == "tflite":
-        fn, reported = _tflite_fn(path, threads)
-    elif fmt == "savedmodel":
-        fn, reported = _savedmodel_fn(path)
-    else:
-        raise ValueError(f"Unknown format {fmt!r}")
+        raise RuntimeMissing(f"{record.runtime} is not installed")
+    fn, reported = record.open_runner(path, threads)
     if inputs is None:
         expected = reported
     else:
@@ -197,7 +204,7 @@ def load_runner(fmt: str, path: str, *, batch: int | None = None, threads: int |
 
 
 def onnx_session(path: str, threads: int | None = None):
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: a device may have LiteRT only
 
     options = ort.SessionOptions()
     if threads:
@@ -207,7 +214,8 @@ def onnx_session(path: str, threads: int | None = None):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def _onnx_fn(path: str, threads: int | None):
+def onnx_function(path: str, threads: int | None):
+    """The onnx format's runner: (run, reported inputs) of an onnxruntime session."""
     session = onnx_session(path, threads)
     names = [o.name for o in session.get_outputs()]
 
@@ -228,7 +236,7 @@ _ONNX_DTYPES = {
 
 
 def tflite_interpreter(path: str, threads: int | None = None):
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter  # lazy: a server may have onnxruntime only
 
     with captured_native_output((2,), keep=without_lines(_LITERT_BANNER)):
         interpreter = Interpreter(model_path=path, num_threads=threads)
@@ -242,7 +250,8 @@ def tflite_interpreter(path: str, threads: int | None = None):
 _LITERT_BANNER = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
 
 
-def _tflite_fn(path: str, threads: int | None):
+def tflite_function(path: str, threads: int | None):
+    """The tflite format's runner: (run, reported inputs) of its `serving_default` signature."""
     interpreter = tflite_interpreter(path, threads)
     runner = interpreter.get_signature_runner("serving_default")
     input_details = runner.get_input_details()
@@ -288,8 +297,9 @@ def dequantize(array: np.ndarray, detail: dict) -> np.ndarray:
     return array
 
 
-def _savedmodel_fn(path: str):
-    import tensorflow as tf
+def savedmodel_function(path: str, threads: int | None = None):
+    """The savedmodel format's runner (TensorFlow's own threads; `threads` is not applied)."""
+    import tensorflow as tf  # lazy: never on a device, and verify must run without it
 
     loaded = tf.saved_model.load(path)
     signature = loaded.signatures["serving_default"]

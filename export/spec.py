@@ -7,11 +7,10 @@ import re
 from dataclasses import dataclass, field
 
 from export.errors import SpecError
+from export.formats import get_format
 
 QUANTIZE_MODES = ("none", "float16", "dynamic-int8", "int8")
 VARIANT_SUFFIX = {"none": "", "float16": "_fp16", "dynamic-int8": "_dynint8", "int8": "_int8"}
-FILE_EXTENSION = {"onnx": ".onnx", "tflite": ".tflite", "savedmodel": "_savedmodel"}
-DEFAULT_BATCH = {"onnx": None, "savedmodel": None, "tflite": 1}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -111,7 +110,7 @@ class ArtifactSpec:
 
     def artifact_name(self, fmt: str) -> str:
         """File (or folder, for SavedModel) name of this spec's artifact in format `fmt`."""
-        return f"{self.name}{self.variant_suffix}{FILE_EXTENSION[fmt]}"
+        return f"{self.name}{self.variant_suffix}{get_format(fmt).suffix}"
 
     def manifest_name(self, fmt: str) -> str:
         return f"{self.artifact_name(fmt)}.json"

@@ -28,8 +28,9 @@ def artifact_factory(tmp_path_factory):
     and caches it for the whole session. The folder is shared: tests that change files in it
     must copy it first (`shutil.copytree`).
     """
+    from export.formats import get_format
     from export.pipeline import ExportRequest, export_artifacts
-    from export.spec import DEFAULT_BATCH, ArtifactSpec
+    from export.spec import ArtifactSpec
 
     cache = {}
 
@@ -40,7 +41,7 @@ def artifact_factory(tmp_path_factory):
             specs = {}
             for fmt in formats:
                 spec_fields = dict(fields)
-                spec_fields.setdefault("batch", DEFAULT_BATCH[fmt])
+                spec_fields.setdefault("batch", get_format(fmt).default_batch)
                 if fmt not in ("onnx", "tflite"):
                     spec_fields.pop("quantize", None)
                 specs[fmt] = ArtifactSpec(**spec_fields)

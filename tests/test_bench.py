@@ -25,7 +25,7 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
     header = done.stdout.splitlines()
     assert any(line.startswith("runtime") and "Keras µs" in line and "% peak" in line
                for line in header), done.stdout
-    assert "SGEMM peak" in done.stdout and "goals not judged" in done.stdout
+    assert "SGEMM peak" in done.stdout and "verdicts not judged" in done.stdout
 
     report = json.loads(out.read_text())
     assert {"machine", "versions", "config", "method", "peak", "latency", "sizes"} <= set(report)
@@ -41,7 +41,7 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
         assert {"median", "p90", "n"} <= set(row["ours_us"])
         assert row["ours_max_abs"] <= 1e-4 and row["manifest_parity"]["passed"]
     assert {s["format"] for s in report["sizes"]} == {"onnx", "tflite"}
-    assert "goals" not in report  # not the issue's configuration
+    assert "verdicts" not in report  # not the issue's configuration
 
 
 # -- the graph layouts the benchmark compares -----------------------------------------------------
@@ -66,7 +66,7 @@ def reference_cases():
     return cases
 
 
-@pytest.mark.parametrize("layout", ["onnx", "tflite", "source"])
+@pytest.mark.parametrize("layout", ["batched-heads", "per-head", "source"])
 @pytest.mark.parametrize("case_id", list(LAYOUT_CASES))
 def test_layout_matches_keras(reference_cases, case_id, layout):
     """Every layout computes the layer, masks, all-masked rows and scores included."""
@@ -82,17 +82,18 @@ def test_layout_matches_keras(reference_cases, case_id, layout):
 
 @pytest.mark.parametrize(
     "shape, runtime_layout, expected",
-    [(dict(), "onnx", "source"), (dict(), "tflite", "source"),
-     (dict(units=8, kv_features=64), "onnx", "onnx"),
-     (dict(units=8, kv_features=64), "tflite", "tflite")],
-    ids=["defaults-onnx", "defaults-tflite", "wide-source2-onnx", "wide-source2-tflite"],
+    [(dict(), "batched-heads", "source"), (dict(), "per-head", "source"),
+     (dict(units=8, kv_features=64), "batched-heads", "batched-heads"),
+     (dict(units=8, kv_features=64), "per-head", "per-head")],
+    ids=["defaults-batched-heads", "defaults-per-head", "wide-source2-batched-heads",
+         "wide-source2-per-head"],
 )
 def test_preferred_layout(shape, runtime_layout, expected):
-    from export.bench import documented_flops
+    from export.bench.peak import documented_flops
     from export.graph import executed_flops, preferred_layout
 
     spec = ArtifactSpec(**shape)
     assert preferred_layout(spec, runtime_layout) == expected
     if not shape:
         assert documented_flops(spec, 32) == 50_462_720  # the issue's "about 50.5 MFLOP"
-        assert executed_flops(spec, "source", batch=32) < executed_flops(spec, "onnx", batch=32)
+        assert executed_flops(spec, "source", batch=32) < executed_flops(spec, "batched-heads", batch=32)

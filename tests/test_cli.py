@@ -152,7 +152,7 @@ def test_quiet_prints_nothing_on_success(entry_runs):
 
 
 def test_onnx_entry_point_records_default_opset(entry_runs):
-    from export.onnx import max_opset
+    from export.onnx.build import max_opset
 
     out, proc = entry_runs["export.onnx"]
     assert proc.returncode == 0, proc.stderr
@@ -215,9 +215,8 @@ def test_usage_error_through_main(capsys):
 
 
 def test_tflite_refuses_dynamic_batch(tmp_path, capfd):
-    from export.tflite import main as tflite_main
-
-    rc = tflite_main([*SMALL_ARGS, "--batch", "dynamic", "--output-dir", str(tmp_path / "out")])
+    rc = main([*SMALL_ARGS, "--batch", "dynamic", "--output-dir", str(tmp_path / "out")],
+              formats=("tflite",), prog="python -m export.tflite")
     assert_one_line_error(rc, capfd.readouterr().err, "--batch dynamic", "tflite", code=2)
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
@@ -234,9 +233,9 @@ def test_parser_defaults():
 def test_help(module, capsys):
     import importlib
 
-    from export.onnx import max_opset
+    from export.onnx.build import max_opset
 
-    entry = importlib.import_module(module).main if module != "export" else main
+    entry = importlib.import_module(f"{module}.__main__").main
     with pytest.raises(SystemExit) as exc:
         entry(["--help"])
     assert exc.value.code == 0

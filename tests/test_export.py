@@ -21,8 +21,9 @@ import pytest
 
 from export import publish, reference
 from export.errors import ParityError
+from export.formats import get_format
 from export.pipeline import ExportRequest, export_artifacts
-from export.spec import DEFAULT_BATCH, ArtifactSpec
+from export.spec import ArtifactSpec
 
 # Per-format parity tolerances (max abs diff vs the Keras reference), float32.
 ATOL = {"savedmodel": 1e-5, "onnx": 1e-4, "tflite": 1e-4}
@@ -51,7 +52,7 @@ BIAS_INDICES = (1, 3, 5, 7, 9, 11)  # in the layer's 12 weights (fusionlab order
 
 
 def spec_for(config_id: str, fmt: str, **changes) -> ArtifactSpec:
-    return ArtifactSpec(**{**CONFIGS[config_id], "batch": DEFAULT_BATCH[fmt], **changes})
+    return ArtifactSpec(**{**CONFIGS[config_id], "batch": get_format(fmt).default_batch, **changes})
 
 
 def built(artifact_factory, config_id: str):
@@ -217,7 +218,7 @@ def test_onnx_dynamic_graph_only_batch_symbolic(artifact_factory, config_id):
 def test_onnx_fixed_batch_graph_is_static(artifact_factory):
     import onnx
 
-    from export.onnx import max_opset
+    from export.onnx.build import max_opset
 
     out, results = artifact_factory(formats=("onnx",), batch=2, **CONFIGS[SMALL])
     result = results["onnx"]
@@ -330,15 +331,14 @@ def _zero_bias_builder(monkeypatch, fmt: str, spec: ArtifactSpec, seed: int):
     import importlib
 
     from export.graph import build_inference_function, fold_weights
-    from export.pipeline import LAYOUT
 
-    module = importlib.import_module(f"export.{fmt}")
+    module = importlib.import_module(f"export.{fmt}.build")
     original = getattr(module, f"build_{fmt}")
     weights = reference.random_weights(spec, seed)
     for i in BIAS_INDICES:
         weights[i] = np.zeros_like(weights[i])
     broken_fn = build_inference_function(spec, fold_weights(weights, spec.heads),
-                                         layout=LAYOUT[fmt])
+                                         layout=get_format(fmt).layout)
 
     def broken(spec_, fn, workdir, **kwargs):
         return original(spec_, broken_fn, workdir, **kwargs)
@@ -353,7 +353,7 @@ def test_verification_rejects_dropped_biases(tmp_path, monkeypatch, fmt):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("earlier file\n")
-    with pytest.raises(ParityError, match=r"max abs diff .* exceeds the tolerance atol="):
+    with pytest.raises(ParityError, match=r"max abs diff .* exceeds atol="):
         export_artifacts(ExportRequest(specs={fmt: spec}, output_dir=str(out), seed=0))
     assert sorted(os.listdir(out)) == ["keep.txt"]
 

@@ -32,8 +32,9 @@ from export.errors import (
     UsageError,
     WeightsError,
 )
+from export.formats import get_format
 from export.pipeline import ExportRequest, export_artifacts
-from export.spec import DEFAULT_BATCH, ArtifactSpec
+from export.spec import ArtifactSpec
 
 FORMATS = ("savedmodel", "tflite", "onnx")
 # test_export.py's SMALL configuration: shared through the session factory.
@@ -69,7 +70,7 @@ def leftovers(folder: str) -> list[str]:
 
 
 def specs(**fields) -> dict[str, ArtifactSpec]:
-    return {fmt: ArtifactSpec(**fields, batch=DEFAULT_BATCH[fmt]) for fmt in FORMATS}
+    return {fmt: ArtifactSpec(**fields, batch=get_format(fmt).default_batch) for fmt in FORMATS}
 
 
 @pytest.fixture()

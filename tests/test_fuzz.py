@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from export import FORMATS, cli, verify
+from export import FORMATS, cli
+from export.verify.cli import main as verify_main
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -168,7 +169,7 @@ def run_verify(path: str) -> tuple[int, list[str]]:
     """main() on one manifest: the exit code and the stdout lines; no traceback, no exception."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = verify.main([path])
+        code = verify_main([path])
     lines = out.getvalue().splitlines()
     assert code in (0, 1), (code, out.getvalue(), err.getvalue())
     assert len(lines) == 2, out.getvalue()  # one line for the artifact, one summary

@@ -209,14 +209,14 @@ def test_manifest_and_golden_include_masks(built, fmt):
 
 
 def test_tflite_with_masks_is_static_and_builtin(built):
-    from export.check import check_tflite_graph
+    from export.tflite.check import check_tflite_graph
 
     for config in CONFIGS:
         check_tflite_graph(built[config][1]["tflite"].path)
 
 
 def test_fixed_batch_onnx_with_masks_has_no_shape_arithmetic(artifact_factory):
-    from export.check import check_onnx_graph
+    from export.onnx.check import check_onnx_graph
 
     flags = CONFIGS["qmask-vmask-causal-scores"]
     out, results = artifact_factory(formats=("onnx",), batch=2, **SHAPES, **flags)
@@ -296,10 +296,11 @@ def test_graph_layouts_match_layer(config):
 @pytest.fixture(scope="module")
 def every_layout(built, tmp_path_factory):
     """TFLite and fixed-batch ONNX files of every graph layout, whichever the pipeline picks."""
-    from export.check import check_onnx_graph, check_tflite_graph
     from export.graph import LAYOUTS, build_inference_function, fold_weights
-    from export.onnx import build_onnx
-    from export.tflite import build_tflite
+    from export.onnx.build import build_onnx
+    from export.onnx.check import check_onnx_graph
+    from export.tflite.build import build_tflite
+    from export.tflite.check import check_tflite_graph
 
     out, results = built["qmask-vmask-causal-scores"]
     layer = reference_layer(os.path.join(out, results["tflite"].spec.reference_name))
@@ -311,7 +312,7 @@ def every_layout(built, tmp_path_factory):
         for layout in LAYOUTS:
             folder = os.path.join(workdir, f"{fmt}-{layout}")
             os.makedirs(folder)
-            path = build(spec, build_inference_function(spec, folded, layout=layout), folder)
+            path = build(spec, build_inference_function(spec, folded, layout=layout), folder).path
             if fmt == "tflite":
                 check_tflite_graph(path)
             else:

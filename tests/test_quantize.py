@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 from conftest import run_module
 
-from export import check, cli, quantize, reference
+from export import calibration, check, cli, reference
 from export.errors import CalibrationError, ParityError, SpecError
+from export.onnx.check import check_onnx_graph
 from export.pipeline import ExportRequest, export_artifacts
 from export.spec import ArtifactSpec
+from export.tflite.check import check_tflite_graph
 
 FORMATS = ("onnx", "tflite")
 MODES = ("float16", "dynamic-int8", "int8")
@@ -171,10 +173,10 @@ def test_variant_meets_its_gate_on_fresh_inputs(variant_builds, keras_model, fmt
     assert os.path.basename(result.path) == DEFAULT_SPEC.name + SUFFIX[mode] + (
         ".onnx" if fmt == "onnx" else ".tflite")
     if fmt == "onnx":
-        check.check_onnx_graph(result.path, fixed_batch=False, input_names=["source1", "source2"],
+        check_onnx_graph(result.path, fixed_batch=False, input_names=["source1", "source2"],
                                output_names=["output"])
     else:
-        check.check_tflite_graph(result.path)
+        check_tflite_graph(result.path)
     feeds = reference.make_inputs(result.spec, FRESH_ROWS, FRESH_SEED)
     error = rel_l2(reference.run_reference(keras_model, feeds),
                    run_directly(fmt, result.path, feeds))
@@ -189,8 +191,8 @@ def test_variant_manifest_records_quantization_and_parity(variant_builds, fmt, m
     assert (q["mode"], q["io_dtype"]) == (mode, "float32")
     if mode == "int8":
         assert q["calibration"] == {"source": "random", "distribution": "standard normal",
-                                    "seed": quantize.CALIBRATION_SEED}
-        assert q["n_samples"] == quantize.CALIBRATION_SAMPLES
+                                    "seed": calibration.CALIBRATION_SEED}
+        assert q["n_samples"] == calibration.CALIBRATION_SAMPLES
     else:
         assert (q["calibration"], q["n_samples"]) == (None, 0)
     parity = manifest["parity"]
@@ -393,10 +395,10 @@ def test_calibration_file_is_used_and_recorded(calibrated_build, calibration_fil
 def test_calibration_and_verification_inputs_differ():
     spec = ArtifactSpec()
     verification_seeds = {reference.VERIFY_SEED + i for i in range(8)} | {reference.GOLDEN_SEED}
-    assert quantize.CALIBRATION_SEED not in verification_seeds
-    calibration = quantize.random_calibration(spec)
+    assert calibration.CALIBRATION_SEED not in verification_seeds
+    calibration_data = calibration.random_calibration(spec)
     fresh = reference.make_inputs(spec, 8, reference.VERIFY_SEED)
-    assert not any(np.array_equal(a, b) for a in fresh["source1"] for b in calibration.feeds["source1"])
+    assert not any(np.array_equal(a, b) for a in fresh["source1"] for b in calibration_data.feeds["source1"])
 
 
 def write_npz(path, **arrays):
@@ -460,12 +462,12 @@ def test_pickled_calibration_is_never_unpickled(tmp_path, monkeypatch):
     path, _ = bad_calibration_files(tmp_path)["pickled-object"]
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
     with pytest.raises(CalibrationError):
-        quantize.load_calibration(path, ArtifactSpec(quantize="int8"))
+        calibration.load_calibration(path, ArtifactSpec(quantize="int8"))
 
 
 def test_calibration_needs_int8(calibration_file):
     with pytest.raises(SpecError, match="--calibration applies to --quantize int8 only"):
-        quantize.calibrations_for({"onnx": ArtifactSpec(quantize="float16")}, calibration_file)
+        calibration.calibrations_for({"onnx": ArtifactSpec(quantize="float16")}, calibration_file)
 
 
 def test_bad_calibration_cli_exit_2_one_line(tmp_path):
@@ -489,7 +491,7 @@ def test_variant_beyond_max_rel_error_publishes_nothing(tmp_path):
                                     kv_features=8, quantize="float16")},
         output_dir=str(out), max_rel_error=1e-9,
     )
-    with pytest.raises(ParityError, match=r"relative L2 error .* exceeds the gate max_rel_error=1e-09"):
+    with pytest.raises(ParityError, match=r"relative L2 error .* exceeds max_rel_error=1e-09"):
         export_artifacts(request)
     assert not [n for n in os.listdir(out) if not n.startswith(".")]
 

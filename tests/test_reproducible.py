@@ -19,7 +19,7 @@ import onnx
 import pytest
 from conftest import REPO
 
-from export.onnx import _GENERATED_NAME, canonicalize_initializers
+from export.onnx.build import _GENERATED_NAME, canonicalize_initializers
 
 FLAGS = ["--units", "8", "--heads", "2", "--query-len", "3", "--kv-len", "4",
          "--query-features", "5", "--kv-features", "6", "--query-mask", "--scores", "--seed", "7"]

@@ -21,6 +21,7 @@ from conftest import REPO
 
 from export import publish, runtimes, verify
 from export.errors import UsageError
+from export.verify.cli import main as verify_main
 
 FORMATS = ("savedmodel", "tflite", "onnx")
 # The configuration test_export.py calls SMALL, and test_masks.py's masks-and-scores one: when the
@@ -87,7 +88,7 @@ def test_published_artifacts_pass(artifact_factory, config_id):
 
 def test_cli_lines_summary_and_exit_code(small, capsys):
     folder, manifests = small
-    assert verify.main([folder]) == 0
+    assert verify_main([folder]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4
     names = sorted(load(m)["artifact"] for m in manifests.values())
@@ -96,7 +97,7 @@ def test_cli_lines_summary_and_exit_code(small, capsys):
     assert lines[3].startswith("3 passed, 0 failed")
 
     flip_byte(os.path.join(folder, load(manifests["onnx"])["artifact"]))
-    assert verify.main([folder]) == 1
+    assert verify_main([folder]) == 1
     lines = capsys.readouterr().out.splitlines()
     bad = [line for line in lines if line.startswith("✗")]
     assert len(bad) == 1 and load(manifests["onnx"])["artifact"] in bad[0]
@@ -138,7 +139,7 @@ def test_missing_runtime_is_not_run_but_sha256_still_counts(small, monkeypatch):
     monkeypatch.setattr(runtimes, "runtime_available", lambda fmt: fmt != "tflite" and available(fmt))
     result = verify.verify_manifest(manifests["tflite"])
     assert result.status == "not run" and "ai-edge-litert is not importable" in result.reason
-    assert verify.main([folder]) == 0
+    assert verify_main([folder]) == 0
     flip_byte(os.path.join(folder, load(manifests["tflite"])["artifact"]))
     assert_failed(verify.verify_manifest(manifests["tflite"]), "sha256 mismatch")
 
@@ -316,10 +317,10 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     ):
         with pytest.raises(UsageError, match=needle):
             verify.verify_path(str(path))
-        assert verify.main([str(path)]) == 2
+        assert verify_main([str(path)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err
     with pytest.raises(SystemExit) as e:
-        verify.main([])
+        verify_main([])
     assert e.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -9,9 +9,12 @@ import keras
 import numpy as np
 from keras import ops
 
-# Keras' Softmax layer pushes masked logits to this value before the softmax.
-_LARGE_NEGATIVE = -1e9
-_LARGE_NEGATIVE_FP16 = -3e4
+# The mask bias, one idea for the layer and every exported graph: Keras' Softmax layer pushes
+# masked logits to this value, and exp() of it underflows to exactly 0 in float32. float16 cannot
+# hold it (max 65504): there it is -3e4, which padding and causal biases added together (-6e4)
+# still fit, and whose exp() relative to any real logit is exactly 0 as well.
+MASK_BIAS = -1e9
+MASK_BIAS_FLOAT16 = -3e4
 
 _PARAM_NAMES = (
     "units",
@@ -187,8 +190,8 @@ class CrossAttention(keras.layers.Layer):
         if mask is not None:
             mask = ops.expand_dims(mask, axis=1)  # (B, 1, Tq, Tkv)
             large_negative = (
-                _LARGE_NEGATIVE_FP16 if keras.backend.standardize_dtype(scores.dtype) == "float16"
-                else _LARGE_NEGATIVE
+                MASK_BIAS_FLOAT16 if keras.backend.standardize_dtype(scores.dtype) == "float16"
+                else MASK_BIAS
             )
             scores = ops.where(mask, scores, ops.cast(large_negative, scores.dtype))
         scores = ops.softmax(scores, axis=-1)

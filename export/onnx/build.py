@@ -1,20 +1,24 @@
-"""ONNX artifact: tf2onnx conversion of the inference function, named inputs and outputs."""
+"""The ONNX builder: tf2onnx conversion of the inference function, named inputs and outputs."""
 
 from __future__ import annotations
 
 import os
 import re
-import sys
+import shutil
+import tempfile
+
+import onnx
+import tf2onnx
+from tf2onnx import constants
 
 from export.errors import ConversionError, SpecError
+from export.formats import Built
+from export.onnx.quantize import quantize_onnx
 from export.spec import ArtifactSpec
 
 
 def max_opset() -> int:
     """The newest opset tf2onnx writes that the installed onnx (and so onnxruntime) knows."""
-    import onnx
-    from tf2onnx import constants
-
     return min(max(constants.OPSET_TO_IR_VERSION), onnx.defs.onnx_opset_version())
 
 
@@ -22,15 +26,23 @@ MIN_OPSET = 13
 
 
 def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None,
-               calibration=None) -> str:
-    """Convert `fn` with tf2onnx into a `.onnx` file under `workdir`; return its path.
+               calibration=None) -> Built:
+    """Convert `fn` with tf2onnx into a `.onnx` file under `workdir`.
 
-    A variant (`spec.quantize`) is made from the float32 file after conversion
-    (`export.quantize.quantize_onnx`, with `calibration` for int8).
+    Args:
+        spec: the artifact's shapes, names and variant.
+        fn: the inference function (`export.graph.build_inference_function`).
+        workdir: the folder the file is written into.
+        opset: the ONNX opset; None takes the newest tf2onnx writes and onnxruntime runs.
+        calibration: an `export.calibration.Calibration` for a full-int8 variant.
+
+    Returns:
+        `Built(path, {"opset": n})`. A variant (`spec.quantize`) is made from the float32 file
+        after conversion (`export.onnx.quantize.quantize_onnx`).
+
+    Raises:
+        SpecError: an opset out of range. ConversionError: tf2onnx or the quantizer failed.
     """
-    import onnx
-    import tf2onnx
-
     newest = max_opset()
     opset = newest if opset is None else opset
     if not MIN_OPSET <= opset <= newest:
@@ -54,17 +66,15 @@ def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None
     model.graph.doc_string = "converted by tf2onnx from the xattn inference function"
     if spec.quantize == "none":
         onnx.save(model, path)
-        return path
-    from export import quantize
-
-    scratch = quantize.scratch_dir(workdir, "onnx-float32")
+        return Built(path, {"opset": opset})
+    scratch = tempfile.mkdtemp(prefix=".onnx-float32-", dir=workdir)
     try:
         float_path = os.path.join(scratch, spec.replace(quantize="none", int8_io=False).artifact_name("onnx"))
         onnx.save(model, float_path)
-        quantize.quantize_onnx(spec, float_path, path, calibration)
+        quantize_onnx(spec, float_path, path, calibration)
     finally:
-        quantize.remove(scratch)
-    return path
+        shutil.rmtree(scratch, ignore_errors=True)
+    return Built(path, {"opset": opset})
 
 
 # tf2onnx numbers the constants its optimizers create (`const_fold_opt__29`, `const_axes__18`)
@@ -134,13 +144,3 @@ def _rename_io(model, input_names: list[str], output_names: list[str]) -> None:
     ordered = [type(o).FromString(o.SerializeToString()) for o in ordered]
     del model.graph.output[:]
     model.graph.output.extend(ordered)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from export.cli import main as cli_main
-
-    return cli_main(argv, formats=("onnx",), prog="python -m export.onnx")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,17 +1,21 @@
-"""TFLite (LiteRT) artifact: builtin ops only, static shapes, signature `serving_default`."""
+"""The TFLite (LiteRT) builder: builtin ops only, static shapes, signature `serving_default`."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 
+import tensorflow as tf
+
 from export.errors import ConversionError, first_line
+from export.formats import Built
 from export.native_output import captured_native_output
+from export.savedmodel.build import build_savedmodel
 from export.spec import ArtifactSpec
+from export.tflite.quantize import configure_tflite, tflite_io_quantization
 
 
 def build_tflite(
@@ -21,27 +25,33 @@ def build_tflite(
     *,
     configure: Callable | None = None,
     calibration=None,
-) -> str:
-    """Convert `fn` to a `.tflite` file under `workdir`; return its path.
+) -> Built:
+    """Convert `fn` to a `.tflite` file under `workdir`.
 
-    `configure(converter)` may set quantization options; by default they are those of
-    `spec.quantize` (`export.quantize.configure_tflite`, with `calibration` for int8). SELECT_TF_OPS
-    stays off: a file that needs Flex ops fails here instead of on the device.
+    Args:
+        spec: the artifact's shapes, names and variant; the batch must be fixed.
+        fn: the inference function (`export.graph.build_inference_function`).
+        workdir: the folder the file is written into.
+        configure: `configure(converter)` may set quantization options; by default those of
+            `spec.quantize` (`export.tflite.quantize.configure_tflite`).
+        calibration: an `export.calibration.Calibration` for a full-int8 variant.
+
+    Returns:
+        `Built(path, facts)`; an int8-io file's facts hold `io_quantization` (each integer
+        input's and output's scale and zero point).
+
+    Raises:
+        ConversionError: a dynamic batch, or the converter failed. SELECT_TF_OPS stays off: a
+        file that needs Flex ops fails here instead of on the device.
     """
-    import tensorflow as tf
-
     if spec.batch is None:
         raise ConversionError("TFLite artifacts have a static batch; got batch=dynamic")
     # From a SavedModel (not from concrete functions): only this path keeps the signature
     # `serving_default` with its input and output names in the flatbuffer.
-    from export.savedmodel import build_savedmodel
-
-    saved = build_savedmodel(spec, fn, os.path.join(workdir, "tflite-src"))
+    saved = build_savedmodel(spec, fn, os.path.join(workdir, "tflite-src")).path
     converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=["serving_default"])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if configure is None and spec.quantize != "none":
-        from export.quantize import configure_tflite
-
         configure = configure_tflite(spec, calibration)
     if configure is not None:
         configure(converter)
@@ -54,7 +64,8 @@ def build_tflite(
     with open(path, "wb") as f:
         f.write(flatbuffer)
     shutil.rmtree(os.path.dirname(saved), ignore_errors=True)
-    return path
+    facts = {"io_quantization": tflite_io_quantization(path)} if spec.int8_io else {}
+    return Built(path, facts)
 
 
 @contextlib.contextmanager
@@ -69,13 +80,3 @@ def _calibration_chatter_dropped(converter) -> Iterator[None]:
     with warnings.catch_warnings(), captured_native_output((1, 2)):
         warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
         yield
-
-
-def main(argv: list[str] | None = None) -> int:
-    from export.cli import main as cli_main
-
-    return cli_main(argv, formats=("tflite",), prog="python -m export.tflite")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

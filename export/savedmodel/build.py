@@ -1,18 +1,28 @@
-"""SavedModel artifact: the inference function saved with the signature `serving_default`."""
+"""The SavedModel builder: the inference function saved with the signature `serving_default`."""
 
 from __future__ import annotations
 
+import hashlib
 import os
-import sys
+
+import tensorflow as tf
+from tensorflow.core.protobuf import fingerprint_pb2
 
 from export.errors import ConversionError
+from export.formats import Built
 from export.spec import ArtifactSpec
 
 
-def build_savedmodel(spec: ArtifactSpec, fn, workdir: str) -> str:
-    """Save `fn` (from `export.graph.build_inference_function`) under `workdir`; return the folder."""
-    import tensorflow as tf
+def build_savedmodel(spec: ArtifactSpec, fn, workdir: str) -> Built:
+    """Save `fn` (from `export.graph.build_inference_function`) under `workdir`.
 
+    Returns:
+        `Built(folder)`, with a fingerprint whose uuid is derived from its hashes (same input,
+        same bytes).
+
+    Raises:
+        ConversionError: TensorFlow could not save it.
+    """
     path = os.path.join(workdir, spec.artifact_name("savedmodel"))
     # The signature alone: attaching `fn` to the module as well saves a second trace of it,
     # with a second copy of every weight constant (twice the file size).
@@ -24,7 +34,7 @@ def build_savedmodel(spec: ArtifactSpec, fn, workdir: str) -> str:
     except Exception as e:
         raise ConversionError(f"SavedModel export failed: {e}") from e
     _deterministic_fingerprint(path)
-    return path
+    return Built(path)
 
 
 def _deterministic_fingerprint(path: str) -> None:
@@ -34,10 +44,6 @@ def _deterministic_fingerprint(path: str) -> None:
     graph and the checkpoint and are already deterministic); it is the only byte of a
     SavedModel that changes from one identical export to the next.
     """
-    import hashlib
-
-    from tensorflow.core.protobuf import fingerprint_pb2
-
     fingerprint_path = os.path.join(path, "fingerprint.pb")
     if not os.path.exists(fingerprint_path):
         return  # fingerprinting switched off in this TensorFlow
@@ -51,13 +57,3 @@ def _deterministic_fingerprint(path: str) -> None:
     fingerprint.uuid = str(int.from_bytes(digest[:16], "big"))
     with open(fingerprint_path, "wb") as f:
         f.write(fingerprint.SerializeToString(deterministic=True))
-
-
-def main(argv: list[str] | None = None) -> int:
-    from export.cli import main as cli_main
-
-    return cli_main(argv, formats=("savedmodel",), prog="python -m export.savedmodel")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The format registry: one record per artifact format, looked up by name everywhere.
+
+A record says what a format is (file suffix, default batch, tolerance, runtime, head layout) and
+where its code lives (builder, graph check, runner). The code is named as "module:function" and
+imported on first use: builders import TensorFlow, and `export.verify` reads this registry in a
+process that must never import it. Adding a format is one record here plus its builder package
+and its runner.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from export.errors import SpecError
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a builder hands back: the artifact's path and its format-specific manifest facts."""
+
+    path: str
+    facts: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One artifact format.
+
+    Attributes:
+        name: the format's name on the command line and in manifests (`onnx`).
+        title: how messages name it (`ONNX`).
+        suffix: appended to an artifact's base name (`.onnx`; `_savedmodel` for a folder).
+        default_batch: the batch when `--batch` is not given; None is a dynamic batch axis.
+        atol: the default max abs diff gate of a float32 artifact.
+        runtime: the runtime's distribution name, as manifests and logs report it.
+        runtime_module: its import name, to tell whether it is installed without importing it.
+        runtime_label: how tables name the runtime.
+        layout: the head layout its graph uses where the "source" layout does not apply.
+        dynamic_batch: whether the batch axis may be dynamic (`--batch dynamic`).
+        quantizable: whether `--quantize` variants exist in this format.
+        int8_io: whether a full-int8 file may take and return int8 (`--int8-io`).
+        builder: "module:function", called as `builder(spec, fn, workdir, **options) -> Built`.
+        build_options: the keyword options its builder takes (`opset`, `calibration`).
+        graph_check: "module:function" called as `check(path, spec)`, or None.
+        runner: "module:function" returning `(run, reported_inputs)` for `(path, threads)`.
+    """
+
+    name: str
+    title: str
+    suffix: str
+    default_batch: int | None
+    atol: float
+    runtime: str
+    runtime_module: str
+    runtime_label: str
+    layout: str
+    dynamic_batch: bool
+    quantizable: bool
+    int8_io: bool
+    builder: str
+    build_options: tuple[str, ...]
+    graph_check: str | None
+    runner: str
+
+    @property
+    def is_folder(self) -> bool:
+        return not self.suffix.startswith(".")
+
+    @property
+    def manifest_suffix(self) -> str:
+        return f"{self.suffix}.json"
+
+    def build(self, spec, fn, workdir: str, **options: Any) -> Built:
+        """Convert the inference function `fn` into this format under `workdir`."""
+        given = {k: v for k, v in options.items() if k in self.build_options}
+        return _resolve(self.builder)(spec, fn, workdir, **given)
+
+    def check_graph(self, path: str, spec) -> None:
+        """Raise GraphCheckError if the file holds what its runtime should not see."""
+        if self.graph_check is not None:
+            _resolve(self.graph_check)(path, spec)
+
+    def open_runner(self, path: str, threads: int | None) -> tuple[Callable, list]:
+        return _resolve(self.runner)(path, threads)
+
+
+def _resolve(target: str) -> Callable:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+REGISTRY: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format(
+            name="savedmodel", title="SavedModel", suffix="_savedmodel", default_batch=None, atol=1e-5,
+            runtime="tensorflow", runtime_module="tensorflow", runtime_label="TensorFlow",
+            layout="batched-heads", dynamic_batch=True, quantizable=False, int8_io=False,
+            builder="export.savedmodel.build:build_savedmodel", build_options=(),
+            graph_check=None, runner="export.runtimes:savedmodel_function",
+        ),
+        Format(
+            name="tflite", title="TFLite", suffix=".tflite", default_batch=1, atol=1e-4,
+            runtime="ai-edge-litert", runtime_module="ai_edge_litert", runtime_label="LiteRT",
+            layout="per-head", dynamic_batch=False, quantizable=True, int8_io=True,
+            builder="export.tflite.build:build_tflite", build_options=("calibration",),
+            graph_check="export.tflite.check:check_tflite_file",
+            runner="export.runtimes:tflite_function",
+        ),
+        Format(
+            name="onnx", title="ONNX", suffix=".onnx", default_batch=None, atol=1e-4,
+            runtime="onnxruntime", runtime_module="onnxruntime", runtime_label="onnxruntime",
+            layout="batched-heads", dynamic_batch=True, quantizable=True, int8_io=False,
+            builder="export.onnx.build:build_onnx", build_options=("opset", "calibration"),
+            graph_check="export.onnx.check:check_onnx_file",
+            runner="export.runtimes:onnx_function",
+        ),
+    )
+}
+
+FORMAT_NAMES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def get_format(name: str) -> Format:
+    """The record of format `name`; SpecError naming the known formats otherwise."""
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise SpecError(
+            f"unknown format {name!r}; known formats: {', '.join(FORMAT_NAMES)}"
+        ) from None
+
+
+def format_of_manifest(filename: str) -> Format | None:
+    """The format whose manifests are named like `filename` (`x.onnx.json` -> onnx), or None."""
+    for fmt in REGISTRY.values():
+        if filename.endswith(fmt.manifest_suffix):
+            return fmt
+    return None

@@ -1,0 +1,337 @@
+"""The manifest: the one definition of its fields, its writer, its validator, and the safe
+reader of the golden vectors it names.
+
+The pipeline writes a manifest beside each artifact with `build_manifest`; `export.verify` reads
+it back with `read_manifest` / `check_fields` / `load_golden`. numpy only (no TensorFlow): this
+module runs on the device too. Every problem with a file's content raises ManifestError with a
+one-line reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import zipfile
+
+import numpy as np
+
+from export.errors import ManifestError, first_line, one_line, short
+from export.formats import REGISTRY
+from export.publish import sha256_path
+
+# name -> the JSON type a manifest must hold there (None: any), for the fields `export.verify`
+# relies on. The writer below writes every one of them; the validator checks them.
+FIELDS: dict[str, type | tuple | None] = {
+    "format": str,  # a name in export.formats.REGISTRY
+    "artifact": str,  # the artifact's file (or folder) name, beside the manifest
+    "sha256": str,  # of the artifact's bytes (a folder: its files in sorted path order)
+    "bytes": int,
+    "inputs": list,  # [{name, shape (null: dynamic), dtype[, quantization]}]
+    "outputs": list,
+    "golden": str,  # the golden vectors' .npz, beside the manifest
+    "golden_sha256": str,
+    "parity": dict,  # metrics on the verification batches, and the gate: atol or max_rel_error
+}
+REQUIRED_FIELDS = ("format", "artifact", "sha256", "inputs", "outputs", "golden", "parity")
+# Fields that name files: they must stay inside the manifest's folder.
+PATH_FIELDS = ("artifact", "golden", "reference")
+# A manifest is a few KB; anything this large is not one, and is not read into memory.
+MAX_MANIFEST_BYTES = 16 << 20
+# Golden files hold a few samples; refuse to inflate more than this (a zip can lie about sizes).
+MAX_GOLDEN_BYTES = 2 << 30
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def build_manifest(*, fmt: str, spec, built, layer_config: dict, layout: str, golden_sha256: str,
+                   parity: dict, quantization: dict, weights: str, versions: dict,
+                   created: str, sha256: str, size: int) -> dict:
+    """The manifest of one published artifact, fields in a fixed order.
+
+    Args:
+        fmt: the format's name. spec: its `ArtifactSpec`. built: the builder's `Built` (path and
+        format facts: `opset`, `io_quantization`). layer_config: the layer's `get_config()`.
+        layout: the head layout of its graph. golden_sha256: of the golden file. parity: the
+        metrics and gate it passed. quantization: `quantization_entry(...)`. weights: where the
+        weights came from. versions: converters and runtimes. created: a UTC timestamp.
+        sha256, size: of the artifact.
+    """
+    io_quant = built.facts.get("io_quantization", {})
+    inputs = [_tensor_entry(i.as_json(), io_quant) for i in spec.inputs()]
+    outputs = [_tensor_entry(o.as_json(), io_quant) for o in spec.outputs()]
+    facts = {k: v for k, v in built.facts.items() if k != "io_quantization"}
+    return {
+        "format": fmt,
+        "artifact": os.path.basename(built.path),
+        "sha256": sha256,
+        "bytes": size,
+        "inputs": inputs,
+        "outputs": outputs,
+        "config": layer_config,
+        "shapes": {
+            "batch": spec.batch, "query_len": spec.query_len, "kv_len": spec.kv_len,
+            "query_features": spec.query_features, "kv_features": spec.kv_features,
+        },
+        "masks": {"query_mask": spec.query_mask, "value_mask": spec.value_mask,
+                  "causal": spec.causal, "scores": spec.scores},
+        "layout": layout,
+        "reference": spec.reference_name,
+        "golden": spec.golden_name,
+        "golden_sha256": golden_sha256,
+        **facts,
+        "quantization": quantization,
+        "parity": parity,
+        "weights": weights,
+        "versions": versions,
+        "created": created,
+    }
+
+
+def _tensor_entry(entry: dict, io_quant: dict) -> dict:
+    """An int8-io tensor carries dtype int8 and its scale and zero point."""
+    if entry["name"] in io_quant:
+        entry["dtype"] = "int8"
+        entry["quantization"] = io_quant[entry["name"]]
+    return entry
+
+
+def quantization_entry(spec, calibration) -> dict:
+    """The manifest's `quantization`: {mode, io_dtype, calibration, n_samples}."""
+    return {
+        "mode": spec.quantize,
+        "io_dtype": "int8" if spec.int8_io else "float32",
+        "calibration": calibration.describe() if calibration is not None else None,
+        "n_samples": calibration.n_samples if calibration is not None else 0,
+    }
+
+
+def write_manifest(path: str, manifest: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+# -- reading and validating ----------------------------------------------------------------------
+
+
+def read_manifest(path: str) -> dict:
+    try:
+        if not os.path.isfile(path):
+            raise ManifestError("manifest is not a file")
+        size = os.path.getsize(path)
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"manifest is {size} bytes; not a manifest")
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+        manifest = json.loads(text)
+    except ManifestError:
+        raise
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"manifest is not UTF-8 text (byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"manifest is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except RecursionError as e:
+        raise ManifestError("manifest is not JSON: nested too deeply") from e
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"manifest cannot be read: {one_line(first_line(e))}") from e
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"manifest is a JSON {type(manifest).__name__}, not an object")
+    return manifest
+
+
+def check_fields(manifest: dict) -> None:
+    """The fields export.verify relies on are there, of their types, and well formed."""
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise ManifestError(f"manifest lacks the field(s) {', '.join(missing)}")
+    for key in REQUIRED_FIELDS:
+        kind = FIELDS[key]
+        if not isinstance(manifest[key], kind):
+            raise ManifestError(
+                f"manifest field {key!r} must be a JSON {_json_type(kind)}, "
+                f"got {_json_type(type(manifest[key]))}"
+            )
+    if manifest["format"] not in REGISTRY:
+        raise ManifestError(
+            f"manifest format {short(manifest['format'])} is not one of {', '.join(REGISTRY)}"
+        )
+    sha = manifest["sha256"]
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower()):
+        raise ManifestError(f"manifest sha256 {short(sha)} is not 64 hex digits")
+    for key in ("golden_sha256",):
+        value = manifest.get(key)
+        if value is not None and (
+            not isinstance(value, str) or len(value) != 64
+            or any(c not in "0123456789abcdef" for c in value.lower())
+        ):
+            raise ManifestError(f"manifest {key} {short(value)} is not 64 hex digits")
+    if "bytes" in manifest and (
+        isinstance(manifest["bytes"], bool) or not isinstance(manifest["bytes"], int)
+    ):
+        raise ManifestError(f"manifest field 'bytes' must be an integer, got {short(manifest['bytes'])}")
+    if "reference" in manifest and not isinstance(manifest["reference"], str):
+        raise ManifestError("manifest field 'reference' must be a JSON string")
+
+
+def path_inside(folder: str, relative: object, key: str) -> str:
+    """`relative` as a path inside `folder`; ManifestError if it is absolute, climbs or escapes."""
+    if not isinstance(relative, str) or not relative:
+        raise ManifestError(f"manifest {key} must be a non-empty relative path")
+    if "\x00" in relative:
+        raise ManifestError(f"manifest {key} path holds a NUL byte")
+    parts = relative.replace("\\", "/").split("/")
+    if (
+        os.path.isabs(relative) or relative.startswith(("/", "\\"))
+        or (len(relative) > 1 and relative[1] == ":")  # C:\..., refused on any system
+        or ".." in parts
+    ):
+        raise ManifestError(f"refusing {key} path {short(relative)}: it leaves the manifest's folder")
+    root = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(folder, relative))
+    if os.path.commonpath([root, target]) != root:
+        raise ManifestError(
+            f"refusing {key} path {short(relative)}: it resolves outside the manifest's folder"
+        )
+    return target
+
+
+def tolerance_of(parity: dict) -> dict:
+    tolerance = {}
+    for key in ("atol", "max_rel_error"):
+        value = parity.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0
+        ):
+            raise ManifestError(f"manifest parity.{key} must be a positive number, got {short(value)}")
+        tolerance[key] = float(value)
+    if not tolerance:
+        raise ManifestError("manifest parity gives no tolerance (atol or max_rel_error)")
+    return tolerance
+
+
+def tensors_of(entries: list, key: str) -> list[dict]:
+    """Validate `[{name, shape, dtype}]`; shapes are lists of positive ints or null."""
+    if not entries:
+        raise ManifestError(f"manifest {key} is empty")
+    seen = set()
+    tensors = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise ManifestError(f"manifest {key} entries must be objects with a name")
+        name = entry["name"]
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(
+            d is None or (isinstance(d, int) and not isinstance(d, bool) and 0 < d < 1 << 31)
+            for d in shape
+        ):
+            raise ManifestError(
+                f"manifest {key} {short(name)}: shape must be a list of positive ints or null"
+            )
+        dtype = entry.get("dtype")
+        if dtype is not None:
+            try:
+                ok = isinstance(dtype, str) and np.dtype(dtype).kind in "biuf"
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ManifestError(
+                    f"manifest {key} {short(name)}: dtype {short(dtype)} is not a number type"
+                )
+        if name in seen:
+            raise ManifestError(f"manifest {key} names {short(name)} twice")
+        seen.add(name)
+        tensors.append({"name": name, "shape": shape, "dtype": dtype})
+    return tensors
+
+
+def load_golden(path: str, manifest: dict, tensors: list[dict]) -> dict[str, np.ndarray]:
+    """The golden arrays the manifest names, read without unpickling and checked against it."""
+    name = manifest["golden"]
+    if not os.path.isfile(path):
+        raise ManifestError(f"golden file {name} is missing")
+    expected_sha = manifest.get("golden_sha256")
+    if expected_sha is not None:
+        try:
+            digest = sha256_path(path)
+        except OSError as e:
+            raise ManifestError(f"golden file {name} cannot be read: {one_line(first_line(e))}") from e
+        if digest != expected_sha.lower():
+            raise ManifestError(
+                f"golden file {name} sha256 mismatch: {digest[:12]}..., the manifest "
+                f"{expected_sha[:12]}... (modified or corrupted)"
+            )
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            total = sum(i.file_size for i in zf.infolist())
+            if total > MAX_GOLDEN_BYTES:
+                raise ManifestError(f"golden file {name} would inflate to {total} bytes; refusing")
+            for tensor in tensors:
+                arrays[tensor["name"]] = _read_npy(zf, name, tensor)
+    except ManifestError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
+            NotImplementedError, RuntimeError) as e:
+        # zipfile raises all of these on damaged archives (NotImplementedError: an unknown
+        # compression method; RuntimeError: an encrypted member).
+        raise ManifestError(f"golden file {name} is damaged: {one_line(first_line(e))}") from e
+    rows = {arrays[t["name"]].shape[0] if arrays[t["name"]].ndim else None for t in tensors}
+    if len(rows) != 1 or None in rows or 0 in rows:
+        raise ManifestError(
+            f"golden file {name}: arrays disagree on the number of samples {sorted(map(str, rows))}"
+        )
+    return arrays
+
+
+def _read_npy(zf: zipfile.ZipFile, golden: str, tensor: dict) -> np.ndarray:
+    member = f"{tensor['name']}.npy"
+    try:
+        info = zf.getinfo(member)
+    except KeyError:
+        raise ManifestError(f"golden file {golden} has no array {short(tensor['name'])}") from None
+    # Check the header against the manifest before reading any data: never allocate what the
+    # manifest does not describe.
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ManifestError(f"golden array {member}: unsupported .npy version {version}")
+        header = f.tell()
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise ManifestError(f"golden array {member} has dtype {dtype}, not numbers")
+    want = tensor["shape"]
+    fits = len(shape) == len(want) and all(
+        w is None or s == w for i, (s, w) in enumerate(zip(shape, want)) if i > 0
+    ) and (not want or want[0] is None or (shape[0] > 0 and shape[0] % want[0] == 0))
+    if not fits:
+        raise ManifestError(
+            f"golden array {member} has shape {tuple(shape)}, the manifest {_shape_text(want)}"
+        )
+    data_bytes = math.prod(shape) * dtype.itemsize
+    if header + data_bytes != info.file_size:
+        raise ManifestError(
+            f"golden array {member} is {info.file_size - header} bytes of data, its header "
+            f"promises {data_bytes} (truncated or edited)"
+        )
+    # zf.read checks the member's CRC; then parse from memory without pickle.
+    array = np.lib.format.read_array(io.BytesIO(zf.read(info)), allow_pickle=False)
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise ManifestError(f"golden array {member} holds NaN or inf")
+    return array
+
+
+def _json_type(kind: type) -> str:
+    return {str: "string", list: "array", dict: "object", int: "number", float: "number",
+            bool: "boolean", type(None): "null"}.get(kind, kind.__name__)
+
+
+def _shape_text(shape: list) -> str:
+    return "(" + ", ".join("B" if d is None else str(d) for d in shape) + ")"

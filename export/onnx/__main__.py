@@ -1,0 +1,13 @@
+"""`python -m export.onnx`: build, verify and publish ONNX artifacts (the shared CLI, one format)."""
+
+import sys
+
+from export.cli import main as export_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return export_main(argv, formats=("onnx",), prog="python -m export.onnx")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

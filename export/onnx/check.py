@@ -1,0 +1,67 @@
+"""The ONNX graph check: what a file must hold before onnxruntime users see it.
+
+onnx and numpy only (no TensorFlow).
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from export.errors import GraphCheckError
+from export.spec import ArtifactSpec
+
+# Run-time shape arithmetic and control flow: never in a fixed-batch ONNX graph.
+ONNX_SHAPE_OPS = frozenset(
+    {"Shape", "ConstantOfShape", "Range", "ReduceProd", "Size", "Loop", "If", "Scan", "NonZero"}
+)
+
+
+def onnx_op_types(path: str) -> list[str]:
+    model = onnx.load(path, load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    for fn in model.functions:
+        ops.extend(n.op_type for n in fn.node)
+    return ops
+
+
+def check_onnx_file(path: str, spec: ArtifactSpec) -> None:
+    """The registry's graph check: `check_onnx_graph` with the spec's batch and names."""
+    check_onnx_graph(
+        path,
+        fixed_batch=spec.batch is not None,
+        input_names=[i.name for i in spec.inputs()],
+        output_names=[o.name for o in spec.outputs()],
+    )
+
+
+def check_onnx_graph(path: str, *, fixed_batch: bool, input_names: list[str],
+                     output_names: list[str]) -> None:
+    """Checker with full_check; names; at a fixed batch no shape arithmetic and static inputs.
+
+    Raises:
+        GraphCheckError: naming the rule broken and what the file holds.
+    """
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as e:
+        raise GraphCheckError(f"{path}: onnx.checker rejects the model: {e}") from e
+    model = onnx.load(path, load_external_data=False)
+    got_inputs = [i.name for i in model.graph.input]
+    got_outputs = [o.name for o in model.graph.output]
+    if got_inputs != input_names or got_outputs != output_names:
+        raise GraphCheckError(
+            f"{path}: inputs {got_inputs} / outputs {got_outputs}, expected "
+            f"{input_names} / {output_names}"
+        )
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        symbolic = [i for i, d in enumerate(dims) if not d.HasField("dim_value")]
+        allowed = [] if fixed_batch else [0]
+        if symbolic != allowed:
+            raise GraphCheckError(
+                f"{path}: {value.name} has symbolic axes {symbolic}, expected {allowed}"
+            )
+    if fixed_batch:
+        bad = sorted(set(onnx_op_types(path)) & ONNX_SHAPE_OPS)
+        if bad:
+            raise GraphCheckError(f"{path}: run-time shape ops in a fixed-batch graph: {bad}")

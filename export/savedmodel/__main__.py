@@ -1,0 +1,13 @@
+"""`python -m export.savedmodel`: build, verify and publish SavedModel artifacts (the shared CLI)."""
+
+import sys
+
+from export.cli import main as export_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return export_main(argv, formats=("savedmodel",), prog="python -m export.savedmodel")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""`python -m export.tflite`: build, verify and publish TFLite artifacts (the shared CLI, one format)."""
+
+import sys
+
+from export.cli import main as export_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return export_main(argv, formats=("tflite",), prog="python -m export.tflite")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""`python -m export.verify PATH`: prove that published artifacts are the ones that were verified.
+
+For each manifest: its sha256, then the golden inputs through the artifact's own runtime, compared
+with the golden outputs by the same gate the pipeline applied (`export.check.gate`). numpy plus
+onnxruntime and/or ai-edge-litert only: this package never imports TensorFlow, Keras or tf2onnx
+(SavedModel runs only where TensorFlow happens to be importable). Every problem with a file's
+content is a failed line with its reason, never a traceback: a verifier fails closed. The command
+line is `__main__`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass, field
+
+from export import manifest as manifests
+from export import runtimes
+from export.check import gate, parity_metrics
+from export.errors import ManifestError, ParityError, UsageError, first_line, one_line
+from export.formats import REGISTRY, Format
+from export.publish import sha256_path, size_bytes
+
+MANIFEST_SUFFIXES = tuple(f.manifest_suffix for f in REGISTRY.values())
+
+
+class RuntimeNotRun(Exception):
+    """The format's runtime is not importable here: reported as not run, not as a failure."""
+
+
+@dataclass
+class VerifyResult:
+    """The outcome for one manifest. `status` is "passed", "failed" or "not run"."""
+
+    manifest: str
+    name: str
+    status: str
+    reason: str = ""
+    format: str | None = None
+    metrics: dict = field(default_factory=dict)
+    tolerance: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    def line(self, marks: dict[str, str] | None = None) -> str:
+        marks = marks or MARKS
+        if self.status == "passed":
+            return f"{marks['passed']} {self.name}  {_describe_metrics(self.metrics, self.tolerance)}"
+        return f"{marks[self.status]} {self.name}  {self.reason}"
+
+
+MARKS = {"passed": "✓", "failed": "✗", "not run": "-"}
+ASCII_MARKS = {"passed": "ok", "failed": "FAIL", "not run": "skip"}
+
+
+def _describe_metrics(metrics: dict, tolerance: dict) -> str:
+    text = f"max abs diff {metrics['max_abs']:.1e}"
+    gates = []
+    if tolerance.get("atol") is not None:
+        gates.append(f"atol {_num(tolerance['atol'])}")
+    if tolerance.get("max_rel_error") is not None:
+        text += f"  rel L2 {metrics['rel_l2']:.1e}"
+        gates.append(f"max_rel_error {_num(tolerance['max_rel_error'])}")
+    return f"{text}  ({', '.join(gates)})"
+
+
+def _num(x: float) -> str:
+    """1e-04, 2.5e-02: a tolerance as people write it."""
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+
+
+def find_manifests(path: str) -> list[str]:
+    """PATH (a folder, a manifest, or an artifact with its manifest beside it) -> manifest paths.
+
+    Raises:
+        UsageError: there is nothing to verify at PATH.
+    """
+    if not os.path.lexists(path):
+        raise UsageError(f"no such file or folder: {path}")
+    if os.path.isdir(path):
+        found = sorted(
+            os.path.join(path, n) for n in os.listdir(path)
+            if n.endswith(MANIFEST_SUFFIXES) and not n.startswith(".")
+        )
+        if found:
+            return found
+        if os.path.isfile(path.rstrip(os.sep) + ".json"):  # a SavedModel folder
+            return [path.rstrip(os.sep) + ".json"]
+        raise UsageError(
+            f"no manifests ({', '.join('*' + s for s in MANIFEST_SUFFIXES)}) in {path}"
+        )
+    if path.endswith(".json"):
+        return [path]
+    if os.path.isfile(path + ".json"):  # an artifact: its manifest sits beside it
+        return [path + ".json"]
+    raise UsageError(f"{path} is neither a manifest (.json) nor a folder of them")
+
+
+def verify_path(path: str) -> list[VerifyResult]:
+    """Verify every manifest under PATH (a folder, a manifest, or an artifact).
+
+    Returns:
+        One VerifyResult per manifest, in file name order.
+
+    Raises:
+        UsageError: only when there is nothing to verify; a file's problems are results.
+    """
+    return [verify_manifest(p) for p in find_manifests(path)]
+
+
+def verify_manifest(path: str) -> VerifyResult:
+    """Check one manifest, its artifact and its golden vectors. Never raises for file content."""
+    result = VerifyResult(manifest=path, name=os.path.basename(path), status="failed")
+    try:
+        _verify(path, result)
+    except RuntimeNotRun as e:
+        result.status, result.reason = "not run", str(e)
+    except (ManifestError, ParityError) as e:
+        result.status, result.reason = "failed", one_line(str(e))
+    except (MemoryError, RecursionError) as e:
+        result.status, result.reason = "failed", f"{type(e).__name__} while reading it"
+    except Exception as e:  # noqa: BLE001 - fail closed on anything unforeseen, still one line
+        result.status = "failed"
+        result.reason = one_line(f"unexpected {type(e).__name__}: {e}")
+    return result
+
+
+def _verify(path: str, result: VerifyResult) -> None:
+    manifest = manifests.read_manifest(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if isinstance(manifest.get("artifact"), str) and manifest["artifact"]:
+        result.name = manifest["artifact"]
+    manifests.check_fields(manifest)
+    fmt = REGISTRY[manifest["format"]]
+    result.format = fmt.name
+    for key in manifests.PATH_FIELDS:
+        if key in manifest:
+            manifests.path_inside(folder, manifest[key], key)
+    tolerance = manifests.tolerance_of(manifest["parity"])
+    result.tolerance = tolerance
+    inputs = manifests.tensors_of(manifest["inputs"], "inputs")
+    outputs = manifests.tensors_of(manifest["outputs"], "outputs")
+
+    artifact = os.path.join(folder, manifest["artifact"])
+    _check_artifact(artifact, fmt, manifest)
+    golden_path = os.path.join(folder, manifest["golden"])
+    golden = manifests.load_golden(golden_path, manifest, inputs + outputs)
+
+    # Integrity is settled before this point: a runtime never sees bytes whose sha256 is wrong.
+    if not runtimes.runtime_available(fmt.name):
+        raise RuntimeNotRun(
+            f"not run: {fmt.runtime} is not importable here (sha256 and golden file ok)"
+        )
+    batch = inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else None
+    # Runtimes print to stdout (onnxruntime's "EP Error" banner on a file it cannot parse);
+    # stdout carries one line per artifact, so their chatter goes to stderr.
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            runner = runtimes.load_runner(fmt.name, artifact, batch=batch, inputs=manifest["inputs"])
+    except runtimes.RuntimeMissing as e:
+        raise RuntimeNotRun(f"not run: {e}") from e
+    except ImportError as e:
+        raise RuntimeNotRun(f"not run: {fmt.runtime} cannot be imported ({e})") from e
+    except Exception as e:
+        raise ManifestError(
+            f"{fmt.runtime} cannot load {manifest['artifact']}: {one_line(first_line(e))}"
+        ) from e
+    feeds = {t["name"]: golden[t["name"]] for t in inputs}
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            got = runner.run(feeds)
+    except Exception as e:
+        raise ManifestError(
+            f"{fmt.runtime} failed to run the golden inputs: {one_line(first_line(e))}"
+        ) from e
+    expected = {t["name"]: golden[t["name"]] for t in outputs}
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        raise ManifestError(f"the artifact returned {sorted(got)}, not the outputs {missing}")
+    metrics = parity_metrics(expected, {k: got[k] for k in expected})
+    result.metrics = metrics
+    gate(metrics, artifact="golden vectors", **tolerance)
+    result.status = "passed"
+
+
+def _check_artifact(path: str, fmt: Format, manifest: dict) -> None:
+    name = manifest["artifact"]
+    if not os.path.lexists(path):
+        raise ManifestError(f"artifact {name} is missing")
+    if fmt.is_folder:
+        if not os.path.isdir(path):
+            raise ManifestError(f"artifact {name} should be a folder")
+        _no_symlinks(path, os.path.dirname(path), name)
+    elif not os.path.isfile(path):
+        raise ManifestError(f"artifact {name} is not a file")
+    try:
+        size = size_bytes(path)
+        if "bytes" in manifest and size != manifest["bytes"]:
+            raise ManifestError(
+                f"artifact is {size} bytes, the manifest says {manifest['bytes']} "
+                "(truncated or replaced)"
+            )
+        digest = sha256_path(path)
+    except OSError as e:
+        raise ManifestError(f"artifact {name} cannot be read: {one_line(first_line(e))}") from e
+    if digest != manifest["sha256"].lower():
+        raise ManifestError(
+            f"sha256 mismatch: the file has {digest[:12]}..., the manifest "
+            f"{manifest['sha256'][:12]}... (modified or corrupted)"
+        )
+
+
+def _no_symlinks(folder: str, root: str, name: str) -> None:
+    """A SavedModel folder holding symlinks: the sha256 would not cover what TensorFlow loads."""
+    for base, dirs, files in os.walk(folder):
+        for entry in dirs + files:
+            full = os.path.join(base, entry)
+            if os.path.islink(full):
+                raise ManifestError(
+                    f"refusing artifact {name}: it holds a symlink "
+                    f"({os.path.relpath(full, root)})"
+                )

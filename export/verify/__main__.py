@@ -1,0 +1,8 @@
+"""`python -m export.verify PATH`: check published artifacts against their manifests."""
+
+import sys
+
+from export.verify.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

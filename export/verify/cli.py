@@ -1,0 +1,60 @@
+"""The command line of `python -m export.verify PATH`: one line per artifact, a summary, exit 0/1/2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from export.cli import OneLineParser
+from export.errors import UsageError
+from export.verify import ASCII_MARKS, MARKS, verify_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="python -m export.verify",
+        description=(
+            "Check published artifacts against their manifests: sha256, then the golden inputs "
+            "run in the artifact's own runtime and compared with the golden outputs within the "
+            "manifest's tolerance. Needs numpy and onnxruntime and/or ai-edge-litert only; "
+            "SavedModel runs where TensorFlow is importable."
+        ),
+        epilog="exit codes: 0 every artifact passed (or was not run for want of its runtime); "
+               "1 any artifact failed; 2 usage error (no such path, no manifests)",
+    )
+    parser.add_argument("path", metavar="PATH",
+                        help="an output folder (every *.onnx.json, *.tflite.json, "
+                             "*_savedmodel.json in it) or one manifest")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print failures and the summary only")
+    return parser
+
+
+def _marks() -> dict[str, str]:
+    encoding = getattr(sys.stdout, "encoding", None)
+    if not encoding:  # an in-memory text stream holds any character
+        return MARKS
+    try:
+        "".join(MARKS.values()).encode(encoding)
+    except (LookupError, UnicodeEncodeError):
+        return ASCII_MARKS
+    return MARKS
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = verify_path(args.path)
+    except UsageError as e:
+        print(f"python -m export.verify: error: {e}", file=sys.stderr)
+        return e.exit_code
+    marks = _marks()
+    for r in results:
+        if not args.quiet or r.failed:
+            print(r.line(marks))
+    counts = {s: sum(r.status == s for r in results) for s in ("passed", "failed", "not run")}
+    summary = f"{counts['passed']} passed, {counts['failed']} failed"
+    if counts["not run"]:
+        summary += f", {counts['not run']} not run"
+    print(f"{summary} ({len(results)} manifest{'s' if len(results) != 1 else ''} in {args.path})")
+    return 1 if counts["failed"] else 0

@@ -1,0 +1,153 @@
+"""The house rules of export/ (DESIGN.md): no import cycles, lazy imports said why, verify without
+TensorFlow, xattn apart from export, and every format looked up in the one registry."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from export.formats import FORMAT_NAMES, REGISTRY, get_format
+
+PACKAGES = ("export", "xattn")
+
+
+def _modules() -> dict[str, str]:
+    """module name -> file, for every module of export and xattn."""
+    found = {}
+    for package in PACKAGES:
+        for root, _, files in os.walk(os.path.join(REPO, package)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(root, name)
+                parts = os.path.relpath(path, REPO)[:-3].split(os.sep)
+                if parts[-1] == "__init__":
+                    parts = parts[:-1]
+                found[".".join(parts)] = path
+    return found
+
+
+def _imports(path: str, module: str, known: set[str]) -> list[tuple[str, int, bool]]:
+    """(imported project module, line, inside a function) for every import in `path`."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    in_function: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    in_function.add(id(inner))
+    out = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            # the longest project module that `name` is or lies in
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                out.append((name, node.lineno, id(node) in in_function))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {m: {n for n, _, _ in _imports(p, m, known)} for m, p in modules.items()}
+
+
+def test_no_import_cycle_in_export_lazy_imports_included():
+    graph = _graph()
+    # A package's own __init__ is imported before its submodules anyway: an edge to it is no cycle.
+    edges = {m: {n for n in deps if not m.startswith(n + ".")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(edges.get(m, ())):
+            if state.get(n) == 1:
+                cycle = stack[stack.index(n):] + [n]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m)
+
+
+def test_xattn_never_imports_export():
+    graph = _graph()
+    bad = {m: sorted(d for d in deps if d.startswith("export"))
+           for m, deps in graph.items() if m.startswith("xattn")}
+    assert not any(bad.values()), bad
+
+
+def test_every_lazy_import_says_why():
+    modules = _modules()
+    unexplained = []
+    for module, path in modules.items():
+        lines = open(path, encoding="utf-8").read().splitlines()
+        tree = ast.parse("\n".join(lines))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    # the import's line or one of the three above it (a block of lazy imports)
+                    text = " ".join(lines[max(0, inner.lineno - 4):inner.lineno])
+                    if "lazy" not in text:
+                        unexplained.append(f"{module}:{inner.lineno}: {lines[inner.lineno - 1].strip()}")
+    assert not unexplained, "imports inside functions without a `lazy: why` comment:\n" + "\n".join(
+        unexplained)
+
+
+def test_verify_and_the_entry_parsers_import_no_tensorflow():
+    code = (
+        "import sys\n"
+        "import export.verify, export.verify.__main__, export.cli, export.formats, export.manifest\n"
+        "import export.onnx, export.tflite, export.savedmodel, export.bench, export.onnx.check\n"
+        "import export.tflite.check\n"
+        "heavy = sorted(m for m in ('tensorflow', 'keras', 'tf2onnx') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"imported {done.stdout.strip()}"
+
+
+def test_registry_records_are_complete_and_resolve():
+    assert FORMAT_NAMES == ("savedmodel", "tflite", "onnx")
+    suffixes = [f.suffix for f in REGISTRY.values()]
+    assert len(set(suffixes)) == len(suffixes)
+    for fmt in REGISTRY.values():
+        for target in (fmt.builder, fmt.runner) + ((fmt.graph_check,) if fmt.graph_check else ()):
+            module, _, attr = target.partition(":")
+            path = _modules()[module]
+            tree = ast.parse(open(path, encoding="utf-8").read())
+            defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+            assert attr in defined, f"{fmt.name}: {target} is not a function of {path}"
+    with pytest.raises(ValueError, match="unknown format 'coreml'; known formats: savedmodel"):
+        get_format("coreml")
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_each_format_entry_is_thin_and_its_builder_knows_no_argparse(fmt):
+    entry = open(os.path.join(REPO, "export", fmt, "__main__.py"), encoding="utf-8").read()
+    assert len(entry.splitlines()) <= 15 and "from export.cli import main" in entry
+    for name in os.listdir(os.path.join(REPO, "export", fmt)):
+        if name.endswith(".py") and name != "__main__.py":
+            text = open(os.path.join(REPO, "export", fmt, name), encoding="utf-8").read()
+            assert "argparse" not in text and "export.cli" not in text, f"export/{fmt}/{name}"
