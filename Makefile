@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check xattn export tests
+	$(PY) -m ruff check xattn export tests examples
 
 bench: $(STAMP)
 	$(PY) -m export.bench --batch 1,32 --threads 1 --lengths 10,64,256 --startup

@@ -42,4 +42,5 @@ def build_forecaster(
     x = keras.layers.Dense(units, activation="relu", name="head_hidden")(x)
     x = keras.layers.Dense(1, name="head")(x)  # (B, H, 1)
     forecast = keras.layers.Reshape((horizon,), name="forecast")(x)  # (B, H)
-    return keras.Model({"past": past, "future": future}, forecast, name="co2_forecaster")
+    # A list, not a dict: Keras orders dict inputs by key, and `past, future` reads better.
+    return keras.Model([past, future], forecast, name="co2_forecaster")

@@ -68,13 +68,15 @@ def train_forecaster(output_dir: str, *, epochs: int = 60, seed: int = 0, batch_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.forecast.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m examples.forecast.train",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--output-dir", default="build/forecast")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true", help="print Keras' progress per epoch")
     args = parser.parse_args(argv)
-    result = train_forecaster(args.output_dir, epochs=args.epochs, seed=args.seed, verbose=2 if args.verbose else 0)
+    result = train_forecaster(args.output_dir, epochs=args.epochs, seed=args.seed,
+                              verbose=2 if args.verbose else 0)
     loss = result["history"]["loss"]
     print(f"trained {args.epochs} epochs in {result['seconds']:.1f} s; loss {loss[0]:.4f} -> {loss[-1]:.4f}, "
           f"val_loss {result['history']['val_loss'][-1]:.4f}")
