@@ -6,7 +6,6 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-
 from layer_zoo import UNSAFE, ZOO, save_zoo_model, zoo_call_args, zoo_inputs
 
 NAMES = list(ZOO)
