@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install artifacts test lint bench verify clean
+.PHONY: install artifacts test lint bench verify clean example
 
 install: $(STAMP)
 
@@ -21,10 +21,16 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check xattn export tests
+	$(PY) -m ruff check xattn export tests examples
 
 bench: $(STAMP)
 	$(PY) -m export.bench --batch 1,32 --threads 1 --lengths 10,64,256 --startup
+
+# The forecasting example: train on the real CO2 data, then draw the test-split forecast.
+EXAMPLE_DIR ?= build/forecast
+example: $(STAMP)
+	$(PY) -m examples.forecast.train --epochs 60 --output-dir $(EXAMPLE_DIR)
+	$(PY) -m examples.forecast.plot --run-dir $(EXAMPLE_DIR)
 
 clean:
 	rm -rf $(VENV) artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json artifacts/*.npz

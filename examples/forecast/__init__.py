@@ -1,0 +1,1 @@
+"""A monthly CO2 forecaster whose future steps attend to the encoded past through CrossAttention."""
