@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(PY) -m export.bench --batch 1,32 --threads 1 --lengths 10,64,256 --startup
 
 clean:
-	rm -rf $(VENV) artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json artifacts/*.npz
+	rm -rf $(VENV) artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json artifacts/*.npz artifacts/*.golden.bin
 
 verify: $(STAMP)
 	$(PY) -m export.verify artifacts/

@@ -16,6 +16,7 @@ import numpy as np
 
 from export import check, publish, reference
 from export.errors import ExportError, SpecError
+from export.golden_raw import write_golden_raw
 from export.spec import ArtifactSpec
 
 log = logging.getLogger("export")
@@ -93,6 +94,7 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
         model.save(os.path.join(stage, first.reference_name))
         staged.append(first.reference_name)
         goldens = {}
+        golden_raw = {}
         for spec in specs.values():
             if spec.golden_name in goldens:
                 continue
@@ -102,11 +104,15 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
             publish.write_npz(golden_path, {**feeds, **outputs})
             goldens[spec.golden_name] = (feeds, outputs, publish.sha256_path(golden_path))
             staged.append(spec.golden_name)
+            # The same arrays for readers without numpy (web/): raw buffers + a JSON index.
+            golden_raw[spec.golden_name] = write_golden_raw({**feeds, **outputs}, stage, spec.name)
+            staged += [golden_raw[spec.golden_name]["index"], golden_raw[spec.golden_name]["data"]]
         _guard_shared_files(request.output_dir, specs, goldens)
         for fmt, spec in specs.items():
             results.append(
                 _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source,
-                           calibration=calibrations.get(fmt))
+                           calibration=calibrations.get(fmt),
+                           golden_raw=golden_raw[spec.golden_name])
             )
         manifests = [os.path.basename(r.manifest_path) for r in results]
         artifacts = [os.path.basename(r.path) for r in results]
@@ -147,7 +153,7 @@ def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens
 
 
 def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, source,
-               calibration=None):
+               calibration=None, golden_raw=None):
     from export import quantize
     from export.graph import build_inference_function, preferred_layout
     from export.runtimes import load_runner
@@ -242,6 +248,7 @@ def _build_one(fmt, spec, request, model, folded, layer_config, stage, goldens, 
         "reference": spec.reference_name,
         "golden": spec.golden_name,
         "golden_sha256": golden_sha,
+        "golden_raw": golden_raw,
         **extra_manifest,
         "quantization": quantize.manifest_entry(spec, calibration),
         "parity": parity,

@@ -100,3 +100,22 @@ def test_tampered_data_is_refused(tmp_path):
     with pytest.raises(ValueError, match="sha256"):
         read_golden_raw(str(tmp_path), entry["index"])
     assert not os.path.exists(tmp_path / "g.golden.npz")
+
+
+def test_pipeline_publishes_raw_goldens_in_the_manifest(artifact_factory):
+    """Every manifest names the raw pair beside its .npz, with the sha256 of both files."""
+    fields = dict(units=8, heads=2, query_len=4, query_features=5, kv_len=6, kv_features=3,
+                  query_mask=True, value_mask=True)
+    out, results = artifact_factory(formats=("tflite", "onnx"), **fields)
+    for result in results.values():
+        entry = result.manifest["golden_raw"]
+        name = result.spec.name
+        assert entry["index"] == f"{name}.golden.json" and entry["data"] == f"{name}.golden.bin"
+        assert entry["sha256"] == sha256(os.path.join(out, entry["data"]))
+        assert entry["index_sha256"] == sha256(os.path.join(out, entry["index"]))
+        raw = read_golden_raw(out, entry["index"])
+        with np.load(os.path.join(out, result.manifest["golden"]), allow_pickle=False) as npz:
+            assert sorted(raw) == sorted(npz.files)
+            for key in npz.files:
+                np.testing.assert_array_equal(raw[key], npz[key])
+        assert raw["query_mask"].dtype == np.bool_
