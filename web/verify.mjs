@@ -9,7 +9,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { findManifests, loadArtifact, UsageError } from './lib/artifacts.mjs';
 import { parityMetrics } from './lib/golden.mjs';
-import { BrowserRuntimes, findChromium, runOrtNode, ORT_NODE } from './lib/runtimes.mjs';
+import { BrowserRuntimes, findChromium, packageVersion, runOrtNode } from './lib/runtimes.mjs';
 
 const RUNTIMES = { node: 'onnx', web: 'onnx', litert: 'tflite' };
 const USAGE = `usage: node verify.mjs [--runtimes node,web,litert] [--chromium PATH] [-q] PATH
@@ -126,8 +126,12 @@ export async function main(argv) {
   const needBrowser = wanted.some((r) => r !== 'node') &&
     checked.some((c) => !c.error && wanted.some((r) => r !== 'node' && RUNTIMES[r] === c.artifact.format));
   let browser = null;
-  const versions = [`Node ${process.version}`];
-  if (wanted.includes('node')) versions.push(ORT_NODE());
+  const label = {
+    node: `onnxruntime-node ${packageVersion('onnxruntime-node')}`,
+    web: `onnxruntime-web ${packageVersion('onnxruntime-web')}`,
+    litert: `LiteRT.js ${packageVersion('@litertjs/core')}`,
+  };
+  const versions = [`Node ${process.version}`, ...wanted.map((r) => label[r])];
   if (needBrowser) {
     const executable = findChromium(args.values.chromium);
     if (!executable) {
@@ -140,8 +144,6 @@ export async function main(argv) {
       console.error(`node verify.mjs: error: cannot start ${executable}: ${oneLine(e.message)}`);
       return 2;
     }
-    if (wanted.includes('web')) versions.push(browser.ortWeb);
-    if (wanted.includes('litert')) versions.push(browser.litert);
     versions.push(browser.chromium);
   }
   if (!args.values.quiet) console.log(`runtimes: ${versions.join(', ')}`);
@@ -150,10 +152,10 @@ export async function main(argv) {
     for (const c of checked) {
       const runtimes = [];
       const format = c.error ? (c.manifest.endsWith('.onnx.json') ? 'onnx' : 'tflite') : c.artifact.format;
-      if (format === 'onnx' && wanted.includes('node')) runtimes.push([ORT_NODE(), (a) => runOrtNode(a)]);
-      if (format === 'onnx' && wanted.includes('web')) runtimes.push([browser?.ortWeb, (a) => browser.runOrtWeb(a)]);
-      if (format === 'tflite' && wanted.includes('litert')) runtimes.push([browser?.litert, (a) => browser.runLiteRt(a)]);
-      const name = c.artifact?.name ?? path.basename(c.manifest);
+      if (format === 'onnx' && wanted.includes('node')) runtimes.push([label.node, (a) => runOrtNode(a)]);
+      if (format === 'onnx' && wanted.includes('web')) runtimes.push([label.web, (a) => browser.runOrtWeb(a)]);
+      if (format === 'tflite' && wanted.includes('litert')) runtimes.push([label.litert, (a) => browser.runLiteRt(a)]);
+      const name = c.artifact?.name ?? path.basename(c.manifest).replace(/\.json$/, '');
       for (const [label, run] of runtimes) {
         if (c.error) {
           emit(name, label, { status: 'failed', text: c.error.message });

@@ -41,8 +41,6 @@ export function unsupportedReason(message, artifact) {
 
 let ortNode = null;
 
-export const ORT_NODE = () => `onnxruntime-node ${packageVersion('onnxruntime-node')}`;
-
 export async function runOrtNode(artifact) {
   ortNode ??= require('onnxruntime-node');
   let session;
@@ -131,8 +129,6 @@ export class BrowserRuntimes {
     this.page = page;
     this.log = log;
     this.chromium = `Chromium ${browser.version()}`;
-    this.ortWeb = `onnxruntime-web ${packageVersion('onnxruntime-web')}`;
-    this.litert = `LiteRT.js ${packageVersion('@litertjs/core')}`;
   }
 
   async run(fn, artifact) {
