@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install artifacts test lint bench verify clean example
+.PHONY: install artifacts test lint bench verify verify-web web-deps chromium clean example
 
 install: $(STAMP)
 
@@ -33,7 +33,37 @@ example: $(STAMP)
 	$(PY) -m examples.forecast.plot --run-dir $(EXAMPLE_DIR)
 
 clean:
-	rm -rf $(VENV) artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json artifacts/*.npz
+	rm -rf $(VENV) web/node_modules artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json artifacts/*.npz artifacts/*.golden.bin
 
 verify: $(STAMP)
 	$(PY) -m export.verify artifacts/
+
+# -- the JS verifier (web/): onnxruntime-node, and onnxruntime-web + LiteRT.js in headless Chromium --
+# `npm ci` from web/package-lock.json. onnxruntime-node's install script would fetch CUDA
+# binaries from nuget.org: skipped, its CPU binaries ship inside the npm package.
+WEB_DEPS := web/node_modules/.package-lock.json
+# Debian's chromium, installed with apt-get where missing (root, or sudo). Elsewhere point
+# CHROMIUM at any Chromium/Chrome binary: make verify-web CHROMIUM=/path/to/chrome
+CHROMIUM ?= $(firstword $(wildcard /usr/lib/chromium/chromium /usr/bin/chromium))
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Build the default artifacts only when they are missing (`make artifacts` rebuilds).
+WEB_ARTIFACT := artifacts/xattn_u64_h4_q10x64_kv10x64.onnx.json
+
+web-deps: $(WEB_DEPS)
+
+$(WEB_DEPS): web/package.json web/package-lock.json
+	cd web && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
+	touch $(WEB_DEPS)
+
+chromium:
+	@if [ -z "$(CHROMIUM)" ]; then \
+		echo "chromium not found: apt-get install -y chromium"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; \
+	fi
+
+$(WEB_ARTIFACT): | $(STAMP)
+	$(PY) -m export
+
+verify-web: $(WEB_DEPS) chromium $(WEB_ARTIFACT)
+	cd web && node verify.mjs $(if $(CHROMIUM),--chromium $(CHROMIUM)) ../artifacts
+	cd web && XATTN_ARTIFACTS=../artifacts node --test --test-reporter=spec test/

@@ -47,14 +47,15 @@ MAX_GOLDEN_BYTES = 2 << 30
 
 
 def build_manifest(*, fmt: str, spec, built, layer_config: dict, layout: str, golden_sha256: str,
-                   parity: dict, quantization: dict, weights: str, versions: dict,
+                   golden_raw: dict, parity: dict, quantization: dict, weights: str, versions: dict,
                    created: str, sha256: str, size: int) -> dict:
     """The manifest of one published artifact, fields in a fixed order.
 
     Args:
         fmt: the format's name. spec: its `ArtifactSpec`. built: the builder's `Built` (path and
         format facts: `opset`, `io_quantization`). layer_config: the layer's `get_config()`.
-        layout: the head layout of its graph. golden_sha256: of the golden file. parity: the
+        layout: the head layout of its graph. golden_sha256: of the golden file. golden_raw: the
+        same vectors as raw buffers and a JSON index (export.golden_raw). parity: the
         metrics and gate it passed. quantization: `quantization_entry(...)`. weights: where the
         weights came from. versions: converters and runtimes. created: a UTC timestamp.
         sha256, size: of the artifact.
@@ -81,6 +82,7 @@ def build_manifest(*, fmt: str, spec, built, layer_config: dict, layout: str, go
         "reference": spec.reference_name,
         "golden": spec.golden_name,
         "golden_sha256": golden_sha256,
+        "golden_raw": golden_raw,
         **facts,
         "quantization": quantization,
         "parity": parity,

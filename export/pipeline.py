@@ -18,6 +18,7 @@ from export import check, publish, reference, runtimes
 from export.calibration import Calibration, calibrations_for, check_variant, graph_options
 from export.errors import ExportError, SpecError
 from export.formats import get_format
+from export.golden_raw import write_golden_raw
 from export.graph import FoldedWeights, build_inference_function, fold_weights, preferred_layout
 from export.manifest import build_manifest, quantization_entry, write_manifest
 from export.spec import ArtifactSpec
@@ -64,6 +65,16 @@ class ArtifactResult:
     sha256: str
     parity: dict
     manifest: dict
+
+
+@dataclass(frozen=True)
+class _Golden:
+    """The golden vectors of one name: inputs, reference outputs, the .npz's sha256, raw files."""
+
+    feeds: dict
+    outputs: dict
+    sha256: str
+    raw: dict  # export.golden_raw's manifest entry
 
 
 @dataclass(frozen=True)
@@ -137,8 +148,10 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
             outputs = reference.run_reference(model, feeds)
             golden_path = os.path.join(stage, spec.golden_name)
             publish.write_npz(golden_path, {**feeds, **outputs})
-            goldens[spec.golden_name] = (feeds, outputs, publish.sha256_path(golden_path))
-            staged.append(spec.golden_name)
+            # The same arrays for readers without numpy (web/): raw buffers + a JSON index.
+            raw = write_golden_raw({**feeds, **outputs}, stage, spec.name)
+            goldens[spec.golden_name] = _Golden(feeds, outputs, publish.sha256_path(golden_path), raw)
+            staged += [spec.golden_name, raw["index"], raw["data"]]
         _guard_shared_files(request.output_dir, specs, goldens)
         for fmt, spec in specs.items():
             results.append(_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt)))
@@ -161,7 +174,7 @@ def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens
     `export.verify`; fail before converting anything instead, and say how to avoid it.
     """
     rebuilt = {spec.manifest_name(fmt) for fmt, spec in specs.items()}
-    new_golden = {name: sha for name, (_, _, sha) in goldens.items()}
+    new_golden = {name: golden.sha256 for name, golden in goldens.items()}
     for entry in sorted(os.listdir(output_dir)):
         if not entry.endswith(".json") or entry in rebuilt:
             continue
@@ -198,8 +211,8 @@ def _build_one(fmt: str, spec: ArtifactSpec, request: ExportRequest, ref: _Refer
     runner = runtimes.load_runner(fmt, built.path, batch=spec.batch, inputs=spec.inputs())
     metrics, n_samples = _verify_artifact(runner, spec, ref.model, tolerance, name)
     # The golden vectors must pass too: that is what `export.verify` will check later.
-    golden_feeds, golden_outputs, golden_sha = goldens[spec.golden_name]
-    check.gate(check.parity_metrics(golden_outputs, runner.run(golden_feeds)),
+    golden = goldens[spec.golden_name]
+    check.gate(check.parity_metrics(golden.outputs, runner.run(golden.feeds)),
                artifact=f"{name} (golden vectors)", **tolerance)
     parity = {"runtime": f"{record.runtime} {publish.versions().get(record.runtime, '?')}",
               "n_samples": n_samples, **metrics, **tolerance, "passed": True}
@@ -213,7 +226,7 @@ def _build_one(fmt: str, spec: ArtifactSpec, request: ExportRequest, ref: _Refer
 
     manifest = build_manifest(
         fmt=fmt, spec=spec, built=built, layer_config=ref.layer_config, layout=layout,
-        golden_sha256=golden_sha, parity=parity,
+        golden_sha256=golden.sha256, golden_raw=golden.raw, parity=parity,
         quantization=quantization_entry(spec, calibration), weights=ref.source,
         versions=publish.versions(), created=publish.utc_now(),
         sha256=publish.sha256_path(built.path), size=publish.size_bytes(built.path),
