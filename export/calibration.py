@@ -35,11 +35,33 @@ CALIBRATION_ARRAYS = ("source1", "source2")
 MASK_MARGIN = 8.0
 
 
-def graph_options(spec: ArtifactSpec) -> dict:
-    """Keyword arguments of `export.graph.build_inference_function` that `spec`'s variant needs."""
-    if spec.quantize == "int8" and (spec.query_mask or spec.value_mask or spec.causal):
+def graph_options(spec) -> dict:
+    """Keyword arguments of the inference function that `spec`'s variant needs.
+
+    A model's masks are whatever reaches its CrossAttention layers: its full-int8 graphs always
+    get the margin (it changes nothing where no mask is applied).
+    """
+    masked = not isinstance(spec, ArtifactSpec) or spec.query_mask or spec.value_mask or spec.causal
+    if spec.quantize == "int8" and masked:
         return {"mask_margin": MASK_MARGIN}
     return {}
+
+
+def reference_calibration(ref, spec) -> Calibration | None:
+    """A `--model` export's int8 calibration: its sample inputs if given, else seeded inputs."""
+    if spec.quantize != "int8":
+        return None
+    samples = getattr(ref, "sample_inputs", None)
+    if samples is not None:
+        rows = len(next(iter(samples.values())))
+        rows -= rows % (spec.batch or 1)
+        if rows == 0:
+            raise CalibrationError(f"--sample-inputs has fewer rows than the batch {spec.batch}")
+        return Calibration(feeds={k: v[:rows] for k, v in samples.items()}, source="sample-inputs",
+                           path=ref.sample_path, sha256=sha256_path(ref.sample_path))
+    rows = _round_up(CALIBRATION_SAMPLES, spec.batch)
+    return Calibration(feeds=ref.make_inputs(spec, rows, CALIBRATION_SEED), source="random",
+                       seed=CALIBRATION_SEED)
 
 
 # -- calibration data --------------------------------------------------------------------------
@@ -58,10 +80,13 @@ class Calibration:
 
     @property
     def n_samples(self) -> int:
-        return int(len(self.feeds["source1"]))
+        return int(len(next(iter(self.feeds.values()))))
 
     def describe(self) -> dict:
         """The manifest's `quantization.calibration`."""
+        if self.source == "sample-inputs":
+            return {"source": "sample-inputs", "file": os.path.basename(self.path or ""),
+                    "sha256": self.sha256}
         if self.source == "file":
             entry = {"source": "file", "file": os.path.basename(self.path or ""), "sha256": self.sha256}
             if self.notes:

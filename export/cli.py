@@ -74,15 +74,54 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.partition("=")
+    try:
+        shape = tuple(_positive_int(d.strip()) for d in dims.split(","))
+    except argparse.ArgumentTypeError:
+        shape = ()
+    if not sep or not name.strip() or not shape:
+        raise argparse.ArgumentTypeError(
+            f"must be NAME=D1,D2,... with positive integers, got {text!r}")
+    return name.strip(), shape
+
+
+# Flags that describe the lone layer: meaningless with --model.
+LAYER_FLAGS = ("units", "heads", "query_len", "kv_len", "query_features", "kv_features",
+               "weights", "query_mask", "value_mask", "causal", "scores")
+MODEL_FLAGS = ("imports", "input_shapes", "sample_inputs")
+
+
+def _flag(dest: str) -> str:
+    return "--" + {"imports": "import", "input_shapes": "input-shape"}.get(dest, dest.replace("_", "-"))
+
+
+def check_model_flags(args: argparse.Namespace) -> str | None:
+    """The usage error of a command line mixing --model with the layer's flags, or None."""
+    if args.model is None:
+        given = [d for d in MODEL_FLAGS if getattr(args, d)]
+        if given:
+            return f"{_flag(given[0])} applies to --model only. Received: {_flag(given[0])} without --model"
+        return None
+    layer = [d for d in LAYER_FLAGS if getattr(args, d, None) not in (None, False)]
+    if layer:
+        return (f"--model and {_flag(layer[0])} cannot be combined: the model's inputs give the "
+                f"shapes and it holds its weights. Received: --model {args.model} {_flag(layer[0])}")
+    if getattr(args, "calibration", None):
+        return ("--model and --calibration cannot be combined: pass calibration rows with "
+                "--sample-inputs (one array per model input)")
+    return None
+
+
 def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m export"):
     """The shared parser; format-specific flags appear only where they apply."""
     names = ", ".join(formats)
     parser = OneLineParser(
         prog=prog,
         description=(
-            f"Build {names} artifact(s) of an xattn CrossAttention, verify each in its own "
-            "runtime against the Keras reference, and publish it with a manifest and golden "
-            "vectors into --output-dir."
+            f"Build {names} artifact(s) of an xattn CrossAttention (or of a whole model holding "
+            "it: --model), verify each in its own runtime against the Keras reference, and "
+            "publish it with a manifest and golden vectors into --output-dir."
         ),
         epilog=(
             "exit codes: 0 ok; 1 verification failed (nothing published); 2 usage error; "
@@ -112,6 +151,22 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
     masks.add_argument("--causal", action="store_true", help="bake in use_causal_mask=True")
     masks.add_argument("--scores", action="store_true",
                        help="add an output attention_scores (B, heads, Tq, Tkv)")
+    whole = parser.add_argument_group(
+        "a whole model (instead of the lone layer)",
+        "Export a trained Keras model that uses CrossAttention: every CrossAttention inside runs "
+        "the folded computation, everything else as Keras runs it, with static shapes.")
+    whole.add_argument("--model", metavar="PATH.keras",
+                       help="a functional or Sequential model saved with model.save(); loaded "
+                            "with safe_mode on; its inputs and outputs name the artifact's")
+    whole.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                       help="import MODULE first (it registers your custom layers); repeatable")
+    whole.add_argument("--input-shape", dest="input_shapes", action="append", default=[],
+                       type=_input_shape, metavar="NAME=D1,D2,...",
+                       help="fix the unknown non-batch axes of input NAME; repeatable")
+    whole.add_argument("--sample-inputs", metavar="PATH.npz",
+                       help="real inputs, one array per model input (N, ...): the golden vectors, "
+                            "the verification rows and the int8 calibration data; needed for "
+                            "integer inputs")
     weights = parser.add_argument_group("weights")
     weights.add_argument("--weights", metavar="PATH",
                          help="a .keras file holding a CrossAttention, or a .weights.h5 from "
@@ -178,6 +233,8 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
     from export import reference
     from export.pipeline import ExportRequest
 
+    if args.model is not None:
+        return _model_request(args, formats)
     given = {k: getattr(args, k) for k in SHAPE_DEFAULTS if getattr(args, k) is not None}
     weights = None
     weights_source = None
@@ -215,19 +272,9 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
     specs = {}
     for fmt in formats:
         record = get_format(fmt)
-        batch = getattr(args, "batch", record.default_batch)
-        if batch is None and not record.dynamic_batch:
-            if formats == (fmt,):
-                raise SpecError(
-                    f"{record.title} artifacts have a static batch; --batch dynamic is not "
-                    f"possible for {fmt}. Received: --batch dynamic"
-                )
-            dynamic = [f for f in formats if get_format(f).dynamic_batch]
-            log.info("note     %s keeps a static batch of %d (--batch dynamic applies to %s)",
-                     fmt, record.default_batch, " and ".join(dynamic))
-            batch = record.default_batch
         specs[fmt] = ArtifactSpec(
-            **common, batch=batch, quantize=quantize if record.quantizable else "none",
+            **common, batch=_batch_for(args, fmt, formats),
+            quantize=quantize if record.quantizable else "none",
             int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
         )
     if weights == "h5":
@@ -242,6 +289,59 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
         max_rel_error=getattr(args, "max_rel_error", None),
         opset=getattr(args, "opset", None),
         calibration=getattr(args, "calibration", None),
+    )
+
+
+def _batch_for(args: argparse.Namespace, fmt: str, formats: tuple[str, ...]):
+    """The batch of format `fmt`: --batch, or its default; a static format keeps its own."""
+    record = get_format(fmt)
+    batch = getattr(args, "batch", record.default_batch)
+    if batch is None and not record.dynamic_batch:
+        if formats == (fmt,):
+            raise SpecError(
+                f"{record.title} artifacts have a static batch; --batch dynamic is not "
+                f"possible for {fmt}. Received: --batch dynamic"
+            )
+        dynamic = [f for f in formats if get_format(f).dynamic_batch]
+        log.info("note     %s keeps a static batch of %d (--batch dynamic applies to %s)",
+                 fmt, record.default_batch, " and ".join(dynamic))
+        batch = record.default_batch
+    return batch
+
+
+def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
+    """--model flags -> ExportRequest with ModelSpecs and the loaded model."""
+    from export import model as user_model  # lazy: Keras and TensorFlow, after parsing
+    from export.pipeline import ExportRequest
+
+    user_model.import_modules(args.imports)
+    keras_model = user_model.load_model(args.model)
+    shapes = dict(args.input_shapes)
+    inputs, outputs = user_model.model_tensors(keras_model, shapes)
+    samples = (user_model.load_sample_inputs(args.sample_inputs, inputs)
+               if args.sample_inputs else None)
+    if samples is None:
+        ints = [t.name for t in inputs if t.dtype not in ("float32", "bool")]
+        if ints:
+            raise SpecError(
+                f"model input {ints[0]!r} is {next(t.dtype for t in inputs if t.name == ints[0])} "
+                "(ids, categories): pass real inputs with --sample-inputs data.npz (one array per "
+                "model input)")
+    quantize = getattr(args, "quantize", "none")
+    stem = args.name or user_model.default_stem(args.model)
+    specs = {}
+    for fmt in formats:
+        record = get_format(fmt)
+        specs[fmt] = user_model.ModelSpec(
+            model_inputs=inputs, model_outputs=outputs, stem=stem, named=bool(args.name),
+            batch=_batch_for(args, fmt, formats), quantize=quantize if record.quantizable else "none",
+            int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
+        )
+    reference = user_model.ModelReference(args.model, keras_model, samples, args.sample_inputs)
+    return ExportRequest(
+        specs=specs, output_dir=args.output_dir, atol=args.atol,
+        max_rel_error=getattr(args, "max_rel_error", None), opset=getattr(args, "opset", None),
+        model=reference, weights_source=os.path.basename(args.model),
     )
 
 
@@ -293,6 +393,9 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
     if getattr(args, "int8_io", False) and not any(get_format(f).int8_io for f in formats):
         # ONNX int8 keeps float32 inputs and outputs (QDQ); only TFLite files take int8 ones.
         parser.error("--int8-io applies to TFLite only; ONNX int8 files take and return float32")
+    mixed = check_model_flags(args)
+    if mixed:
+        parser.error(mixed)
 
     def export():
         from export.pipeline import export_artifacts  # lazy: TensorFlow, after parsing

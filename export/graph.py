@@ -121,9 +121,9 @@ def preferred_layout(spec: ArtifactSpec, runtime_layout: str) -> str:
     return runtime_layout
 
 
-def causal_bias(spec: ArtifactSpec) -> np.ndarray:
+def causal_bias(query_len: int, kv_len: int) -> np.ndarray:
     """(Tq, Tkv) additive bias of Keras' causal mask: key j visible from query i iff j <= i."""
-    allowed = np.tril(np.ones((spec.query_len, spec.kv_len), dtype=bool))
+    allowed = np.tril(np.ones((query_len, kv_len), dtype=bool))
     return np.where(allowed, 0.0, MASK_BIAS).astype(np.float32)
 
 
@@ -139,6 +139,38 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *,
                              mask_margin: float | None = None):
     """A `tf.function` with named inputs and a dict of named outputs, weights as constants.
 
+    The lone layer's artifact: `folded_attention` on the spec's inputs (see there for `layout`
+    and `mask_margin`).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}. Received: layout={layout!r}")
+    signature = input_signature(spec)
+    names = [s.name for s in signature]
+
+    def call(*tensors):
+        named = dict(zip(names, tensors))
+        out, scores = folded_attention(
+            named["source1"], named["source2"], folded, layout=layout, batch=spec.batch,
+            query_mask=named.get("query_mask"), value_mask=named.get("value_mask"),
+            causal=spec.causal, return_scores=spec.scores, mask_margin=mask_margin,
+        )
+        result = {"output": tf.identity(out, name="output")}
+        if spec.scores:
+            result["attention_scores"] = tf.identity(scores, name="attention_scores")
+        return result
+
+    return tf.function(call, input_signature=signature, autograph=False)
+
+
+def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, batch: int | None,
+                     query_mask=None, value_mask=None, attention_mask=None, causal: bool = False,
+                     return_scores: bool = False, mask_margin: float | None = None):
+    """The folded CrossAttention on TensorFlow tensors: `(output, scores or None)`.
+
+    The one implementation every artifact runs: the lone layer's (`build_inference_function`)
+    and every CrossAttention inside a user's model (export.model). Lengths and feature sizes come
+    from the tensors' static shapes; `batch` is the fixed batch, or None for a dynamic one.
+
     `layout` picks the head arrangement: "batched-heads" transposes heads into a batch axis and
     runs batched matmuls (onnxruntime's choice); "per-head" runs each head as its own plain matmul
     on slices, without transposes (better in XNNPACK); "source" attends over `source2` directly
@@ -146,38 +178,47 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *,
     it applies, see `preferred_layout`).
 
     `mask_margin` is for integer graphs (export.calibration.graph_options): masked logits are
-    then replaced by their row's smallest logit minus `mask_margin` instead of getting MASK_BIAS added. A -1e9
-    would stretch the int8 range of the logits over 1e9 and round every real logit to one
-    value; this way the range grows by the margin only.
+    then replaced by their row's smallest logit minus `mask_margin` instead of getting MASK_BIAS
+    added. A -1e9 would stretch the int8 range of the logits over 1e9 and round every real logit
+    to one value; this way the range grows by the margin only.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` must be one of {LAYOUTS}. Received: layout={layout!r}")
-    tq, tkv, fq, fkv = spec.query_len, spec.kv_len, spec.query_features, spec.kv_features
+    tq, fq = int(source1.shape[1]), int(source1.shape[2])
+    tkv, fkv = int(source2.shape[1]), int(source2.shape[2])
     heads, d = folded.heads, folded.head_dim
     hd = heads * d
     units = folded.output_kernel.shape[1]
-    b = -1 if spec.batch is None else spec.batch
+    b = -1 if batch is None else batch
     # With `mask_margin` the bias only marks masked logits (-1, or -2 where padding and causal
     # both mask): an int8 graph represents 0 and -1 exactly, while an int8 product with -1e9
     # got the scale of its output and rounded the 0/1 factor of the padding mask to 0.
     mask_bias = MASK_BIAS if mask_margin is None else -1.0
 
-    def attention_bias(query_mask, value_mask, causal):
+    def attention_bias(causal_const):
         """Additive logits bias (B|1, 1|H, Tq, Tkv) and a 0/1 keep factor, or (None, None)."""
         bias, keep = None, None
-        if causal is not None:
-            bias = tf.reshape(causal, [1, 1, tq, tkv])
-        if query_mask is not None or value_mask is not None:
-            ones_q = tf.ones([1, 1, tq, 1])
-            ones_v = tf.ones([1, 1, 1, tkv])
-            q = ones_q if query_mask is None else tf.reshape(tf.cast(query_mask, tf.float32), [b, 1, tq, 1])
-            v = ones_v if value_mask is None else tf.reshape(tf.cast(value_mask, tf.float32), [b, 1, 1, tkv])
-            keep = q * v  # (B, 1, Tq, Tkv)
+        if causal_const is not None:
+            bias = tf.reshape(causal_const, [1, 1, tq, tkv])
+        if query_mask is not None or value_mask is not None or attention_mask is not None:
+            keep = None
+            if query_mask is not None:
+                keep = tf.reshape(tf.cast(query_mask, tf.float32), [b, 1, tq, 1])
+            if value_mask is not None:
+                v = tf.reshape(tf.cast(value_mask, tf.float32), [b, 1, 1, tkv])
+                keep = v if keep is None else keep * v
+            if attention_mask is not None:
+                a = tf.reshape(tf.cast(attention_mask, tf.float32), [b, 1, tq, tkv])
+                keep = a if keep is None else keep * a
+            if query_mask is None and attention_mask is None:
+                keep = keep * tf.ones([1, 1, tq, 1])  # (B, 1, Tq, Tkv)
+            elif value_mask is None and attention_mask is None:
+                keep = keep * tf.ones([1, 1, 1, tkv])
             pad_bias = (1.0 - keep) * mask_bias
             bias = pad_bias if bias is None else bias + pad_bias
-        if causal is not None and keep is not None:
+        if causal_const is not None and keep is not None:
             # Only padding can leave a row with no visible key (key 0 is always causal-visible).
-            keep = keep * tf.reshape(tf.cast(causal == 0.0, tf.float32), [1, 1, tq, tkv])
+            keep = keep * tf.reshape(tf.cast(causal_const == 0.0, tf.float32), [1, 1, tq, tkv])
         return bias, keep
 
     def add_mask(logits, bias):
@@ -186,14 +227,7 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *,
         floor = tf.reduce_min(logits, axis=-1, keepdims=True) - mask_margin
         return tf.where(bias < -0.5, floor, logits)
 
-    def forward(source1, source2, query_mask=None, value_mask=None):
-        # Created inside the trace, the weights are Const nodes of the graph: no variables or
-        # captured inputs for a converter to lose.
-        causal = tf.constant(causal_bias(spec) * np.float32(mask_bias / MASK_BIAS)) if spec.causal else None
-        x1 = tf.reshape(source1, [-1, fq])  # (B*Tq, Fq)
-        bias, keep = attention_bias(query_mask, value_mask, causal)
-        if layout == "source":
-            return source_attention(x1, source2, bias, keep)
+    def heads_attention(x1, bias, keep):
         # Only the head layouts' weights: a SavedModel keeps even unused constants.
         wq, bq = tf.constant(folded.query_kernel), tf.constant(folded.query_bias)
         wkv, bkv = tf.constant(folded.kv_kernel), tf.constant(folded.kv_bias)
@@ -232,11 +266,11 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *,
                 head_scores.append(probs)
                 contexts.append(tf.matmul(probs, vh))  # (B, Tq, D)
             context = tf.reshape(tf.concat(contexts, axis=-1), [-1, hd])  # (B*Tq, H*D)
-            scores = tf.stack(head_scores, axis=1) if spec.scores else None
+            scores = tf.stack(head_scores, axis=1) if return_scores else None
         out = tf.reshape(tf.matmul(context, wo) + bo, [b, tq, units])  # (B, Tq, U)
-        return named_outputs(out, scores)
+        return out, scores
 
-    def source_attention(x1, source2, bias, keep):
+    def source_attention(x1, bias, keep):
         if folded.qk_kernel is None:
             raise ValueError("The 'source' layout needs FoldedWeights from fold_weights().")
         # Rows ordered (query position, head): every head attends over the same source2 rows,
@@ -265,24 +299,16 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *,
                    + row_any * tf.constant(folded.vo_bias))
         out = tf.reshape(out, [b, tq, units])  # (B, Tq, U)
         scores = None
-        if spec.scores:
+        if return_scores:
             scores = tf.transpose(tf.reshape(probs, [b, tq, heads, tkv]), [0, 2, 1, 3])  # (B, H, Tq, Tkv)
-        return named_outputs(out, scores)
+        return out, scores
 
-    def named_outputs(out, scores):
-        result = {"output": tf.identity(out, name="output")}
-        if spec.scores:
-            result["attention_scores"] = tf.identity(scores, name="attention_scores")
-        return result
-
-    signature = input_signature(spec)
-    names = [s.name for s in signature]
-
-    def call(*tensors):
-        named = dict(zip(names, tensors))
-        return forward(
-            named["source1"], named["source2"], named.get("query_mask"), named.get("value_mask")
-        )
-
-    fn = tf.function(call, input_signature=signature, autograph=False)
-    return fn
+    # Created inside the trace, the weights are Const nodes of the graph: no variables or
+    # captured inputs for a converter to lose.
+    causal_const = (tf.constant(causal_bias(tq, tkv) * np.float32(mask_bias / MASK_BIAS))
+                    if causal else None)
+    x1 = tf.reshape(source1, [-1, fq])  # (B*Tq, Fq)
+    bias, keep = attention_bias(causal_const)
+    if layout == "source":
+        return source_attention(x1, bias, keep)
+    return heads_attention(x1, bias, keep)

@@ -46,15 +46,17 @@ MAX_GOLDEN_BYTES = 2 << 30
 # -- writing -------------------------------------------------------------------------------------
 
 
-def build_manifest(*, fmt: str, spec, built, layer_config: dict, layout: str, golden_sha256: str,
-                   golden_raw: dict, parity: dict, quantization: dict, weights: str, versions: dict,
-                   created: str, sha256: str, size: int) -> dict:
+def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha256: str,
+                   golden_sha256: str, golden_raw: dict, parity: dict, quantization: dict,
+                   weights: str, versions: dict, created: str, sha256: str, size: int) -> dict:
     """The manifest of one published artifact, fields in a fixed order.
 
     Args:
-        fmt: the format's name. spec: its `ArtifactSpec`. built: the builder's `Built` (path and
-        format facts: `opset`, `io_quantization`). layer_config: the layer's `get_config()`.
-        layout: the head layout of its graph. golden_sha256: of the golden file. golden_raw: the
+        fmt: the format's name. spec: its `ArtifactSpec` or `ModelSpec`. built: the builder's
+        `Built` (path and format facts: `opset`, `io_quantization`). facts: what the reference
+        says of itself (the layer: `config`, `shapes`, `masks`; a model: `model`). layout: the
+        head layout of its graph (a model: per folded layer). reference_sha256: of the reference
+        `.keras` as published. golden_sha256: of the golden file. golden_raw: the
         same vectors as raw buffers and a JSON index (export.golden_raw). parity: the
         metrics and gate it passed. quantization: `quantization_entry(...)`. weights: where the
         weights came from. versions: converters and runtimes. created: a UTC timestamp.
@@ -63,7 +65,7 @@ def build_manifest(*, fmt: str, spec, built, layer_config: dict, layout: str, go
     io_quant = built.facts.get("io_quantization", {})
     inputs = [_tensor_entry(i.as_json(), io_quant) for i in spec.inputs()]
     outputs = [_tensor_entry(o.as_json(), io_quant) for o in spec.outputs()]
-    facts = {k: v for k, v in built.facts.items() if k != "io_quantization"}
+    format_facts = {k: v for k, v in built.facts.items() if k != "io_quantization"}
     return {
         "format": fmt,
         "artifact": os.path.basename(built.path),
@@ -71,19 +73,14 @@ def build_manifest(*, fmt: str, spec, built, layer_config: dict, layout: str, go
         "bytes": size,
         "inputs": inputs,
         "outputs": outputs,
-        "config": layer_config,
-        "shapes": {
-            "batch": spec.batch, "query_len": spec.query_len, "kv_len": spec.kv_len,
-            "query_features": spec.query_features, "kv_features": spec.kv_features,
-        },
-        "masks": {"query_mask": spec.query_mask, "value_mask": spec.value_mask,
-                  "causal": spec.causal, "scores": spec.scores},
+        **facts,
         "layout": layout,
         "reference": spec.reference_name,
+        "reference_sha256": reference_sha256,
         "golden": spec.golden_name,
         "golden_sha256": golden_sha256,
         "golden_raw": golden_raw,
-        **facts,
+        **format_facts,
         "quantization": quantization,
         "parity": parity,
         "weights": weights,

@@ -15,12 +15,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from export import check, publish, reference, runtimes
-from export.calibration import Calibration, calibrations_for, check_variant, graph_options
+from export.calibration import (
+    Calibration,
+    calibrations_for,
+    check_variant,
+    graph_options,
+    reference_calibration,
+)
 from export.errors import ExportError, SpecError
 from export.formats import get_format
 from export.golden_raw import write_golden_raw
-from export.graph import FoldedWeights, build_inference_function, fold_weights, preferred_layout
 from export.manifest import build_manifest, quantization_entry, write_manifest
+from export.model import ModelReference, ModelSpec
 from export.spec import ArtifactSpec
 
 log = logging.getLogger("export")
@@ -40,9 +46,12 @@ class ExportRequest:
         max_rel_error: a variant's relative L2 gate; None takes the variant's default.
         opset: the ONNX opset; None the newest tf2onnx writes that onnxruntime runs.
         calibration: an .npz of calibration inputs for int8 variants; None draws them.
+        model: a user's whole model (`--model`) instead of the lone layer; `specs` are then
+            ModelSpecs and `seed`/`weights` do not apply. Its sample inputs (if any) supply the
+            golden vectors and the int8 calibration.
     """
 
-    specs: dict[str, ArtifactSpec]
+    specs: dict[str, ArtifactSpec | ModelSpec]
     output_dir: str = "artifacts"
     seed: int = 0
     weights: list | None = None  # 12 arrays in fusionlab order; None -> random from `seed`
@@ -51,6 +60,7 @@ class ExportRequest:
     max_rel_error: float | None = None  # None -> check.DEFAULT_MAX_REL[variant]
     opset: int | None = None
     calibration: str | None = None
+    model: ModelReference | None = None
 
 
 @dataclass
@@ -75,16 +85,6 @@ class _Golden:
     outputs: dict
     sha256: str
     raw: dict  # export.golden_raw's manifest entry
-
-
-@dataclass(frozen=True)
-class _Reference:
-    """The Keras side every artifact of one request is built from and verified against."""
-
-    model: object  # keras.Model
-    folded: FoldedWeights
-    layer_config: dict
-    source: str  # where the weights came from
 
 
 def verification_batches(spec: ArtifactSpec) -> list[int]:
@@ -116,36 +116,34 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
         if spec.replace(**same) != first.replace(**same):
             raise SpecError(f"the {fmt} spec differs from the others in more than its batch")
         check_variant(fmt, spec)
-    # A bad calibration file fails here, before anything is built.
-    calibrations = calibrations_for(specs, request.calibration)
     started = time.perf_counter()
-    if request.weights is not None:
-        weights = [np.asarray(w, dtype=np.float32) for w in request.weights]
-        source = request.weights_source or "given weights"
+    if request.model is not None:
+        ref = request.model
+        calibrations = {fmt: reference_calibration(ref, spec) for fmt, spec in specs.items()}
     else:
-        weights = reference.random_weights(first, request.seed)
-        source = f"seed {request.seed}"
-    log.info("build    reference CrossAttention(%d, %d), %s, weights from %s",
-             first.units, first.heads, first.describe().split(" batch=")[0], source)
-    model = reference.build_reference(first, weights)
-    ref = _Reference(
-        model=model,
-        folded=fold_weights(reference.reference_weights(model), first.heads),
-        layer_config=reference.find_cross_attention(model).get_config(),
-        source=source,
-    )
+        # A bad calibration file fails here, before anything is built.
+        calibrations = calibrations_for(specs, request.calibration)
+        if request.weights is not None:
+            weights = [np.asarray(w, dtype=np.float32) for w in request.weights]
+            source = request.weights_source or "given weights"
+        else:
+            weights = reference.random_weights(first, request.seed)
+            source = f"seed {request.seed}"
+        ref = reference.LayerReference(first, weights, source)
+    log.info("build    reference %s", ref.describe())
 
     results: list[ArtifactResult] = []
     with publish.staging(request.output_dir) as stage:
         staged: list[str] = []
-        model.save(os.path.join(stage, first.reference_name))
+        ref.save(os.path.join(stage, first.reference_name))
+        reference_sha = publish.sha256_path(os.path.join(stage, first.reference_name))
         staged.append(first.reference_name)
         goldens = {}
         for spec in specs.values():
             if spec.golden_name in goldens:
                 continue
-            feeds = reference.make_inputs(spec, spec.golden_samples, reference.GOLDEN_SEED)
-            outputs = reference.run_reference(model, feeds)
+            feeds = ref.make_inputs(spec, spec.golden_samples, reference.GOLDEN_SEED)
+            outputs = ref.run(spec, feeds)
             golden_path = os.path.join(stage, spec.golden_name)
             publish.write_npz(golden_path, {**feeds, **outputs})
             # The same arrays for readers without numpy (web/): raw buffers + a JSON index.
@@ -154,7 +152,8 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
             staged += [spec.golden_name, raw["index"], raw["data"]]
         _guard_shared_files(request.output_dir, specs, goldens)
         for fmt, spec in specs.items():
-            results.append(_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt)))
+            results.append(_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt),
+                                      reference_sha))
         manifests = [os.path.basename(r.manifest_path) for r in results]
         artifacts = [os.path.basename(r.path) for r in results]
         log.info("publish  %d artifact(s) into %s", len(results), request.output_dir)
@@ -193,13 +192,12 @@ def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens
             )
 
 
-def _build_one(fmt: str, spec: ArtifactSpec, request: ExportRequest, ref: _Reference,
-               stage: str, goldens: dict, calibration: Calibration | None) -> ArtifactResult:
+def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens: dict,
+               calibration: Calibration | None, reference_sha: str) -> ArtifactResult:
     """Convert, check, verify and describe one artifact in the staging folder."""
     record = get_format(fmt)
-    layout = preferred_layout(spec, record.layout)
     t0 = time.perf_counter()
-    fn = build_inference_function(spec, ref.folded, layout=layout, **graph_options(spec))
+    fn, layout = ref.inference_function(spec, fallback_layout=record.layout, **graph_options(spec))
     built = record.build(spec, fn, stage, opset=request.opset, calibration=calibration)
     name = os.path.basename(built.path)
     log.info("convert  %-10s %s (%.1f s)", fmt, name, time.perf_counter() - t0)
@@ -209,7 +207,7 @@ def _build_one(fmt: str, spec: ArtifactSpec, request: ExportRequest, ref: _Refer
     tolerance = check.tolerance(fmt, spec.quantize, atol=request.atol,
                                 max_rel=request.max_rel_error)
     runner = runtimes.load_runner(fmt, built.path, batch=spec.batch, inputs=spec.inputs())
-    metrics, n_samples = _verify_artifact(runner, spec, ref.model, tolerance, name)
+    metrics, n_samples, tolerance = _verify_artifact(runner, spec, ref, tolerance, name)
     # The golden vectors must pass too: that is what `export.verify` will check later.
     golden = goldens[spec.golden_name]
     check.gate(check.parity_metrics(golden.outputs, runner.run(golden.feeds)),
@@ -225,8 +223,9 @@ def _build_one(fmt: str, spec: ArtifactSpec, request: ExportRequest, ref: _Refer
                  n_samples, time.perf_counter() - t0)
 
     manifest = build_manifest(
-        fmt=fmt, spec=spec, built=built, layer_config=ref.layer_config, layout=layout,
-        golden_sha256=golden.sha256, golden_raw=golden.raw, parity=parity,
+        fmt=fmt, spec=spec, built=built, facts=ref.manifest_facts(spec), layout=layout,
+        reference_sha256=reference_sha, golden_sha256=golden.sha256, golden_raw=golden.raw,
+        parity=parity,
         quantization=quantization_entry(spec, calibration), weights=ref.source,
         versions=publish.versions(), created=publish.utc_now(),
         sha256=publish.sha256_path(built.path), size=publish.size_bytes(built.path),
@@ -239,20 +238,24 @@ def _build_one(fmt: str, spec: ArtifactSpec, request: ExportRequest, ref: _Refer
     )
 
 
-def _verify_artifact(runner, spec: ArtifactSpec, model, tolerance: dict,
-                     name: str) -> tuple[dict, int]:
-    """Run the artifact in its runtime on seeded batches against the reference, and gate it."""
+def _verify_artifact(runner, spec, ref, tolerance: dict, name: str) -> tuple[dict, int, dict]:
+    """Run the artifact in its runtime on seeded batches against the reference, and gate it.
+
+    Returns the metrics, the number of samples, and the gate as applied (a model's float32 gate
+    scales with its outputs: `ModelReference.scale_tolerance`).
+    """
     refs, outs = [], []
     batches = verification_batches(spec)
     for i, rows in enumerate(batches):
-        feeds = reference.make_inputs(spec, rows, reference.VERIFY_SEED + i)
-        refs.append(reference.run_reference(model, feeds))
+        feeds = ref.make_inputs(spec, rows, reference.VERIFY_SEED + i)
+        refs.append(ref.run(spec, feeds))
         outs.append(runner.run(feeds))
     ref_all = {k: np.concatenate([r[k] for r in refs]) for k in refs[0]}
     out_all = {k: np.concatenate([o[k] for o in outs]) for k in refs[0] if k in outs[0]}
     metrics = check.parity_metrics(ref_all, out_all)
+    tolerance = ref.scale_tolerance(tolerance, ref_all)
     check.gate(metrics, artifact=name, **tolerance)
-    return metrics, int(sum(batches))
+    return metrics, int(sum(batches)), tolerance
 
 
 __all__ = ["ExportRequest", "ArtifactResult", "export_artifacts", "ExportError"]

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from export.errors import WeightsError, first_line
+from export.graph import build_inference_function, fold_weights, preferred_layout
 from export.spec import ArtifactSpec
 from xattn import CrossAttention
 
@@ -114,6 +115,58 @@ def _random_mask(rng: np.random.Generator, rows: int, length: int) -> np.ndarray
     """Padding-style masks: each row keeps a prefix of 1..length real positions."""
     lengths = rng.integers(1, length + 1, size=rows)
     return np.arange(length)[None, :] < lengths[:, None]
+
+
+class LayerReference:
+    """The lone layer as the reference: a `keras.Model` around one CrossAttention.
+
+    The same interface as `export.model.ModelReference` (the user's whole model), so the
+    pipeline treats both alike: inputs, runs, the inference function, the manifest's facts.
+    """
+
+    kind = "layer"
+
+    def __init__(self, spec: ArtifactSpec, weights: list[np.ndarray], source: str):
+        self.model = build_reference(spec, weights)
+        self.source = source
+        self.folded = fold_weights(reference_weights(self.model), spec.heads)
+        self.layer_config = find_cross_attention(self.model).get_config()
+        self._describe = (f"CrossAttention({spec.units}, {spec.heads}), "
+                          f"{spec.describe().split(' batch=')[0]}, weights from {source}")
+
+    def describe(self) -> str:
+        return self._describe
+
+    def save(self, path: str) -> None:
+        self.model.save(path)
+
+    def make_inputs(self, spec: ArtifactSpec, rows: int, seed: int) -> dict[str, np.ndarray]:
+        return make_inputs(spec, rows, seed)
+
+    def run(self, spec: ArtifactSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run_reference(self.model, feeds)
+
+    def inference_function(self, spec: ArtifactSpec, *, fallback_layout: str,
+                           mask_margin: float | None = None):
+        """`(fn, layout)`: the folded graph of the spec and the head layout it uses."""
+        layout = preferred_layout(spec, fallback_layout)
+        fn = build_inference_function(spec, self.folded, layout=layout, mask_margin=mask_margin)
+        return fn, layout
+
+    def manifest_facts(self, spec: ArtifactSpec) -> dict:
+        return {
+            "config": self.layer_config,
+            "shapes": {
+                "batch": spec.batch, "query_len": spec.query_len, "kv_len": spec.kv_len,
+                "query_features": spec.query_features, "kv_features": spec.kv_features,
+            },
+            "masks": {"query_mask": spec.query_mask, "value_mask": spec.value_mask,
+                      "causal": spec.causal, "scores": spec.scores},
+        }
+
+    def scale_tolerance(self, tolerance: dict, outputs: dict[str, np.ndarray]) -> dict:
+        """The layer's outputs are O(1): its gates are absolute, as given."""
+        return tolerance
 
 
 # -- loading a user's weights -------------------------------------------------------------------

@@ -60,7 +60,7 @@ def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None
     _rename_io(model, [i.name for i in spec.inputs()], [o.name for o in spec.outputs()])
     canonicalize_initializers(model)
     model.producer_name = "xattn"
-    model.doc_string = f"xattn CrossAttention ({spec.describe()})"
+    model.doc_string = f"xattn: {spec.describe()}"
     # tf2onnx writes the traced function's name here, `__inference_call_<n>` with a per-process
     # counter: `python -m export` and `python -m export.onnx` would differ in this string only.
     model.graph.doc_string = "converted by tf2onnx from the xattn inference function"
