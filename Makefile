@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install artifacts test lint bench verify clean
+.PHONY: install artifacts test lint bench verify clean serve
 
 install: $(STAMP)
 
@@ -31,3 +31,8 @@ clean:
 
 verify: $(STAMP)
 	$(PY) -m export.verify artifacts/
+
+# Serves the default artifacts (built first if artifacts/ holds none) on 127.0.0.1:8000.
+serve: $(STAMP)
+	@ls artifacts/*.onnx.json >/dev/null 2>&1 || $(PY) -m export
+	$(PY) -m export.serve artifacts/
