@@ -18,13 +18,13 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-from export.errors import ManifestError, UsageError
+from export.errors import ExportError, ManifestError, UsageError, first_line
 from export.serve.protocol import DEFAULT_MAX_BODY_BYTES
 from export.verify import find_manifests, verify_path
 
 __all__ = [
-    "ServeOptions", "ServedModel", "Server", "load_models", "model_name", "start", "stop",
-    "SERVED_FORMATS",
+    "SERVED_FORMATS", "ServeError", "ServeOptions", "ServedModel", "Server", "deploy",
+    "load_models", "model_name", "start", "stop",
 ]
 
 log = logging.getLogger("export")
@@ -32,6 +32,12 @@ log = logging.getLogger("export")
 SERVED_FORMATS = ("onnx", "tflite")
 ROOT_APP = "xattn_v2"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+class ServeError(ExportError):
+    """Ray Serve failed to deploy an application (a replica that cannot start, ...)."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -142,37 +148,55 @@ def start(models: list[ServedModel], options: ServeOptions) -> Server:
         from ray import serve
     except ImportError as e:
         raise UsageError(f"Ray Serve is not installed ({e}); pip install -e '.[serve]'") from e
-    from export.serve.deployments import ModelServer, ServerRoot
+    from export.serve.deployments import ServerRoot
 
     owns_ray = not ray.is_initialized()
     if owns_ray:
         if options.address is None:
             _check_port_free(options.host, options.port)
-        ray.init(
-            address=options.address or "local", include_dashboard=False,
-            logging_level=logging.WARNING, log_to_driver=False,
-            configure_logging=True,
-        )
+        try:
+            ray.init(
+                address=options.address or "local", include_dashboard=False,
+                logging_level=logging.WARNING, log_to_driver=False,
+            )
+        except Exception as e:
+            where = f" at {options.address}" if options.address else ""
+            raise UsageError(f"cannot start or join Ray{where}: {first_line(e)}") from e
     owns_serve = options.address is None
-    serve.start(http_options={"host": options.host, "port": options.port})
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    for model in models:
-        deployment = serve.deployment(ModelServer).options(
-            name=model.name,
-            num_replicas=options.replicas,
-            max_ongoing_requests=max(64, 2 * options.max_batch),
-            ray_actor_options={"num_cpus": options.replica_cpus},
-            graceful_shutdown_timeout_s=5,
+    try:
+        serve.start(http_options={"host": options.host, "port": options.port})
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        for model in models:
+            deploy(model, options)
+        root = serve.deployment(ServerRoot).options(
+            name="ServerRoot", ray_actor_options={"num_cpus": 0},
         )
-        serve.run(deployment.bind(model, options), name=model.name,
-                  route_prefix=f"/v2/models/{model.name}")
-    root = serve.deployment(ServerRoot).options(
-        name="ServerRoot", ray_actor_options={"num_cpus": 0},
-    )
-    serve.run(root.bind([m.name for m in models], _version()), name=ROOT_APP, route_prefix="/v2")
+        serve.run(root.bind([m.name for m in models], _version()), name=ROOT_APP,
+                  route_prefix="/v2")
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ServeError(f"Ray Serve could not deploy: {first_line(e)}") from e
     host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
     return Server([m.name for m in models], f"http://{host}:{options.port}/v2", owns_ray,
                   owns_serve)
+
+
+def deploy(model: ServedModel, options: ServeOptions) -> None:
+    """(Re)deploy one model's application with `options`; returns once it runs them."""
+    from ray import serve
+
+    from export.serve.deployments import ModelServer
+
+    deployment = serve.deployment(ModelServer).options(
+        name=model.name,
+        num_replicas=options.replicas,
+        max_ongoing_requests=max(64, 2 * options.max_batch),
+        ray_actor_options={"num_cpus": options.replica_cpus},
+        graceful_shutdown_timeout_s=5,
+    )
+    serve.run(deployment.bind(model, options), name=model.name,
+              route_prefix=f"/v2/models/{model.name}")
 
 
 def stop(server: Server) -> None:

@@ -103,6 +103,10 @@ class ModelServer:
             "parameters": parameters,
         }).encode()
 
+    def process_id(self) -> int:
+        """This replica's process id (the load benchmark kills one)."""
+        return os.getpid()
+
     @property
     def model_artifact(self) -> str:
         return self.manifest["artifact"]
