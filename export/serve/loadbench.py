@@ -374,9 +374,9 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         figures = run(args)
         if figures["fault"]:
             _print_fault(figures["fault"])
-        print(f"\n{figures['cpus']} CPUs shared by clients, proxy and replicas; "
-              f"{args.threads} onnxruntime thread(s) per replica; {args.duration:g} s per cell; "
-              "1 row per request")
+        print(f"\n{figures['cpus']} CPUs shared by clients, proxy and replicas (load average "
+              f"{os.getloadavg()[0]:.1f} at the end); {args.threads} onnxruntime thread(s) per "
+              f"replica; {args.duration:g} s per cell; 1 row per request")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(figures, f, indent=2)
