@@ -387,6 +387,15 @@ def test_triton_repository_parses_as_triton_model_config(artifacts, tmp_path):
     assert hashlib.sha256(model).hexdigest() == manifest["sha256"]
 
 
+def test_serve_never_imports_tensorflow():
+    code = ("import sys, export.serve.__main__, export.serve.deployments, export.serve.loadbench, "
+            "export.serve.triton; print(sorted({'tensorflow', 'keras', 'tf2onnx'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 # -- last: Ctrl-C ---------------------------------------------------------------------------------
 
 
