@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install artifacts test lint bench verify verify-web web-deps chromium clean example
+.PHONY: install artifacts test lint bench verify verify-web web-deps chromium clean example serve
 
 install: $(STAMP)
 
@@ -67,3 +67,8 @@ $(WEB_ARTIFACT): | $(STAMP)
 verify-web: $(WEB_DEPS) chromium $(WEB_ARTIFACT)
 	cd web && node verify.mjs $(if $(CHROMIUM),--chromium $(CHROMIUM)) ../artifacts
 	cd web && XATTN_ARTIFACTS=../artifacts node --test --test-reporter=spec test/
+
+# Serves the default artifacts (built first if artifacts/ holds none) on 127.0.0.1:8000.
+serve: $(STAMP)
+	@ls artifacts/*.onnx.json >/dev/null 2>&1 || $(PY) -m export
+	$(PY) -m export.serve artifacts/

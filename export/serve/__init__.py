@@ -1,0 +1,232 @@
+"""Serve verified artifacts on Ray Serve, speaking the Open Inference Protocol (KServe V2).
+
+`load_models(path)` verifies every ONNX and TFLite artifact under PATH with `export.verify`
+(a failing one refuses the whole set) and reads the verified bytes; `start(models, options)`
+deploys one Ray Serve application per artifact at `/v2/models/<name>` plus `/v2` (health,
+server metadata); `stop(server)` takes them down. SavedModel is not served (TensorFlow Serving
+serves it; this package never imports TensorFlow). Ray is an optional extra
+(`pip install -e '.[serve]'`): it is imported only when a server starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+
+from export.errors import ExportError, ManifestError, UsageError, first_line
+from export.serve.protocol import DEFAULT_MAX_BODY_BYTES
+from export.verify import find_manifests, verify_path
+
+__all__ = [
+    "SERVED_FORMATS", "ServeError", "ServeOptions", "ServedModel", "Server", "deploy",
+    "load_models", "model_name", "start", "stop",
+]
+
+log = logging.getLogger("export")
+
+SERVED_FORMATS = ("onnx", "tflite")
+ROOT_APP = "xattn_v2"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+class ServeError(ExportError):
+    """Ray Serve failed to deploy an application (a replica that cannot start, ...)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How to serve. `max_batch` counts rows; 1 turns dynamic batching off.
+
+    `replica_cpus` is the CPU count Ray reserves per replica: 0 packs any number of replicas on
+    one machine; on a cluster, reserving `threads` CPUs spreads them over the nodes.
+    """
+
+    replicas: int = 1
+    threads: int = 1
+    max_batch: int = 32
+    batch_wait_ms: float = 2.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    address: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    replica_cpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One verified artifact, with the bytes that were verified (replicas get these bytes)."""
+
+    name: str
+    format: str
+    artifact: str
+    manifest: dict
+    data: bytes = field(repr=False)
+
+
+@dataclass
+class Server:
+    """A running set of applications; `url` is the `/v2` root."""
+
+    names: list[str]
+    url: str
+    owns_ray: bool
+    owns_serve: bool
+
+
+def model_name(manifest: dict) -> str:
+    """`<artifact without extension>_<format>`: an ONNX file and a TFLite file of one
+    configuration share a stem, so the format is part of the name."""
+    stem = manifest["artifact"]
+    for suffix in (".onnx", ".tflite"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return f"{stem}_{manifest['format']}"
+
+
+def load_models(path: str) -> tuple[list[ServedModel], list[str]]:
+    """Verify and read every servable artifact under PATH -> (models, notes on what is skipped).
+
+    Raises ManifestError (exit 1) when any artifact fails verification: nothing is served;
+    UsageError (exit 2) when there is nothing servable or its runtime is missing.
+    """
+    models, notes = [], []
+    for manifest_path in find_manifests(path):
+        if manifest_path.endswith("_savedmodel.json"):
+            notes.append(
+                f"- {os.path.basename(manifest_path)}  not served: SavedModel (this server runs "
+                "ONNX and TFLite; TensorFlow Serving serves SavedModel)"
+            )
+            continue
+        (result,) = verify_path(manifest_path)
+        if result.status == "failed":
+            raise ManifestError(f"refusing to serve {result.name}: {result.reason}")
+        if result.status != "passed":
+            raise UsageError(f"cannot serve {result.name}: {result.reason}")
+        if result.format not in SERVED_FORMATS:
+            notes.append(f"- {result.name}  not served: format {result.format}")
+            continue
+        models.append(_read_verified(manifest_path, result.name))
+    if not models:
+        raise UsageError(f"nothing to serve in {path}: no ONNX or TFLite artifact")
+    names = [m.name for m in models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UsageError(f"two artifacts would both be served as {', '.join(duplicates)}")
+    return models, notes
+
+
+def _read_verified(manifest_path: str, shown: str) -> ServedModel:
+    with open(manifest_path, "rb") as f:
+        manifest = json.loads(f.read().decode("utf-8"))
+    folder = os.path.dirname(os.path.abspath(manifest_path))
+    with open(os.path.join(folder, manifest["artifact"]), "rb") as f:
+        data = f.read()
+    # The file could have changed since it was verified: the bytes served must be those.
+    if hashlib.sha256(data).hexdigest() != manifest["sha256"].lower():
+        raise ManifestError(f"refusing to serve {shown}: it changed after verification")
+    name = model_name(manifest)
+    if not _NAME.match(name):
+        raise UsageError(f"cannot serve {shown}: {name!r} is not a usable model name")
+    return ServedModel(name, manifest["format"], manifest["artifact"], manifest, data)
+
+
+def start(models: list[ServedModel], options: ServeOptions) -> Server:
+    """Start (or join, with `options.address`) Ray, then deploy one application per model.
+
+    Returns when every application is running and answering.
+    """
+    try:
+        # Lazy: Ray is an optional extra, and the refusal path must not wait for it.
+        import ray  # lazy: Ray takes seconds to import; --help and the Triton writer need none of it
+        from ray import serve
+    except ImportError as e:
+        raise UsageError(f"Ray Serve is not installed ({e}); pip install -e '.[serve]'") from e
+    from export.serve.deployments import ServerRoot  # lazy: the deployments import Ray at the top
+
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        if options.address is None:
+            _check_port_free(options.host, options.port)
+        try:
+            ray.init(
+                address=options.address or "local", include_dashboard=False,
+                logging_level=logging.WARNING, log_to_driver=False,
+            )
+        except Exception as e:
+            where = f" at {options.address}" if options.address else ""
+            raise UsageError(f"cannot start or join Ray{where}: {first_line(e)}") from e
+    owns_serve = options.address is None
+    try:
+        serve.start(http_options={"host": options.host, "port": options.port})
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        for model in models:
+            deploy(model, options)
+        root = serve.deployment(ServerRoot).options(
+            name="ServerRoot", ray_actor_options={"num_cpus": 0},
+        )
+        serve.run(root.bind([m.name for m in models], _version()), name=ROOT_APP,
+                  route_prefix="/v2")
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ServeError(f"Ray Serve could not deploy: {first_line(e)}") from e
+    host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
+    return Server([m.name for m in models], f"http://{host}:{options.port}/v2", owns_ray,
+                  owns_serve)
+
+
+def deploy(model: ServedModel, options: ServeOptions) -> None:
+    """(Re)deploy one model's application with `options`; returns once it runs them."""
+    from ray import serve  # lazy: Ray takes seconds to import; --help and the Triton writer need none of it
+
+    from export.serve.deployments import ModelServer  # lazy: the deployments import Ray at the top
+
+    deployment = serve.deployment(ModelServer).options(
+        name=model.name,
+        num_replicas=options.replicas,
+        max_ongoing_requests=max(64, 2 * options.max_batch),
+        ray_actor_options={"num_cpus": options.replica_cpus},
+        graceful_shutdown_timeout_s=5,
+    )
+    serve.run(deployment.bind(model, options), name=model.name,
+              route_prefix=f"/v2/models/{model.name}")
+
+
+def stop(server: Server) -> None:
+    """Take the applications down; shut Ray down if `start` started it."""
+    import ray  # lazy: Ray takes seconds to import; --help and the Triton writer need none of it
+    from ray import serve  # lazy: Ray takes seconds to import; --help and the Triton writer need none of it
+
+    if server.owns_serve:
+        serve.shutdown()
+    else:
+        for name in [*server.names, ROOT_APP]:
+            serve.delete(name)
+    if server.owns_ray:
+        ray.shutdown()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As a server binds: a port in TIME_WAIT is free, one with a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # lazy: read once, for the server metadata
+
+    try:
+        return version("xattn")
+    except PackageNotFoundError:
+        return "0"

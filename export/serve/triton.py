@@ -1,0 +1,111 @@
+"""A Triton Inference Server model repository from verified ONNX artifacts.
+
+Per artifact: `DIR/<name>/config.pbtxt` (Triton's `ModelConfig` in protobuf text format: inputs,
+outputs, `max_batch_size`, dynamic batching, CPU instances) and `DIR/<name>/1/model.onnx`, the
+verified bytes. Written by hand, not through protobuf, so writing needs no Triton package; the
+tests parse it with the `ModelConfig` schema that `tritonclient` ships.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from export.errors import UsageError
+from export.serve.protocol import TensorSpec
+
+# V2 datatype -> Triton's DataType enum (model_config.proto).
+TRITON_TYPES = {
+    "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64",
+}
+
+
+def model_config(model, *, max_batch: int = 32, batch_wait_ms: float = 2.0, instances: int = 1,
+                 threads: int = 1) -> str:
+    """config.pbtxt text for one ONNX `ServedModel`.
+
+    A dynamic batch axis becomes `max_batch_size` (dims without it) with dynamic batching; a
+    fixed batch stays in the dims with `max_batch_size: 0` (Triton batches nothing then).
+    """
+    manifest = model.manifest
+    dynamic = manifest["inputs"][0]["shape"][0] is None
+    lines = [
+        f'name: "{model.name}"',
+        'platform: "onnxruntime_onnx"',
+        'backend: "onnxruntime"',
+        f"max_batch_size: {max_batch if dynamic else 0}",
+    ]
+    for key, entries in (("input", manifest["inputs"]), ("output", manifest["outputs"])):
+        blocks = []
+        for entry in entries:
+            spec = TensorSpec.from_manifest(entry, batch_axis_variable=False)
+            dims = spec.shape[1:] if dynamic else spec.shape
+            blocks.append(
+                "  {\n"
+                f'    name: "{spec.name}"\n'
+                f"    data_type: {TRITON_TYPES[spec.datatype]}\n"
+                f"    dims: [ {', '.join(str(d) for d in dims)} ]\n"
+                "  }"
+            )
+        lines.append(f"{key} [\n" + ",\n".join(blocks) + "\n]")
+    if dynamic:
+        lines.append(
+            "dynamic_batching {\n"
+            f"  max_queue_delay_microseconds: {int(round(batch_wait_ms * 1000))}\n"
+            "}"
+        )
+    lines.append(f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]")
+    params = {
+        "intra_op_thread_count": str(threads), "inter_op_thread_count": "1",
+        "xattn_artifact": manifest["artifact"], "xattn_sha256": manifest["sha256"],
+    }
+    for key, value in params.items():
+        lines.append(
+            f'parameters {{\n  key: "{key}"\n  value {{ string_value: "{value}" }}\n}}'
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_repository(models, directory: str, **config) -> tuple[list[str], list[str]]:
+    """Write DIR/<name>/config.pbtxt and DIR/<name>/1/model.onnx per ONNX model.
+
+    Returns (written model folders, notes on what is skipped). An existing DIR/<name> is
+    replaced whole, through a staged folder and a rename.
+    """
+    onnx_models = [m for m in models if m.format == "onnx"]
+    notes = [
+        f"- {m.artifact}  not in the Triton repository: Triton's standard backends do not run "
+        f"{m.format}" for m in models if m.format != "onnx"
+    ]
+    if not onnx_models:
+        raise UsageError("no ONNX artifact to put in a Triton model repository")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UsageError(f"--triton-repository {directory} exists and is not a folder")
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for model in onnx_models:
+        final = os.path.join(directory, model.name)
+        staging = tempfile.mkdtemp(prefix=f".{model.name}.", dir=directory)
+        try:
+            os.makedirs(os.path.join(staging, "1"))
+            with open(os.path.join(staging, "1", "model.onnx"), "wb") as f:
+                f.write(model.data)
+            with open(os.path.join(staging, "config.pbtxt"), "w", encoding="utf-8") as f:
+                f.write(model_config(model, **config))
+            os.chmod(staging, 0o755)
+            if os.path.isdir(final):
+                old = final + ".old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
+                os.rename(staging, final)
+                shutil.rmtree(old)
+            else:
+                os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        written.append(final)
+    return written, notes

@@ -1,0 +1,409 @@
+"""`python -m export.serve`: Ray Serve speaking the Open Inference Protocol, driven by tritonclient.
+
+One server (a real `python -m export.serve` process, one local Ray instance) serves the default
+ONNX and TFLite artifacts for the whole module; `tritonclient.http`, unmodified, talks to it with
+JSON and binary tensors. Bad requests go through raw HTTP so that each kind is sent exactly as
+named. The last test stops the server with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO, run_module
+
+pytest.importorskip("ray.serve", reason="the serve extra is not installed")
+httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
+
+STEM = "xattn_u64_h4_q10x64_kv10x64"
+ONNX, TFLITE = f"{STEM}_onnx", f"{STEM}_tflite"
+MODELS = {"onnx": ONNX, "tflite": TFLITE}
+MAX_BATCH = 8
+MAX_BODY_MB = 1
+STARTUP_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(port: int, path: str, timeout: float = 5) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts(artifact_factory):
+    out, _ = artifact_factory()
+    return out
+
+
+@pytest.fixture(scope="session")
+def golden(artifacts):
+    with np.load(os.path.join(artifacts, f"{STEM}.golden.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _manifest(artifacts: str, fmt: str) -> dict:
+    with open(os.path.join(artifacts, f"{STEM}.{fmt}.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def server(artifacts, tmp_path_factory):
+    """A `python -m export.serve` process on a free port: (process, port, log folder)."""
+    port = _free_port()
+    logs = tmp_path_factory.mktemp("serve-logs")
+    out, err = open(logs / "stdout", "w"), open(logs / "stderr", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "export.serve", artifacts, "--port", str(port),
+         "--max-batch", str(MAX_BATCH), "--max-body-mb", str(MAX_BODY_MB)],
+        cwd=REPO, stdout=out, stderr=err, env=os.environ.copy(),
+    )
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"export.serve exited {proc.returncode}: {(logs / 'stderr').read_text()}")
+        try:
+            # The CLI prints `ready` once start() returns, just after /v2 starts answering.
+            if "ready " in (logs / "stdout").read_text() and _get(port, "/v2/health/ready") == 200:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"export.serve not ready in {STARTUP_TIMEOUT_S} s")
+        time.sleep(0.5)
+    yield proc, port, logs
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    out.close()
+    err.close()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    _, port, _ = server
+    return httpclient.InferenceServerClient(f"127.0.0.1:{port}", concurrency=8)
+
+
+def _inputs(arrays: dict, binary: bool) -> list:
+    inputs = []
+    for name in ("source1", "source2"):
+        tensor = httpclient.InferInput(name, list(arrays[name].shape), "FP32")
+        tensor.set_data_from_numpy(arrays[name], binary_data=binary)
+        inputs.append(tensor)
+    return inputs
+
+
+# -- health and metadata ---------------------------------------------------------------------------
+
+
+def test_health_and_server_metadata(client, server):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    for name in MODELS.values():
+        assert client.is_model_ready(name)
+        assert client.is_model_ready(name, model_version="1")
+    _, _, logs = server
+    printed = (logs / "stdout").read_text()
+    assert f"serving  {ONNX}" in printed and f"serving  {TFLITE}" in printed
+    assert "not served: SavedModel" in printed
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_model_metadata_is_the_manifest(client, artifacts, fmt):
+    manifest = _manifest(artifacts, fmt)
+    metadata = client.get_model_metadata(MODELS[fmt])
+    assert metadata["name"] == MODELS[fmt]
+    assert metadata["platform"] == {"onnx": "onnxruntime_onnx", "tflite": "tensorflow_lite"}[fmt]
+    for key in ("inputs", "outputs"):
+        assert [t["name"] for t in metadata[key]] == [t["name"] for t in manifest[key]]
+        for served, entry in zip(metadata[key], manifest[key]):
+            assert served["datatype"] == "FP32"
+            # Axis 0 is -1 even for the batch-1 TFLite file: the server feeds it in chunks.
+            assert served["shape"] == [-1, *entry["shape"][1:]]
+    assert metadata["parameters"]["sha256"] == manifest["sha256"]
+
+
+# -- inference ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_infer_matches_the_golden_outputs(client, artifacts, golden, fmt, binary):
+    atol = _manifest(artifacts, fmt)["parity"]["atol"]
+    result = client.infer(
+        MODELS[fmt], _inputs(golden, binary), request_id="req-1",
+        outputs=[httpclient.InferRequestedOutput("output", binary_data=binary)],
+    )
+    np.testing.assert_allclose(result.as_numpy("output"), golden["output"], rtol=0, atol=atol)
+    response = result.get_response()
+    assert response["id"] == "req-1" and response["model_name"] == MODELS[fmt]
+    assert ("parameters" in response["outputs"][0]) == binary
+
+
+def test_infer_without_requested_outputs_returns_binary(client, golden):
+    # tritonclient then sets binary_data_output: every output comes back as binary data.
+    result = client.infer(ONNX, _inputs(golden, binary=True))
+    assert result.get_response()["outputs"][0]["parameters"]["binary_data_size"] == 4 * 10 * 64 * 4
+    np.testing.assert_allclose(result.as_numpy("output"), golden["output"], atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_concurrent_requests_are_batched_and_split_back(client, artifacts, fmt):
+    """Rows of concurrent requests share batches; each caller gets its own rows back."""
+    from export.runtimes import load_runner
+
+    manifest = _manifest(artifacts, fmt)
+    path = os.path.join(artifacts, manifest["artifact"])
+    runner = load_runner(fmt, path, batch=manifest["inputs"][0]["shape"][0],
+                         inputs=manifest["inputs"])
+    rng = np.random.default_rng(7)
+    requests = []
+    for i in range(16):
+        rows = 1 + i % 3  # 1..3 rows: batches of up to MAX_BATCH rows mix sizes
+        requests.append({
+            n: rng.normal(size=(rows, 10, 64)).astype(np.float32) for n in ("source1", "source2")
+        })
+    pending = [client.async_infer(MODELS[fmt], _inputs(r, binary=i % 2 == 0))
+               for i, r in enumerate(requests)]
+    for request, handle in zip(requests, pending):
+        got = handle.get_result(timeout=60).as_numpy("output")
+        np.testing.assert_allclose(got, runner.run(request)["output"], rtol=0, atol=1e-5)
+
+
+def test_gzip_request_body(client, golden):
+    result = client.infer(ONNX, _inputs(golden, binary=True), request_compression_algorithm="gzip")
+    np.testing.assert_allclose(result.as_numpy("output"), golden["output"], atol=1e-4)
+
+
+def test_readme_example_runs(server, capsys):
+    """The README's tritonclient example, as written, against this server."""
+    import re
+
+    _, port, _ = server
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        (block,) = [b for b in re.findall(r"```python\n(.*?)```", f.read(), re.S)
+                    if "tritonclient.http as httpclient" in b]
+    scope: dict = {}
+    exec(compile(block.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), "README.md", "exec"), scope)
+    assert scope["output"].shape == (2, 10, 64) and np.isfinite(scope["output"]).all()
+    assert "'shape': [-1, 10, 64]" in capsys.readouterr().out
+
+
+# -- bad requests ---------------------------------------------------------------------------------
+
+ROW = np.zeros((1, 10, 64), np.float32)
+
+
+def _json_request(**override) -> bytes:
+    tensor = {"shape": [1, 10, 64], "datatype": "FP32", "data": ROW.reshape(-1).tolist()}
+    request = {"inputs": [{"name": "source1", **tensor}, {"name": "source2", **tensor}]}
+    for key, value in override.items():
+        if key in ("source1", "source2"):
+            request["inputs"][key == "source2"].update(value)
+        elif key == "drop_source2":
+            request["inputs"] = request["inputs"][:1]
+        elif key == "extra_input":
+            request["inputs"].append({"name": "source3", **tensor})
+        else:
+            request[key] = value
+    return json.dumps(request).encode()
+
+
+def _binary_request(size_claimed: int = 2560, extra: bytes = b"", header_length=None):
+    tensor = {"shape": [1, 10, 64], "datatype": "FP32",
+              "parameters": {"binary_data_size": size_claimed}}
+    header = json.dumps({"inputs": [{"name": "source1", **tensor},
+                                    {"name": "source2", **tensor}]}).encode()
+    body = header + ROW.tobytes() * 2 + extra
+    return body, {"Inference-Header-Content-Length": str(header_length or len(header))}
+
+
+BAD_REQUESTS = {
+    # id: (path, body, extra headers, words the error names)
+    "unknown-model": ("/v2/models/nope/infer", _json_request(), {}, "unknown model"),
+    "unknown-model-metadata": ("/v2/models/nope", None, {}, "unknown model"),
+    "wrong-shape": ("infer", _json_request(source1={"shape": [1, 10, 63], "data": [0.0] * 630}),
+                    {}, "shape"),
+    "wrong-rank": ("infer", _json_request(source1={"shape": [640]}), {}, "shape"),
+    "wrong-dtype": ("infer", _json_request(source1={"datatype": "INT32", "data": [0] * 640}),
+                    {}, "datatype"),
+    "fp64-for-fp32": ("infer", _json_request(source1={"datatype": "FP64"}), {}, "datatype"),
+    "bytes-datatype": ("infer", _json_request(source1={"datatype": "BYTES"}), {}, "datatype"),
+    "missing-input": ("infer", _json_request(drop_source2=True), {}, "missing input"),
+    "extra-input": ("infer", _json_request(extra_input=True), {}, "unexpected input"),
+    "malformed-json": ("infer", b'{"inputs": [', {}, "not JSON"),
+    "not-an-object": ("infer", b"[1, 2]", {}, "JSON object"),
+    "no-inputs": ("infer", b'{"inputs": []}', {}, "inputs"),
+    "count-mismatch": ("infer", _json_request(source1={"data": [0.0] * 639}), {}, "elements"),
+    "ragged-data": ("infer", _json_request(source1={"data": [[0.0], [0.0, 1.0]]}), {}, "ragged"),
+    "string-data": ("infer", _json_request(source1={"data": ["0"] * 640}), {}, "numbers"),
+    "zero-rows": ("infer", _json_request(source1={"shape": [0, 10, 64], "data": []},
+                                         source2={"shape": [0, 10, 64], "data": []}),
+                  {}, "at least one row"),
+    "unknown-output": ("infer", _json_request(outputs=[{"name": "scores"}]), {}, "unknown output"),
+    "binary-size-wrong": ("infer", *_binary_request(size_claimed=2556), "binary_data_size"),
+    "binary-trailing-bytes": ("infer", *_binary_request(extra=b"\0" * 8), "no input claims"),
+    "header-length-too-big": ("infer", *_binary_request(header_length=10**6), "Header"),
+    "header-length-not-int": ("infer", _json_request(),
+                              {"Inference-Header-Content-Length": "abc"}, "integer"),
+    "unknown-encoding": ("infer", _json_request(), {"Content-Encoding": "br"}, "Content-Encoding"),
+    "bad-gzip": ("infer", b"not gzip", {"Content-Encoding": "gzip"}, "gzip"),
+    "gzip-bomb": ("infer", gzip.compress(b" " * (MAX_BODY_MB << 20) * 2),
+                  {"Content-Encoding": "gzip"}, "inflates"),
+    "oversized-body": ("infer", b" " * ((MAX_BODY_MB << 20) + 1), {}, "at most"),
+    "get-infer": ("infer-GET", None, {}, "POST"),
+    "wrong-version": ("/v2/models/{model}/versions/2/infer", _json_request(), {}, "version"),
+}
+
+
+def _send(port: int, method: str, path: str, body: bytes | None, headers: dict):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+@pytest.mark.parametrize("kind", list(BAD_REQUESTS))
+def test_bad_request_gets_400_with_one_line(server, kind, fmt):
+    _, port, _ = server
+    path, body, headers, words = BAD_REQUESTS[kind]
+    method = "GET" if body is None else "POST"
+    if path.startswith("infer"):
+        method = "GET" if path == "infer-GET" else method
+        path = f"/v2/models/{MODELS[fmt]}/infer"
+    path = path.format(model=MODELS[fmt])
+    status, content = _send(port, method, path, body, headers)
+    assert status == 400, content
+    error = json.loads(content)
+    assert list(error) == ["error"]
+    assert "\n" not in error["error"] and words.lower() in error["error"].lower(), error
+
+
+def test_tritonclient_sees_400_errors(client, golden):
+    with pytest.raises(httpclient.InferenceServerException) as info:
+        client.infer("nope", _inputs(golden, binary=True))
+    assert info.value.status() == "400" and "unknown model" in info.value.message()
+    bad = httpclient.InferInput("source1", [1, 10, 64], "INT32")
+    bad.set_data_from_numpy(np.zeros((1, 10, 64), np.int32))
+    with pytest.raises(httpclient.InferenceServerException) as info:
+        client.infer(ONNX, [bad, _inputs(golden, binary=True)[1]])
+    assert info.value.status() == "400" and "datatype FP32" in info.value.message()
+
+
+def test_server_survives_bad_requests(client, server, golden):
+    """A burst of garbage, cut connections included, then the server still answers."""
+    _, port, _ = server
+    for body in (b"\xff\xfe", b"{" * 100_000, b'{"inputs": [{"name": 1}]}', b"null"):
+        status, _ = _send(port, "POST", f"/v2/models/{ONNX}/infer", body, {})
+        assert status == 400
+    for _ in range(3):  # a client that hangs up halfway through its body
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(f"POST /v2/models/{ONNX}/infer HTTP/1.1\r\nHost: x\r\n"
+                      "Content-Length: 100000\r\n\r\n{\"inputs\"".encode())
+    assert client.is_server_ready()
+    result = client.infer(ONNX, _inputs(golden, binary=True))
+    np.testing.assert_allclose(result.as_numpy("output"), golden["output"], atol=1e-4)
+
+
+# -- the CLI without a server ---------------------------------------------------------------------
+
+
+def test_tampered_artifact_is_refused(artifacts, tmp_path):
+    folder = tmp_path / "tampered"
+    shutil.copytree(artifacts, folder)
+    path = folder / f"{STEM}.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result = run_module("export.serve", str(folder), "--port", str(_free_port()), timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{STEM}.onnx" in lines[0] and "sha256" in lines[0], lines
+    assert "serving" not in result.stdout
+
+
+def test_port_in_use_is_a_usage_error(artifacts, server):
+    _, port, _ = server
+    result = run_module("export.serve", artifacts, "--port", str(port), timeout=120)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "cannot listen" in result.stderr
+
+
+def test_triton_repository_parses_as_triton_model_config(artifacts, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    repo = tmp_path / "triton"
+    result = run_module("export.serve", artifacts, "--triton-repository", str(repo),
+                        "--max-batch", "16", "--replicas", "2", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(repo)) == [ONNX]  # TFLite and SavedModel have no Triton backend here
+    manifest = _manifest(artifacts, "onnx")
+    config = text_format.Parse((repo / ONNX / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    assert config.name == ONNX and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 16
+    assert config.HasField("dynamic_batching")
+    assert config.instance_group[0].count == 2
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    for key in ("input", "output"):
+        entries = manifest[key + "s"]
+        assert [t.name for t in getattr(config, key)] == [t["name"] for t in entries]
+        for tensor, entry in zip(getattr(config, key), entries):
+            assert tensor.data_type == model_config_pb2.TYPE_FP32
+            assert list(tensor.dims) == entry["shape"][1:]
+    assert config.parameters["xattn_sha256"].string_value == manifest["sha256"]
+    model = (repo / ONNX / "1" / "model.onnx").read_bytes()
+    assert hashlib.sha256(model).hexdigest() == manifest["sha256"]
+
+
+def test_serve_never_imports_tensorflow():
+    code = ("import sys, export.serve.__main__, export.serve.cli, export.serve.deployments, "
+            "export.serve.loadbench, "
+            "export.serve.triton; print(sorted({'tensorflow', 'keras', 'tf2onnx'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# -- last: Ctrl-C ---------------------------------------------------------------------------------
+
+
+def test_ctrl_c_stops_the_server_cleanly(server):
+    proc, port, logs = server
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(90) == 0, (logs / "stderr").read_text()
+    assert "stopped" in (logs / "stderr").read_text()
+    with pytest.raises(OSError):
+        _get(port, "/v2/health/ready", timeout=2)
