@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from export.errors import ConversionError, SpecError, WeightsError, first_line
+from export.errors import ConversionError, ExportError, SpecError, WeightsError, first_line
 from export.formats import get_format
 from export.graph import FoldedWeights, fold_weights, folded_attention, preferred_layout
 from export.reference import GOLDEN_SEED
@@ -312,6 +312,10 @@ class ModelReference:
         self._folded = [_Folded(layer, _fold(layer)) for layer in _cross_attentions(model)]
         self._weights = [v for v in model.weights
                          if not any(_owns(f.layer, v) for f in self._folded)]
+        # Recurrent layers run unrolled over their static length: a loop would be a WHILE op
+        # in TFLite (not static) and a Loop in ONNX.
+        self.recurrent = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+                          if isinstance(layer, keras.layers.RNN)]
         self.layouts: dict[str, str] = {}
 
     def describe(self) -> str:
@@ -361,13 +365,20 @@ class ModelReference:
         model, folded, layouts = self.model, self._folded, self.layouts
         values = [(v, np.asarray(keras.ops.convert_to_numpy(v))) for v in self._weights]
 
+        out_shapes = [t.shape for t in spec.model_outputs]
+        recurrent = self.recurrent
+
         def call(*tensors):
             # Created inside the trace, the weights are Const nodes of the graph.
             mapping = [(v, tf.constant(value)) for v, value in values]
-            with keras.StatelessScope(state_mapping=mapping), \
+            with keras.StatelessScope(state_mapping=mapping), _unrolled(recurrent), \
                     _folded_cross_attention(folded, fallback_layout, mask_margin, layouts):
                 out = model(_structured(model, list(tensors)), training=False)
-            return {n: tf.identity(o, name=n) for n, o in zip(out_names, _flat_outputs(model, out))}
+            # A constant-shape reshape states every non-batch axis: shape arithmetic inside
+            # (Dense on a sequence with a dynamic batch) leaves converters unsure of them.
+            return {n: tf.identity(tf.reshape(o, [-1 if spec.batch is None else spec.batch, *shape]),
+                                   name=n)
+                    for n, o, shape in zip(out_names, _flat_outputs(model, out), out_shapes)}
 
         fn = tf.function(call, input_signature=signature, autograph=False)
         try:
@@ -388,8 +399,13 @@ class ModelReference:
                      "layout": self.layouts.get(f.layer.name)}
                     for f in self._folded
                 ],
+                "unrolled": [layer.name for layer in self.recurrent],
             },
         }
+
+    def explain(self, error: ExportError) -> ExportError:
+        """A converter's or graph check's failure as one line naming the Keras layer (exit 4)."""
+        return ConversionError(f"{self.source} cannot be converted: {_layer_in(error, self.model)}")
 
     def scale_tolerance(self, tolerance: dict, outputs: dict[str, np.ndarray]) -> dict:
         """A float32 gate that means the same for outputs of any scale: atol * max(1, max|y|)."""
@@ -428,6 +444,19 @@ def _fold(layer: CrossAttention) -> FoldedWeights:
         z = np.zeros
         weights = [s1, z(u), s2, z(u), q, z((h, u)), k, z((h, u)), v, z((h, u)), o, z(u)]
     return fold_weights(weights, layer.num_heads)
+
+
+@contextlib.contextmanager
+def _unrolled(layers: list) -> Iterator[None]:
+    """While tracing, recurrent layers unroll over their (static) time axis."""
+    before = [layer.unroll for layer in layers]
+    for layer in layers:
+        layer.unroll = True
+    try:
+        yield
+    finally:
+        for layer, unroll in zip(layers, before):
+            layer.unroll = unroll
 
 
 @contextlib.contextmanager
@@ -472,14 +501,35 @@ def _folded_cross_attention(folded: list[_Folded], fallback_layout: str, mask_ma
 
 
 def _layer_in(error: BaseException, model: keras.Model) -> str:
-    """The converter's or tracer's reason, naming the Keras layer it points at when it does."""
+    """The converter's or tracer's reason, naming the Keras layer (and op) it points at.
+
+    Converters name ops by their TensorFlow scope, `functional_1/inverse_1/MatrixInverse`: the
+    Keras layer is the scope component that is a layer's name (with TensorFlow's `_N` suffix).
+    """
     text = str(error)
-    names = sorted((layer.name for layer in model._flatten_layers(include_self=False, recursive=True)),
-                   key=len, reverse=True)
-    for name in names:
-        if re.search(rf"(^|[/'\"(]){re.escape(name)}([/'\")]|$)", text):
-            return f"layer {name!r}: {first_line(error)}"
+    names = {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)}
+    op = None
+    found = re.search(r"'tf\.(\w+)' op is neither a custom op nor a flex op", text) or \
+        re.search(r"TF Select ops: (\w+)", text)
+    if found:
+        op = found.group(1)
+    for scope in re.findall(r"[\w.-]+(?:/[\w.-]+)+", text):
+        for part in scope.split("/"):
+            base = re.sub(r"_\d+$", "", part)
+            for name in (part, base):
+                if name in names:
+                    what = f"op {op} is not a TFLite builtin" if op else first_line(error)
+                    return f"layer {name!r} ({type(_layer(model, name)).__name__}): {what}"
+    if op:
+        return f"op {op} is not a TFLite builtin ({first_line(error)})"
     return first_line(error)
+
+
+def _layer(model: keras.Model, name: str):
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if layer.name == name:
+            return layer
+    return None
 
 
 def default_stem(path: str) -> str:

@@ -26,12 +26,14 @@ def captured_native_output(
     fds: tuple[int, ...] = (1, 2),
     *,
     keep: Callable[[bytes], bytes] = lambda text: b"",
+    on_failure: Callable[[bytes], None] | None = None,
 ) -> Iterator[None]:
     """Redirect `fds` into a temporary file for the duration of the block.
 
     On success, `keep(captured)` is written to stderr (by default nothing); when the block raises,
-    everything captured is written back (the last 8 KB), so a failure keeps its native context.
-    Exceptions propagate untouched. Not thread-safe: descriptors are process-wide.
+    everything captured (the last 8 KB) goes to `on_failure`, or by default back to stderr, so a
+    failure keeps its native context. Exceptions propagate untouched. Not thread-safe:
+    descriptors are process-wide.
     """
     try:
         saved = [os.dup(fd) for fd in fds]
@@ -55,9 +57,12 @@ def captured_native_output(
                 os.close(old)
             capture.seek(0)
             text = capture.read()
-            shown = text[-8192:] if failed else keep(text)
-            if shown:
-                os.write(2, shown)
+            if failed and on_failure is not None:
+                on_failure(text[-8192:])
+            else:
+                shown = text[-8192:] if failed else keep(text)
+                if shown:
+                    os.write(2, shown)
 
 
 def without_lines(*unwanted: bytes) -> Callable[[bytes], bytes]:

@@ -22,7 +22,7 @@ from export.calibration import (
     graph_options,
     reference_calibration,
 )
-from export.errors import ExportError, SpecError
+from export.errors import ConversionError, ExportError, GraphCheckError, SpecError
 from export.formats import get_format
 from export.golden_raw import write_golden_raw
 from export.manifest import build_manifest, quantization_entry, write_manifest
@@ -198,12 +198,15 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
     record = get_format(fmt)
     t0 = time.perf_counter()
     fn, layout = ref.inference_function(spec, fallback_layout=record.layout, **graph_options(spec))
-    built = record.build(spec, fn, stage, opset=request.opset, calibration=calibration)
+    try:
+        built = record.build(spec, fn, stage, opset=request.opset, calibration=calibration)
+        record.check_graph(built.path, spec)
+    except (ConversionError, GraphCheckError) as e:
+        raise ref.explain(e) from e
     name = os.path.basename(built.path)
     log.info("convert  %-10s %s (%.1f s)", fmt, name, time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    record.check_graph(built.path, spec)
     tolerance = check.tolerance(fmt, spec.quantize, atol=request.atol,
                                 max_rel=request.max_rel_error)
     runner = runtimes.load_runner(fmt, built.path, batch=spec.batch, inputs=spec.inputs())

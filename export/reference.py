@@ -15,7 +15,7 @@ import h5py
 import keras
 import numpy as np
 
-from export.errors import WeightsError, first_line
+from export.errors import ExportError, WeightsError, first_line
 from export.graph import build_inference_function, fold_weights, preferred_layout
 from export.spec import ArtifactSpec
 from xattn import CrossAttention
@@ -163,6 +163,10 @@ class LayerReference:
             "masks": {"query_mask": spec.query_mask, "value_mask": spec.value_mask,
                       "causal": spec.causal, "scores": spec.scores},
         }
+
+    def explain(self, error: ExportError) -> ExportError:
+        """The layer's graph is ours: a converter's failure is reported as it is."""
+        return error
 
     def scale_tolerance(self, tolerance: dict, outputs: dict[str, np.ndarray]) -> dict:
         """The layer's outputs are O(1): its gates are absolute, as given."""

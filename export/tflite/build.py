@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import warnings
@@ -16,6 +17,8 @@ from export.native_output import captured_native_output
 from export.savedmodel.build import build_savedmodel
 from export.spec import ArtifactSpec
 from export.tflite.quantize import configure_tflite, tflite_io_quantization
+
+log = logging.getLogger("export")
 
 
 def build_tflite(
@@ -70,13 +73,15 @@ def build_tflite(
 
 @contextlib.contextmanager
 def _calibration_chatter_dropped(converter) -> Iterator[None]:
-    """Full-int8 calibration runs the deprecated tf.lite.Interpreter (a UserWarning) and prints
-    `fully_quantize: 0, inference_type: 6, ...` from C++ straight to the process's stderr, past
-    `-q` and TF_CPP_MIN_LOG_LEVEL. Both are dropped while it converts; what the converter prints
-    is written back if the conversion fails."""
-    if getattr(converter, "representative_dataset", None) is None:
-        yield
-        return
-    with warnings.catch_warnings(), captured_native_output((1, 2)):
+    """The converter's chatter, dropped while it converts: full-int8 calibration runs the
+    deprecated tf.lite.Interpreter (a UserWarning) and prints `fully_quantize: 0, ...` from C++
+    straight to the process's stderr, past `-q` and TF_CPP_MIN_LOG_LEVEL; a failed conversion
+    prints its op lists there too."""
+    # What the converter prints on a failure (op lists, MLIR locations) is in the error we raise:
+    # it goes to the debug log (-v), so the user sees one line.
+    def to_debug_log(text: bytes) -> None:
+        log.debug("the TFLite converter printed:\n%s", text.decode("utf-8", "replace"))
+
+    with warnings.catch_warnings(), captured_native_output((1, 2), on_failure=to_debug_log):
         warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
         yield
