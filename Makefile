@@ -26,11 +26,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m export.bench --batch 1,32 --threads 1 --lengths 10,64,256 --startup
 
-# The forecasting example: train on the real CO2 data, then draw the test-split forecast.
+# The forecasting example: train on the real CO2 data, export it (every format and variant,
+# python -m export --model), run the test split in each runtime, draw the forecasts.
 EXAMPLE_DIR ?= build/forecast
 example: $(STAMP)
 	$(PY) -m examples.forecast.train --epochs 60 --output-dir $(EXAMPLE_DIR)
-	$(PY) -m examples.forecast.plot --run-dir $(EXAMPLE_DIR)
+	$(PY) -m examples.forecast.export --run-dir $(EXAMPLE_DIR)
 
 clean:
 	rm -rf $(VENV) web/node_modules artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json artifacts/*.npz artifacts/*.golden.bin

@@ -405,7 +405,10 @@ class ModelReference:
 
     def explain(self, error: ExportError) -> ExportError:
         """A converter's or graph check's failure as one line naming the Keras layer (exit 4)."""
-        return ConversionError(f"{self.source} cannot be converted: {_layer_in(error, self.model)}")
+        reason = _layer_in(error, self.model)
+        # The staging folder's path means nothing to the user: the file's name does.
+        reason = re.sub(r"(?:/[^\s:/]+)*/\.xattn-staging-[^/\s]+/([^\s:/]+)", r"\1", reason)
+        return ConversionError(f"{self.source} cannot be converted: {reason}")
 
     def scale_tolerance(self, tolerance: dict, outputs: dict[str, np.ndarray]) -> dict:
         """A float32 gate that means the same for outputs of any scale: atol * max(1, max|y|)."""
@@ -510,7 +513,7 @@ def _layer_in(error: BaseException, model: keras.Model) -> str:
     names = {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)}
     op = None
     found = re.search(r"'tf\.(\w+)' op is neither a custom op nor a flex op", text) or \
-        re.search(r"TF Select ops: (\w+)", text)
+        re.search(r"TF Select ops: (\w+)", text) or re.search(r"op (\w+) is not an ONNX op", text)
     if found:
         op = found.group(1)
     for scope in re.findall(r"[\w.-]+(?:/[\w.-]+)+", text):
@@ -518,7 +521,11 @@ def _layer_in(error: BaseException, model: keras.Model) -> str:
             base = re.sub(r"_\d+$", "", part)
             for name in (part, base):
                 if name in names:
-                    what = f"op {op} is not a TFLite builtin" if op else first_line(error)
+                    what = first_line(error)
+                    if op and "ONNX op" in text:
+                        what = f"op {op} is not an ONNX op (tf2onnx has no conversion for it)"
+                    elif op:
+                        what = f"op {op} is not a TFLite builtin"
                     return f"layer {name!r} ({type(_layer(model, name)).__name__}): {what}"
     if op:
         return f"op {op} is not a TFLite builtin ({first_line(error)})"

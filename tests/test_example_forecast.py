@@ -75,3 +75,28 @@ def test_plot_writes_one_png(tmp_path):
                           str(tmp_path / "f.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_path_on_the_short_training(trained):
+    """What `make example` does after training, with the float32 files and the int8 variant:
+    every file verified on export, then the test split run in each runtime and drawn."""
+    import keras
+
+    from examples.forecast.export import export_all, run_test_split
+    from examples.forecast.plot import load_test_set, plot_forecasts
+
+    out, _ = trained
+    artifacts = os.path.join(out, "artifacts")
+    export_all(out, artifacts, variants=("int8",))
+    inputs, truth, level, months, scale = load_test_set(out)
+    model = keras.saving.load_model(os.path.join(out, "forecaster.keras"), safe_mode=True)
+    reference = np.asarray(model.predict(inputs, verbose=0))
+    outputs = run_test_split(out=artifacts, inputs=inputs, variants=("int8",))
+    for (fmt, variant), values in outputs.items():
+        rel = np.linalg.norm(values - reference) / np.linalg.norm(reference)
+        assert rel < (1e-5 if variant == "none" else 5e-2), (fmt, variant, rel)
+    png = plot_forecasts(truth, {"Keras": level[:, None] + scale * reference,
+                                 "LiteRT int8": level[:, None] + scale * outputs[("tflite", "int8")]},
+                         os.path.join(out, "forecast.png"), months=months)
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

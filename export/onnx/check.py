@@ -5,6 +5,8 @@ onnx and numpy only (no TensorFlow).
 
 from __future__ import annotations
 
+import re
+
 import onnx
 
 from export.errors import GraphCheckError
@@ -44,7 +46,13 @@ def check_onnx_graph(path: str, *, fixed_batch: bool, input_names: list[str],
     try:
         onnx.checker.check_model(path, full_check=True)
     except Exception as e:
-        raise GraphCheckError(f"{path}: onnx.checker rejects the model: {e}") from e
+        reason = str(e)
+        unknown = re.search(r"No Op registered for (\w+)", reason)
+        if unknown:  # an op tf2onnx passed through: name the nodes (their names hold the scope)
+            nodes = [n.name for n in onnx.load(path, load_external_data=False).graph.node
+                     if n.op_type == unknown.group(1)]
+            reason = f"op {unknown.group(1)} is not an ONNX op (nodes {nodes[:3]})"
+        raise GraphCheckError(f"{path}: onnx.checker rejects the model: {reason}") from e
     model = onnx.load(path, load_external_data=False)
     got_inputs = [i.name for i in model.graph.input]
     got_outputs = [o.name for o in model.graph.output]

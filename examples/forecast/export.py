@@ -1,0 +1,111 @@
+"""`python -m examples.forecast.export --run-dir DIR`: the trained forecaster in every format and
+variant, run on the test split in each runtime, drawn against the truth.
+
+What `train` saved in DIR (the model, training windows as sample inputs, the test split) goes
+through `python -m export --model` exactly as a user runs it: float32 SavedModel, TFLite and ONNX,
+then float16, dynamic-int8 and int8 TFLite and ONNX files calibrated on the sample inputs. Each
+published file is then run on the whole test split in its own runtime (onnxruntime, LiteRT), the
+forecasts turned back into ppm, and one PNG drawn: Keras, onnxruntime, LiteRT float32 and LiteRT
+int8 against the truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+
+VARIANTS = ("float16", "dynamic-int8", "int8")
+PLOTTED = {  # label -> (format, variant) drawn in the PNG
+    "onnxruntime (ONNX float32)": ("onnx", "none"),
+    "LiteRT (TFLite float32)": ("tflite", "none"),
+    "LiteRT (TFLite int8)": ("tflite", "int8"),
+}
+SUFFIX = {"none": "", "float16": "_fp16", "dynamic-int8": "_dynint8", "int8": "_int8"}
+
+
+def export_all(run_dir: str, out: str, *, quiet: bool = True,
+               variants: tuple[str, ...] = VARIANTS) -> None:
+    """Every format and variant of DIR/forecaster.keras into `out`, as the CLI builds them."""
+    from export.cli import main
+
+    common = ["--model", os.path.join(run_dir, "forecaster.keras"), "--sample-inputs",
+              os.path.join(run_dir, "sample_inputs.npz"), "--output-dir", out]
+    if quiet:
+        common.append("--quiet")
+    runs = [(("savedmodel", "tflite", "onnx"), [])]
+    runs += [(("tflite", "onnx"), ["--quantize", v]) for v in variants]
+    for formats, extra in runs:
+        code = main([*common, *extra], formats=formats,
+                    prog="python -m export" if len(formats) == 3 else "python -m export.tflite/onnx")
+        if code:
+            raise SystemExit(code)
+
+
+def run_test_split(out: str, inputs: dict[str, np.ndarray], variants: tuple[str, ...] = VARIANTS
+                   ) -> dict[tuple[str, str], np.ndarray]:
+    """(format, variant) -> the test split's forecasts from the published file, in its runtime."""
+    from export import runtimes
+
+    found = {}
+    for fmt, ext in (("onnx", ".onnx"), ("tflite", ".tflite")):
+        for variant in ("none", *variants):
+            path = os.path.join(out, f"forecaster{SUFFIX[variant]}{ext}")
+            with open(path + ".json") as f:
+                manifest = json.load(f)
+            runner = runtimes.load_runner(fmt, path, batch=manifest["inputs"][0]["shape"][0],
+                                          inputs=manifest["inputs"])
+            found[(fmt, variant)] = runner.run(inputs)["forecast"]
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.forecast.export",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", default="build/forecast", help="where `train` saved its files")
+    parser.add_argument("--output", help="PNG path (default RUN_DIR/forecast.png)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the export logs")
+    args = parser.parse_args(argv)
+
+    import keras
+
+    import xattn  # noqa: F401  (registers CrossAttention for safe_mode loading)
+    from examples.forecast.plot import load_test_set, plot_forecasts
+
+    out = os.path.join(args.run_dir, "artifacts")
+    export_all(args.run_dir, out, quiet=not args.verbose)
+    inputs, truth, level, months, scale = load_test_set(args.run_dir)
+    model = keras.saving.load_model(os.path.join(args.run_dir, "forecaster.keras"), safe_mode=True)
+    reference = np.asarray(model.predict(inputs, verbose=0))
+    outputs = run_test_split(out, inputs)
+
+    def ppm(values):
+        return level[:, None] + scale * values
+
+    print(f"test split: {len(truth)} windows x {truth.shape[1]} months; errors against Keras in "
+          "the model's scaled units, MAE against the truth in ppm")
+    print(f"{'artifact':<26}{'max |diff|':>12}{'rel L2':>10}{'MAE ppm':>10}")
+    print(f"{'Keras':<26}{'':>12}{'':>10}{np.mean(np.abs(ppm(reference) - truth)):>10.3f}")
+    for (fmt, variant), values in outputs.items():
+        diff = values - reference
+        rel = np.linalg.norm(diff) / np.linalg.norm(reference)
+        label = f"{fmt} {'float32' if variant == 'none' else variant}"
+        print(f"{label:<26}{np.abs(diff).max():>12.2e}{rel:>10.1e}"
+              f"{np.mean(np.abs(ppm(values) - truth)):>10.3f}")
+    drawn = {"Keras": ppm(reference)}
+    drawn.update({label: ppm(outputs[key]) for label, key in PLOTTED.items()})
+    path = plot_forecasts(truth, drawn, args.output or os.path.join(args.run_dir, "forecast.png"),
+                          months=months)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
