@@ -316,6 +316,10 @@ class ModelReference:
         # in TFLite (not static) and a Loop in ONNX.
         self.recurrent = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
                           if isinstance(layer, keras.layers.RNN)]
+        self.layer_norms = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+                            if _fusable_layer_norm(layer)]
+        self.dense = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+                      if _plain_dense(layer)]
         self.layouts: dict[str, str] = {}
 
     def describe(self) -> str:
@@ -366,12 +370,13 @@ class ModelReference:
         values = [(v, np.asarray(keras.ops.convert_to_numpy(v))) for v in self._weights]
 
         out_shapes = [t.shape for t in spec.model_outputs]
-        recurrent = self.recurrent
+        recurrent, layer_norms, dense = self.recurrent, self.layer_norms, self.dense
 
         def call(*tensors):
             # Created inside the trace, the weights are Const nodes of the graph.
             mapping = [(v, tf.constant(value)) for v, value in values]
             with keras.StatelessScope(state_mapping=mapping), _unrolled(recurrent), \
+                    _fused_layer_norms(layer_norms), _broadcast_dense(dense), \
                     _folded_cross_attention(folded, fallback_layout, mask_margin, layouts):
                 out = model(_structured(model, list(tensors)), training=False)
             # A constant-shape reshape states every non-batch axis: shape arithmetic inside
@@ -400,6 +405,10 @@ class ModelReference:
                     for f in self._folded
                 ],
                 "unrolled": [layer.name for layer in self.recurrent],
+                "rewritten": {
+                    "layer_norm": [layer.name for layer in self.layer_norms],
+                    "dense": [layer.name for layer in self.dense],
+                },
             },
         }
 
@@ -460,6 +469,79 @@ def _unrolled(layers: list) -> Iterator[None]:
     finally:
         for layer, unroll in zip(layers, before):
             layer.unroll = unroll
+
+
+def _fusable_layer_norm(layer) -> bool:
+    """A LayerNormalization over the last axis with scale and offset (the common one)."""
+    if type(layer) is not keras.layers.LayerNormalization or layer.rms_scaling:
+        return False
+    if not (layer.center and layer.scale) or layer.compute_dtype != "float32":
+        return False
+    rank = len(layer.input.shape) if getattr(layer, "_inbound_nodes", None) else None
+    axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+    return rank is not None and [a % rank for a in axes] == [rank - 1]
+
+
+@contextlib.contextmanager
+def _fused_layer_norms(layers: list) -> Iterator[None]:
+    """While tracing, LayerNormalization over the last axis is written the way converters fuse.
+
+    Same arithmetic as Keras (mean, variance of the centred input, rsqrt(var + epsilon), scale,
+    offset), in the order tf2onnx's layer-norm rewriter recognises: the ONNX file holds one
+    LayerNormalization node instead of a dozen elementwise ones (onnxruntime runs it as one
+    kernel). TFLite gets the same few builtin ops either way.
+    """
+    by_id = {id(layer) for layer in layers}
+    original = keras.layers.LayerNormalization.call
+
+    def call(self, inputs):
+        if id(self) not in by_id:
+            return original(self, inputs)
+        mean = tf.reduce_mean(inputs, axis=[-1], keepdims=True)
+        centered = inputs - mean
+        variance = tf.reduce_mean(tf.pow(centered, 2.0), axis=[-1], keepdims=True)
+        normed = centered / tf.sqrt(variance + self.epsilon)
+        return normed * tf.convert_to_tensor(self.gamma) + tf.convert_to_tensor(self.beta)
+
+    keras.layers.LayerNormalization.call = call
+    try:
+        yield
+    finally:
+        keras.layers.LayerNormalization.call = original
+
+
+def _plain_dense(layer) -> bool:
+    """A float32 Dense without LoRA or quantization (what `_broadcast_dense` rewrites)."""
+    return (type(layer) is keras.layers.Dense and layer.compute_dtype == "float32"
+            and not getattr(layer, "lora_enabled", False)
+            and getattr(layer, "quantization_mode", None) is None)
+
+
+@contextlib.contextmanager
+def _broadcast_dense(layers: list) -> Iterator[None]:
+    """While tracing, Dense on a sequence is one broadcasting matmul.
+
+    Keras computes `(B, T, F) @ (F, U)` as a tensordot: reshapes through the input's run-time
+    shape, which a dynamic batch turns into Shape/Gather/Concat/Cast nodes around every Dense.
+    One MatMul broadcasts over B and T instead: onnxruntime runs it directly, and the TFLite
+    converter makes it a FULLY_CONNECTED. Same arithmetic.
+    """
+    by_id = {id(layer) for layer in layers}
+    original = keras.layers.Dense.call
+
+    def call(self, inputs, training=None):
+        if id(self) not in by_id or len(inputs.shape) < 3:
+            return original(self, inputs, training=training)
+        x = tf.matmul(inputs, tf.convert_to_tensor(self.kernel))
+        if self.bias is not None:
+            x = x + tf.convert_to_tensor(self.bias)
+        return self.activation(x) if self.activation is not None else x
+
+    keras.layers.Dense.call = call
+    try:
+        yield
+    finally:
+        keras.layers.Dense.call = original
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import tempfile
 
 from export import publish, reference
 from export.bench.build import build_length
+from export.bench.model import render_model, run_model
 from export.bench.options import build_parser
 from export.bench.peak import _merge_peaks, measure_peak
 from export.bench.report import _sizes, evaluate_verdicts, machine, render
@@ -86,10 +87,13 @@ def main(argv: list[str] | None = None, *, blas_pinned: bool = False) -> int:
     args.blas_pinned = blas_pinned
     configure_logging(args.verbose, args.quiet)
     prog = parser.prog
-    report, code = report_failures(prog, lambda: run(args))
+    if args.model:
+        report, code = report_failures(prog, lambda: run_model(args))
+    else:
+        report, code = report_failures(prog, lambda: run(args))
     if code:
         return code
-    print(render(report))
+    print(render_model(report) if args.model else render(report))
     if report.get("verdicts") and report.get("verdicts_note"):
         print(report["verdicts_note"])
     if args.json:

@@ -14,6 +14,7 @@ from export import check, reference
 from export.bench.build import Artifact, LengthSet
 from export.bench.options import PARITY_SEED, VARIANT_LABEL
 from export.bench.peak import documented_flops
+from export.errors import ExportError
 from export.formats import get_format
 from export.graph import executed_flops
 from export.runtimes import onnx_session, tflite_interpreter
@@ -26,7 +27,7 @@ def make_call(artifact: Artifact, feeds: dict[str, np.ndarray], threads: int) ->
     if artifact.runtime == "onnx":
         session = onnx_session(artifact.path, threads)
         names = [o.name for o in session.get_outputs()]
-        bound = {i.name: feeds[i.name] for i in session.get_inputs()}
+        bound = {i.name: _feed(i.name, i.shape, feeds) for i in session.get_inputs()}
 
         def run_onnx():
             return session.run(names, bound)
@@ -35,7 +36,7 @@ def make_call(artifact: Artifact, feeds: dict[str, np.ndarray], threads: int) ->
         return run_onnx
     interpreter = tflite_interpreter(artifact.path, threads)
     runner = interpreter.get_signature_runner("serving_default")
-    inputs = [(d["index"], feeds[name].astype(d["dtype"], copy=False))
+    inputs = [(d["index"], _feed(name, d["shape"], feeds).astype(d["dtype"], copy=False))
               for name, d in runner.get_input_details().items()]
     outputs = runner.get_output_details()
     out_index = [d["index"] for d in outputs.values()]
@@ -50,6 +51,19 @@ def make_call(artifact: Artifact, feeds: dict[str, np.ndarray], threads: int) ->
     run_tflite.output_names = list(outputs)
     run_tflite.interpreter = interpreter  # keep it alive with the function
     return run_tflite
+
+
+def _feed(name: str, shape, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The array for input `name`; Keras's exports may name inputs otherwise (`inputs_0`): then
+    the one array of that shape."""
+    if name in feeds:
+        return feeds[name]
+    dims = [None if not isinstance(d, (int, np.integer)) or d < 0 else int(d) for d in shape]
+    fits = [a for a in feeds.values() if a.ndim == len(dims)
+            and all(d is None or d == s for d, s in zip(dims, a.shape))]
+    if len(fits) != 1:
+        raise ExportError(f"cannot tell which array feeds input {name!r} of shape {list(shape)}")
+    return fits[0]
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], *, iterations: int, warmup: int,
