@@ -264,7 +264,7 @@ def test_layer_rejects_wrong_mask_shape():
 
     layer = CrossAttention(8, 2)
     s1, s2 = np.zeros((2, 6, 5), np.float32), np.zeros((2, 9, 7), np.float32)
-    with pytest.raises(ValueError, match=r"`value_mask` must have shape \(B, 9\).*\(2, 6\)"):
+    with pytest.raises(ValueError, match=r"`value_mask` must have shape \(B=2, 9\).*\(2, 6\)"):
         layer([s1, s2], value_mask=np.ones((2, 6), bool))
 
 
