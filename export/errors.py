@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 
 class ExportError(ValueError):
     """Base class of every failure the builder reports to a user."""
@@ -81,3 +83,24 @@ def short(value: object, limit: int = 60) -> str:
     """repr(value) cut at `limit` characters: a value read from a file, quoted in a message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control, format and separator characters escaped.
+
+    Strings read from a file (a manifest's `artifact`, a reason quoting it) may hold newlines, ANSI
+    escape codes or bidi overrides that would forge or hide lines; each becomes `\\xNN`/`\\uNNNN`.
+    """
+    out = []
+    for char in str(text):
+        if unicodedata.category(char) in _UNPRINTABLE:
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+# Cc control (newline, ESC), Cf format (bidi overrides), Cs/Co/Cn, Zl/Zp line and paragraph separators.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from export import manifest as manifests
 from export import runtimes
 from export.check import gate, parity_metrics
-from export.errors import ManifestError, ParityError, UsageError, first_line, one_line
+from export.errors import ManifestError, ParityError, UsageError, first_line, one_line, printable
 from export.formats import REGISTRY, Format
 from export.publish import sha256_path, size_bytes
 
@@ -46,10 +46,13 @@ class VerifyResult:
         return self.status == "failed"
 
     def line(self, marks: dict[str, str] | None = None) -> str:
+        """One terminal line; the name and reason come from files, so they are escaped."""
         marks = marks or MARKS
         if self.status == "passed":
-            return f"{marks['passed']} {self.name}  {_describe_metrics(self.metrics, self.tolerance)}"
-        return f"{marks[self.status]} {self.name}  {self.reason}"
+            text = f"{self.name}  {_describe_metrics(self.metrics, self.tolerance)}"
+        else:
+            text = f"{self.name}  {self.reason}"
+        return f"{marks[self.status]} {printable(text)}"
 
 
 MARKS = {"passed": "✓", "failed": "✗", "not run": "-"}

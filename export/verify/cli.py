@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from export.cli import OneLineParser
-from export.errors import UsageError
+from export.errors import UsageError, printable
 from export.verify import ASCII_MARKS, MARKS, verify_path
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = verify_path(args.path)
     except UsageError as e:
-        print(f"python -m export.verify: error: {e}", file=sys.stderr)
+        print(f"python -m export.verify: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
     marks = _marks()
     for r in results:
@@ -56,5 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = f"{counts['passed']} passed, {counts['failed']} failed"
     if counts["not run"]:
         summary += f", {counts['not run']} not run"
-    print(f"{summary} ({len(results)} manifest{'s' if len(results) != 1 else ''} in {args.path})")
+    where = printable(args.path)
+    print(f"{summary} ({len(results)} manifest{'s' if len(results) != 1 else ''} in {where})")
     return 1 if counts["failed"] else 0
