@@ -65,6 +65,36 @@ class UsageError(ExportError):
     exit_code = 2
 
 
+class SigningError(ExportError):
+    """A `--sign-key` / `--public-key` that is missing or not an elliptic-curve PEM key, or no
+    model-signing package to use it."""
+
+    exit_code = 2
+
+
+class OutputDirError(ExportError):
+    """`--output-dir` cannot be written: a regular file, a read-only file system, no permission."""
+
+    exit_code = 5
+
+
+class DiskFullError(ExportError):
+    """No space left on the device (or over quota) while writing into `--output-dir`."""
+
+    exit_code = 6
+
+
+class OutOfMemoryError(ExportError):
+    """The configuration needs more memory than this machine has available (estimated before
+    building, or a failed allocation in numpy or TensorFlow)."""
+
+    exit_code = 7
+
+
+# Exit code of an export stopped by Ctrl-C / SIGINT (128 + SIGINT, as shells report it).
+INTERRUPTED_EXIT_CODE = 130
+
+
 def first_line(error: BaseException) -> str:
     """The first non-empty line of an exception's message, or its type's name: a one-line reason."""
     for line in str(error).splitlines():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export import check, publish, reference, runtimes
+from export import check, publish, reference, runtimes, sets
 from export.calibration import Calibration, calibrations_for, check_variant, graph_options
 from export.errors import ExportError, SpecError
 from export.formats import get_format
@@ -39,6 +39,7 @@ class ExportRequest:
         max_rel_error: a variant's relative L2 gate; None takes the variant's default.
         opset: the ONNX opset; None the newest tf2onnx writes that onnxruntime runs.
         calibration: an .npz of calibration inputs for int8 variants; None draws them.
+        sign_key: an elliptic-curve private key (PEM); None publishes unsigned sets.
     """
 
     specs: dict[str, ArtifactSpec]
@@ -50,6 +51,7 @@ class ExportRequest:
     max_rel_error: float | None = None  # None -> check.DEFAULT_MAX_REL[variant]
     opset: int | None = None
     calibration: str | None = None
+    sign_key: str | None = None  # a PEM EC private key: each set signed into <artifact>.sig
 
 
 @dataclass
@@ -129,6 +131,8 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
         staged: list[str] = []
         model.save(os.path.join(stage, first.reference_name))
         staged.append(first.reference_name)
+        # Hashed once, as written: Keras stamps the save time into it, so it differs per build.
+        reference_sha = publish.sha256_path(os.path.join(stage, first.reference_name))
         goldens = {}
         for spec in specs.values():
             if spec.golden_name in goldens:
@@ -141,11 +145,17 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
             staged.append(spec.golden_name)
         _guard_shared_files(request.output_dir, specs, goldens)
         for fmt, spec in specs.items():
-            results.append(_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt)))
+            results.append(_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt),
+                                      reference_sha))
         manifests = [os.path.basename(r.manifest_path) for r in results]
         artifacts = [os.path.basename(r.path) for r in results]
         log.info("publish  %d artifact(s) into %s", len(results), request.output_dir)
-        publish.publish(stage, request.output_dir, staged + artifacts + manifests)
+        # One critical section (an OS lock on the folder): the guard again, then the publish.
+        with publish.folder_lock(request.output_dir):
+            _guard_shared_files(request.output_dir, specs, goldens)
+            signatures = sets.seal(stage, request.output_dir, results, first.reference_name,
+                                   sign_key=request.sign_key)
+            publish.publish(stage, request.output_dir, staged + artifacts + signatures + manifests)
     for r in results:
         r.path = os.path.join(request.output_dir, os.path.basename(r.path))
         r.manifest_path = os.path.join(request.output_dir, os.path.basename(r.manifest_path))
@@ -181,7 +191,8 @@ def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens
 
 
 def _build_one(fmt: str, spec: ArtifactSpec, request: ExportRequest, ref: _Reference,
-               stage: str, goldens: dict, calibration: Calibration | None) -> ArtifactResult:
+               stage: str, goldens: dict, calibration: Calibration | None,
+               reference_sha: str | None = None) -> ArtifactResult:
     """Convert, check, verify and describe one artifact in the staging folder."""
     record = get_format(fmt)
     layout = preferred_layout(spec, record.layout)
@@ -217,6 +228,7 @@ def _build_one(fmt: str, spec: ArtifactSpec, request: ExportRequest, ref: _Refer
         quantization=quantization_entry(spec, calibration), weights=ref.source,
         versions=publish.versions(), created=publish.utc_now(),
         sha256=publish.sha256_path(built.path), size=publish.size_bytes(built.path),
+        reference_sha256=reference_sha,
     )
     manifest_path = os.path.join(stage, spec.manifest_name(fmt))
     write_manifest(manifest_path, manifest)
