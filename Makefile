@@ -33,7 +33,8 @@ example: $(STAMP)
 	$(PY) -m examples.forecast.plot --run-dir $(EXAMPLE_DIR)
 
 clean:
-	rm -rf $(VENV) artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json artifacts/*.npz
+	rm -rf $(VENV) artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json artifacts/*.npz \
+		artifacts/*_savedmodel/ artifacts/*.sig artifacts/.xattn.lock artifacts/.xattn-staging-* artifacts/.xattn-trash-*
 
 verify: $(STAMP)
 	$(PY) -m export.verify artifacts/

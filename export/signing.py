@@ -133,9 +133,11 @@ def verify_set(verifier, folder: str, manifest_name: str, manifest: dict) -> Non
         ) from e
     signed_digests = {rd.identifier: rd.digest for rd in signed.resource_descriptors()}
     names = set_files(folder, manifest_name, manifest)
-    missing = [n for n in names if n not in signed_digests]
-    if missing:
-        raise ManifestError(f"signature {sig_name} does not cover {', '.join(missing)}")
+    if manifest_name not in signed_digests:
+        raise ManifestError(f"signature {sig_name} does not cover {manifest_name}")
+    added = [n for n in names if n not in signed_digests]
+    if added:
+        raise ManifestError(f"changed after signing: {', '.join(added)} added (signature {sig_name})")
     absent = [n for n in signed_digests if not os.path.isfile(os.path.join(folder, n))]
     if absent:
         raise ManifestError(f"signed file(s) missing: {', '.join(sorted(absent))}")

@@ -349,7 +349,8 @@ def test_tflite_cli_with_masks_causal_scores(tmp_path):
     assert proc.returncode == 0, proc.stderr
     name = "xattn_u8_h2_q6x5_kv9x7_qmask_vmask_causal_scores"
     assert sorted(os.listdir(tmp_path)) == sorted(
-        [f"{name}.tflite", f"{name}.tflite.json", f"{name}.golden.npz", f"{name}.keras"]
+        [f"{name}.tflite", f"{name}.tflite.json", f"{name}.golden.npz", f"{name}.keras",
+         ".xattn.lock"]
     )
     with open(tmp_path / f"{name}.tflite.json") as f:
         manifest = json.load(f)
