@@ -129,10 +129,13 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
     results: list[ArtifactResult] = []
     with publish.staging(request.output_dir) as stage:
         staged: list[str] = []
-        model.save(os.path.join(stage, first.reference_name))
-        staged.append(first.reference_name)
-        # Hashed once, as written: Keras stamps the save time into it, so it differs per build.
-        reference_sha = publish.sha256_path(os.path.join(stage, first.reference_name))
+        references = {}  # name -> sha256, hashed once as written (Keras stamps the save time)
+        for spec in specs.values():
+            if spec.reference_name not in references:
+                model.save(os.path.join(stage, spec.reference_name))
+                staged.append(spec.reference_name)
+                references[spec.reference_name] = publish.sha256_path(
+                    os.path.join(stage, spec.reference_name))
         goldens = {}
         for spec in specs.values():
             if spec.golden_name in goldens:
@@ -146,15 +149,14 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
         _guard_shared_files(request.output_dir, specs, goldens)
         for fmt, spec in specs.items():
             results.append(_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt),
-                                      reference_sha))
+                                      references[spec.reference_name]))
         manifests = [os.path.basename(r.manifest_path) for r in results]
         artifacts = [os.path.basename(r.path) for r in results]
         log.info("publish  %d artifact(s) into %s", len(results), request.output_dir)
         # One critical section (an OS lock on the folder): the guard again, then the publish.
         with publish.folder_lock(request.output_dir):
             _guard_shared_files(request.output_dir, specs, goldens)
-            signatures = sets.seal(stage, request.output_dir, results, first.reference_name,
-                                   sign_key=request.sign_key)
+            signatures = sets.seal(stage, request.output_dir, results, sign_key=request.sign_key)
             publish.publish(stage, request.output_dir, staged + artifacts + signatures + manifests)
     for r in results:
         r.path = os.path.join(request.output_dir, os.path.basename(r.path))

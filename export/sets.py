@@ -44,23 +44,25 @@ def kept_reference(output_dir: str, reference_name: str, rebuilt: set[str]) -> s
     return digest if digest in recorded else None
 
 
-def seal(stage: str, output_dir: str, results: list, reference_name: str, *,
-         sign_key: str | None = None) -> list[str]:
-    """Share the reference with published sets, sign each set; the signature names to publish.
+def seal(stage: str, output_dir: str, results: list, *, sign_key: str | None = None) -> list[str]:
+    """Share the references with published sets, sign each set; the signature names to publish.
 
     Args:
         stage: the staging folder. output_dir: where the sets are published.
         results: the pipeline's ArtifactResults (`manifest_path`, `manifest`) in the stage.
-        reference_name: the reference's file name. sign_key: a PEM EC private key, or None.
+        sign_key: a PEM elliptic-curve private key, or None.
     """
     rebuilt = {os.path.basename(r.manifest_path) for r in results}
-    kept = kept_reference(output_dir, reference_name, rebuilt)
-    if kept is not None:
+    for reference_name in sorted({r.manifest["reference"] for r in results}):
+        kept = kept_reference(output_dir, reference_name, rebuilt)
+        if kept is None:
+            continue
         # Publish the same bytes again (a no-op rename) and record them in the new manifests.
         shutil.copyfile(os.path.join(output_dir, reference_name), os.path.join(stage, reference_name))
         for r in results:
-            r.manifest["reference_sha256"] = kept
-            write_manifest(r.manifest_path, r.manifest)
+            if r.manifest["reference"] == reference_name:
+                r.manifest["reference_sha256"] = kept
+                write_manifest(r.manifest_path, r.manifest)
         log.debug("keep     the published %s (sha256 %s...)", reference_name, kept[:12])
     if not sign_key:
         return []

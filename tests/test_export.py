@@ -379,7 +379,7 @@ def test_verification_rejects_nan_outputs(tmp_path, monkeypatch):
     with pytest.raises(ParityError, match="NaN"):
         export_artifacts(ExportRequest(specs={"tflite": spec}, output_dir=str(tmp_path), seed=0,
                                        atol=1e3))
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) in ([], [publish.LOCK_NAME])
 
 
 # -- manifest and golden vectors --------------------------------------------------------------------

@@ -170,9 +170,9 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
 
     artifact = os.path.join(folder, manifest["artifact"])
     _check_artifact(artifact, fmt, manifest)
-    manifests.check_reference(folder, manifest)
     golden_path = os.path.join(folder, manifest["golden"])
     golden = manifests.load_golden(golden_path, manifest, inputs + outputs)
+    manifests.check_reference(folder, manifest)
 
     # Integrity is settled before this point: a runtime never sees bytes whose sha256 is wrong.
     if not runtimes.runtime_available(fmt.name):
