@@ -39,6 +39,8 @@ ACTIVATION_COPIES = 6
 
 
 def _gib(n: float) -> str:
+    if n >= 1 << 40:
+        return f"{n / (1 << 40):,.0f} TiB"
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 28 else f"{n / (1 << 20):.0f} MiB"
 
 
