@@ -34,7 +34,9 @@ example: $(STAMP)
 	$(PY) -m examples.forecast.export --run-dir $(EXAMPLE_DIR)
 
 clean:
-	rm -rf $(VENV) web/node_modules artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json artifacts/*.npz artifacts/*.golden.bin
+	rm -rf $(VENV) web/node_modules artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json \
+		artifacts/*.npz artifacts/*.golden.bin artifacts/*_savedmodel/ artifacts/*.sig artifacts/.xattn.lock \
+		artifacts/.xattn-staging-* artifacts/.xattn-trash-*
 
 verify: $(STAMP)
 	$(PY) -m export.verify artifacts/

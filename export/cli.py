@@ -1,8 +1,9 @@
 """The one argparse parser every entry point shares; maps typed errors to exit codes.
 
 Exit codes: 0 success; 1 an artifact failed verification (nothing published); 2 usage error
-(bad flag, impossible configuration, bad calibration file); 3 a `--weights` file that is
-missing, unsafe or does not fit; 4 a converter failed.
+(bad flag, impossible configuration, bad calibration file, bad signing key); 3 a `--weights` file
+that is missing, unsafe or does not fit; 4 a converter failed; 5 `--output-dir` cannot be written;
+6 no space left on the device; 7 not enough memory; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from export.errors import ExportError, SpecError, WeightsError
+from export import resources, signing
+from export.errors import INTERRUPTED_EXIT_CODE, ExportError, SpecError, WeightsError
 from export.formats import FORMAT_NAMES, get_format
 from export.spec import QUANTIZE_MODES, ArtifactSpec
 
@@ -125,7 +128,8 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         ),
         epilog=(
             "exit codes: 0 ok; 1 verification failed (nothing published); 2 usage error; "
-            "3 bad --weights file; 4 converter failure"
+            "3 bad --weights file; 4 converter failure; 5 --output-dir not writable (a file, "
+            "read-only); 6 disk full; 7 not enough memory; 130 interrupted"
         ),
     )
     shapes = parser.add_argument_group("layer and shapes")
@@ -178,6 +182,9 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
                      help="where artifacts are published (default artifacts/)")
     out.add_argument("--name", help="base file name (default derived from the configuration, "
                                     "e.g. xattn_u64_h4_q10x64_kv10x64)")
+    out.add_argument("--sign-key", metavar="KEY.pem",
+                     help="sign each published set (artifact, manifest, golden, reference) with "
+                          "this elliptic-curve private key into <artifact>.sig (model-signing)")
     if "onnx" in formats:
         out.add_argument("--opset", type=_positive_int,
                          help=f"ONNX opset (default {_default_opset_text()})")
@@ -289,6 +296,7 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
         max_rel_error=getattr(args, "max_rel_error", None),
         opset=getattr(args, "opset", None),
         calibration=getattr(args, "calibration", None),
+        sign_key=getattr(args, "sign_key", None),
     )
 
 
@@ -342,6 +350,7 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
         specs=specs, output_dir=args.output_dir, atol=args.atol,
         max_rel_error=getattr(args, "max_rel_error", None), opset=getattr(args, "opset", None),
         model=reference, weights_source=os.path.basename(args.model),
+        sign_key=getattr(args, "sign_key", None),
     )
 
 
@@ -373,6 +382,9 @@ def report_failures(prog: str, call: Callable[[], T], *,
 
     Returns `(result, 0)`, or `(None, exit code)`; every entry point's main() reports this way.
     """
+    # From here on Ctrl-C raises KeyboardInterrupt, so staging folders are removed on the way out
+    # (before, export/__init__ exits at once: nothing has been written yet).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return call(), 0
     except ExportError as e:
@@ -380,7 +392,7 @@ def report_failures(prog: str, call: Callable[[], T], *,
         return None, e.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
-        return None, 130
+        return None, INTERRUPTED_EXIT_CODE
 
 
 def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAMES,
@@ -396,11 +408,23 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
     mixed = check_model_flags(args)
     if mixed:
         parser.error(mixed)
+    if getattr(args, "max_rel_error", None) is not None and getattr(args, "quantize", "none") == "none":
+        parser.error("--max-rel-error gates a --quantize variant (float32 artifacts gate on "
+                     "--atol). Received: --max-rel-error without --quantize")
+    if args.name is not None and not args.name.strip():
+        parser.error(f"--name must not be empty. Received: --name {args.name!r}")
 
     def export():
         from export.pipeline import export_artifacts  # lazy: TensorFlow, after parsing
 
-        return export_artifacts(resolve_request(args, formats))
+        resources.check_output_dir(args.output_dir)
+        if args.sign_key:  # a bad key fails before anything is built
+            signing.load_signer(args.sign_key)
+        request = resolve_request(args, formats)
+        resources.check_memory(request.specs, parameters=(
+            request.model.model.count_params() if request.model is not None else None))
+        with resources.typed_os_errors(request.output_dir), resources.progress():
+            return export_artifacts(request)
 
     results, code = report_failures(prog, export, interrupted="interrupted; nothing published")
     if code:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 
 class ExportError(ValueError):
     """Base class of every failure the builder reports to a user."""
@@ -63,6 +65,36 @@ class UsageError(ExportError):
     exit_code = 2
 
 
+class SigningError(ExportError):
+    """A `--sign-key` / `--public-key` that is missing or not an elliptic-curve PEM key, or no
+    model-signing package to use it."""
+
+    exit_code = 2
+
+
+class OutputDirError(ExportError):
+    """`--output-dir` cannot be written: a regular file, a read-only file system, no permission."""
+
+    exit_code = 5
+
+
+class DiskFullError(ExportError):
+    """No space left on the device (or over quota) while writing into `--output-dir`."""
+
+    exit_code = 6
+
+
+class OutOfMemoryError(ExportError):
+    """The configuration needs more memory than this machine has available (estimated before
+    building, or a failed allocation in numpy or TensorFlow)."""
+
+    exit_code = 7
+
+
+# Exit code of an export stopped by Ctrl-C / SIGINT (128 + SIGINT, as shells report it).
+INTERRUPTED_EXIT_CODE = 130
+
+
 def first_line(error: BaseException) -> str:
     """The first non-empty line of an exception's message, or its type's name: a one-line reason."""
     for line in str(error).splitlines():
@@ -81,3 +113,24 @@ def short(value: object, limit: int = 60) -> str:
     """repr(value) cut at `limit` characters: a value read from a file, quoted in a message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control, format and separator characters escaped.
+
+    Strings read from a file (a manifest's `artifact`, a reason quoting it) may hold newlines, ANSI
+    escape codes or bidi overrides that would forge or hide lines; each becomes `\\xNN`/`\\uNNNN`.
+    """
+    out = []
+    for char in str(text):
+        if unicodedata.category(char) in _UNPRINTABLE:
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+# Cc control (newline, ESC), Cf format (bidi overrides), Cs/Co/Cn, Zl/Zp line and paragraph separators.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})

@@ -32,6 +32,7 @@ FIELDS: dict[str, type | tuple | None] = {
     "outputs": list,
     "golden": str,  # the golden vectors' .npz, beside the manifest
     "golden_sha256": str,
+    "reference_sha256": str,  # of the reference .keras as published; required with `reference`
     "parity": dict,  # metrics on the verification batches, and the gate: atol or max_rel_error
 }
 REQUIRED_FIELDS = ("format", "artifact", "sha256", "inputs", "outputs", "golden", "parity")
@@ -60,7 +61,7 @@ def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha2
         same vectors as raw buffers and a JSON index (export.golden_raw). parity: the
         metrics and gate it passed. quantization: `quantization_entry(...)`. weights: where the
         weights came from. versions: converters and runtimes. created: a UTC timestamp.
-        sha256, size: of the artifact.
+        sha256, size: of the artifact. reference_sha256: of the reference `.keras` as written.
     """
     io_quant = built.facts.get("io_quantization", {})
     inputs = [_tensor_entry(i.as_json(), io_quant) for i in spec.inputs()]
@@ -160,7 +161,7 @@ def check_fields(manifest: dict) -> None:
     sha = manifest["sha256"]
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower()):
         raise ManifestError(f"manifest sha256 {short(sha)} is not 64 hex digits")
-    for key in ("golden_sha256",):
+    for key in ("golden_sha256", "reference_sha256"):
         value = manifest.get(key)
         if value is not None and (
             not isinstance(value, str) or len(value) != 64
@@ -173,6 +174,28 @@ def check_fields(manifest: dict) -> None:
         raise ManifestError(f"manifest field 'bytes' must be an integer, got {short(manifest['bytes'])}")
     if "reference" in manifest and not isinstance(manifest["reference"], str):
         raise ManifestError("manifest field 'reference' must be a JSON string")
+    if "reference" in manifest and "reference_sha256" not in manifest:
+        raise ManifestError("manifest names a reference but gives no reference_sha256")
+
+
+def check_reference(folder: str, manifest: dict) -> None:
+    """The reference `.keras` the manifest names is there and is the one it was verified against."""
+    if "reference" not in manifest:
+        return
+    name = manifest["reference"]
+    path = path_inside(folder, name, "reference")
+    if not os.path.isfile(path):
+        raise ManifestError(f"reference {name} is missing")
+    try:
+        digest = sha256_path(path)
+    except OSError as e:
+        raise ManifestError(f"reference {name} cannot be read: {one_line(first_line(e))}") from e
+    expected = manifest["reference_sha256"].lower()
+    if digest != expected:
+        raise ManifestError(
+            f"reference {name} sha256 mismatch: {digest[:12]}..., the manifest {expected[:12]}... "
+            "(replaced or modified)"
+        )
 
 
 def path_inside(folder: str, relative: object, key: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export import check, publish, reference, runtimes
+from export import check, publish, reference, runtimes, sets
 from export.calibration import (
     Calibration,
     calibrations_for,
@@ -49,6 +49,7 @@ class ExportRequest:
         model: a user's whole model (`--model`) instead of the lone layer; `specs` are then
             ModelSpecs and `seed`/`weights` do not apply. Its sample inputs (if any) supply the
             golden vectors and the int8 calibration.
+        sign_key: an elliptic-curve private key (PEM); None publishes unsigned sets.
     """
 
     specs: dict[str, ArtifactSpec | ModelSpec]
@@ -61,6 +62,7 @@ class ExportRequest:
     opset: int | None = None
     calibration: str | None = None
     model: ModelReference | None = None
+    sign_key: str | None = None  # a PEM EC private key: each set signed into <artifact>.sig
 
 
 @dataclass
@@ -135,9 +137,13 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
     results: list[ArtifactResult] = []
     with publish.staging(request.output_dir) as stage:
         staged: list[str] = []
-        ref.save(os.path.join(stage, first.reference_name))
-        reference_sha = publish.sha256_path(os.path.join(stage, first.reference_name))
-        staged.append(first.reference_name)
+        references = {}  # name -> sha256, hashed once as written (Keras stamps the save time)
+        for spec in specs.values():
+            if spec.reference_name not in references:
+                ref.save(os.path.join(stage, spec.reference_name))
+                staged.append(spec.reference_name)
+                references[spec.reference_name] = publish.sha256_path(
+                    os.path.join(stage, spec.reference_name))
         goldens = {}
         for spec in specs.values():
             if spec.golden_name in goldens:
@@ -153,11 +159,15 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
         _guard_shared_files(request.output_dir, specs, goldens)
         for fmt, spec in specs.items():
             results.append(_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt),
-                                      reference_sha))
+                                      references[spec.reference_name]))
         manifests = [os.path.basename(r.manifest_path) for r in results]
         artifacts = [os.path.basename(r.path) for r in results]
         log.info("publish  %d artifact(s) into %s", len(results), request.output_dir)
-        publish.publish(stage, request.output_dir, staged + artifacts + manifests)
+        # One critical section (an OS lock on the folder): the guard again, then the publish.
+        with publish.folder_lock(request.output_dir):
+            _guard_shared_files(request.output_dir, specs, goldens)
+            signatures = sets.seal(stage, request.output_dir, results, sign_key=request.sign_key)
+            publish.publish(stage, request.output_dir, staged + artifacts + signatures + manifests)
     for r in results:
         r.path = os.path.join(request.output_dir, os.path.basename(r.path))
         r.manifest_path = os.path.join(request.output_dir, os.path.basename(r.manifest_path))

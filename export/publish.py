@@ -33,22 +33,43 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 def sha256_path(path: str) -> str:
-    """sha256 of a file, or of a folder's files' bytes concatenated in sorted relative-path order."""
+    """sha256 of a file's bytes; of a folder, its tree: every name and every file's bytes.
+
+    A folder hashes, in sorted relative POSIX path order, `dir\\0<path>\\0` for each sub-folder
+    and `file\\0<path>\\0<size>\\0<bytes>` for each file: a renamed, moved or added file (an empty
+    one included) changes the digest, not only changed bytes.
+    """
+    if not os.path.isdir(path):
+        digest = hashlib.sha256()
+        _hash_file(digest, path)
+        return digest.hexdigest()
+    entries = []
+    for root, dirs, names in os.walk(path):
+        for name in dirs:
+            entries.append((_posix(os.path.relpath(os.path.join(root, name), path)), True))
+        for name in names:
+            entries.append((_posix(os.path.relpath(os.path.join(root, name), path)), False))
     digest = hashlib.sha256()
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.relpath(os.path.join(root, name), path)
-            for root, _, names in os.walk(path)
-            for name in names
-        )
-        paths = [os.path.join(path, f) for f in files]
-    else:
-        paths = [path]
-    for p in paths:
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+    for rel, is_dir in sorted(entries):
+        full = os.path.join(path, *rel.split("/"))
+        if is_dir:
+            digest.update(b"dir\0" + rel.encode("utf-8", "surrogateescape") + b"\0")
+        else:
+            size = os.path.getsize(full)
+            digest.update(b"file\0" + rel.encode("utf-8", "surrogateescape") + b"\0"
+                          + str(size).encode() + b"\0")
+            _hash_file(digest, full)
     return digest.hexdigest()
+
+
+def _posix(relative: str) -> str:
+    return relative.replace(os.sep, "/")
+
+
+def _hash_file(digest, path: str) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
 
 
 def size_bytes(path: str) -> int:
@@ -109,30 +130,66 @@ def write_json(path: str, data: dict) -> None:
 # -- staging and publishing ---------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
+# The folder lock: the same-name guard and the publish of one export are one critical section,
+# and staging folders are created and judged dead under it.
+LOCK_NAME = ".xattn.lock"
+# Inside each staging folder: held (flock) by the exporting process for the folder's lifetime.
+STAGE_LOCK_NAME = ".xattn-stage.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(output_dir: str) -> Iterator[None]:
+    """An exclusive OS lock (flock) on `output_dir`/.xattn.lock, held for the `with` block.
+
+    flock is released by the kernel when its holder dies (kill -9 included), works across PID
+    namespaces (containers sharing the folder), and the lock file is never removed (removing it
+    would let two processes lock two different files).
+    """
+    import fcntl  # lazy: POSIX only; export.verify imports this module on any system
+
+    fd = os.open(os.path.join(output_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_is_free(path: str) -> bool:
+    """True when no live process holds an flock on `path` (or it is missing: never locked)."""
+    import fcntl  # lazy: POSIX only; export.verify imports this module on any system
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
         return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
     return True
 
 
 def clean_stale(output_dir: str) -> list[str]:
-    """Remove staging/trash folders left by exports that died (their pid is gone)."""
+    """Remove staging/trash folders of exports that died; call it holding `folder_lock`.
+
+    A staging folder is alive while its process holds the flock on the lock file inside it, in
+    any PID namespace; a PID says nothing about a process in another container. Staging folders
+    are created and locked under the folder lock, and trash folders live only inside it, so under
+    that lock a staging folder whose lock is free, and any trash folder, belongs to a dead export.
+    """
     removed = []
     if not os.path.isdir(output_dir):
         return removed
-    for entry in os.listdir(output_dir):
-        if not entry.startswith((STAGING_PREFIX, TRASH_PREFIX)):
-            continue
-        try:
-            pid = int(entry.split("-")[2])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(os.path.join(output_dir, entry), ignore_errors=True)
+    for entry in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, entry)
+        if entry.startswith(TRASH_PREFIX) or (
+            entry.startswith(STAGING_PREFIX) and os.path.isdir(path)
+            and _lock_is_free(os.path.join(path, STAGE_LOCK_NAME))
+        ):
+            shutil.rmtree(path, ignore_errors=True)
             removed.append(entry)
     if removed:
         log.debug("removed stale folders of killed exports: %s", ", ".join(removed))
@@ -141,14 +198,25 @@ def clean_stale(output_dir: str) -> list[str]:
 
 @contextlib.contextmanager
 def staging(output_dir: str) -> Iterator[str]:
-    """A private folder inside `output_dir`; removed on exit whatever happens."""
+    """A private folder inside `output_dir`, locked by this process; removed on exit whatever happens."""
+    import fcntl  # lazy: POSIX only; export.verify imports this module on any system
+
     os.makedirs(output_dir, exist_ok=True)
-    clean_stale(output_dir)
-    path = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=output_dir)
+    with folder_lock(output_dir):
+        clean_stale(output_dir)
+        path = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=output_dir)
+        try:
+            fd = os.open(os.path.join(path, STAGE_LOCK_NAME),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
 
 
 def publish(stage: str, output_dir: str, names: list[str]) -> list[str]:

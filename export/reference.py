@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 
 import h5py
@@ -21,6 +22,8 @@ from export.spec import ArtifactSpec
 from xattn import CrossAttention
 
 GOLDEN_SEED = 20240601
+# What a weight holds until a .weights.h5 file fills it: a float32 no trained weight equals.
+_UNLOADED = np.float32(-3.0e38)
 VERIFY_SEED = 1000
 
 
@@ -189,13 +192,39 @@ def find_cross_attention(obj):
 def _check_readable(path: str) -> None:
     if not os.path.exists(path):
         raise WeightsError(f"--weights file not found: {path}")
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
         raise WeightsError(f"--weights must be a file, got a folder: {path}")
+    if not os.path.isfile(path):
+        # A FIFO, socket or device: reading it could block forever or never end.
+        raise WeightsError(f"--weights must be a regular file, got {_file_kind(path)}: {path}")
     try:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as e:
         raise WeightsError(f"--weights file {path} cannot be read: {e.strerror or e}") from e
+
+
+def _file_kind(path: str) -> str:
+    import stat  # lazy: only for this rare message
+
+    mode = os.stat(path).st_mode
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def check_finite(weights: list[np.ndarray], path: str) -> None:
+    """NaN/inf weights would pass through every converter and fail only as NaN outputs: say so."""
+    for index, array in enumerate(weights):
+        array = np.asarray(array)
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise WeightsError(
+                f"--weights file {path} holds {bad} NaN/inf value(s) in weight {index} of shape "
+                f"{tuple(array.shape)}; a model with them cannot be verified"
+            )
 
 
 def load_keras_file(path: str) -> FileWeights:
@@ -218,6 +247,7 @@ def load_keras_file(path: str) -> FileWeights:
     weights = [np.asarray(w) for w in layer.get_weights()]
     if not layer.use_bias:
         weights = _with_zero_biases(weights, layer.units, layer.num_heads)
+    check_finite(weights, path)
     return FileWeights(
         path=path,
         units=layer.units,
@@ -240,8 +270,9 @@ def load_h5_weights(path: str, spec: ArtifactSpec) -> list[np.ndarray]:
     _check_readable(path)
     if not h5py.is_hdf5(path):
         raise WeightsError(f"--weights file {path} is not an HDF5 file (from model.save_weights)")
-    # NaN placeholders: no real weight equals them (seeded ones could, e.g. those of seed 0).
-    placeholder = [np.full(w.shape, np.nan, np.float32) for w in random_weights(spec, 0)]
+    # Sentinel placeholders: no real weight equals them (seeded ones could, e.g. those of seed 0;
+    # NaN could not tell a weight left unloaded from a NaN in the file).
+    placeholder = [np.full(w.shape, _UNLOADED, np.float32) for w in random_weights(spec, 0)]
     model = build_reference(spec.replace(query_mask=False, value_mask=False, causal=False,
                                          scores=False), placeholder)
     shapes = spec.describe().split(" batch=")[0]
@@ -256,13 +287,14 @@ def load_h5_weights(path: str, spec: ArtifactSpec) -> list[np.ndarray]:
         ) from e
     loaded = reference_weights(model)
     # Keras skips (with a warning) variables it cannot find; never export placeholders.
-    unchanged = [i for i, w in enumerate(loaded) if np.isnan(w).any()]
+    unchanged = [i for i, w in enumerate(loaded) if np.all(w == _UNLOADED)]
     if unchanged:
         raise WeightsError(
             f"--weights file {path} does not hold the weights of a model built like the reference "
             f"(inputs source1, source2 into one CrossAttention named 'cross_attention'); "
             f"{len(unchanged)} of 12 weights were not found in it"
         )
+    check_finite(loaded, path)
     return loaded
 
 
@@ -280,13 +312,17 @@ def _h5_shape_mismatch(path: str, expected: list[np.ndarray]) -> str | None:
             )
     except Exception:  # unreadable: the caller keeps Keras' reason
         return None
+    # Counted, not as sets: a (64, 64) the file holds once where two are needed is missing once.
     needed = [tuple(w.shape) for w in expected]
-    extra = sorted(set(found) - set(needed))
-    missing = sorted(set(needed) - set(found))
+    extra = sorted((Counter(found) - Counter(needed)).elements())
+    missing = sorted((Counter(needed) - Counter(found)).elements())
     if not extra and not missing:
         return None
-    text = ", ".join(str(s) for s in extra) or "none"
-    return (
-        f"it holds arrays of shapes {text} where this configuration needs "
-        f"{', '.join(str(s) for s in missing) or 'none'}"
-    )
+    def shapes(found_or_missing):
+        return ", ".join(str(s) for s in found_or_missing)
+
+    if not missing:
+        return f"it holds arrays of shapes {shapes(extra)} that this configuration has no place for"
+    if not extra:
+        return f"it lacks arrays of shapes {shapes(missing)} that this configuration needs"
+    return f"it holds arrays of shapes {shapes(extra)} where this configuration needs {shapes(missing)}"

@@ -103,7 +103,8 @@ def test_entry_point_writes_verified_files(entry_runs, module):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     name = "custom_name" if module == "export.savedmodel" else SMALL_NAME
-    expected = {f"{name}.keras", f"{name}.golden.npz", f"{name}.golden.json", f"{name}.golden.bin"}
+    expected = {f"{name}.keras", f"{name}.golden.npz", f"{name}.golden.json", f"{name}.golden.bin",
+                ".xattn.lock"}
     for fmt in ENTRY_POINTS[module]:
         artifact = ARTIFACTS[fmt].replace(SMALL_NAME, name)
         expected |= {artifact, f"{artifact}.json"}

@@ -132,19 +132,23 @@ def onnx_dims(value) -> list:
 
 
 def tree_sha256(path: str) -> str:
-    """Independent of export.publish: file bytes, or a folder's files in sorted relative-path order."""
+    """Independent of export.publish: file bytes; a folder's names and bytes in sorted path order."""
     digest = hashlib.sha256()
     if os.path.isfile(path):
-        files = [path]
-    else:
-        rel = sorted(
-            os.path.relpath(os.path.join(root, n), path) for root, _, names in os.walk(path)
-            for n in names
-        )
-        files = [os.path.join(path, r) for r in rel]
-    for f in files:
-        with open(f, "rb") as fh:
+        with open(path, "rb") as fh:
             digest.update(fh.read())
+        return digest.hexdigest()
+    entries = sorted(
+        (os.path.relpath(os.path.join(root, n), path).replace(os.sep, "/"), n in dirs)
+        for root, dirs, names in os.walk(path) for n in dirs + names
+    )
+    for rel, is_dir in entries:
+        if is_dir:
+            digest.update(b"dir\0" + rel.encode() + b"\0")
+            continue
+        with open(os.path.join(path, rel), "rb") as fh:
+            data = fh.read()
+        digest.update(b"file\0" + rel.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
     return digest.hexdigest()
 
 
@@ -355,7 +359,7 @@ def test_verification_rejects_dropped_biases(tmp_path, monkeypatch, fmt):
     (out / "keep.txt").write_text("earlier file\n")
     with pytest.raises(ParityError, match=r"max abs diff .* exceeds atol="):
         export_artifacts(ExportRequest(specs={fmt: spec}, output_dir=str(out), seed=0))
-    assert sorted(os.listdir(out)) == ["keep.txt"]
+    assert sorted(os.listdir(out)) == sorted(["keep.txt", publish.LOCK_NAME])
 
 
 def test_verification_rejects_nan_outputs(tmp_path, monkeypatch):
@@ -375,7 +379,7 @@ def test_verification_rejects_nan_outputs(tmp_path, monkeypatch):
     with pytest.raises(ParityError, match="NaN"):
         export_artifacts(ExportRequest(specs={"tflite": spec}, output_dir=str(tmp_path), seed=0,
                                        atol=1e3))
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) in ([], [publish.LOCK_NAME])
 
 
 # -- manifest and golden vectors --------------------------------------------------------------------

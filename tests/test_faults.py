@@ -125,29 +125,43 @@ def test_kill_9_mid_export_loses_nothing_and_the_next_export_cleans_up(earlier):
 
 
 def test_clean_stale_removes_only_dead_processes_folders(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    dead_pid = int(dead.stdout)
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # Alive = a process holds the flock on the staging folder's lock file (any PID namespace).
+    holder = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    names = {
+        "dead": f"{publish.STAGING_PREFIX}1-abc",  # its lock file is there, nobody holds it
+        "dead-trash": f"{publish.TRASH_PREFIX}1-def",
+        "alive": f"{publish.STAGING_PREFIX}1-ghi",
+        "no-lock": f"{publish.STAGING_PREFIX}xyz",  # killed before it took its lock
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "partial.onnx").write_bytes(b"half a file")
+    (tmp_path / names["dead"] / publish.STAGE_LOCK_NAME).write_bytes(b"")
+    (tmp_path / "model.onnx").write_bytes(b"published")
+    alive = subprocess.Popen(
+        [sys.executable, "-c", holder, str(tmp_path / names["alive"] / publish.STAGE_LOCK_NAME)],
+        stdout=subprocess.PIPE, text=True,
+    )
     try:
-        names = {
-            "dead": f"{publish.STAGING_PREFIX}{dead_pid}-abc",
-            "dead-trash": f"{publish.TRASH_PREFIX}{dead_pid}-def",
-            "alive": f"{publish.STAGING_PREFIX}{alive.pid}-ghi",
-            "self": f"{publish.STAGING_PREFIX}{os.getpid()}-jkl",
-            "no-pid": f"{publish.STAGING_PREFIX}xyz",
-        }
-        for name in names.values():
-            (tmp_path / name).mkdir()
-            (tmp_path / name / "partial.onnx").write_bytes(b"half a file")
-        (tmp_path / "model.onnx").write_bytes(b"published")
-        removed = publish.clean_stale(str(tmp_path))
-        assert sorted(removed) == sorted([names["dead"], names["dead-trash"]])
-        kept = sorted(os.listdir(tmp_path))
-        assert kept == sorted([names["alive"], names["self"], names["no-pid"], "model.onnx"])
+        assert alive.stdout.readline().strip() == "locked"
+        with publish.staging(str(tmp_path)) as own:  # cleans under the folder lock
+            assert os.path.isdir(own)
+            kept = sorted(os.listdir(tmp_path))
+            assert kept == sorted([names["alive"], os.path.basename(own), "model.onnx",
+                                   publish.LOCK_NAME])
+            assert publish.clean_stale(str(tmp_path)) == []  # its own folder is alive too
     finally:
         alive.kill()
         alive.wait()
+        alive.stdout.close()
+    # Its holder gone, the folder is dead.
+    assert publish.clean_stale(str(tmp_path)) == [names["alive"]]
 
 
 def test_failed_verification_publishes_nothing(earlier):

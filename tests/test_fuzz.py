@@ -151,7 +151,7 @@ def damaged(draw, original: bytes) -> bytes:
 
 
 def write_case(folder: str, manifest: dict, artifact: str, golden: bytes) -> str:
-    """A folder with one manifest, its artifact (copied) and golden file; the manifest path."""
+    """A folder with one manifest, its artifact (copied), golden file and reference; the manifest path."""
     dst = os.path.join(folder, manifest["artifact"])
     if os.path.isdir(artifact):
         shutil.copytree(artifact, dst)
@@ -159,6 +159,9 @@ def write_case(folder: str, manifest: dict, artifact: str, golden: bytes) -> str
         shutil.copyfile(artifact, dst)
     with open(os.path.join(folder, manifest["golden"]), "wb") as f:
         f.write(golden)
+    reference = os.path.join(os.path.dirname(artifact), str(manifest.get("reference")))
+    if os.path.isfile(reference):  # the reference .keras the manifest's reference_sha256 covers
+        shutil.copyfile(reference, os.path.join(folder, manifest["reference"]))
     path = os.path.join(folder, manifest["artifact"] + ".json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(manifest, f)

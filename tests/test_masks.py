@@ -264,7 +264,7 @@ def test_layer_rejects_wrong_mask_shape():
 
     layer = CrossAttention(8, 2)
     s1, s2 = np.zeros((2, 6, 5), np.float32), np.zeros((2, 9, 7), np.float32)
-    with pytest.raises(ValueError, match=r"`value_mask` must have shape \(B, 9\).*\(2, 6\)"):
+    with pytest.raises(ValueError, match=r"`value_mask` must have shape \(B=2, 9\).*\(2, 6\)"):
         layer([s1, s2], value_mask=np.ones((2, 6), bool))
 
 
@@ -350,7 +350,7 @@ def test_tflite_cli_with_masks_causal_scores(tmp_path):
     name = "xattn_u8_h2_q6x5_kv9x7_qmask_vmask_causal_scores"
     assert sorted(os.listdir(tmp_path)) == sorted(
         [f"{name}.tflite", f"{name}.tflite.json", f"{name}.golden.npz", f"{name}.keras",
-         f"{name}.golden.json", f"{name}.golden.bin"]
+         f"{name}.golden.json", f"{name}.golden.bin", ".xattn.lock"]
     )
     with open(tmp_path / f"{name}.tflite.json") as f:
         manifest = json.load(f)

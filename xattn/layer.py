@@ -317,7 +317,18 @@ def _split_inputs(inputs):
                 f"CrossAttention expects rank-3 tensors (batch, length, features); "
                 f"source{index + 1} is {_describe(tensor)}."
             )
+    _check_batches(tuple(inputs[0].shape), tuple(inputs[1].shape))
     return inputs[0], inputs[1]
+
+
+def _check_batches(source1_shape: tuple, source2_shape: tuple) -> None:
+    """Refuse batch sizes known to differ (ops would broadcast a batch of 1 silently)."""
+    b1, b2 = source1_shape[0], source2_shape[0]
+    if b1 is not None and b2 is not None and int(b1) != int(b2):
+        raise ValueError(
+            "`source1` and `source2` must have the same batch size. Received: "
+            f"source1.shape={source1_shape}, source2.shape={source2_shape}"
+        )
 
 
 def _split_shapes(input_shape):
@@ -341,6 +352,7 @@ def _split_shapes(input_shape):
                 f"The feature size of source{index + 1} must be known. "
                 f"Received: shape {tuple(shape)}"
             )
+    _check_batches(tuple(input_shape[0]), tuple(input_shape[1]))
     return tuple(input_shape[0]), tuple(input_shape[1])
 
 
@@ -360,7 +372,8 @@ def _check_mask_shape(name: str, shape: tuple, expected: tuple) -> None:
         for i, (s, e) in enumerate(zip(shape, expected))
     )
     if not fits:
-        want = "(" + ", ".join("B" if i == 0 else str(e) for i, e in enumerate(expected)) + ")"
+        batch = "B" if expected[0] is None else f"B={expected[0]}"
+        want = "(" + ", ".join(batch if i == 0 else str(e) for i, e in enumerate(expected)) + ")"
         raise ValueError(
             f"`{name}` must have shape {want} to fit the inputs. Received: {name}.shape={shape}"
         )

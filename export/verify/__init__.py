@@ -16,9 +16,9 @@ import sys
 from dataclasses import dataclass, field
 
 from export import manifest as manifests
-from export import runtimes
+from export import runtimes, signing
 from export.check import gate, parity_metrics
-from export.errors import ManifestError, ParityError, UsageError, first_line, one_line
+from export.errors import ManifestError, ParityError, UsageError, first_line, one_line, printable
 from export.formats import REGISTRY, Format
 from export.publish import sha256_path, size_bytes
 
@@ -40,16 +40,22 @@ class VerifyResult:
     format: str | None = None
     metrics: dict = field(default_factory=dict)
     tolerance: dict = field(default_factory=dict)
+    signature: str = ""  # "signature ok", "signature present, not checked", "unsigned"
 
     @property
     def failed(self) -> bool:
         return self.status == "failed"
 
     def line(self, marks: dict[str, str] | None = None) -> str:
+        """One terminal line; the name and reason come from files, so they are escaped."""
         marks = marks or MARKS
         if self.status == "passed":
-            return f"{marks['passed']} {self.name}  {_describe_metrics(self.metrics, self.tolerance)}"
-        return f"{marks[self.status]} {self.name}  {self.reason}"
+            text = f"{self.name}  {_describe_metrics(self.metrics, self.tolerance)}"
+        else:
+            text = f"{self.name}  {self.reason}"
+        if self.signature:
+            text += f"  [{self.signature}]"
+        return f"{marks[self.status]} {printable(text)}"
 
 
 MARKS = {"passed": "✓", "failed": "✗", "not run": "-"}
@@ -100,23 +106,32 @@ def find_manifests(path: str) -> list[str]:
     raise UsageError(f"{path} is neither a manifest (.json) nor a folder of them")
 
 
-def verify_path(path: str) -> list[VerifyResult]:
+def verify_path(path: str, *, public_key: str | None = None) -> list[VerifyResult]:
     """Verify every manifest under PATH (a folder, a manifest, or an artifact).
+
+    Args:
+        path: a folder, a manifest, or an artifact with its manifest beside it.
+        public_key: an elliptic-curve public key (PEM); every set must carry a signature made
+            with its private key, checked before anything else. None: signatures are reported
+            as present or absent, not checked.
 
     Returns:
         One VerifyResult per manifest, in file name order.
 
     Raises:
         UsageError: only when there is nothing to verify; a file's problems are results.
+        SigningError: `public_key` is not a usable key, or model-signing is not installed.
     """
-    return [verify_manifest(p) for p in find_manifests(path)]
+    manifests_found = find_manifests(path)
+    verifier = signing.load_verifier(public_key) if public_key else None
+    return [verify_manifest(p, verifier=verifier) for p in manifests_found]
 
 
-def verify_manifest(path: str) -> VerifyResult:
+def verify_manifest(path: str, *, verifier=None) -> VerifyResult:
     """Check one manifest, its artifact and its golden vectors. Never raises for file content."""
     result = VerifyResult(manifest=path, name=os.path.basename(path), status="failed")
     try:
-        _verify(path, result)
+        _verify(path, result, verifier)
     except RuntimeNotRun as e:
         result.status, result.reason = "not run", str(e)
     except (ManifestError, ParityError) as e:
@@ -129,7 +144,7 @@ def verify_manifest(path: str) -> VerifyResult:
     return result
 
 
-def _verify(path: str, result: VerifyResult) -> None:
+def _verify(path: str, result: VerifyResult, verifier=None) -> None:
     manifest = manifests.read_manifest(path)
     folder = os.path.dirname(os.path.abspath(path))
     if isinstance(manifest.get("artifact"), str) and manifest["artifact"]:
@@ -140,6 +155,14 @@ def _verify(path: str, result: VerifyResult) -> None:
     for key in manifests.PATH_FIELDS:
         if key in manifest:
             manifests.path_inside(folder, manifest[key], key)
+    # The signature first: with a key, nothing a set's files say is trusted before it checks.
+    if verifier is not None:
+        signing.verify_set(verifier, folder, os.path.basename(path), manifest)
+        result.signature = "signature ok"
+    elif signing.signature_present(folder, manifest):
+        result.signature = "signature present, not checked: pass --public-key"
+    else:
+        result.signature = "unsigned"
     tolerance = manifests.tolerance_of(manifest["parity"])
     result.tolerance = tolerance
     inputs = manifests.tensors_of(manifest["inputs"], "inputs")
@@ -149,6 +172,7 @@ def _verify(path: str, result: VerifyResult) -> None:
     _check_artifact(artifact, fmt, manifest)
     golden_path = os.path.join(folder, manifest["golden"])
     golden = manifests.load_golden(golden_path, manifest, inputs + outputs)
+    manifests.check_reference(folder, manifest)
 
     # Integrity is settled before this point: a runtime never sees bytes whose sha256 is wrong.
     if not runtimes.runtime_available(fmt.name):

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from export.cli import OneLineParser
-from export.errors import UsageError
+from export.errors import SigningError, UsageError, printable
 from export.verify import ASCII_MARKS, MARKS, verify_path
 
 
@@ -20,11 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
             "SavedModel runs where TensorFlow is importable."
         ),
         epilog="exit codes: 0 every artifact passed (or was not run for want of its runtime); "
-               "1 any artifact failed; 2 usage error (no such path, no manifests)",
+               "1 any artifact failed; 2 usage error (no such path, no manifests, bad --public-key)",
     )
     parser.add_argument("path", metavar="PATH",
                         help="an output folder (every *.onnx.json, *.tflite.json, "
                              "*_savedmodel.json in it) or one manifest")
+    parser.add_argument("--public-key", metavar="KEY.pub",
+                        help="check each set's signature (<artifact>.sig) with this elliptic-curve "
+                             "public key first; an unsigned set, another key's signature or a "
+                             "file changed after signing fails")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print failures and the summary only")
     return parser
@@ -44,9 +48,9 @@ def _marks() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        results = verify_path(args.path)
-    except UsageError as e:
-        print(f"python -m export.verify: error: {e}", file=sys.stderr)
+        results = verify_path(args.path, public_key=args.public_key)
+    except (UsageError, SigningError) as e:
+        print(f"python -m export.verify: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
     marks = _marks()
     for r in results:
@@ -56,5 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = f"{counts['passed']} passed, {counts['failed']} failed"
     if counts["not run"]:
         summary += f", {counts['not run']} not run"
-    print(f"{summary} ({len(results)} manifest{'s' if len(results) != 1 else ''} in {args.path})")
+    where = printable(args.path)
+    print(f"{summary} ({len(results)} manifest{'s' if len(results) != 1 else ''} in {where})")
     return 1 if counts["failed"] else 0
