@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from export.deployment import summary as deployment_summary
 from export.errors import ExportError, SpecError, WeightsError
 from export.formats import FORMAT_NAMES, get_format
 from export.spec import QUANTIZE_MODES, ArtifactSpec
@@ -246,14 +247,16 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
 
 
 def print_table(results) -> None:
-    """The closing table on stdout: artifact, size, max abs diff, rel L2, path."""
-    rows = [("artifact", "size", "max abs diff", "rel L2", "path")]
+    """The closing table on stdout: artifact, size, max abs diff, rel L2, placement (the
+    manifest's `deployment`, export.deployment.summary), path."""
+    rows = [("artifact", "size", "max abs diff", "rel L2", "placement", "path")]
     for r in results:
         rows.append((
             f"{r.format}{'' if r.spec.quantize == 'none' else ' ' + r.spec.quantize}",
             _human_size(r.bytes),
             f"{r.parity['max_abs']:.2e}",
             f"{r.parity['rel_l2']:.1e}",
+            deployment_summary(r.manifest.get("deployment")),
             r.path,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

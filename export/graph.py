@@ -260,7 +260,10 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *,
                 (folded.output_bias + vo_bias).astype(np.float32))
         else:
             # A query row with every key masked has all-zero probabilities: no value bias.
-            row_any = tf.reshape(tf.reduce_max(keep, axis=-1), [-1, 1])  # (B*Tq, 1)
+            # min(visible keys, 1) as a matmul and a relu, not a ReduceMax: NNAPI and CoreML's
+            # NeuralNetwork format have no ReduceMax, and one such node split the graph in two.
+            visible = tf.matmul(tf.reshape(keep, [-1, tkv]), tf.ones([tkv, 1]))  # (B*Tq, 1)
+            row_any = 1.0 - tf.nn.relu(1.0 - visible)
             out = (tf.matmul(context, tf.constant(folded.vo_kernel)) + tf.constant(folded.output_bias)
                    + row_any * tf.constant(folded.vo_bias))
         out = tf.reshape(out, [b, tq, units])  # (B, Tq, U)

@@ -46,9 +46,22 @@ MAX_GOLDEN_BYTES = 2 << 30
 # -- writing -------------------------------------------------------------------------------------
 
 
+def spec_facts(spec) -> dict:
+    """The manifest's `shapes` and `masks` of an ArtifactSpec (also written inside the file)."""
+    return {
+        "shapes": {
+            "batch": spec.batch, "query_len": spec.query_len, "kv_len": spec.kv_len,
+            "query_features": spec.query_features, "kv_features": spec.kv_features,
+        },
+        "masks": {"query_mask": spec.query_mask, "value_mask": spec.value_mask,
+                  "causal": spec.causal, "scores": spec.scores},
+    }
+
+
 def build_manifest(*, fmt: str, spec, built, layer_config: dict, layout: str, golden_sha256: str,
                    parity: dict, quantization: dict, weights: str, versions: dict,
-                   created: str, sha256: str, size: int) -> dict:
+                   created: str, sha256: str, size: int, deployment: dict | None = None,
+                   file_metadata: dict | None = None) -> dict:
     """The manifest of one published artifact, fields in a fixed order.
 
     Args:
@@ -71,19 +84,16 @@ def build_manifest(*, fmt: str, spec, built, layer_config: dict, layout: str, go
         "inputs": inputs,
         "outputs": outputs,
         "config": layer_config,
-        "shapes": {
-            "batch": spec.batch, "query_len": spec.query_len, "kv_len": spec.kv_len,
-            "query_features": spec.query_features, "kv_features": spec.kv_features,
-        },
-        "masks": {"query_mask": spec.query_mask, "value_mask": spec.value_mask,
-                  "causal": spec.causal, "scores": spec.scores},
+        **spec_facts(spec),
         "layout": layout,
         "reference": spec.reference_name,
         "golden": spec.golden_name,
         "golden_sha256": golden_sha256,
         **facts,
         "quantization": quantization,
+        **({"file_metadata": file_metadata} if file_metadata is not None else {}),
         "parity": parity,
+        **({"deployment": deployment} if deployment is not None else {}),
         "weights": weights,
         "versions": versions,
         "created": created,

@@ -16,11 +16,14 @@ import numpy as np
 
 from export import check, publish, reference, runtimes
 from export.calibration import Calibration, calibrations_for, check_variant, graph_options
+from export.deployment import summary as deployment_summary
 from export.errors import ExportError, SpecError
 from export.formats import get_format
 from export.graph import FoldedWeights, build_inference_function, fold_weights, preferred_layout
-from export.manifest import build_manifest, quantization_entry, write_manifest
+from export.manifest import build_manifest, quantization_entry, spec_facts, write_manifest
+from export.metadata import file_metadata
 from export.spec import ArtifactSpec
+from xattn import __version__ as xattn_version
 
 log = logging.getLogger("export")
 
@@ -187,7 +190,18 @@ def _build_one(fmt: str, spec: ArtifactSpec, request: ExportRequest, ref: _Refer
     layout = preferred_layout(spec, record.layout)
     t0 = time.perf_counter()
     fn = build_inference_function(spec, ref.folded, layout=layout, **graph_options(spec))
-    built = record.build(spec, fn, stage, opset=request.opset, calibration=calibration)
+    # The golden vectors are written before conversion: their sha256 goes inside the file too.
+    golden_sha = goldens[spec.golden_name][2]
+    quantization = quantization_entry(spec, calibration)
+    versions = {"xattn": xattn_version, **publish.versions()}
+    metadata = file_metadata({
+        "format": fmt, "config": ref.layer_config, **spec_facts(spec), "versions": versions,
+        "inputs": [i.as_json() for i in spec.inputs()],
+        "outputs": [o.as_json() for o in spec.outputs()],
+        "quantization": quantization, "golden_sha256": golden_sha,
+    })
+    built = record.build(spec, fn, stage, opset=request.opset, calibration=calibration,
+                         metadata=metadata)
     name = os.path.basename(built.path)
     log.info("convert  %-10s %s (%.1f s)", fmt, name, time.perf_counter() - t0)
 
@@ -198,7 +212,7 @@ def _build_one(fmt: str, spec: ArtifactSpec, request: ExportRequest, ref: _Refer
     runner = runtimes.load_runner(fmt, built.path, batch=spec.batch, inputs=spec.inputs())
     metrics, n_samples = _verify_artifact(runner, spec, ref.model, tolerance, name)
     # The golden vectors must pass too: that is what `export.verify` will check later.
-    golden_feeds, golden_outputs, golden_sha = goldens[spec.golden_name]
+    golden_feeds, golden_outputs, _ = goldens[spec.golden_name]
     check.gate(check.parity_metrics(golden_outputs, runner.run(golden_feeds)),
                artifact=f"{name} (golden vectors)", **tolerance)
     parity = {"runtime": f"{record.runtime} {publish.versions().get(record.runtime, '?')}",
@@ -211,12 +225,17 @@ def _build_one(fmt: str, spec: ArtifactSpec, request: ExportRequest, ref: _Refer
                  spec.quantize, metrics["rel_l2"], tolerance["max_rel_error"], metrics["cosine"],
                  n_samples, time.perf_counter() - t0)
 
+    t0 = time.perf_counter()
+    deployment = record.deployment_report(built, spec)
+    if deployment is not None:
+        log.info("deploy   %-10s %s (%.1f s)", fmt, deployment_summary(deployment),
+                 time.perf_counter() - t0)
     manifest = build_manifest(
         fmt=fmt, spec=spec, built=built, layer_config=ref.layer_config, layout=layout,
-        golden_sha256=golden_sha, parity=parity,
-        quantization=quantization_entry(spec, calibration), weights=ref.source,
-        versions=publish.versions(), created=publish.utc_now(),
+        golden_sha256=golden_sha, parity=parity, quantization=quantization, weights=ref.source,
+        versions=versions, created=publish.utc_now(),
         sha256=publish.sha256_path(built.path), size=publish.size_bytes(built.path),
+        deployment=deployment, file_metadata=metadata,
     )
     manifest_path = os.path.join(stage, spec.manifest_name(fmt))
     write_manifest(manifest_path, manifest)

@@ -20,6 +20,7 @@ from export import runtimes
 from export.check import gate, parity_metrics
 from export.errors import ManifestError, ParityError, UsageError, first_line, one_line
 from export.formats import REGISTRY, Format
+from export.metadata import check_file_metadata
 from export.publish import sha256_path, size_bytes
 
 MANIFEST_SUFFIXES = tuple(f.manifest_suffix for f in REGISTRY.values())
@@ -169,6 +170,8 @@ def _verify(path: str, result: VerifyResult) -> None:
         raise ManifestError(
             f"{fmt.runtime} cannot load {manifest['artifact']}: {one_line(first_line(e))}"
         ) from e
+    # What the file says of itself must be what its manifest says (export.metadata).
+    check_file_metadata(fmt.name, artifact, manifest)
     feeds = {t["name"]: golden[t["name"]] for t in inputs}
     try:
         with contextlib.redirect_stdout(sys.stderr):
