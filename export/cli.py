@@ -124,7 +124,7 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
                      help="where artifacts are published (default artifacts/)")
     out.add_argument("--name", help="base file name (default derived from the configuration, "
                                     "e.g. xattn_u64_h4_q10x64_kv10x64)")
-    if "onnx" in formats:
+    if any("opset" in get_format(f).build_options for f in formats):
         out.add_argument("--opset", type=_positive_int,
                          help=f"ONNX opset (default {_default_opset_text()})")
     atol_defaults = ", ".join(f"{f} {get_format(f).atol:g}" for f in formats)

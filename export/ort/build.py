@@ -17,8 +17,8 @@ def build_ort(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None,
     """Convert `fn` into a `.ort` file under `workdir`.
 
     The ONNX file (variant, metadata and all: `export.onnx.build.build_onnx`) is built in a
-    scratch folder, then serialized by onnxruntime in a child process (`export.ort.serialize`: same bytes every run). `metadata_props`,
-    producer and opsets carry over into the ORT file.
+    scratch folder, then serialized by onnxruntime in a child process (`export.ort.serialize`:
+    the same bytes on every run). `metadata_props`, producer and opsets carry over.
 
     Returns:
         `Built(path, {"opset": n, "optimization": "basic"}, graph_source=...)`: the graph source
