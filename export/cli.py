@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from export import resources, signing
+from export.deployment import summary as deployment_summary
 from export.errors import INTERRUPTED_EXIT_CODE, ExportError, SpecError, WeightsError
 from export.formats import FORMAT_NAMES, get_format
 from export.spec import QUANTIZE_MODES, ArtifactSpec
@@ -185,7 +186,7 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
     out.add_argument("--sign-key", metavar="KEY.pem",
                      help="sign each published set (artifact, manifest, golden, reference) with "
                           "this elliptic-curve private key into <artifact>.sig (model-signing)")
-    if "onnx" in formats:
+    if any("opset" in get_format(f).build_options for f in formats):
         out.add_argument("--opset", type=_positive_int,
                          help=f"ONNX opset (default {_default_opset_text()})")
     atol_defaults = ", ".join(f"{f} {get_format(f).atol:g}" for f in formats)
@@ -355,14 +356,16 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
 
 
 def print_table(results) -> None:
-    """The closing table on stdout: artifact, size, max abs diff, rel L2, path."""
-    rows = [("artifact", "size", "max abs diff", "rel L2", "path")]
+    """The closing table on stdout: artifact, size, max abs diff, rel L2, placement (the
+    manifest's `deployment`, export.deployment.summary), path."""
+    rows = [("artifact", "size", "max abs diff", "rel L2", "placement", "path")]
     for r in results:
         rows.append((
             f"{r.format}{'' if r.spec.quantize == 'none' else ' ' + r.spec.quantize}",
             _human_size(r.bytes),
             f"{r.parity['max_abs']:.2e}",
             f"{r.parity['rel_l2']:.1e}",
+            deployment_summary(r.manifest.get("deployment")),
             r.path,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

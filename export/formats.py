@@ -4,7 +4,7 @@ A record says what a format is (file suffix, default batch, tolerance, runtime, 
 where its code lives (builder, graph check, runner). The code is named as "module:function" and
 imported on first use: builders import TensorFlow, and `export.verify` reads this registry in a
 process that must never import it. Adding a format is one record here plus its builder package
-and its runner.
+(and a runner, unless an existing one opens its files: ORT files open in the ONNX runner).
 """
 
 from __future__ import annotations
@@ -19,10 +19,15 @@ from export.errors import SpecError
 
 @dataclass(frozen=True)
 class Built:
-    """What a builder hands back: the artifact's path and its format-specific manifest facts."""
+    """What a builder hands back: the artifact's path and its format-specific manifest facts.
+
+    `graph_source` is an ONNX file holding the artifact's graph, for reports that cannot parse the
+    artifact itself (an `.ort` flatbuffer); it lies in the builder's scratch and is not published.
+    """
 
     path: str
     facts: dict = field(default_factory=dict)
+    graph_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,12 @@ class Format:
         quantizable: whether `--quantize` variants exist in this format.
         int8_io: whether a full-int8 file may take and return int8 (`--int8-io`).
         builder: "module:function", called as `builder(spec, fn, workdir, **options) -> Built`.
-        build_options: the keyword options its builder takes (`opset`, `calibration`).
+        build_options: the keyword options its builder takes (`opset`, `calibration`,
+            `metadata`: the facts to write inside the file, export.metadata).
         graph_check: "module:function" called as `check(path, spec)`, or None.
         runner: "module:function" returning `(run, reported_inputs)` for `(path, threads)`.
+        deployment: "module:function" called as `report(built, spec) -> dict` (the manifest's
+            `deployment` section: where the file would run on a device), or None.
     """
 
     name: str
@@ -64,6 +72,7 @@ class Format:
     build_options: tuple[str, ...]
     graph_check: str | None
     runner: str
+    deployment: str | None = None
 
     @property
     def is_folder(self) -> bool:
@@ -82,6 +91,10 @@ class Format:
         """Raise GraphCheckError if the file holds what its runtime should not see."""
         if self.graph_check is not None:
             _resolve(self.graph_check)(path, spec)
+
+    def deployment_report(self, built: Built, spec) -> dict | None:
+        """Where the built file would run on a device (export.deployment), or None."""
+        return None if self.deployment is None else _resolve(self.deployment)(built, spec)
 
     def open_runner(self, path: str, threads: int | None) -> tuple[Callable, list]:
         return _resolve(self.runner)(path, threads)
@@ -106,17 +119,28 @@ REGISTRY: dict[str, Format] = {
             name="tflite", title="TFLite", suffix=".tflite", default_batch=1, atol=1e-4,
             runtime="ai-edge-litert", runtime_module="ai_edge_litert", runtime_label="LiteRT",
             layout="per-head", dynamic_batch=False, quantizable=True, int8_io=True,
-            builder="export.tflite.build:build_tflite", build_options=("calibration",),
+            builder="export.tflite.build:build_tflite", build_options=("calibration", "metadata"),
             graph_check="export.tflite.check:check_tflite_file",
             runner="export.runtimes:tflite_function",
+            deployment="export.deployment:tflite_deployment",
         ),
         Format(
             name="onnx", title="ONNX", suffix=".onnx", default_batch=None, atol=1e-4,
             runtime="onnxruntime", runtime_module="onnxruntime", runtime_label="onnxruntime",
             layout="batched-heads", dynamic_batch=True, quantizable=True, int8_io=False,
-            builder="export.onnx.build:build_onnx", build_options=("opset", "calibration"),
+            builder="export.onnx.build:build_onnx", build_options=("opset", "calibration", "metadata"),
             graph_check="export.onnx.check:check_onnx_file",
             runner="export.runtimes:onnx_function",
+            deployment="export.deployment:onnx_deployment",
+        ),
+        Format(
+            name="ort", title="ORT", suffix=".ort", default_batch=1, atol=1e-4,
+            runtime="onnxruntime", runtime_module="onnxruntime", runtime_label="ORT Mobile",
+            layout="batched-heads", dynamic_batch=True, quantizable=True, int8_io=False,
+            builder="export.ort.build:build_ort", build_options=("opset", "calibration", "metadata"),
+            graph_check="export.ort.check:check_ort_file",
+            runner="export.runtimes:onnx_function",
+            deployment="export.deployment:ort_deployment",
         ),
     )
 }

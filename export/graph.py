@@ -294,7 +294,17 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
                 (folded.output_bias + vo_bias).astype(np.float32))
         else:
             # A query row with every key masked has all-zero probabilities: no value bias.
-            row_any = tf.reshape(tf.reduce_max(keep, axis=-1), [-1, 1])  # (B*Tq, 1)
+            # min(visible keys, 1) as a matmul and a relu, not a ReduceMax: NNAPI and CoreML's
+            # NeuralNetwork format have no ReduceMax, and one such node split the graph in two.
+            # The 1 is a (1, 1) tensor, not a scalar: tf2onnx merges equal constants and names
+            # the survivor after whichever it met first, which varies between processes (the
+            # padding bias holds a scalar 1 already).
+            if tkv == 1:
+                row_any = tf.reshape(keep, [-1, 1])  # (B*Tq, 1): already 0 or 1
+            else:
+                visible = tf.matmul(tf.reshape(keep, [-1, tkv]), tf.ones([tkv, 1]))  # (B*Tq, 1)
+                one = tf.ones([1, 1])
+                row_any = one - tf.nn.relu(one - visible)
             out = (tf.matmul(context, tf.constant(folded.vo_kernel)) + tf.constant(folded.output_bias)
                    + row_any * tf.constant(folded.vo_bias))
         out = tf.reshape(out, [b, tq, units])  # (B, Tq, U)

@@ -49,7 +49,8 @@ MAX_GOLDEN_BYTES = 2 << 30
 
 def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha256: str,
                    golden_sha256: str, golden_raw: dict, parity: dict, quantization: dict,
-                   weights: str, versions: dict, created: str, sha256: str, size: int) -> dict:
+                   weights: str, versions: dict, created: str, sha256: str, size: int,
+                   deployment: dict | None = None, file_metadata: dict | None = None) -> dict:
     """The manifest of one published artifact, fields in a fixed order.
 
     Args:
@@ -83,7 +84,9 @@ def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha2
         "golden_raw": golden_raw,
         **format_facts,
         "quantization": quantization,
+        **({"file_metadata": file_metadata} if file_metadata is not None else {}),
         "parity": parity,
+        **({"deployment": deployment} if deployment is not None else {}),
         "weights": weights,
         "versions": versions,
         "created": created,

@@ -22,12 +22,15 @@ from export.calibration import (
     graph_options,
     reference_calibration,
 )
+from export.deployment import summary as deployment_summary
 from export.errors import ConversionError, ExportError, GraphCheckError, SpecError
 from export.formats import get_format
 from export.golden_raw import write_golden_raw
 from export.manifest import build_manifest, quantization_entry, write_manifest
+from export.metadata import file_metadata
 from export.model import ModelReference, ModelSpec
 from export.spec import ArtifactSpec
+from xattn import __version__ as xattn_version
 
 log = logging.getLogger("export")
 
@@ -208,8 +211,19 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
     record = get_format(fmt)
     t0 = time.perf_counter()
     fn, layout = ref.inference_function(spec, fallback_layout=record.layout, **graph_options(spec))
+    # The golden vectors are written before conversion: their sha256 goes inside the file too.
+    golden = goldens[spec.golden_name]
+    quantization = quantization_entry(spec, calibration)
+    versions = {"xattn": xattn_version, **publish.versions()}
+    metadata = file_metadata({
+        "format": fmt, **ref.manifest_facts(spec), "versions": versions,
+        "inputs": [i.as_json() for i in spec.inputs()],
+        "outputs": [o.as_json() for o in spec.outputs()],
+        "quantization": quantization, "golden_sha256": golden.sha256,
+    })
     try:
-        built = record.build(spec, fn, stage, opset=request.opset, calibration=calibration)
+        built = record.build(spec, fn, stage, opset=request.opset, calibration=calibration,
+                             metadata=metadata)
         record.check_graph(built.path, spec)
     except (ConversionError, GraphCheckError) as e:
         raise ref.explain(e) from e
@@ -222,7 +236,6 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
     runner = runtimes.load_runner(fmt, built.path, batch=spec.batch, inputs=spec.inputs())
     metrics, n_samples, tolerance = _verify_artifact(runner, spec, ref, tolerance, name)
     # The golden vectors must pass too: that is what `export.verify` will check later.
-    golden = goldens[spec.golden_name]
     check.gate(check.parity_metrics(golden.outputs, runner.run(golden.feeds)),
                artifact=f"{name} (golden vectors)", **tolerance)
     parity = {"runtime": f"{record.runtime} {publish.versions().get(record.runtime, '?')}",
@@ -235,13 +248,18 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
                  spec.quantize, metrics["rel_l2"], tolerance["max_rel_error"], metrics["cosine"],
                  n_samples, time.perf_counter() - t0)
 
+    t0 = time.perf_counter()
+    deployment = record.deployment_report(built, spec)
+    if deployment is not None:
+        log.info("deploy   %-10s %s (%.1f s)", fmt, deployment_summary(deployment),
+                 time.perf_counter() - t0)
     manifest = build_manifest(
         fmt=fmt, spec=spec, built=built, facts=ref.manifest_facts(spec), layout=layout,
         reference_sha256=reference_sha, golden_sha256=golden.sha256, golden_raw=golden.raw,
-        parity=parity,
-        quantization=quantization_entry(spec, calibration), weights=ref.source,
-        versions=publish.versions(), created=publish.utc_now(),
+        parity=parity, quantization=quantization, weights=ref.source,
+        versions=versions, created=publish.utc_now(),
         sha256=publish.sha256_path(built.path), size=publish.size_bytes(built.path),
+        deployment=deployment, file_metadata=metadata,
     )
     manifest_path = os.path.join(stage, spec.manifest_name(fmt))
     write_manifest(manifest_path, manifest)

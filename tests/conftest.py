@@ -42,7 +42,7 @@ def artifact_factory(tmp_path_factory):
             for fmt in formats:
                 spec_fields = dict(fields)
                 spec_fields.setdefault("batch", get_format(fmt).default_batch)
-                if fmt not in ("onnx", "tflite"):
+                if not get_format(fmt).quantizable:
                     spec_fields.pop("quantize", None)
                 specs[fmt] = ArtifactSpec(**spec_fields)
             results = export_artifacts(ExportRequest(specs=specs, output_dir=str(out), seed=seed))

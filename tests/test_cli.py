@@ -21,18 +21,20 @@ from export.cli import build_parser, main
 SMALL = dict(units=8, heads=2, query_len=4, kv_len=5, query_features=6, kv_features=7)
 SMALL_ARGS = [a for k, v in SMALL.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 SMALL_NAME = "xattn_u8_h2_q4x6_kv5x7"
-ATOL = {"savedmodel": 1e-5, "onnx": 1e-4, "tflite": 1e-4}
+ATOL = {"savedmodel": 1e-5, "onnx": 1e-4, "tflite": 1e-4, "ort": 1e-4}
 ENTRY_POINTS = {
     "export": FORMATS,
     "export.onnx": ("onnx",),
     "export.tflite": ("tflite",),
     "export.savedmodel": ("savedmodel",),
+    "export.ort": ("ort",),
 }
 # What each entry point writes for SMALL (plus the reference and golden vectors).
 ARTIFACTS = {
     "savedmodel": f"{SMALL_NAME}_savedmodel",
     "tflite": f"{SMALL_NAME}.tflite",
     "onnx": f"{SMALL_NAME}.onnx",
+    "ort": f"{SMALL_NAME}.ort",
 }
 LOG_STEPS = ("build ", "convert ", "verify ", "publish ", "done ")
 
@@ -87,6 +89,7 @@ def entry_runs(tmp_path_factory):
         "export.onnx": [],
         "export.tflite": ["--quiet"],
         "export.savedmodel": ["--name", "custom_name"],
+        "export.ort": [],
     }
     dirs = {m: str(tmp_path_factory.mktemp(m.replace(".", "_"))) for m in ENTRY_POINTS}
     with ThreadPoolExecutor(len(ENTRY_POINTS)) as pool:
@@ -124,7 +127,8 @@ def test_log_on_stderr_and_only_the_table_on_stdout(entry_runs):
     out, proc = entry_runs["export"]
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["artifact", "size", "max", "abs", "diff", "rel", "L2", "path"]
+    assert lines[0].split() == ["artifact", "size", "max", "abs", "diff", "rel", "L2", "placement",
+                                "path"]
     assert set(lines[1].replace(" ", "")) == {"-"}
     rows = lines[2:]
     assert [row.split()[0] for row in rows] == list(FORMATS)
@@ -245,7 +249,7 @@ def test_help(module, capsys):
                  "--kv-features", "--batch", "--weights", "--seed", "--output-dir", "--name",
                  "--atol", "--quiet"):
         assert flag in text, flag
-    if "onnx" in ENTRY_POINTS[module]:
+    if {"onnx", "ort"} & set(ENTRY_POINTS[module]):
         assert "--opset" in text
         assert f"default {max_opset()}" in " ".join(text.split())
     else:

@@ -118,7 +118,8 @@ def test_verify_and_the_entry_parsers_import_no_tensorflow():
         "import sys\n"
         "import export.verify, export.verify.__main__, export.cli, export.formats, export.manifest\n"
         "import export.onnx, export.tflite, export.savedmodel, export.bench, export.onnx.check\n"
-        "import export.tflite.check\n"
+        "import export.tflite.check, export.ort, export.ort.check, export.metadata\n"
+        "import export.deployment\n"
         "heavy = sorted(m for m in ('tensorflow', 'keras', 'tf2onnx') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
@@ -129,7 +130,7 @@ def test_verify_and_the_entry_parsers_import_no_tensorflow():
 
 
 def test_registry_records_are_complete_and_resolve():
-    assert FORMAT_NAMES == ("savedmodel", "tflite", "onnx")
+    assert FORMAT_NAMES == ("savedmodel", "tflite", "onnx", "ort")
     suffixes = [f.suffix for f in REGISTRY.values()]
     assert len(set(suffixes)) == len(suffixes)
     for fmt in REGISTRY.values():

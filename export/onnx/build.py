@@ -13,8 +13,10 @@ from tf2onnx import constants
 
 from export.errors import ConversionError, SpecError
 from export.formats import Built
+from export.metadata import onnx_metadata_props
 from export.onnx.quantize import quantize_onnx
 from export.spec import ArtifactSpec
+from xattn import __version__ as xattn_version
 
 
 def max_opset() -> int:
@@ -26,7 +28,7 @@ MIN_OPSET = 13
 
 
 def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None,
-               calibration=None) -> Built:
+               calibration=None, metadata: dict[str, str] | None = None) -> Built:
     """Convert `fn` with tf2onnx into a `.onnx` file under `workdir`.
 
     Args:
@@ -35,6 +37,8 @@ def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None
         workdir: the folder the file is written into.
         opset: the ONNX opset; None takes the newest tf2onnx writes and onnxruntime runs.
         calibration: an `export.calibration.Calibration` for a full-int8 variant.
+        metadata: {key: text} written into `metadata_props` as `xattn.<key>`
+            (`export.metadata.file_metadata`).
 
     Returns:
         `Built(path, {"opset": n})`. A variant (`spec.quantize`) is made from the float32 file
@@ -59,12 +63,12 @@ def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None
         raise ConversionError(f"ONNX conversion (tf2onnx) failed: {e}") from e
     _rename_io(model, [i.name for i in spec.inputs()], [o.name for o in spec.outputs()])
     canonicalize_initializers(model)
-    model.producer_name = "xattn"
-    model.doc_string = f"xattn: {spec.describe()}"
+    canonicalize_node_names(model)
     # tf2onnx writes the traced function's name here, `__inference_call_<n>` with a per-process
     # counter: `python -m export` and `python -m export.onnx` would differ in this string only.
     model.graph.doc_string = "converted by tf2onnx from the xattn inference function"
     if spec.quantize == "none":
+        describe_model(model, spec, metadata)
         onnx.save(model, path)
         return Built(path, {"opset": opset})
     scratch = tempfile.mkdtemp(prefix=".onnx-float32-", dir=workdir)
@@ -74,7 +78,31 @@ def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None
         quantize_onnx(spec, float_path, path, calibration)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    # The quantizers keep some of these fields and not others: set them on what they wrote.
+    quantized = onnx.load(path)
+    describe_model(quantized, spec, metadata)
+    onnx.save(quantized, path)
     return Built(path, {"opset": opset})
+
+
+def describe_model(model, spec: ArtifactSpec, metadata: dict[str, str] | None) -> None:
+    """Producer, doc string and `xattn.*` metadata; the unused `ai.onnx.ml` opset dropped.
+
+    The producer is this project at its version (tf2onnx's stays in the manifest's `versions`).
+    """
+    model.producer_name = "xattn"
+    model.producer_version = xattn_version
+    model.doc_string = f"xattn: {spec.describe()}"
+    used = {n.domain for n in model.graph.node} | {
+        n.domain for f in model.functions for n in f.node}
+    # Copies: protobuf repeated fields alias their elements.
+    kept = [type(o).FromString(o.SerializeToString()) for o in model.opset_import
+            if o.domain in ("", "ai.onnx") or o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    del model.metadata_props[:]
+    for key, value in onnx_metadata_props(metadata or {}):
+        model.metadata_props.add(key=key, value=value)
 
 
 # tf2onnx numbers the constants its optimizers create (`const_fold_opt__29`, `const_axes__18`)
@@ -122,6 +150,56 @@ def canonicalize_initializers(model) -> None:
         node.input[:] = [renames.get(n, n) for n in node.input]
     for value in graph.value_info:
         value.name = renames.get(value.name, value.name)
+
+
+_GENERATED_VALUE = re.compile(r"^(?P<stem>.+?)__\d+(?P<port>:\d+)?$")
+
+
+def canonicalize_node_names(model) -> None:
+    """Renumber tf2onnx's numbered node names and node outputs (`MatMul_Gemm__6:0`) in node order.
+
+    tf2onnx takes the numbers from a counter that lives as long as the process: a second
+    conversion in one process (`python -m export` builds ONNX, then ORT from ONNX again) would
+    name the same graph otherwise.
+    """
+    graph = model.graph
+    if any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    io_names = {v.name for v in list(graph.input) + list(graph.output)}
+    initializers = {t.name for t in graph.initializer}
+    taken = set(io_names) | initializers
+    taken |= {o for n in graph.node for o in n.output if not _GENERATED_VALUE.match(o)}
+    renames: dict[str, str] = {}
+    counter = 0
+
+    def fresh(stem: str, port: str) -> str:
+        nonlocal counter
+        while True:
+            name = f"{stem}__n{counter}{port}"
+            counter += 1
+            if name not in taken:
+                taken.add(name)
+                return name
+
+    for node in graph.node:
+        for out in node.output:
+            match = _GENERATED_VALUE.match(out)
+            if match and out not in io_names and out not in initializers and out not in renames:
+                renames[out] = fresh(match["stem"], match["port"] or "")
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    for value in graph.value_info:
+        value.name = renames.get(value.name, value.name)
+    names = {n.name for n in graph.node}
+    for i, node in enumerate(graph.node):
+        match = _GENERATED_VALUE.match(node.name)
+        if match and not match["port"]:
+            new = f"{match['stem']}__n{i}"
+            if new not in names:
+                names.discard(node.name)
+                node.name = new
+                names.add(new)
 
 
 def _rename_io(model, input_names: list[str], output_names: list[str]) -> None:

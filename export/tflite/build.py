@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from export.errors import ConversionError, first_line
 from export.formats import Built
+from export.metadata import add_tflite_metadata
 from export.native_output import captured_native_output
 from export.savedmodel.build import build_savedmodel
 from export.spec import ArtifactSpec
@@ -28,6 +29,7 @@ def build_tflite(
     *,
     configure: Callable | None = None,
     calibration=None,
+    metadata: dict[str, str] | None = None,
 ) -> Built:
     """Convert `fn` to a `.tflite` file under `workdir`.
 
@@ -38,6 +40,8 @@ def build_tflite(
         configure: `configure(converter)` may set quantization options; by default those of
             `spec.quantize` (`export.tflite.quantize.configure_tflite`).
         calibration: an `export.calibration.Calibration` for a full-int8 variant.
+        metadata: {key: text} written into the file as the metadata buffer `xattn`
+            (`export.metadata`).
 
     Returns:
         `Built(path, facts)`; an int8-io file's facts hold `io_quantization` (each integer
@@ -63,6 +67,8 @@ def build_tflite(
             flatbuffer = converter.convert()
     except Exception as e:
         raise ConversionError(f"TFLite conversion failed: {first_line(e)}") from e
+    if metadata:
+        flatbuffer = add_tflite_metadata(flatbuffer, metadata)
     path = os.path.join(workdir, spec.artifact_name("tflite"))
     with open(path, "wb") as f:
         f.write(flatbuffer)

@@ -20,6 +20,7 @@ from export import runtimes, signing
 from export.check import gate, parity_metrics
 from export.errors import ManifestError, ParityError, UsageError, first_line, one_line, printable
 from export.formats import REGISTRY, Format
+from export.metadata import check_file_metadata
 from export.publish import sha256_path, size_bytes
 
 MANIFEST_SUFFIXES = tuple(f.manifest_suffix for f in REGISTRY.values())
@@ -208,6 +209,8 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
     metrics = parity_metrics(expected, {k: got[k] for k in expected})
     result.metrics = metrics
     gate(metrics, artifact="golden vectors", **tolerance)
+    # What the file says of itself must be what its manifest says (export.metadata).
+    check_file_metadata(fmt.name, artifact, manifest)
     result.status = "passed"
 
 

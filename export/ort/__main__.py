@@ -1,0 +1,13 @@
+"""`python -m export.ort`: build, verify and publish ORT Mobile artifacts (the shared CLI, one format)."""
+
+import sys
+
+from export.cli import main as export_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return export_main(argv, formats=("ort",), prog="python -m export.ort")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""onnxruntime writes an ONNX file in the ORT format, the same bytes on every run.
+
+What `onnxruntime.tools.convert_onnx_models_to_ort` does for one file (a session saving its graph
+with `session.save_model_format=ORT`), at the basic optimization level: constant folding and
+redundant-node removal, no fusions into contrib ops (FusedMatMul, ...) that NNAPI and CoreML do
+not take, and no x86-specific layouts.
+
+onnxruntime orders parts of the flatbuffer by hashes of addresses (absl's hash seed is an
+address), so the same graph gives other bytes in every process, and even twice in one. The
+serialization therefore runs in a child whose addresses repeat: address space randomization off
+(personality(2)), an isolated interpreter (`-I`), a fixed environment, and fixed relative file
+names in the scratch folder, so that nothing the child allocates depends on where it runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+# The child's whole program: onnxruntime only, names relative to its working directory.
+CHILD_SOURCE = """
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+options.optimized_model_filepath = "model.ort"
+options.log_severity_level = 3
+options.add_session_config_entry("session.save_model_format", "ORT")
+ort.InferenceSession("model.onnx", options, providers=["CPUExecutionProvider"])
+"""
+_ADDR_NO_RANDOMIZE = 0x0040000  # personality(2) flag
+
+
+def serialize_ort(src: str, dst: str, scratch: str) -> subprocess.CompletedProcess:
+    """Write `src` (ONNX) as `dst` (ORT) through a child process working in `scratch`."""
+    shutil.copyfile(src, os.path.join(scratch, "model.onnx"))
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", CHILD_SOURCE], cwd=scratch, env={"LC_ALL": "C"},
+        capture_output=True, text=True, preexec_fn=_no_address_randomization,
+    )
+    if done.returncode == 0:
+        os.replace(os.path.join(scratch, "model.ort"), dst)
+    return done
+
+
+def optimized_onnx(src: str, dst: str) -> None:
+    """The same graph as ONNX (what the `.ort` file holds), for tools that read ONNX only."""
+    import onnxruntime as ort  # lazy: export time only
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = dst
+    options.log_severity_level = 3
+    ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
+
+
+def _no_address_randomization() -> None:
+    """In the child before exec. Where the kernel refuses (not Linux, a seccomp profile), the file
+    is still right, only not byte-reproducible."""
+    if platform.system() != "Linux":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        current = libc.personality(0xFFFFFFFF)
+        if current != -1:
+            libc.personality(current | _ADDR_NO_RANDOMIZE)
+    except (OSError, AttributeError):
+        pass
