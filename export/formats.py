@@ -45,7 +45,10 @@ class Format:
         builder: "module:function", called as `builder(spec, fn, workdir, **options) -> Built`.
         build_options: the keyword options its builder takes (`opset`, `calibration`).
         graph_check: "module:function" called as `check(path, spec)`, or None.
-        runner: "module:function" returning `(run, reported_inputs)` for `(path, threads)`.
+        runner: "module:function" returning `(run, reported_inputs)` for `(path, threads)`,
+            and for `(path, threads, signature=key)` where the format has signatures.
+        signatures: whether one file holds several signatures (`--lengths`: one per bucket).
+        dynamic_length: whether length axes may be symbolic (`--query-len dynamic`).
     """
 
     name: str
@@ -64,6 +67,8 @@ class Format:
     build_options: tuple[str, ...]
     graph_check: str | None
     runner: str
+    signatures: bool = False
+    dynamic_length: bool = False
 
     @property
     def is_folder(self) -> bool:
@@ -83,8 +88,11 @@ class Format:
         if self.graph_check is not None:
             _resolve(self.graph_check)(path, spec)
 
-    def open_runner(self, path: str, threads: int | None) -> tuple[Callable, list]:
-        return _resolve(self.runner)(path, threads)
+    def open_runner(self, path: str, threads: int | None,
+                    signature: str | None = None) -> tuple[Callable, list]:
+        if signature is None:
+            return _resolve(self.runner)(path, threads)
+        return _resolve(self.runner)(path, threads, signature=signature)
 
 
 def _resolve(target: str) -> Callable:
@@ -101,6 +109,7 @@ REGISTRY: dict[str, Format] = {
             layout="batched-heads", dynamic_batch=True, quantizable=False, int8_io=False,
             builder="export.savedmodel.build:build_savedmodel", build_options=(),
             graph_check=None, runner="export.runtimes:savedmodel_function",
+            signatures=True, dynamic_length=True,
         ),
         Format(
             name="tflite", title="TFLite", suffix=".tflite", default_batch=1, atol=1e-4,
@@ -108,7 +117,7 @@ REGISTRY: dict[str, Format] = {
             layout="per-head", dynamic_batch=False, quantizable=True, int8_io=True,
             builder="export.tflite.build:build_tflite", build_options=("calibration",),
             graph_check="export.tflite.check:check_tflite_file",
-            runner="export.runtimes:tflite_function",
+            runner="export.runtimes:tflite_function", signatures=True,
         ),
         Format(
             name="onnx", title="ONNX", suffix=".onnx", default_batch=None, atol=1e-4,
@@ -116,7 +125,7 @@ REGISTRY: dict[str, Format] = {
             layout="batched-heads", dynamic_batch=True, quantizable=True, int8_io=False,
             builder="export.onnx.build:build_onnx", build_options=("opset", "calibration"),
             graph_check="export.onnx.check:check_onnx_file",
-            runner="export.runtimes:onnx_function",
+            runner="export.runtimes:onnx_function", dynamic_length=True,
         ),
     )
 }

@@ -121,6 +121,11 @@ def preferred_layout(spec: ArtifactSpec, runtime_layout: str) -> str:
     return runtime_layout
 
 
+def _length(x):
+    """Axis 1 of `x`: an int where static, a scalar tensor where symbolic."""
+    return int(x.shape[1]) if x.shape[1] is not None else tf.shape(x)[1]
+
+
 def causal_bias(query_len: int, kv_len: int) -> np.ndarray:
     """(Tq, Tkv) additive bias of Keras' causal mask: key j visible from query i iff j <= i."""
     allowed = np.tril(np.ones((query_len, kv_len), dtype=bool))
@@ -184,8 +189,9 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
     """
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` must be one of {LAYOUTS}. Received: layout={layout!r}")
-    tq, fq = int(source1.shape[1]), int(source1.shape[2])
-    tkv, fkv = int(source2.shape[1]), int(source2.shape[2])
+    # A symbolic length (a dynamic-length ONNX) is read at run time; a static one is a constant.
+    tq, fq = _length(source1), int(source1.shape[2])
+    tkv, fkv = _length(source2), int(source2.shape[2])
     heads, d = folded.heads, folded.head_dim
     hd = heads * d
     units = folded.output_kernel.shape[1]
@@ -305,8 +311,12 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
 
     # Created inside the trace, the weights are Const nodes of the graph: no variables or
     # captured inputs for a converter to lose.
-    causal_const = (tf.constant(causal_bias(tq, tkv) * np.float32(mask_bias / MASK_BIAS))
-                    if causal else None)
+    causal_const = None
+    if causal and isinstance(tq, int) and isinstance(tkv, int):
+        causal_const = tf.constant(causal_bias(tq, tkv) * np.float32(mask_bias / MASK_BIAS))
+    elif causal:
+        hidden = tf.range(tq)[:, None] < tf.range(tkv)[None, :]  # key j after query i
+        causal_const = tf.cast(hidden, tf.float32) * mask_bias
     x1 = tf.reshape(source1, [-1, fq])  # (B*Tq, Fq)
     bias, keep = attention_bias(causal_const)
     if layout == "source":

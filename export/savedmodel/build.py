@@ -16,6 +16,8 @@ from export.spec import ArtifactSpec
 def build_savedmodel(spec: ArtifactSpec, fn, workdir: str) -> Built:
     """Save `fn` (from `export.graph.build_inference_function`) under `workdir`.
 
+    `fn` may be `{signature key: fn}` (length buckets): one signature each.
+
     Returns:
         `Built(folder)`, with a fingerprint whose uuid is derived from its hashes (same input,
         same bytes).
@@ -28,13 +30,24 @@ def build_savedmodel(spec: ArtifactSpec, fn, workdir: str) -> Built:
     # with a second copy of every weight constant (twice the file size).
     module = tf.Module()
     try:
-        tf.saved_model.save(
-            module, path, signatures={"serving_default": fn.get_concrete_function()}
-        )
+        tf.saved_model.save(module, path, signatures=concrete_signatures(fn))
     except Exception as e:
         raise ConversionError(f"SavedModel export failed: {e}") from e
     _deterministic_fingerprint(path)
     return Built(path)
+
+
+def concrete_signatures(fn) -> dict:
+    """{key: concrete function}: `fn` as `serving_default`, or a bucketed `{key: fn}` as it is.
+
+    One concrete function per distinct function, so a signature that aliases another
+    (`serving_default` = the largest bucket) is one function in the SavedModel, not two.
+    """
+    fns = fn if isinstance(fn, dict) else {"serving_default": fn}
+    concrete = {}
+    for key, f in fns.items():
+        concrete.setdefault(id(f), f.get_concrete_function())
+    return {key: concrete[id(f)] for key, f in fns.items()}
 
 
 def _deterministic_fingerprint(path: str) -> None:
