@@ -24,7 +24,10 @@ def alias_signature(path: str, alias: str, target: str) -> None:
     del model.subgraphs[dropped]
     for d in model.signatureDefs:
         if d is defs[alias]:
+            # The same names, but the tensor indices of the kept subgraph (a quantized file
+            # numbers its subgraphs' tensors differently).
             d.subgraphIndex = kept
+            d.inputs, d.outputs = defs[target].inputs, defs[target].outputs
         if d.subgraphIndex > dropped:
             d.subgraphIndex -= 1
     # Buffer 0 is the empty sentinel every schema reader expects; metadata lives in buffers too.
