@@ -16,6 +16,8 @@ layouts (about half at the defaults), has no transposes, and holds half the para
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,6 +121,41 @@ def preferred_layout(spec: ArtifactSpec, runtime_layout: str) -> str:
     if executed_flops(spec, "source") <= executed_flops(spec, runtime_layout):
         return "source"
     return runtime_layout
+
+
+# While `shared_weights` is active: array bytes -> the one tf.Variable holding them.
+_SHARED_WEIGHTS: dict | None = None
+
+
+@contextlib.contextmanager
+def shared_weights(module: tf.Module) -> Iterator[None]:
+    """Weights traced inside become variables of `module`, one per distinct array.
+
+    A SavedModel with several signatures (length buckets) then stores each weight once, in its
+    checkpoint, instead of as a constant in every signature's graph. Outside, weights are
+    constants of the graph (what every converter is given: nothing to lose on the way).
+    """
+    global _SHARED_WEIGHTS
+    previous, _SHARED_WEIGHTS = _SHARED_WEIGHTS, {}
+    module.weights = []
+    try:
+        yield
+    finally:
+        module.weights = list(_SHARED_WEIGHTS.values())
+        _SHARED_WEIGHTS = previous
+
+
+def _weight(array: np.ndarray):
+    """A weight in the graph: a constant, or the shared variable (see shared_weights)."""
+    if _SHARED_WEIGHTS is None:
+        return tf.constant(array)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    key = (array.shape, array.tobytes())
+    if key not in _SHARED_WEIGHTS:
+        with tf.init_scope():
+            _SHARED_WEIGHTS[key] = tf.Variable(array, trainable=False,
+                                               name=f"weight_{len(_SHARED_WEIGHTS)}")
+    return _SHARED_WEIGHTS[key]
 
 
 def _length(x):
@@ -235,9 +272,9 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
 
     def heads_attention(x1, bias, keep):
         # Only the head layouts' weights: a SavedModel keeps even unused constants.
-        wq, bq = tf.constant(folded.query_kernel), tf.constant(folded.query_bias)
-        wkv, bkv = tf.constant(folded.kv_kernel), tf.constant(folded.kv_bias)
-        wo, bo = tf.constant(folded.output_kernel), tf.constant(folded.output_bias)
+        wq, bq = _weight(folded.query_kernel), _weight(folded.query_bias)
+        wkv, bkv = _weight(folded.kv_kernel), _weight(folded.kv_bias)
+        wo, bo = _weight(folded.output_kernel), _weight(folded.output_bias)
         x2 = tf.reshape(source2, [-1, fkv])  # (B*Tkv, Fkv)
         q = tf.matmul(x1, wq) + bq  # (B*Tq, H*D), already scaled
         kv = tf.matmul(x2, wkv) + bkv  # (B*Tkv, 2*H*D)
@@ -281,7 +318,7 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
             raise ValueError("The 'source' layout needs FoldedWeights from fold_weights().")
         # Rows ordered (query position, head): every head attends over the same source2 rows,
         # so all heads are one batched matmul and the head sum is the output matmul's.
-        q = tf.matmul(x1, tf.constant(folded.qk_kernel)) + tf.constant(folded.qk_bias)
+        q = tf.matmul(x1, _weight(folded.qk_kernel)) + _weight(folded.qk_bias)
         q = tf.reshape(q, [b, tq * heads, fkv])  # (B, Tq*H, Fkv)
         logits = tf.matmul(q, source2, transpose_b=True)  # (B, Tq*H, Tkv)
         if bias is None:
@@ -296,13 +333,13 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
         context = tf.reshape(context, [-1, heads * fkv])  # (B*Tq, H*Fkv)
         vo_bias = folded.vo_bias.astype(np.float64)
         if keep is None:
-            out = tf.matmul(context, tf.constant(folded.vo_kernel)) + tf.constant(
+            out = tf.matmul(context, _weight(folded.vo_kernel)) + _weight(
                 (folded.output_bias + vo_bias).astype(np.float32))
         else:
             # A query row with every key masked has all-zero probabilities: no value bias.
             row_any = tf.reshape(tf.reduce_max(keep, axis=-1), [-1, 1])  # (B*Tq, 1)
-            out = (tf.matmul(context, tf.constant(folded.vo_kernel)) + tf.constant(folded.output_bias)
-                   + row_any * tf.constant(folded.vo_bias))
+            out = (tf.matmul(context, _weight(folded.vo_kernel)) + _weight(folded.output_bias)
+                   + row_any * _weight(folded.vo_bias))
         out = tf.reshape(out, [b, tq, units])  # (B, Tq, U)
         scores = None
         if return_scores:

@@ -10,13 +10,15 @@ from tensorflow.core.protobuf import fingerprint_pb2
 
 from export.errors import ConversionError
 from export.formats import Built
+from export.graph import shared_weights
 from export.spec import ArtifactSpec
 
 
-def build_savedmodel(spec: ArtifactSpec, fn, workdir: str) -> Built:
+def build_savedmodel(spec: ArtifactSpec, fn, workdir: str, *, share_weights: bool = True) -> Built:
     """Save `fn` (from `export.graph.build_inference_function`) under `workdir`.
 
-    `fn` may be `{signature key: fn}` (length buckets): one signature each.
+    `fn` may be `{signature key: fn}` (length buckets): one signature each, all reading one
+    set of weight variables (`share_weights`; otherwise constants in every signature's graph).
 
     Returns:
         `Built(folder)`, with a fingerprint whose uuid is derived from its hashes (same input,
@@ -30,7 +32,13 @@ def build_savedmodel(spec: ArtifactSpec, fn, workdir: str) -> Built:
     # with a second copy of every weight constant (twice the file size).
     module = tf.Module()
     try:
-        tf.saved_model.save(module, path, signatures=concrete_signatures(fn))
+        if isinstance(fn, dict) and share_weights:
+            # Several signatures (length buckets): each weight once, in the checkpoint.
+            with shared_weights(module):
+                signatures = concrete_signatures(fn)
+        else:
+            signatures = concrete_signatures(fn)
+        tf.saved_model.save(module, path, signatures=signatures)
     except Exception as e:
         raise ConversionError(f"SavedModel export failed: {e}") from e
     _deterministic_fingerprint(path)
