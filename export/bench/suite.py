@@ -11,6 +11,7 @@ import sys
 import tempfile
 
 from export import publish, reference
+from export.bench.buckets import render_buckets, run_buckets
 from export.bench.build import build_length
 from export.bench.options import build_parser
 from export.bench.peak import _merge_peaks, measure_peak
@@ -30,6 +31,12 @@ log = logging.getLogger("export")
 
 def run(args: argparse.Namespace) -> dict:
     """Everything `main` does but printing: build, measure, return the report."""
+    if args.buckets:
+        context = (contextlib.nullcontext(args.keep_dir) if args.keep_dir
+                   else tempfile.TemporaryDirectory(prefix="xattn-bench-"))
+        with context as workdir:
+            os.makedirs(workdir, exist_ok=True)
+            return {"machine": machine(), "buckets": run_buckets(args, workdir)}
     base = {k: getattr(args, k) for k in SHAPE_DEFAULTS}
     lengths = [(n, n) for n in args.lengths] if args.lengths else [(args.query_len, args.kv_len)]
     specs = [ArtifactSpec(**{**base, "query_len": q, "kv_len": kv}) for q, kv in lengths]
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None, *, blas_pinned: bool = False) -> int:
     report, code = report_failures(prog, lambda: run(args))
     if code:
         return code
-    print(render(report))
+    print(render_buckets(report["buckets"]) if "buckets" in report else render(report))
     if report.get("verdicts") and report.get("verdicts_note"):
         print(report["verdicts_note"])
     if args.json:
