@@ -158,9 +158,21 @@ def _weight(array: np.ndarray):
     return _SHARED_WEIGHTS[key]
 
 
+def _reshape(x, shape: list, *, expand: tuple = (), swap: bool = False):
+    """`tf.reshape(x, shape)`; with a symbolic length, the same by Unsqueeze (`expand`: the axes
+    to insert) or by swapping axes 1 and 2 of a (B, 1, Tq, Tkv) tensor (`swap`), which need no
+    run-time shape arithmetic (every such reshape costs Shape/Concat/Cast ops in ONNX)."""
+    if all(isinstance(d, int) for d in shape):
+        return tf.reshape(x, shape)
+    for axis in expand:
+        x = tf.expand_dims(x, axis)
+    return tf.transpose(x, [0, 2, 1, 3]) if swap else x
+
+
 def _length(x):
     """Axis 1 of `x`: an int where static, a scalar tensor where symbolic."""
-    return int(x.shape[1]) if x.shape[1] is not None else tf.shape(x)[1]
+    # int64: what ONNX Reshape takes (int32 would add a Cast before every Reshape).
+    return int(x.shape[1]) if x.shape[1] is not None else tf.shape(x, out_type=tf.int64)[1]
 
 
 def causal_bias(query_len: int, kv_len: int) -> np.ndarray:
@@ -246,9 +258,9 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
         if query_mask is not None or value_mask is not None or attention_mask is not None:
             keep = None
             if query_mask is not None:
-                keep = tf.reshape(tf.cast(query_mask, tf.float32), [b, 1, tq, 1])
+                keep = _reshape(tf.cast(query_mask, tf.float32), [b, 1, tq, 1], expand=(1, 3))
             if value_mask is not None:
-                v = tf.reshape(tf.cast(value_mask, tf.float32), [b, 1, 1, tkv])
+                v = _reshape(tf.cast(value_mask, tf.float32), [b, 1, 1, tkv], expand=(1, 1))
                 keep = v if keep is None else keep * v
             if attention_mask is not None:
                 a = tf.reshape(tf.cast(attention_mask, tf.float32), [b, 1, tq, tkv])
@@ -324,10 +336,10 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
         if bias is None:
             probs = tf.nn.softmax(logits, axis=-1)
         else:
-            logits = add_mask(tf.reshape(logits, [b, tq, heads, tkv]), tf.reshape(bias, [-1, tq, 1, tkv]))
+            logits = add_mask(tf.reshape(logits, [b, tq, heads, tkv]), _reshape(bias, [-1, tq, 1, tkv], swap=True))
             probs = tf.nn.softmax(logits, axis=-1)  # (B, Tq, H, Tkv)
             if keep is not None:
-                probs = probs * tf.reshape(keep, [-1, tq, 1, tkv])
+                probs = probs * _reshape(keep, [-1, tq, 1, tkv], swap=True)
             probs = tf.reshape(probs, [b, tq * heads, tkv])
         context = tf.matmul(probs, source2)  # (B, Tq*H, Fkv)
         context = tf.reshape(context, [-1, heads * fkv])  # (B*Tq, H*Fkv)
