@@ -160,13 +160,13 @@ def _weight(array: np.ndarray):
 
 def _reshape(x, shape: list, *, expand: tuple = (), swap: bool = False):
     """`tf.reshape(x, shape)`; with a symbolic length, the same by Unsqueeze (`expand`: the axes
-    to insert) or by swapping axes 1 and 2 of a (B, 1, Tq, Tkv) tensor (`swap`), which need no
+    to insert) or by moving the unit axis 1 of a (B, 1, Tq, Tkv) tensor to 2 (`swap`), which need no
     run-time shape arithmetic (every such reshape costs Shape/Concat/Cast ops in ONNX)."""
     if all(isinstance(d, int) for d in shape):
         return tf.reshape(x, shape)
     for axis in expand:
         x = tf.expand_dims(x, axis)
-    return tf.transpose(x, [0, 2, 1, 3]) if swap else x
+    return tf.expand_dims(tf.squeeze(x, 1), 2) if swap else x
 
 
 def _length(x):

@@ -207,6 +207,7 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
     """Convert, check, verify and describe one artifact in the staging folder."""
     record = get_format(fmt)
     points = _points(fmt, spec)
+    buckets_given = getattr(spec, "lengths", ())
     if points:
         # Buckets: one signature each, or symbolic lengths in a format without signatures.
         spec = buckets.file_spec(spec, signatures=record.signatures)
@@ -244,8 +245,11 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
                  spec.quantize, metrics["rel_l2"], tolerance["max_rel_error"], metrics["cosine"],
                  n_samples, time.perf_counter() - t0)
 
+    facts = ref.manifest_facts(spec)
+    if buckets_given:  # a dynamic-length ONNX file too: the buckets it was verified at
+        facts["shapes"]["lengths"] = [list(p) for p in buckets_given]
     manifest = build_manifest(
-        fmt=fmt, spec=spec, built=built, facts=ref.manifest_facts(spec), layout=layout,
+        fmt=fmt, spec=spec, built=built, facts=facts, layout=layout,
         reference_sha256=reference_sha, golden_sha256=golden.sha256, golden_raw=golden.raw,
         parity=parity,
         quantization=quantization_entry(spec, calibration), weights=ref.source,

@@ -54,7 +54,12 @@ def concrete_signatures(fn) -> dict:
     fns = fn if isinstance(fn, dict) else {"serving_default": fn}
     concrete = {}
     for key, f in fns.items():
-        concrete.setdefault(id(f), f.get_concrete_function())
+        if id(f) not in concrete:
+            # A fresh trace: one made earlier (another builder, other shared weights) may read
+            # variables that no longer exist.
+            fresh = tf.function(f.python_function, input_signature=f.input_signature,
+                                autograph=False)
+            concrete[id(f)] = fresh.get_concrete_function()
     return {key: concrete[id(f)] for key, f in fns.items()}
 
 
