@@ -336,7 +336,8 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
         if bias is None:
             probs = tf.nn.softmax(logits, axis=-1)
         else:
-            logits = add_mask(tf.reshape(logits, [b, tq, heads, tkv]), _reshape(bias, [-1, tq, 1, tkv], swap=True))
+            logits = add_mask(tf.reshape(logits, [b, tq, heads, tkv]),
+                              _reshape(bias, [-1, tq, 1, tkv], swap=True))
             probs = tf.nn.softmax(logits, axis=-1)  # (B, Tq, H, Tkv)
             if keep is not None:
                 probs = probs * _reshape(keep, [-1, tq, 1, tkv], swap=True)

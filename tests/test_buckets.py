@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import run_module
+
 from export.buckets import parse_lengths
 from export.errors import SpecError
 

@@ -53,7 +53,7 @@ def concrete_signatures(fn) -> dict:
     """
     fns = fn if isinstance(fn, dict) else {"serving_default": fn}
     concrete = {}
-    for key, f in fns.items():
+    for f in fns.values():
         if id(f) not in concrete:
             # A fresh trace: one made earlier (another builder, other shared weights) may read
             # variables that no longer exist.
