@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from export.buckets import parse_lengths
 from export.errors import ExportError, SpecError, WeightsError
 from export.formats import FORMAT_NAMES, get_format
 from export.spec import QUANTIZE_MODES, ArtifactSpec
@@ -77,8 +78,6 @@ def _length(text: str):
 
 
 def _lengths(text: str) -> tuple:
-    from export.buckets import parse_lengths
-
     try:
         return parse_lengths(text)
     except SpecError as e:
