@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from export import resources, signing
+from export.buckets import parse_lengths
 from export.deployment import summary as deployment_summary
 from export.errors import INTERRUPTED_EXIT_CODE, ExportError, SpecError, WeightsError
 from export.formats import FORMAT_NAMES, get_format
@@ -66,6 +67,51 @@ def _batch(text: str):
         raise argparse.ArgumentTypeError(
             f"must be a positive integer or 'dynamic', got {text!r}"
         ) from None
+
+
+def _length(text: str):
+    """A length flag: a positive integer, or 'dynamic' (a symbolic axis; kept as the string
+    until resolve_request, since None means "not given")."""
+    if text.strip().lower() == "dynamic":
+        return "dynamic"
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or 'dynamic', got {text!r}") from None
+
+
+def _lengths(text: str) -> tuple:
+    try:
+        return parse_lengths(text)
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_length_flags(args: argparse.Namespace, formats: tuple[str, ...]) -> str | None:
+    """The usage error of a command line whose length flags do not fit together, or None."""
+    lengths = getattr(args, "lengths", None)
+    if lengths and (args.query_len is not None or args.kv_len is not None):
+        given = "--query-len" if args.query_len is not None else "--kv-len"
+        return (f"--lengths replaces --query-len and --kv-len; give one or the other. "
+                f"Received: --lengths and {given}")
+    if lengths and args.model is not None:
+        return ("--lengths is for the lone layer: the length axes of a --model's inputs cannot "
+                "be told apart from its other axes yet; export one file per length with "
+                "--input-shape")
+    if lengths and getattr(args, "calibration", None):
+        return ("--lengths and --calibration cannot be combined: each signature is calibrated "
+                "on seeded inputs of its own lengths")
+    if lengths and getattr(args, "int8_io", False):
+        return "--lengths and --int8-io cannot be combined: each signature would have its own scales"
+    dynamic = [f for f, v in (("--query-len", args.query_len), ("--kv-len", args.kv_len))
+               if v == "dynamic"]
+    static = [f for f in formats if not get_format(f).dynamic_length]
+    if dynamic and static:
+        return (f"{get_format(static[0]).title} artifacts have static lengths ({dynamic[0]} "
+                f"dynamic); for several lengths in one file use --lengths 16,64,256 (one "
+                f"signature each)")
+    return None
 
 
 def _positive_float(text: str) -> float:
@@ -136,8 +182,19 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
     shapes = parser.add_argument_group("layer and shapes")
     shapes.add_argument("--units", type=_positive_int, help="layer units (default 64)")
     shapes.add_argument("--heads", type=_positive_int, help="attention heads (default 4)")
-    shapes.add_argument("--query-len", type=_positive_int, help="query length Tq (default 10)")
-    shapes.add_argument("--kv-len", type=_positive_int, help="key/value length Tkv (default 10)")
+    dynamic_length = [f for f in formats if get_format(f).dynamic_length]
+    maybe_dynamic = (f" or 'dynamic' ({', '.join(dynamic_length)}: a symbolic axis)"
+                     if dynamic_length else "")
+    shapes.add_argument("--query-len", type=_length, metavar="N|dynamic" if dynamic_length else "N",
+                        help=f"query length Tq (default 10){maybe_dynamic}")
+    shapes.add_argument("--kv-len", type=_length, metavar="N|dynamic" if dynamic_length else "N",
+                        help=f"key/value length Tkv (default 10){maybe_dynamic}")
+    shapes.add_argument("--lengths", type=_lengths, metavar="L,L,...|QxKV,...",
+                        help="several lengths in one artifact, e.g. 16,64,256 (Tq = Tkv) or "
+                             "16x32,64x128: one signature per length (len_16 ...) plus "
+                             "serving_default = the largest in TFLite and SavedModel, symbolic "
+                             "lengths in ONNX; implies --query-mask --value-mask (pad requests "
+                             "to their bucket); replaces --query-len/--kv-len")
     shapes.add_argument("--query-features", type=_positive_int,
                         help="source1 feature size (default 64)")
     shapes.add_argument("--kv-features", type=_positive_int,
@@ -271,11 +328,14 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
             )
         weights_source = os.path.basename(path)
     shape_args = {**SHAPE_DEFAULTS, **given}
+    for key in ("query_len", "kv_len"):
+        if shape_args[key] == "dynamic":
+            shape_args[key] = None
     quantize = getattr(args, "quantize", "none")
     common = dict(
         **shape_args,
         query_mask=args.query_mask, value_mask=args.value_mask, causal=args.causal,
-        scores=args.scores, name=args.name or "",
+        scores=args.scores, name=args.name or "", lengths=getattr(args, "lengths", None) or (),
     )
     specs = {}
     for fmt in formats:
@@ -408,7 +468,7 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
     if getattr(args, "int8_io", False) and not any(get_format(f).int8_io for f in formats):
         # ONNX int8 keeps float32 inputs and outputs (QDQ); only TFLite files take int8 ones.
         parser.error("--int8-io applies to TFLite only; ONNX int8 files take and return float32")
-    mixed = check_model_flags(args)
+    mixed = check_length_flags(args, formats) or check_model_flags(args)
     if mixed:
         parser.error(mixed)
     if getattr(args, "max_rel_error", None) is not None and getattr(args, "quantize", "none") == "none":

@@ -51,7 +51,10 @@ class Format:
         build_options: the keyword options its builder takes (`opset`, `calibration`,
             `metadata`: the facts to write inside the file, export.metadata).
         graph_check: "module:function" called as `check(path, spec)`, or None.
-        runner: "module:function" returning `(run, reported_inputs)` for `(path, threads)`.
+        runner: "module:function" returning `(run, reported_inputs)` for `(path, threads)`,
+            and for `(path, threads, signature=key)` where the format has signatures.
+        signatures: whether one file holds several signatures (`--lengths`: one per bucket).
+        dynamic_length: whether length axes may be symbolic (`--query-len dynamic`).
         deployment: "module:function" called as `report(built, spec) -> dict` (the manifest's
             `deployment` section: where the file would run on a device), or None.
     """
@@ -73,6 +76,8 @@ class Format:
     graph_check: str | None
     runner: str
     deployment: str | None = None
+    signatures: bool = False
+    dynamic_length: bool = False
 
     @property
     def is_folder(self) -> bool:
@@ -96,8 +101,11 @@ class Format:
         """Where the built file would run on a device (export.deployment), or None."""
         return None if self.deployment is None else _resolve(self.deployment)(built, spec)
 
-    def open_runner(self, path: str, threads: int | None) -> tuple[Callable, list]:
-        return _resolve(self.runner)(path, threads)
+    def open_runner(self, path: str, threads: int | None,
+                    signature: str | None = None) -> tuple[Callable, list]:
+        if signature is None:
+            return _resolve(self.runner)(path, threads)
+        return _resolve(self.runner)(path, threads, signature=signature)
 
 
 def _resolve(target: str) -> Callable:
@@ -114,6 +122,7 @@ REGISTRY: dict[str, Format] = {
             layout="batched-heads", dynamic_batch=True, quantizable=False, int8_io=False,
             builder="export.savedmodel.build:build_savedmodel", build_options=(),
             graph_check=None, runner="export.runtimes:savedmodel_function",
+            signatures=True, dynamic_length=True,
         ),
         Format(
             name="tflite", title="TFLite", suffix=".tflite", default_batch=1, atol=1e-4,
@@ -121,7 +130,7 @@ REGISTRY: dict[str, Format] = {
             layout="per-head", dynamic_batch=False, quantizable=True, int8_io=True,
             builder="export.tflite.build:build_tflite", build_options=("calibration", "metadata"),
             graph_check="export.tflite.check:check_tflite_file",
-            runner="export.runtimes:tflite_function",
+            runner="export.runtimes:tflite_function", signatures=True,
             deployment="export.deployment:tflite_deployment",
         ),
         Format(
@@ -130,7 +139,7 @@ REGISTRY: dict[str, Format] = {
             layout="batched-heads", dynamic_batch=True, quantizable=True, int8_io=False,
             builder="export.onnx.build:build_onnx", build_options=("opset", "calibration", "metadata"),
             graph_check="export.onnx.check:check_onnx_file",
-            runner="export.runtimes:onnx_function",
+            runner="export.runtimes:onnx_function", dynamic_length=True,
             deployment="export.deployment:onnx_deployment",
         ),
         Format(

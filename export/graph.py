@@ -16,6 +16,8 @@ layouts (about half at the defaults), has no transposes, and holds half the para
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,6 +123,58 @@ def preferred_layout(spec: ArtifactSpec, runtime_layout: str) -> str:
     return runtime_layout
 
 
+# While `shared_weights` is active: array bytes -> the one tf.Variable holding them.
+_SHARED_WEIGHTS: dict | None = None
+
+
+@contextlib.contextmanager
+def shared_weights(module: tf.Module) -> Iterator[None]:
+    """Weights traced inside become variables of `module`, one per distinct array.
+
+    A SavedModel with several signatures (length buckets) then stores each weight once, in its
+    checkpoint, instead of as a constant in every signature's graph. Outside, weights are
+    constants of the graph (what every converter is given: nothing to lose on the way).
+    """
+    global _SHARED_WEIGHTS
+    previous, _SHARED_WEIGHTS = _SHARED_WEIGHTS, {}
+    module.weights = []
+    try:
+        yield
+    finally:
+        module.weights = list(_SHARED_WEIGHTS.values())
+        _SHARED_WEIGHTS = previous
+
+
+def _weight(array: np.ndarray):
+    """A weight in the graph: a constant, or the shared variable (see shared_weights)."""
+    if _SHARED_WEIGHTS is None:
+        return tf.constant(array)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    key = (array.shape, array.tobytes())
+    if key not in _SHARED_WEIGHTS:
+        with tf.init_scope():
+            _SHARED_WEIGHTS[key] = tf.Variable(array, trainable=False,
+                                               name=f"weight_{len(_SHARED_WEIGHTS)}")
+    return _SHARED_WEIGHTS[key]
+
+
+def _reshape(x, shape: list, *, expand: tuple = (), swap: bool = False):
+    """`tf.reshape(x, shape)`; with a symbolic length, the same by Unsqueeze (`expand`: the axes
+    to insert) or by moving the unit axis 1 of a (B, 1, Tq, Tkv) tensor to 2 (`swap`), which need no
+    run-time shape arithmetic (every such reshape costs Shape/Concat/Cast ops in ONNX)."""
+    if all(isinstance(d, int) for d in shape):
+        return tf.reshape(x, shape)
+    for axis in expand:
+        x = tf.expand_dims(x, axis)
+    return tf.expand_dims(tf.squeeze(x, 1), 2) if swap else x
+
+
+def _length(x):
+    """Axis 1 of `x`: an int where static, a scalar tensor where symbolic."""
+    # int64: what ONNX Reshape takes (int32 would add a Cast before every Reshape).
+    return int(x.shape[1]) if x.shape[1] is not None else tf.shape(x, out_type=tf.int64)[1]
+
+
 def causal_bias(query_len: int, kv_len: int) -> np.ndarray:
     """(Tq, Tkv) additive bias of Keras' causal mask: key j visible from query i iff j <= i."""
     allowed = np.tril(np.ones((query_len, kv_len), dtype=bool))
@@ -184,8 +238,9 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
     """
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` must be one of {LAYOUTS}. Received: layout={layout!r}")
-    tq, fq = int(source1.shape[1]), int(source1.shape[2])
-    tkv, fkv = int(source2.shape[1]), int(source2.shape[2])
+    # A symbolic length (a dynamic-length ONNX) is read at run time; a static one is a constant.
+    tq, fq = _length(source1), int(source1.shape[2])
+    tkv, fkv = _length(source2), int(source2.shape[2])
     heads, d = folded.heads, folded.head_dim
     hd = heads * d
     units = folded.output_kernel.shape[1]
@@ -203,9 +258,9 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
         if query_mask is not None or value_mask is not None or attention_mask is not None:
             keep = None
             if query_mask is not None:
-                keep = tf.reshape(tf.cast(query_mask, tf.float32), [b, 1, tq, 1])
+                keep = _reshape(tf.cast(query_mask, tf.float32), [b, 1, tq, 1], expand=(1, 3))
             if value_mask is not None:
-                v = tf.reshape(tf.cast(value_mask, tf.float32), [b, 1, 1, tkv])
+                v = _reshape(tf.cast(value_mask, tf.float32), [b, 1, 1, tkv], expand=(1, 1))
                 keep = v if keep is None else keep * v
             if attention_mask is not None:
                 a = tf.reshape(tf.cast(attention_mask, tf.float32), [b, 1, tq, tkv])
@@ -229,9 +284,9 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
 
     def heads_attention(x1, bias, keep):
         # Only the head layouts' weights: a SavedModel keeps even unused constants.
-        wq, bq = tf.constant(folded.query_kernel), tf.constant(folded.query_bias)
-        wkv, bkv = tf.constant(folded.kv_kernel), tf.constant(folded.kv_bias)
-        wo, bo = tf.constant(folded.output_kernel), tf.constant(folded.output_bias)
+        wq, bq = _weight(folded.query_kernel), _weight(folded.query_bias)
+        wkv, bkv = _weight(folded.kv_kernel), _weight(folded.kv_bias)
+        wo, bo = _weight(folded.output_kernel), _weight(folded.output_bias)
         x2 = tf.reshape(source2, [-1, fkv])  # (B*Tkv, Fkv)
         q = tf.matmul(x1, wq) + bq  # (B*Tq, H*D), already scaled
         kv = tf.matmul(x2, wkv) + bkv  # (B*Tkv, 2*H*D)
@@ -275,22 +330,23 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
             raise ValueError("The 'source' layout needs FoldedWeights from fold_weights().")
         # Rows ordered (query position, head): every head attends over the same source2 rows,
         # so all heads are one batched matmul and the head sum is the output matmul's.
-        q = tf.matmul(x1, tf.constant(folded.qk_kernel)) + tf.constant(folded.qk_bias)
+        q = tf.matmul(x1, _weight(folded.qk_kernel)) + _weight(folded.qk_bias)
         q = tf.reshape(q, [b, tq * heads, fkv])  # (B, Tq*H, Fkv)
         logits = tf.matmul(q, source2, transpose_b=True)  # (B, Tq*H, Tkv)
         if bias is None:
             probs = tf.nn.softmax(logits, axis=-1)
         else:
-            logits = add_mask(tf.reshape(logits, [b, tq, heads, tkv]), tf.reshape(bias, [-1, tq, 1, tkv]))
+            logits = add_mask(tf.reshape(logits, [b, tq, heads, tkv]),
+                              _reshape(bias, [-1, tq, 1, tkv], swap=True))
             probs = tf.nn.softmax(logits, axis=-1)  # (B, Tq, H, Tkv)
             if keep is not None:
-                probs = probs * tf.reshape(keep, [-1, tq, 1, tkv])
+                probs = probs * _reshape(keep, [-1, tq, 1, tkv], swap=True)
             probs = tf.reshape(probs, [b, tq * heads, tkv])
         context = tf.matmul(probs, source2)  # (B, Tq*H, Fkv)
         context = tf.reshape(context, [-1, heads * fkv])  # (B*Tq, H*Fkv)
         vo_bias = folded.vo_bias.astype(np.float64)
         if keep is None:
-            out = tf.matmul(context, tf.constant(folded.vo_kernel)) + tf.constant(
+            out = tf.matmul(context, _weight(folded.vo_kernel)) + _weight(
                 (folded.output_bias + vo_bias).astype(np.float32))
         else:
             # A query row with every key masked has all-zero probabilities: no value bias.
@@ -299,14 +355,17 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
             # The 1 is a (1, 1) tensor, not a scalar: tf2onnx merges equal constants and names
             # the survivor after whichever it met first, which varies between processes (the
             # padding bias holds a scalar 1 already).
-            if tkv == 1:
+            if isinstance(tkv, int) and tkv == 1:
                 row_any = tf.reshape(keep, [-1, 1])  # (B*Tq, 1): already 0 or 1
             else:
-                visible = tf.matmul(tf.reshape(keep, [-1, tkv]), tf.ones([tkv, 1]))  # (B*Tq, 1)
+                if isinstance(tkv, int):
+                    visible = tf.matmul(tf.reshape(keep, [-1, tkv]), tf.ones([tkv, 1]))
+                else:  # a symbolic length: no constant of its size (mobile graphs are static)
+                    visible = tf.reshape(tf.reduce_sum(keep, axis=-1), [-1, 1])
                 one = tf.ones([1, 1])
-                row_any = one - tf.nn.relu(one - visible)
-            out = (tf.matmul(context, tf.constant(folded.vo_kernel)) + tf.constant(folded.output_bias)
-                   + row_any * tf.constant(folded.vo_bias))
+                row_any = one - tf.nn.relu(one - visible)  # (B*Tq, 1)
+            out = (tf.matmul(context, _weight(folded.vo_kernel)) + _weight(folded.output_bias)
+                   + row_any * _weight(folded.vo_bias))
         out = tf.reshape(out, [b, tq, units])  # (B, Tq, U)
         scores = None
         if return_scores:
@@ -315,8 +374,12 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
 
     # Created inside the trace, the weights are Const nodes of the graph: no variables or
     # captured inputs for a converter to lose.
-    causal_const = (tf.constant(causal_bias(tq, tkv) * np.float32(mask_bias / MASK_BIAS))
-                    if causal else None)
+    causal_const = None
+    if causal and isinstance(tq, int) and isinstance(tkv, int):
+        causal_const = tf.constant(causal_bias(tq, tkv) * np.float32(mask_bias / MASK_BIAS))
+    elif causal:
+        hidden = tf.range(tq)[:, None] < tf.range(tkv)[None, :]  # key j after query i
+        causal_const = tf.cast(hidden, tf.float32) * mask_bias
     x1 = tf.reshape(source1, [-1, fq])  # (B*Tq, Fq)
     bias, keep = attention_bias(causal_const)
     if layout == "source":

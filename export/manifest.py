@@ -50,7 +50,8 @@ MAX_GOLDEN_BYTES = 2 << 30
 def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha256: str,
                    golden_sha256: str, golden_raw: dict, parity: dict, quantization: dict,
                    weights: str, versions: dict, created: str, sha256: str, size: int,
-                   deployment: dict | None = None, file_metadata: dict | None = None) -> dict:
+                   deployment: dict | None = None, file_metadata: dict | None = None,
+                   golden_name: str | None = None, signatures: list | None = None) -> dict:
     """The manifest of one published artifact, fields in a fixed order.
 
     Args:
@@ -63,6 +64,11 @@ def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha2
         metrics and gate it passed. quantization: `quantization_entry(...)`. weights: where the
         weights came from. versions: converters and runtimes. created: a UTC timestamp.
         sha256, size: of the artifact. reference_sha256: of the reference `.keras` as written.
+        golden_name: the golden file when it is not the spec's
+        own (a file with several lengths: that of `serving_default` or the largest length).
+        signatures: a file with several lengths (export.buckets): one entry per signature or
+        checked length, {key, signature (null: the file's only graph), inputs, outputs, golden,
+        golden_sha256, parity}; the top-level inputs, outputs and golden are `serving_default`'s.
     """
     io_quant = built.facts.get("io_quantization", {})
     inputs = [_tensor_entry(i.as_json(), io_quant) for i in spec.inputs()]
@@ -79,9 +85,10 @@ def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha2
         "layout": layout,
         "reference": spec.reference_name,
         "reference_sha256": reference_sha256,
-        "golden": spec.golden_name,
+        "golden": golden_name or spec.golden_name,
         "golden_sha256": golden_sha256,
         "golden_raw": golden_raw,
+        **({"signatures": signatures} if signatures else {}),
         **format_facts,
         "quantization": quantization,
         **({"file_metadata": file_metadata} if file_metadata is not None else {}),

@@ -64,6 +64,10 @@ class ModelSpec:
         name = self.stem if self.named or self.batch in (None, 1) else f"{self.stem}_b{self.batch}"
         object.__setattr__(self, "name", name)
 
+    # A model has one length per input, fixed by the model (`--lengths` is refused with --model).
+    lengths: tuple = ()
+    dynamic_lengths = False
+
     def replace(self, **changes) -> ModelSpec:
         changes.pop("name", None)
         return dataclasses.replace(self, **changes)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export import check, publish, reference, runtimes, sets
+from export import buckets, check, publish, reference, runtimes, sets
 from export.calibration import (
     Calibration,
     calibrations_for,
@@ -148,17 +148,20 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
                 references[spec.reference_name] = publish.sha256_path(
                     os.path.join(stage, spec.reference_name))
         goldens = {}
-        for spec in specs.values():
-            if spec.golden_name in goldens:
-                continue
-            feeds = ref.make_inputs(spec, spec.golden_samples, reference.GOLDEN_SEED)
-            outputs = ref.run(spec, feeds)
-            golden_path = os.path.join(stage, spec.golden_name)
-            publish.write_npz(golden_path, {**feeds, **outputs})
-            # The same arrays for readers without numpy (web/): raw buffers + a JSON index.
-            raw = write_golden_raw({**feeds, **outputs}, stage, spec.name)
-            goldens[spec.golden_name] = _Golden(feeds, outputs, publish.sha256_path(golden_path), raw)
-            staged += [spec.golden_name, raw["index"], raw["data"]]
+        for fmt, spec in specs.items():
+            # A file with several lengths has golden vectors per signature (or checked length).
+            wanted = [(p.spec, p.golden_name) for p in _points(fmt, spec)] or [(spec, spec.golden_name)]
+            for at, golden_name in wanted:
+                if golden_name in goldens:
+                    continue
+                feeds = ref.make_inputs(at, at.golden_samples, reference.GOLDEN_SEED)
+                outputs = ref.run(at, feeds)
+                golden_path = os.path.join(stage, golden_name)
+                publish.write_npz(golden_path, {**feeds, **outputs})
+                # The same arrays for readers without numpy (web/): raw buffers + a JSON index.
+                raw = write_golden_raw({**feeds, **outputs}, stage, golden_name[:-len(".golden.npz")])
+                goldens[golden_name] = _Golden(feeds, outputs, publish.sha256_path(golden_path), raw)
+                staged += [golden_name, raw["index"], raw["data"]]
         _guard_shared_files(request.output_dir, specs, goldens)
         for fmt, spec in specs.items():
             results.append(_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt),
@@ -205,18 +208,35 @@ def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens
             )
 
 
+def _points(fmt: str, spec) -> list[buckets.Point]:
+    """Where an artifact with several lengths is verified (export.buckets); [] for one length."""
+    if not isinstance(spec, ArtifactSpec):
+        return []
+    return buckets.points(spec, signatures=get_format(fmt).signatures)
+
+
 def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens: dict,
                calibration: Calibration | None, reference_sha: str) -> ArtifactResult:
     """Convert, check, verify and describe one artifact in the staging folder."""
     record = get_format(fmt)
+    points = _points(fmt, spec)
+    buckets_given = getattr(spec, "lengths", ())
+    if points:
+        # Buckets: one signature each, or symbolic lengths in a format without signatures.
+        spec = buckets.file_spec(spec, signatures=record.signatures)
     t0 = time.perf_counter()
     fn, layout = ref.inference_function(spec, fallback_layout=record.layout, **graph_options(spec))
-    # The golden vectors are written before conversion: their sha256 goes inside the file too.
-    golden = goldens[spec.golden_name]
+    # The golden vectors are written before conversion: their sha256 goes inside the file too
+    # (those of `serving_default`, or the largest length, in a file with several).
+    golden_name = points[-1].golden_name if points else spec.golden_name
+    golden = goldens[golden_name]
+    facts = ref.manifest_facts(spec)
+    if buckets_given:  # a dynamic-length ONNX file too: the buckets it was verified at
+        facts["shapes"]["lengths"] = [list(p) for p in buckets_given]
     quantization = quantization_entry(spec, calibration)
     versions = {"xattn": xattn_version, **publish.versions()}
     metadata = file_metadata({
-        "format": fmt, **ref.manifest_facts(spec), "versions": versions,
+        "format": fmt, **facts, "versions": versions,
         "inputs": [i.as_json() for i in spec.inputs()],
         "outputs": [o.as_json() for o in spec.outputs()],
         "quantization": quantization, "golden_sha256": golden.sha256,
@@ -233,11 +253,20 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
     t0 = time.perf_counter()
     tolerance = check.tolerance(fmt, spec.quantize, atol=request.atol,
                                 max_rel=request.max_rel_error)
-    runner = runtimes.load_runner(fmt, built.path, batch=spec.batch, inputs=spec.inputs())
-    metrics, n_samples, tolerance = _verify_artifact(runner, spec, ref, tolerance, name)
-    # The golden vectors must pass too: that is what `export.verify` will check later.
-    check.gate(check.parity_metrics(golden.outputs, runner.run(golden.feeds)),
-               artifact=f"{name} (golden vectors)", **tolerance)
+    signatures = None
+    if points:
+        signatures, metrics, n_samples, tolerance = _verify_points(
+            fmt, built.path, spec, points, ref, tolerance, name, goldens)
+        golden_name = points[-1].golden_name
+    else:
+        runner = runtimes.load_runner(fmt, built.path, batch=spec.batch, inputs=spec.inputs())
+        metrics, n_samples, tolerance = _verify_artifact(runner, spec, ref, tolerance, name)
+        # The golden vectors must pass too: that is what `export.verify` will check later.
+        golden_name = spec.golden_name
+        check.gate(check.parity_metrics(goldens[golden_name].outputs,
+                                        runner.run(goldens[golden_name].feeds)),
+                   artifact=f"{name} (golden vectors)", **tolerance)
+    golden = goldens[golden_name]
     parity = {"runtime": f"{record.runtime} {publish.versions().get(record.runtime, '?')}",
               "n_samples": n_samples, **metrics, **tolerance, "passed": True}
     if "atol" in tolerance:
@@ -254,12 +283,13 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
         log.info("deploy   %-10s %s (%.1f s)", fmt, deployment_summary(deployment),
                  time.perf_counter() - t0)
     manifest = build_manifest(
-        fmt=fmt, spec=spec, built=built, facts=ref.manifest_facts(spec), layout=layout,
+        fmt=fmt, spec=spec, built=built, facts=facts, layout=layout,
         reference_sha256=reference_sha, golden_sha256=golden.sha256, golden_raw=golden.raw,
         parity=parity, quantization=quantization, weights=ref.source,
         versions=versions, created=publish.utc_now(),
         sha256=publish.sha256_path(built.path), size=publish.size_bytes(built.path),
         deployment=deployment, file_metadata=metadata,
+        golden_name=golden_name, signatures=signatures,
     )
     manifest_path = os.path.join(stage, spec.manifest_name(fmt))
     write_manifest(manifest_path, manifest)
@@ -267,6 +297,45 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
         format=fmt, spec=spec, path=built.path, manifest_path=manifest_path,
         bytes=manifest["bytes"], sha256=manifest["sha256"], parity=parity, manifest=manifest,
     )
+
+
+def _verify_points(fmt: str, path: str, spec, points: list, ref, tolerance: dict, name: str,
+                   goldens: dict) -> tuple[list[dict], dict, int, dict]:
+    """Verify every signature (or checked length) of a file with several lengths.
+
+    Returns the manifest's `signatures` entries, the worst metrics over all of them, the number
+    of samples, and the gate as applied.
+    """
+    record = get_format(fmt)
+    entries, every = [], []
+    n_total = 0
+    for point in points:
+        t0 = time.perf_counter()
+        label = f"{name} [{point.key}]"
+        runner = runtimes.load_runner(fmt, path, batch=spec.batch, inputs=point.spec.inputs(),
+                                      signature=point.signature)
+        metrics, n_samples, applied = _verify_artifact(runner, point.spec, ref, tolerance, label)
+        golden = goldens[point.golden_name]
+        check.gate(check.parity_metrics(golden.outputs, runner.run(golden.feeds)),
+                   artifact=f"{label} (golden vectors)", **applied)
+        log.info("verify   %-10s %-16s max abs diff %.2e, rel L2 %.1e on %d samples (%.1f s)",
+                 fmt, point.key, metrics["max_abs"], metrics["rel_l2"], n_samples,
+                 time.perf_counter() - t0)
+        n_total += n_samples
+        every.append(metrics)
+        entries.append({
+            "key": point.key,
+            "signature": point.signature,
+            "inputs": [i.as_json() for i in point.spec.inputs()],
+            "outputs": [o.as_json() for o in point.spec.outputs()],
+            "golden": point.golden_name,
+            "golden_sha256": golden.sha256,
+            "parity": {"runtime": f"{record.runtime} {publish.versions().get(record.runtime, '?')}",
+                       "n_samples": n_samples, **metrics, **applied, "passed": True},
+        })
+        tolerance = applied
+    worst = {k: (min if k == "cosine" else max)(m[k] for m in every) for k in every[0]}
+    return entries, worst, n_total, tolerance
 
 
 def _verify_artifact(runner, spec, ref, tolerance: dict, name: str) -> tuple[dict, int, dict]:

@@ -8,6 +8,7 @@ at zero, which would let a dropped bias pass any parity test) or from a user's `
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import numpy as np
 
 from export.errors import ExportError, WeightsError, first_line
 from export.graph import build_inference_function, fold_weights, preferred_layout
-from export.spec import ArtifactSpec
+from export.spec import ArtifactSpec, bucket_key
 from xattn import CrossAttention
 
 GOLDEN_SEED = 20240601
@@ -64,14 +65,16 @@ def random_weights(spec: ArtifactSpec, seed: int) -> list[np.ndarray]:
 
 def build_reference(spec: ArtifactSpec, weights: list[np.ndarray]):
     """A `keras.Model` with inputs named as the artifact's and a dict of named outputs."""
+    # Several lengths (buckets, or a symbolic axis): the reference runs at every one of them.
+    tq, tkv = (None, None) if spec.lengths else (spec.query_len, spec.kv_len)
     inputs = {
-        "source1": keras.Input((spec.query_len, spec.query_features), name="source1"),
-        "source2": keras.Input((spec.kv_len, spec.kv_features), name="source2"),
+        "source1": keras.Input((tq, spec.query_features), name="source1"),
+        "source2": keras.Input((tkv, spec.kv_features), name="source2"),
     }
     if spec.query_mask:
-        inputs["query_mask"] = keras.Input((spec.query_len,), dtype="bool", name="query_mask")
+        inputs["query_mask"] = keras.Input((tq,), dtype="bool", name="query_mask")
     if spec.value_mask:
-        inputs["value_mask"] = keras.Input((spec.kv_len,), dtype="bool", name="value_mask")
+        inputs["value_mask"] = keras.Input((tkv,), dtype="bool", name="value_mask")
     layer = CrossAttention(spec.units, spec.heads, name="cross_attention")
     result = layer(
         [inputs["source1"], inputs["source2"]],
@@ -91,18 +94,31 @@ def build_reference(spec: ArtifactSpec, weights: list[np.ndarray]):
     return model
 
 
+def nominal_spec(spec: ArtifactSpec, length: int = 64) -> ArtifactSpec:
+    """`spec` with every symbolic length set to `length`: what a layout choice is made for."""
+    if not spec.dynamic_lengths:
+        return spec
+    return spec.replace(query_len=spec.query_len or length, kv_len=spec.kv_len or length,
+                        name=spec.name)
+
+
 def reference_weights(model) -> list[np.ndarray]:
     return [np.asarray(w) for w in find_cross_attention(model).get_weights()]
 
 
 def run_reference(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    outputs = model(dict(feeds), training=False)
+    with warnings.catch_warnings():
+        # Length 1 (a dynamic-length file is verified there): Keras warns that a softmax over
+        # one key is always 1, which is exactly what attention over one key is.
+        warnings.filterwarnings("ignore", message="You are using a softmax over axis")
+        outputs = model(dict(feeds), training=False)
     return {k: np.asarray(v) for k, v in outputs.items()}
 
 
 def make_inputs(spec: ArtifactSpec, rows: int, seed: int) -> dict[str, np.ndarray]:
     """Seeded standard-normal sources and random masks with >= 1 real position per row."""
     rng = np.random.default_rng(seed)
+    spec = nominal_spec(spec)  # symbolic lengths: rows at a nominal length
     feeds = {
         "source1": rng.standard_normal((rows, spec.query_len, spec.query_features), dtype=np.float32),
         "source2": rng.standard_normal((rows, spec.kv_len, spec.kv_features), dtype=np.float32),
@@ -151,18 +167,33 @@ class LayerReference:
 
     def inference_function(self, spec: ArtifactSpec, *, fallback_layout: str,
                            mask_margin: float | None = None):
-        """`(fn, layout)`: the folded graph of the spec and the head layout it uses."""
-        layout = preferred_layout(spec, fallback_layout)
+        """`(fn, layout)`: the folded graph of the spec and the head layout it uses.
+
+        A bucketed spec gives `{signature key: fn}` (export.buckets), every bucket in one layout
+        (the largest's) so that every trace creates the same weight constants.
+        """
+        layout = preferred_layout(nominal_spec(spec), fallback_layout)
+        if spec.lengths:
+            fns = {}
+            for q, kv in spec.lengths:
+                at = spec.replace(lengths=(), query_len=q, kv_len=kv, name=spec.name)
+                fns[bucket_key(q, kv)] = build_inference_function(
+                    at, self.folded, layout=layout, mask_margin=mask_margin)
+            fns["serving_default"] = fns[bucket_key(spec.query_len, spec.kv_len)]
+            return fns, layout
         fn = build_inference_function(spec, self.folded, layout=layout, mask_margin=mask_margin)
         return fn, layout
 
     def manifest_facts(self, spec: ArtifactSpec) -> dict:
+        shapes = {
+            "batch": spec.batch, "query_len": spec.query_len, "kv_len": spec.kv_len,
+            "query_features": spec.query_features, "kv_features": spec.kv_features,
+        }
+        if spec.lengths:
+            shapes["lengths"] = [list(p) for p in spec.lengths]
         return {
             "config": self.layer_config,
-            "shapes": {
-                "batch": spec.batch, "query_len": spec.query_len, "kv_len": spec.kv_len,
-                "query_features": spec.query_features, "kv_features": spec.kv_features,
-            },
+            "shapes": shapes,
             "masks": {"query_mask": spec.query_mask, "value_mask": spec.value_mask,
                       "causal": spec.causal, "scores": spec.scores},
         }

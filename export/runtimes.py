@@ -167,7 +167,7 @@ def _dtype_fits(dtype: np.dtype, info: InputInfo) -> bool:
 
 
 def load_runner(fmt: str, path: str, *, batch: int | None = None, threads: int | None = None,
-                inputs: list | None = None) -> Runner:
+                inputs: list | None = None, signature: str | None = None) -> Runner:
     """Load an artifact in the runtime of its format.
 
     Args:
@@ -177,6 +177,8 @@ def load_runner(fmt: str, path: str, *, batch: int | None = None, threads: int |
         threads: the runtime's threads; None leaves the runtime's default.
         inputs: what `run` checks feeds against (TensorInfo, manifest dicts or InputInfo); by
             default the inputs the runtime reports for the file.
+        signature: the signature to run (`len_64`) in a format with signatures; None runs
+            `serving_default` (the file's only graph in formats without).
 
     Returns:
         A Runner whose `run(feeds)` maps input name -> array to output name -> array.
@@ -188,7 +190,7 @@ def load_runner(fmt: str, path: str, *, batch: int | None = None, threads: int |
     record = get_format(fmt)
     if not runtime_available(fmt):
         raise RuntimeMissing(f"{record.runtime} is not installed")
-    fn, reported = record.open_runner(path, threads)
+    fn, reported = record.open_runner(path, threads, signature)
     if inputs is None:
         expected = reported
     else:
@@ -250,10 +252,10 @@ def tflite_interpreter(path: str, threads: int | None = None):
 _LITERT_BANNER = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
 
 
-def tflite_function(path: str, threads: int | None):
-    """The tflite format's runner: (run, reported inputs) of its `serving_default` signature."""
+def tflite_function(path: str, threads: int | None, signature: str = "serving_default"):
+    """The tflite format's runner: (run, reported inputs) of one signature (`serving_default`)."""
     interpreter = tflite_interpreter(path, threads)
-    runner = interpreter.get_signature_runner("serving_default")
+    runner = interpreter.get_signature_runner(signature)
     input_details = runner.get_input_details()
     output_details = runner.get_output_details()
 
@@ -297,12 +299,13 @@ def dequantize(array: np.ndarray, detail: dict) -> np.ndarray:
     return array
 
 
-def savedmodel_function(path: str, threads: int | None = None):
+def savedmodel_function(path: str, threads: int | None = None,
+                        signature: str = "serving_default"):
     """The savedmodel format's runner (TensorFlow's own threads; `threads` is not applied)."""
     import tensorflow as tf  # lazy: never on a device, and verify must run without it
 
     loaded = tf.saved_model.load(path)
-    signature = loaded.signatures["serving_default"]
+    signature = loaded.signatures[signature]
 
     def run(feeds):
         outputs = signature(**{k: tf.constant(v) for k, v in feeds.items()})

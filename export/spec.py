@@ -37,8 +37,8 @@ class ArtifactSpec:
 
     units: int = 64
     heads: int = 4
-    query_len: int = 10
-    kv_len: int = 10
+    query_len: int | None = 10  # None: a symbolic length axis (`query_len`)
+    kv_len: int | None = 10  # None: a symbolic length axis (`kv_len`)
     query_features: int = 64
     kv_features: int = 64
     batch: int | None = None
@@ -48,11 +48,18 @@ class ArtifactSpec:
     scores: bool = False
     quantize: str = "none"
     int8_io: bool = False
+    # Length buckets ((Tq, Tkv), ...), ascending: one signature each (export.buckets). The
+    # lengths above are then the largest bucket's, and both masks are inputs.
+    lengths: tuple = ()
     name: str = field(default="")
 
     def __post_init__(self):
+        if self.lengths:
+            _check_buckets(self)
         for attr in ("units", "heads", "query_len", "kv_len", "query_features", "kv_features"):
             value = getattr(self, attr)
+            if value is None and attr in ("query_len", "kv_len"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise SpecError(f"`{attr}` must be a positive integer. Received: {attr}={value!r}")
         if self.batch is not None and (
@@ -85,9 +92,17 @@ class ArtifactSpec:
         return dataclasses.replace(self, **changes)
 
     def default_name(self) -> str:
+        if self.lengths:
+            # Both masks are implied by the buckets: no _qmask_vmask.
+            name = (f"xattn_u{self.units}_h{self.heads}_len{buckets_text(self.lengths, '-')}"
+                    f"_f{self.query_features}x{self.kv_features}")
+            return name + ("" if self.batch in (None, 1) else f"_b{self.batch}") + (
+                "_causal" if self.causal else "") + ("_scores" if self.scores else "")
+        tq = "dyn" if self.query_len is None else self.query_len
+        tkv = "dyn" if self.kv_len is None else self.kv_len
         name = (
             f"xattn_u{self.units}_h{self.heads}"
-            f"_q{self.query_len}x{self.query_features}_kv{self.kv_len}x{self.kv_features}"
+            f"_q{tq}x{self.query_features}_kv{tkv}x{self.kv_features}"
         )
         # Batch 1 and a dynamic batch share a name: both run the same golden vectors.
         if self.batch is not None and self.batch != 1:
@@ -159,11 +174,49 @@ class ArtifactSpec:
         extras = [n for n, on in (("query_mask", self.query_mask), ("value_mask", self.value_mask),
                                   ("causal", self.causal), ("scores", self.scores)) if on]
         text = (
-            f"units={self.units} heads={self.heads} query={self.query_len}x{self.query_features} "
-            f"kv={self.kv_len}x{self.kv_features} batch={batch}"
+            f"units={self.units} heads={self.heads} query={_length(self.query_len)}x"
+            f"{self.query_features} kv={_length(self.kv_len)}x{self.kv_features} batch={batch}"
         )
         if extras:
             text += " " + " ".join(extras)
         if self.quantize != "none":
             text += f" quantize={self.quantize}" + (" int8-io" if self.int8_io else "")
+        if self.lengths:
+            text += f" lengths={buckets_text(self.lengths, ',')}"
         return text
+
+    @property
+    def dynamic_lengths(self) -> bool:
+        """Whether a length axis is symbolic (`--query-len dynamic` / `--kv-len dynamic`)."""
+        return self.query_len is None or self.kv_len is None
+
+
+def _length(value: int | None) -> str:
+    return "dynamic" if value is None else str(value)
+
+
+def bucket_key(query_len: int, kv_len: int) -> str:
+    """The signature key of a length bucket: `len_16` (Tq = Tkv) or `len_16x32`."""
+    return f"len_{query_len}" if query_len == kv_len else f"len_{query_len}x{kv_len}"
+
+
+def buckets_text(lengths, sep: str) -> str:
+    """16,64,256 or 16x32,64x128: the buckets as `--lengths` spells them."""
+    return sep.join(str(q) if q == kv else f"{q}x{kv}" for q, kv in lengths)
+
+
+def _check_buckets(spec: ArtifactSpec) -> None:
+    """Normalise `lengths` (sorted by work, no repeats), imply both masks, take the largest."""
+    try:
+        pairs = [(int(q), int(kv)) for q, kv in spec.lengths]
+    except (TypeError, ValueError):
+        raise SpecError(f"`lengths` must be pairs (Tq, Tkv). Received: lengths={spec.lengths!r}") from None
+    if any(isinstance(v, bool) or v <= 0 for pair in pairs for v in pair):
+        raise SpecError(f"`lengths` must be positive. Received: lengths={spec.lengths!r}")
+    pairs = sorted(set(pairs), key=lambda p: (p[0] * p[1], p))
+    largest = pairs[-1]
+    object.__setattr__(spec, "lengths", tuple(pairs))
+    object.__setattr__(spec, "query_len", largest[0])
+    object.__setattr__(spec, "kv_len", largest[1])
+    object.__setattr__(spec, "query_mask", True)
+    object.__setattr__(spec, "value_mask", True)

@@ -9,6 +9,7 @@ from export.cli import (
     SHAPE_DEFAULTS,
     OneLineParser,
     _input_shape,
+    _lengths,
     _positive_float,
     _positive_int,
 )
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--lengths", type=_int_list, metavar="L[,L...]",
                        help="sweep sequence length: each L sets --query-len and --kv-len "
                             "(default: the --query-len/--kv-len given)")
+    sweep.add_argument("--buckets", type=_lengths, metavar="L,L,...|QxKV,...",
+                       help="instead of the Keras comparison: a request of the smallest length "
+                            "through the largest-length file with masks vs the bucketed file "
+                            "(--lengths L,L,...) and, in onnxruntime, the dynamic-length file vs "
+                            "a static file of the request's length; batch 1")
     sweep.add_argument("--threads", type=_positive_int, default=1,
                        help="runtime threads (default 1)")
     sweep.add_argument("--runtimes", type=_choice_list(RUNTIMES), default=list(RUNTIMES),

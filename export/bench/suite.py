@@ -11,6 +11,7 @@ import sys
 import tempfile
 
 from export import publish, reference
+from export.bench.buckets import render_buckets, run_buckets
 from export.bench.build import build_length
 from export.bench.model import render_model, run_model
 from export.bench.options import build_parser
@@ -31,6 +32,12 @@ log = logging.getLogger("export")
 
 def run(args: argparse.Namespace) -> dict:
     """Everything `main` does but printing: build, measure, return the report."""
+    if args.buckets:
+        context = (contextlib.nullcontext(args.keep_dir) if args.keep_dir
+                   else tempfile.TemporaryDirectory(prefix="xattn-bench-"))
+        with context as workdir:
+            os.makedirs(workdir, exist_ok=True)
+            return {"machine": machine(), "buckets": run_buckets(args, workdir)}
     base = {k: getattr(args, k) for k in SHAPE_DEFAULTS}
     lengths = [(n, n) for n in args.lengths] if args.lengths else [(args.query_len, args.kv_len)]
     specs = [ArtifactSpec(**{**base, "query_len": q, "kv_len": kv}) for q, kv in lengths]
@@ -93,7 +100,12 @@ def main(argv: list[str] | None = None, *, blas_pinned: bool = False) -> int:
         report, code = report_failures(prog, lambda: run(args))
     if code:
         return code
-    print(render_model(report) if args.model else render(report))
+    if args.model:
+        print(render_model(report))
+    elif "buckets" in report:
+        print(render_buckets(report["buckets"]))
+    else:
+        print(render(report))
     if report.get("verdicts") and report.get("verdicts_note"):
         print(report["verdicts_note"])
     if args.json:

@@ -14,6 +14,7 @@ from tf2onnx import constants
 from export.errors import ConversionError, SpecError
 from export.formats import Built
 from export.metadata import onnx_metadata_props
+from export.onnx.axes import name_symbolic_axes
 from export.onnx.quantize import quantize_onnx
 from export.spec import ArtifactSpec
 from xattn import __version__ as xattn_version
@@ -62,6 +63,7 @@ def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None
     except Exception as e:
         raise ConversionError(f"ONNX conversion (tf2onnx) failed: {e}") from e
     _rename_io(model, [i.name for i in spec.inputs()], [o.name for o in spec.outputs()])
+    name_symbolic_axes(model, {t.name: tuple(t.shape) for t in spec.inputs() + spec.outputs()})
     canonicalize_initializers(model)
     canonicalize_node_names(model)
     # tf2onnx writes the traced function's name here, `__inference_call_<n>` with a per-process

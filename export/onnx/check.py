@@ -28,16 +28,18 @@ def onnx_op_types(path: str) -> list[str]:
 
 def check_onnx_file(path: str, spec: ArtifactSpec) -> None:
     """The registry's graph check: `check_onnx_graph` with the spec's batch and names."""
+    tensors = spec.inputs() + spec.outputs()
     check_onnx_graph(
         path,
         fixed_batch=spec.batch is not None,
         input_names=[i.name for i in spec.inputs()],
         output_names=[o.name for o in spec.outputs()],
+        symbolic_axes={t.name: [i for i, d in enumerate(t.shape) if d is None] for t in tensors},
     )
 
 
 def check_onnx_graph(path: str, *, fixed_batch: bool, input_names: list[str],
-                     output_names: list[str]) -> None:
+                     output_names: list[str], symbolic_axes: dict | None = None) -> None:
     """Checker with full_check; names; at a fixed batch no shape arithmetic and static inputs.
 
     Raises:
@@ -65,11 +67,14 @@ def check_onnx_graph(path: str, *, fixed_batch: bool, input_names: list[str],
         dims = value.type.tensor_type.shape.dim
         symbolic = [i for i, d in enumerate(dims) if not d.HasField("dim_value")]
         allowed = [] if fixed_batch else [0]
+        if symbolic_axes is not None:
+            allowed = symbolic_axes.get(value.name, allowed)
         if symbolic != allowed:
             raise GraphCheckError(
                 f"{path}: {value.name} has symbolic axes {symbolic}, expected {allowed}"
             )
-    if fixed_batch:
+    dynamic = any(symbolic_axes.values()) if symbolic_axes is not None else not fixed_batch
+    if not dynamic:
         bad = sorted(set(onnx_op_types(path)) & ONNX_SHAPE_OPS)
         if bad:
             raise GraphCheckError(f"{path}: run-time shape ops in a fixed-batch graph: {bad}")

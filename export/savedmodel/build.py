@@ -10,11 +10,15 @@ from tensorflow.core.protobuf import fingerprint_pb2
 
 from export.errors import ConversionError
 from export.formats import Built
+from export.graph import shared_weights
 from export.spec import ArtifactSpec
 
 
-def build_savedmodel(spec: ArtifactSpec, fn, workdir: str) -> Built:
+def build_savedmodel(spec: ArtifactSpec, fn, workdir: str, *, share_weights: bool = True) -> Built:
     """Save `fn` (from `export.graph.build_inference_function`) under `workdir`.
+
+    `fn` may be `{signature key: fn}` (length buckets): one signature each, all reading one
+    set of weight variables (`share_weights`; otherwise constants in every signature's graph).
 
     Returns:
         `Built(folder)`, with a fingerprint whose uuid is derived from its hashes (same input,
@@ -28,13 +32,35 @@ def build_savedmodel(spec: ArtifactSpec, fn, workdir: str) -> Built:
     # with a second copy of every weight constant (twice the file size).
     module = tf.Module()
     try:
-        tf.saved_model.save(
-            module, path, signatures={"serving_default": fn.get_concrete_function()}
-        )
+        if isinstance(fn, dict) and share_weights:
+            # Several signatures (length buckets): each weight once, in the checkpoint.
+            with shared_weights(module):
+                signatures = concrete_signatures(fn)
+        else:
+            signatures = concrete_signatures(fn)
+        tf.saved_model.save(module, path, signatures=signatures)
     except Exception as e:
         raise ConversionError(f"SavedModel export failed: {e}") from e
     _deterministic_fingerprint(path)
     return Built(path)
+
+
+def concrete_signatures(fn) -> dict:
+    """{key: concrete function}: `fn` as `serving_default`, or a bucketed `{key: fn}` as it is.
+
+    One concrete function per distinct function, so a signature that aliases another
+    (`serving_default` = the largest bucket) is one function in the SavedModel, not two.
+    """
+    fns = fn if isinstance(fn, dict) else {"serving_default": fn}
+    concrete = {}
+    for f in fns.values():
+        if id(f) not in concrete:
+            # A fresh trace: one made earlier (another builder, other shared weights) may read
+            # variables that no longer exist.
+            fresh = tf.function(f.python_function, input_signature=f.input_signature,
+                                autograph=False)
+            concrete[id(f)] = fresh.get_concrete_function()
+    return {key: concrete[id(f)] for key, f in fns.items()}
 
 
 def _deterministic_fingerprint(path: str) -> None:

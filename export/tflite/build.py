@@ -11,13 +11,14 @@ from collections.abc import Callable, Iterator
 
 import tensorflow as tf
 
-from export.errors import ConversionError, first_line
+from export.errors import ConversionError, SpecError, first_line
 from export.formats import Built
 from export.metadata import add_tflite_metadata
 from export.native_output import captured_native_output
 from export.savedmodel.build import build_savedmodel
-from export.spec import ArtifactSpec
+from export.spec import ArtifactSpec, bucket_key
 from export.tflite.quantize import configure_tflite, tflite_io_quantization
+from export.tflite.signatures import alias_signature
 
 log = logging.getLogger("export")
 
@@ -53,10 +54,14 @@ def build_tflite(
     """
     if spec.batch is None:
         raise ConversionError("TFLite artifacts have a static batch; got batch=dynamic")
-    # From a SavedModel (not from concrete functions): only this path keeps the signature
-    # `serving_default` with its input and output names in the flatbuffer.
+    if spec.dynamic_lengths:
+        raise SpecError("TFLite artifacts have static lengths; for several lengths in one file "
+                        "use --lengths 16,64,256 (one signature per length)")
+    # From a SavedModel (not from concrete functions): only this path keeps the signatures
+    # (`serving_default`, and `len_16` ... for length buckets) with their input and output names.
     saved = build_savedmodel(spec, fn, os.path.join(workdir, "tflite-src")).path
-    converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=["serving_default"])
+    keys = list(fn) if isinstance(fn, dict) else ["serving_default"]
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=keys)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if configure is None and spec.quantize != "none":
         configure = configure_tflite(spec, calibration)
@@ -72,6 +77,8 @@ def build_tflite(
     path = os.path.join(workdir, spec.artifact_name("tflite"))
     with open(path, "wb") as f:
         f.write(flatbuffer)
+    if spec.lengths:
+        alias_signature(path, "serving_default", bucket_key(spec.query_len, spec.kv_len))
     shutil.rmtree(os.path.dirname(saved), ignore_errors=True)
     facts = {"io_quantization": tflite_io_quantization(path)} if spec.int8_io else {}
     return Built(path, facts)

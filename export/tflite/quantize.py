@@ -9,7 +9,7 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 from export.calibration import Calibration, random_calibration
-from export.spec import ArtifactSpec
+from export.spec import ArtifactSpec, bucket_key
 
 
 def configure_tflite(spec: ArtifactSpec, calibration: Calibration | None = None) -> Callable | None:
@@ -29,6 +29,10 @@ def configure_tflite(spec: ArtifactSpec, calibration: Calibration | None = None)
             order = [i.name for i in spec.inputs()]
 
             def representative_dataset():
+                if spec.lengths:
+                    # One calibration set per signature, as (key, inputs) pairs.
+                    yield from bucket_calibration(spec)
+                    return
                 for chunk in calibration.batches(spec.batch):
                     yield {name: chunk[name] for name in order}
 
@@ -51,6 +55,14 @@ def configure_tflite(spec: ArtifactSpec, calibration: Calibration | None = None)
         # activations quantized on the fly per batch.
 
     return configure
+
+
+def bucket_calibration(spec: ArtifactSpec):
+    """(signature key, inputs) pairs of seeded calibration rows for every length bucket."""
+    for q, kv in spec.lengths:
+        at = spec.replace(lengths=(), query_len=q, kv_len=kv, name=spec.name)
+        for chunk in random_calibration(at).batches(spec.batch):
+            yield bucket_key(q, kv), {i.name: chunk[i.name] for i in at.inputs()}
 
 
 def tflite_io_quantization(path: str) -> dict[str, dict]:

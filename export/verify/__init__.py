@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from export import manifest as manifests
 from export import runtimes, signing
 from export.check import gate, parity_metrics
-from export.errors import ManifestError, ParityError, UsageError, first_line, one_line, printable
+from export.errors import ManifestError, ParityError, UsageError, first_line, one_line, printable, short
 from export.formats import REGISTRY, Format
 from export.metadata import check_file_metadata
 from export.publish import sha256_path, size_bytes
@@ -42,6 +42,7 @@ class VerifyResult:
     metrics: dict = field(default_factory=dict)
     tolerance: dict = field(default_factory=dict)
     signature: str = ""  # "signature ok", "signature present, not checked", "unsigned"
+    signatures: list = field(default_factory=list)  # keys checked in a file with several lengths
 
     @property
     def failed(self) -> bool:
@@ -51,7 +52,8 @@ class VerifyResult:
         """One terminal line; the name and reason come from files, so they are escaped."""
         marks = marks or MARKS
         if self.status == "passed":
-            text = f"{self.name}  {_describe_metrics(self.metrics, self.tolerance)}"
+            checked = f"  [{', '.join(self.signatures)}]" if self.signatures else ""
+            text = f"{self.name}  {_describe_metrics(self.metrics, self.tolerance)}{checked}"
         else:
             text = f"{self.name}  {self.reason}"
         if self.signature:
@@ -209,9 +211,57 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
     metrics = parity_metrics(expected, {k: got[k] for k in expected})
     result.metrics = metrics
     gate(metrics, artifact="golden vectors", **tolerance)
+    if "signatures" in manifest:
+        _verify_signatures(manifest, folder, fmt, artifact, batch, tolerance, result)
     # What the file says of itself must be what its manifest says (export.metadata).
     check_file_metadata(fmt.name, artifact, manifest)
     result.status = "passed"
+
+
+def _verify_signatures(manifest: dict, folder: str, fmt: Format, artifact: str, batch,
+                       tolerance: dict, result: VerifyResult) -> None:
+    """A file with several lengths (export.buckets): every signature, or every checked length of
+    a dynamic-length file, on its own golden vectors; a failure names the signature."""
+    entries = manifest["signatures"]
+    if not isinstance(entries, list) or not entries:
+        raise ManifestError("manifest signatures must be a non-empty list")
+    worst = dict(result.metrics)
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            raise ManifestError("manifest signatures entries must be objects with a key")
+        key = entry["key"]
+        signature = entry.get("signature")
+        if signature is not None and not (isinstance(signature, str) and fmt.signatures):
+            raise ManifestError(f"signature {key}: {fmt.title} files have no signature "
+                                f"{short(signature)}")
+        try:
+            inputs = manifests.tensors_of(entry.get("inputs"), "inputs")
+            outputs = manifests.tensors_of(entry.get("outputs"), "outputs")
+            manifests.path_inside(folder, entry.get("golden"), "golden")
+            golden = manifests.load_golden(os.path.join(folder, entry["golden"]), entry,
+                                           inputs + outputs)
+        except ManifestError as e:
+            raise ManifestError(f"signature {short(key)}: {e}") from e
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                runner = runtimes.load_runner(fmt.name, artifact, batch=batch,
+                                              inputs=entry["inputs"], signature=signature)
+                got = runner.run({t["name"]: golden[t["name"]] for t in inputs})
+        except Exception as e:
+            raise ManifestError(
+                f"signature {key}: {fmt.runtime} failed to run it: {one_line(first_line(e))}"
+            ) from e
+        expected = {t["name"]: golden[t["name"]] for t in outputs}
+        missing = sorted(set(expected) - set(got))
+        if missing:
+            raise ManifestError(f"signature {key}: the artifact returned {sorted(got)}, "
+                                f"not the outputs {missing}")
+        metrics = parity_metrics(expected, {k: got[k] for k in expected})
+        gate(metrics, artifact=f"signature {key}: golden vectors", **tolerance)
+        worst = {k: max(worst.get(k, v), v) if k != "cosine" else min(worst.get(k, v), v)
+                 for k, v in metrics.items()}
+        result.signatures.append(key)
+    result.metrics = worst
 
 
 def _check_artifact(path: str, fmt: Format, manifest: dict) -> None:
