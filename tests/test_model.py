@@ -27,18 +27,24 @@ TQ, TKV = 6, 7
 
 
 def _masked_model() -> keras.Model:
-    """Queries attend to a padded context (value_mask from an input), plus a causal self-block:
-    two CrossAttention layers, masks reaching both from the model's inputs."""
+    """Queries attend to a padded context (query_mask and value_mask from inputs), then a causal
+    self-block with an attention_mask input: two CrossAttention layers, every kind of mask
+    reaching them from the model's inputs."""
     x = keras.Input((TQ, 5), name="x")
+    x_mask = keras.Input((TQ,), dtype="bool", name="x_mask")
     ctx = keras.Input((TKV, 4), name="ctx")
     ctx_mask = keras.Input((TKV,), dtype="bool", name="ctx_mask")
+    pairs = keras.Input((TQ, TQ), dtype="bool", name="pairs")
     q = keras.layers.Dense(8, activation="relu", name="embed")(x)
-    a = xattn.CrossAttention(8, 2, name="to_context")([q, ctx], value_mask=ctx_mask)
+    a = xattn.CrossAttention(8, 2, name="to_context")([q, ctx], query_mask=x_mask,
+                                                      value_mask=ctx_mask)
     h = keras.layers.Add(name="residual")([q, a])
     h = keras.layers.LayerNormalization(name="norm")(h)
-    s = xattn.CrossAttention(8, 2, name="self_causal")([h, h], use_causal_mask=True)
+    s = xattn.CrossAttention(8, 2, name="self_causal")([h, h], attention_mask=pairs,
+                                                       use_causal_mask=True)
     out = keras.layers.Dense(3, name="head")(s)
-    model = keras.Model({"x": x, "ctx": ctx, "ctx_mask": ctx_mask}, {"y": out}, name="masked")
+    model = keras.Model({"x": x, "x_mask": x_mask, "ctx": ctx, "ctx_mask": ctx_mask,
+                         "pairs": pairs}, {"y": out}, name="masked")
     return randomize_weights(model, 11)
 
 
@@ -60,7 +66,7 @@ def _inputs(model: keras.Model, rows: int, seed: int) -> dict[str, np.ndarray]:
     for t in model.inputs:
         shape = (rows, *t.shape[1:])
         if t.dtype == "bool":
-            lengths = rng.integers(1, shape[-1] + 1, size=(rows, 1))
+            lengths = rng.integers(1, shape[-1] + 1, size=(*shape[:-1], 1))
             feeds[t.name] = np.arange(shape[-1]) < lengths
         else:
             feeds[t.name] = rng.standard_normal(shape).astype("float32")
@@ -133,8 +139,10 @@ def test_names_come_from_the_model(exported):
     model, _, _, masked = exported["masked"]
     # Keras orders a dict of inputs by key; the artifact keeps the model's order.
     assert [i["name"] for i in masked["onnx"]["inputs"]] == [t.name for t in model.inputs]
-    assert [i["name"] for i in masked["onnx"]["inputs"]] == ["ctx", "ctx_mask", "x"]
-    assert [i["dtype"] for i in masked["onnx"]["inputs"]] == ["float32", "bool", "float32"]
+    assert [i["name"] for i in masked["onnx"]["inputs"]] == ["ctx", "ctx_mask", "pairs", "x",
+                                                               "x_mask"]
+    assert [i["dtype"] for i in masked["onnx"]["inputs"]] == ["float32", "bool", "bool",
+                                                               "float32", "bool"]
     assert [o["name"] for o in masked["onnx"]["outputs"]] == ["y"]
     _, _, _, scaled = exported["scaled"]
     assert [o["name"] for o in scaled["tflite"]["outputs"]] == ["output"]  # single unnamed output
