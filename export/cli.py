@@ -163,6 +163,22 @@ def check_model_flags(args: argparse.Namespace) -> str | None:
     return None
 
 
+def add_model_flags(group) -> None:
+    """`--model` and the flags that go with it (shared with `python -m export.bench`)."""
+    group.add_argument("--model", metavar="PATH.keras",
+                       help="a functional or Sequential model saved with model.save(); loaded "
+                            "with safe_mode on; its inputs and outputs name the artifact's")
+    group.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                       help="import MODULE first (it registers your custom layers); repeatable")
+    group.add_argument("--input-shape", dest="input_shapes", action="append", default=[],
+                       type=_input_shape, metavar="NAME=D1,D2,...",
+                       help="fix the unknown non-batch axes of input NAME; repeatable")
+    group.add_argument("--sample-inputs", metavar="PATH.npz",
+                       help="real inputs, one array per model input (N, ...): the golden vectors, "
+                            "the verification rows and the int8 calibration data; needed for "
+                            "integer inputs")
+
+
 def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m export"):
     """The shared parser; format-specific flags appear only where they apply."""
     names = ", ".join(formats)
@@ -217,18 +233,7 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         "a whole model (instead of the lone layer)",
         "Export a trained Keras model that uses CrossAttention: every CrossAttention inside runs "
         "the folded computation, everything else as Keras runs it, with static shapes.")
-    whole.add_argument("--model", metavar="PATH.keras",
-                       help="a functional or Sequential model saved with model.save(); loaded "
-                            "with safe_mode on; its inputs and outputs name the artifact's")
-    whole.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                       help="import MODULE first (it registers your custom layers); repeatable")
-    whole.add_argument("--input-shape", dest="input_shapes", action="append", default=[],
-                       type=_input_shape, metavar="NAME=D1,D2,...",
-                       help="fix the unknown non-batch axes of input NAME; repeatable")
-    whole.add_argument("--sample-inputs", metavar="PATH.npz",
-                       help="real inputs, one array per model input (N, ...): the golden vectors, "
-                            "the verification rows and the int8 calibration data; needed for "
-                            "integer inputs")
+    add_model_flags(whole)
     weights = parser.add_argument_group("weights")
     weights.add_argument("--weights", metavar="PATH",
                          help="a .keras file holding a CrossAttention, or a .weights.h5 from "

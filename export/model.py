@@ -27,10 +27,9 @@ import numpy as np
 import tensorflow as tf
 
 from export.errors import ConversionError, ExportError, SpecError, WeightsError, first_line
-from export.formats import get_format
 from export.graph import FoldedWeights, fold_weights, folded_attention, preferred_layout
 from export.reference import GOLDEN_SEED
-from export.spec import _NAME_RE, VARIANT_SUFFIX, ArtifactSpec, TensorInfo
+from export.spec import _NAME_RE, ArtifactNames, ArtifactSpec, TensorInfo
 from xattn import CrossAttention
 
 log = logging.getLogger("export")
@@ -40,7 +39,7 @@ _INPUT_DTYPES = {"float32": "float32", "bool": "bool", "int32": "int32", "int64"
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(ArtifactNames):
     """What decides a `--model` artifact: the model's tensors (axis 0 = `batch`), variant, name.
 
     The same naming interface as `export.spec.ArtifactSpec`, so the pipeline, the builders and
@@ -71,28 +70,6 @@ class ModelSpec:
     def replace(self, **changes) -> ModelSpec:
         changes.pop("name", None)
         return dataclasses.replace(self, **changes)
-
-    @property
-    def variant_suffix(self) -> str:
-        return VARIANT_SUFFIX[self.quantize] + ("io" if self.int8_io else "")
-
-    def artifact_name(self, fmt: str) -> str:
-        return f"{self.name}{self.variant_suffix}{get_format(fmt).suffix}"
-
-    def manifest_name(self, fmt: str) -> str:
-        return f"{self.artifact_name(fmt)}.json"
-
-    @property
-    def reference_name(self) -> str:
-        return f"{self.name}.keras"
-
-    @property
-    def golden_name(self) -> str:
-        return f"{self.name}.golden.npz"
-
-    @property
-    def golden_samples(self) -> int:
-        return 4 if self.batch in (None, 1) else 2 * self.batch
 
     def inputs(self) -> list[TensorInfo]:
         return [TensorInfo(t.name, (self.batch, *t.shape), t.dtype) for t in self.model_inputs]

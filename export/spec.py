@@ -26,8 +26,37 @@ class TensorInfo:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
 
+class ArtifactNames:
+    """File names derived from a spec's `name`, `quantize`, `int8_io` and `batch`: shared by
+    ArtifactSpec (the lone layer) and export.model.ModelSpec (a whole model)."""
+
+    @property
+    def variant_suffix(self) -> str:
+        return VARIANT_SUFFIX[self.quantize] + ("io" if self.int8_io else "")
+
+    def artifact_name(self, fmt: str) -> str:
+        """File (or folder, for SavedModel) name of this spec's artifact in format `fmt`."""
+        return f"{self.name}{self.variant_suffix}{get_format(fmt).suffix}"
+
+    def manifest_name(self, fmt: str) -> str:
+        return f"{self.artifact_name(fmt)}.json"
+
+    @property
+    def reference_name(self) -> str:
+        return f"{self.name}.keras"
+
+    @property
+    def golden_name(self) -> str:
+        return f"{self.name}.golden.npz"
+
+    @property
+    def golden_samples(self) -> int:
+        """Rows in the golden file: a multiple of any fixed batch that shares this name."""
+        return 4 if self.batch in (None, 1) else 2 * self.batch
+
+
 @dataclass(frozen=True)
-class ArtifactSpec:
+class ArtifactSpec(ArtifactNames):
     """Everything that decides an artifact's graph and file names.
 
     `batch=None` means a dynamic batch axis (the only axis that may be dynamic).
@@ -116,32 +145,6 @@ class ArtifactSpec:
             if flag:
                 name += suffix
         return name
-
-    # -- names -----------------------------------------------------------------------------
-
-    @property
-    def variant_suffix(self) -> str:
-        return VARIANT_SUFFIX[self.quantize] + ("io" if self.int8_io else "")
-
-    def artifact_name(self, fmt: str) -> str:
-        """File (or folder, for SavedModel) name of this spec's artifact in format `fmt`."""
-        return f"{self.name}{self.variant_suffix}{get_format(fmt).suffix}"
-
-    def manifest_name(self, fmt: str) -> str:
-        return f"{self.artifact_name(fmt)}.json"
-
-    @property
-    def reference_name(self) -> str:
-        return f"{self.name}.keras"
-
-    @property
-    def golden_name(self) -> str:
-        return f"{self.name}.golden.npz"
-
-    @property
-    def golden_samples(self) -> int:
-        """Rows in the golden file: a multiple of any fixed batch that shares this name."""
-        return 4 if self.batch in (None, 1) else 2 * self.batch
 
     # -- tensors -----------------------------------------------------------------------------
 

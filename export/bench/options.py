@@ -8,10 +8,10 @@ import logging
 from export.cli import (
     SHAPE_DEFAULTS,
     OneLineParser,
-    _input_shape,
     _lengths,
     _positive_float,
     _positive_int,
+    add_model_flags,
 )
 from export.spec import QUANTIZE_MODES
 
@@ -101,14 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     whole = parser.add_argument_group(
         "a whole model (as python -m export --model): ours against Keras's model.export of it; "
         "the layer's shape and sweep flags do not apply")
-    whole.add_argument("--model", metavar="PATH.keras", help="the model to benchmark")
-    whole.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                       help="import MODULE first (registers custom layers); repeatable")
-    whole.add_argument("--input-shape", dest="input_shapes", action="append", default=[],
-                       type=_input_shape, metavar="NAME=D1,D2,...",
-                       help="fix unknown non-batch axes of input NAME; repeatable")
-    whole.add_argument("--sample-inputs", metavar="PATH.npz",
-                       help="real inputs (one array per model input): calibration and bench rows")
+    add_model_flags(whole)
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write every figure to PATH as JSON")
     out.add_argument("--keep-dir", metavar="DIR",
