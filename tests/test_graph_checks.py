@@ -285,3 +285,80 @@ def test_graph_check_runs_before_verification(tmp_path, monkeypatch):
     assert REGISTRY["onnx"].graph_check == "export.onnx.check:check_onnx_file"
     assert _published(tmp_path) == []
     assert np.all([not n.endswith(".json") for n in os.listdir(tmp_path)])
+
+
+# -- details of the ONNX rules -----------------------------------------------------------------------
+
+
+def test_onnx_check_full_shape_inference(tmp_path):
+    """full_check: shapes that cannot agree are refused even though every node is valid."""
+    path = onnx_file(tmp_path / "shapes.onnx", [helper.make_node("Add", ["source1", "other"], ["output"])],
+                     inputs=[("source1", [1, 3, 4]), ("other", [1, 5, 4])])
+    with pytest.raises(GraphCheckError, match="onnx.checker rejects the model"):
+        check_onnx_graph(path, fixed_batch=True, input_names=["source1", "other"], output_names=["output"])
+
+
+def test_onnx_check_names_three_unknown_nodes(tmp_path):
+    nodes = [helper.make_node("Relu", ["source1"], ["x0"])]
+    nodes += [helper.make_node("TFL_Gelu", [f"x{i}"], [f"x{i + 1}"], name=f"n{i}") for i in range(4)]
+    nodes += [helper.make_node("Relu", ["x4"], ["output"])]
+    three = r"op TFL_Gelu is not an ONNX op \(nodes \['n0', 'n1', 'n2'\]\)"
+    with pytest.raises(GraphCheckError, match=three):
+        check_onnx_graph(onnx_file(tmp_path / "four.onnx", nodes), fixed_batch=True, **NAMES)
+
+
+def test_onnx_check_looks_inside_local_functions(tmp_path):
+    """A Shape op hidden in a model-local function counts too."""
+    function = helper.make_function(
+        "local", "ShapeThenReshape", ["x"], ["y"],
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["y"])],
+        opset_imports=[helper.make_opsetid("", 17)])
+    graph = helper.make_graph(
+        [helper.make_node("ShapeThenReshape", ["source1"], ["output"], domain="local")], "g",
+        [helper.make_tensor_value_info("source1", TensorProto.FLOAT, [1, 3, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 4])])
+    model = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    model.ir_version = 8
+    path = str(tmp_path / "function.onnx")
+    onnx.save(model, path)
+    with pytest.raises(GraphCheckError, match=r"run-time shape ops in a fixed-batch graph: \['Shape'\]"):
+        check_onnx_graph(path, fixed_batch=True, **NAMES)
+
+
+def test_onnx_symbolic_axes_default_for_unlisted_tensors(tmp_path):
+    """A tensor the spec's axes do not list keeps the batch rule."""
+    path = onnx_file(tmp_path / "ok.onnx", [relu()], inputs=[("source1", ["batch", 3, 4])],
+                     outputs=[("output", ["batch", 3, 4])])
+    check_onnx_graph(path, fixed_batch=False, symbolic_axes={"source1": [0]}, **NAMES)
+    with pytest.raises(GraphCheckError, match="output has symbolic axes"):
+        check_onnx_graph(path, fixed_batch=True, symbolic_axes={"source1": [0]}, **NAMES)
+
+
+def test_check_onnx_file_takes_batch_and_names_from_the_spec(tmp_path):
+    from export.onnx.check import check_onnx_file
+    from export.spec import ArtifactSpec
+
+    spec = ArtifactSpec(units=4, heads=1, query_len=2, kv_len=3, query_features=3, kv_features=2)
+    inputs = lambda b: [("source1", [b, 2, 3]), ("source2", [b, 3, 2])]  # noqa: E731
+    nodes = [helper.make_node("Identity", ["source1"], ["output"])]
+    dynamic = onnx_file(tmp_path / "dynamic.onnx", nodes, inputs=inputs("batch"),
+                        outputs=[("output", ["batch", 2, 3])])
+    fixed = onnx_file(tmp_path / "fixed.onnx", nodes, inputs=inputs(1), outputs=[("output", [1, 2, 3])])
+    check_onnx_file(dynamic, spec)
+    check_onnx_file(fixed, spec.replace(batch=1))
+    with pytest.raises(GraphCheckError, match=r"source1 has symbolic axes \[\], expected \[0\]"):
+        check_onnx_file(fixed, spec)
+    with pytest.raises(GraphCheckError, match=r"source1 has symbolic axes \[0\], expected \[\]"):
+        check_onnx_file(dynamic, spec.replace(batch=1))
+    with pytest.raises(GraphCheckError, match=r"expected \['source1', 'source2'\] / \['output'\]"):
+        check_onnx_file(onnx_file(tmp_path / "one.onnx", nodes, inputs=inputs(1)[:1],
+                                  outputs=[("output", [1, 2, 3])]), spec.replace(batch=1))
+    # A symbolic query length: its axis is allowed where the spec has it, and only there.
+    free = spec.replace(query_len=None)
+    by_length = onnx_file(tmp_path / "length.onnx", nodes, inputs=[("source1", ["batch", "q", 3]),
+                                                                    ("source2", ["batch", 3, 2])],
+                          outputs=[("output", ["batch", "q", 3])])
+    check_onnx_file(by_length, free)
+    with pytest.raises(GraphCheckError, match=r"source1 has symbolic axes \[0, 1\], expected \[0\]"):
+        check_onnx_file(by_length, spec)
