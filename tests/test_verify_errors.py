@@ -427,3 +427,43 @@ def test_number_formatting():
     assert text == "max abs diff 5.0e-01  rel L2 2.5e-01  (max_rel_error 5e-02)"
     text = verify._describe_metrics({"max_abs": 0.5, "rel_l2": 0.25}, {"atol": 1e-3, "max_rel_error": 0.05})
     assert text == "max abs diff 5.0e-01  rel L2 2.5e-01  (atol 1e-03, max_rel_error 5e-02)"
+
+
+def test_result_line_lists_checked_signatures():
+    result = verify.VerifyResult("m.json", "m.tflite", "passed", metrics={"max_abs": 1e-5},
+                                 tolerance={"atol": 1e-4}, signature="unsigned")
+    assert result.line() == "✓ m.tflite  max abs diff 1.0e-05  (atol 1e-04)  [unsigned]"
+    result.signatures = ["q10_kv10", "q64_kv64"]
+    assert result.line(verify.ASCII_MARKS) == (
+        "ok m.tflite  max abs diff 1.0e-05  (atol 1e-04)  [q10_kv10, q64_kv64]  [unsigned]")
+    failed = verify.VerifyResult("m.json", "m\x1b[2J.onnx", "failed", reason="bad\tthing")
+    assert failed.line() == "✗ " + verify.printable("m\x1b[2J.onnx  bad\tthing")
+
+
+def test_json_type_names_and_shape_text():
+    assert [manifests._json_type(k) for k in (str, list, dict, int, float, bool, type(None), set)] == [
+        "string", "array", "object", "number", "number", "boolean", "null", "set"]
+    assert manifests._shape_text([None, 2, 3]) == "(B, 2, 3)"
+    assert manifests._shape_text([]) == "()"
+
+
+def test_wrong_golden_shape_names_both_shapes(tiny):
+    folder, paths = tiny
+    rewrite_golden(folder, paths["onnx"], lambda a: {**a, "source1": a["source1"][..., :2]})
+    result = verify.verify_manifest(paths["onnx"])
+    assert result.reason.endswith(", 2, 2), the manifest (B, 2, 3)"), result.reason
+
+
+def test_public_key_is_loaded_once_and_checks_every_set(tiny, monkeypatch):
+    from export import signing
+
+    folder, paths = tiny
+    seen = []
+    monkeypatch.setattr(signing, "load_verifier", lambda key: seen.append(("load", key)) or "VERIFIER")
+    monkeypatch.setattr(signing, "verify_set", lambda verifier, *a: seen.append(("set", verifier)))
+    results = verify.verify_path(folder, public_key="key.pem")
+    assert seen == [("load", "key.pem"), ("set", "VERIFIER"), ("set", "VERIFIER")]
+    assert [r.signature for r in results] == ["signature ok", "signature ok"]
+    seen.clear()
+    assert [r.signature for r in verify.verify_path(folder)] == ["unsigned", "unsigned"]
+    assert seen == []
