@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install artifacts test lint bench verify verify-web web-deps chromium clean example serve
+.PHONY: install artifacts test lint bench verify verify-web web-deps chromium clean example serve \
+	coverage mutation
 
 install: $(STAMP)
 
@@ -19,6 +20,28 @@ artifacts: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Tests that can fail (README, Development): coverage of the whole suite, the CLI subprocesses
+# counted ([tool.coverage.run] patch = subprocess), and mutation testing of the modules that
+# carry the promises ([tool.mutmut]), one mutant at a time against the tests that reach it.
+MUTATION_STAMP := $(VENV)/.installed-mutation
+MUTATE ?= export.onnx.check* export.tflite.check* export.publish* export.manifest* export.verify* \
+	xattn.layer.x__*mask*
+
+$(MUTATION_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[mutation]'
+	touch $(MUTATION_STAMP)
+
+coverage: $(MUTATION_STAMP)
+	rm -f .coverage .coverage.*
+	$(PY) -m coverage run -m pytest -q
+	$(PY) -m coverage combine -q
+	$(PY) -m coverage report
+
+# The builds the tests share are kept in build/mutation-artifacts (made once, by unmutated code).
+mutation: $(MUTATION_STAMP)
+	XATTN_TEST_ARTIFACTS=$(CURDIR)/build/mutation-artifacts $(PY) -m mutmut run --max-children 1 $(MUTATE)
+	$(PY) -m mutmut results
 
 lint: $(STAMP)
 	$(PY) -m ruff check xattn export tests examples
@@ -36,7 +59,7 @@ example: $(STAMP)
 clean:
 	rm -rf $(VENV) web/node_modules artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json \
 		artifacts/*.npz artifacts/*.golden.bin artifacts/*_savedmodel/ artifacts/*.sig artifacts/.xattn.lock \
-		artifacts/.xattn-staging-* artifacts/.xattn-trash-*
+		artifacts/.xattn-staging-* artifacts/.xattn-trash-* mutants .coverage .coverage.* build/mutation-artifacts
 
 verify: $(STAMP)
 	$(PY) -m export.verify artifacts/

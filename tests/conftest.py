@@ -11,6 +11,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 # -- export fixtures shared by every test module ------------------------------------------------
 
+import hashlib  # noqa: E402
+import pickle  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -32,20 +35,38 @@ def artifact_factory(tmp_path_factory):
     from export.pipeline import ExportRequest, export_artifacts
     from export.spec import ArtifactSpec
 
+    def specs_of(formats, fields) -> dict:
+        specs = {}
+        for fmt in formats:
+            spec_fields = dict(fields)
+            spec_fields.setdefault("batch", get_format(fmt).default_batch)
+            if not get_format(fmt).quantizable:
+                spec_fields.pop("quantize", None)
+            specs[fmt] = ArtifactSpec(**spec_fields)
+        return specs
+
     cache = {}
+    # `make mutation` runs the tests once per mutant, each time a new session: there the builds
+    # are kept on disk (XATTN_TEST_ARTIFACTS), made once by unmutated code.
+    keep = os.environ.get("XATTN_TEST_ARTIFACTS")
 
     def build(formats=ALL_FORMATS, seed=0, **fields):
         key = (tuple(formats), seed, tuple(sorted(fields.items())))
+        if key not in cache and keep:
+            kept = os.path.join(keep, hashlib.sha256(repr(key).encode()).hexdigest()[:16])
+            if not os.path.isfile(os.path.join(kept, "results.pickle")):
+                shutil.rmtree(kept, ignore_errors=True)
+                os.makedirs(kept)
+                results = export_artifacts(ExportRequest(specs=specs_of(formats, fields),
+                                                         output_dir=os.path.join(kept, "out"), seed=seed))
+                with open(os.path.join(kept, "results.pickle"), "wb") as f:
+                    pickle.dump({r.format: r for r in results}, f)
+            with open(os.path.join(kept, "results.pickle"), "rb") as f:
+                cache[key] = (os.path.join(kept, "out"), pickle.load(f))  # written just above
         if key not in cache:
             out = tmp_path_factory.mktemp("artifacts")
-            specs = {}
-            for fmt in formats:
-                spec_fields = dict(fields)
-                spec_fields.setdefault("batch", get_format(fmt).default_batch)
-                if not get_format(fmt).quantizable:
-                    spec_fields.pop("quantize", None)
-                specs[fmt] = ArtifactSpec(**spec_fields)
-            results = export_artifacts(ExportRequest(specs=specs, output_dir=str(out), seed=seed))
+            results = export_artifacts(ExportRequest(specs=specs_of(formats, fields), output_dir=str(out),
+                                                     seed=seed))
             cache[key] = (str(out), {r.format: r for r in results})
         return cache[key]
 

@@ -765,6 +765,11 @@ def test_docstring_example_runs():
     exec(textwrap.dedent(code), namespace)
     assert "CrossAttention(units=64, num_heads=4)" in code
     assert tuple(namespace["outputs"].shape) == (32, 10, 64)
+    # The values are fusionlab's, with the example's layer's weights.
+    inputs = [namespace["source1"], namespace["source2"]]
+    reference = build_reference(LayerCase(64, 4, 10, 64, 10, 64), inputs)
+    reference.set_weights(namespace["cross_attn"].get_weights())
+    assert max_abs_diff(namespace["outputs"], reference(inputs)) < 1e-5
 
 
 def test_dropout_only_in_training(pair):
@@ -778,5 +783,11 @@ def test_dropout_only_in_training(pair):
     assert max_abs_diff(dropped(pair.inputs, training=True), expected) > 1e-3
 
 
-def test_package_exports_the_layer():
-    assert xattn.CrossAttention is CrossAttention
+def test_package_surface():
+    """`from xattn import *` gives the layer and nothing else; the version is the project's."""
+    namespace: dict = {}
+    exec("from xattn import *", namespace)
+    assert sorted(k for k in namespace if not k.startswith("__")) == ["CrossAttention"]
+    assert namespace["CrossAttention"].__module__ == "xattn.layer"
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'^version = "(.+)"$', pyproject, re.M).group(1) == xattn.__version__

@@ -1,0 +1,469 @@
+"""Error paths users meet in `export.verify` and the manifest reader (issue 17), each with the
+reason it prints: a missing or failing runtime, too few outputs, malformed fields, paths, tensors
+and golden files. A tiny ONNX + TFLite set is built once (artifact_factory) and copied per test.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+
+from export import manifest as manifests
+from export import publish, runtimes, verify
+from export.errors import ManifestError, UsageError
+
+TINY = dict(units=4, heads=1, query_len=2, kv_len=3, query_features=3, kv_features=2)
+FORMATS = ("onnx", "tflite")
+
+
+@pytest.fixture()
+def tiny(artifact_factory, tmp_path):
+    """(folder, {fmt: manifest path}) of a private copy of the tiny set."""
+    out, results = artifact_factory(formats=FORMATS, **TINY)
+    folder = str(tmp_path / "set")
+    shutil.copytree(out, folder)
+    return folder, {fmt: os.path.join(folder, os.path.basename(r.manifest_path))
+                    for fmt, r in results.items()}
+
+
+def read(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write(path: str, manifest: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+
+
+def edited(path: str, **changes) -> verify.VerifyResult:
+    manifest = read(path)
+    for key, value in changes.items():
+        if value is KeyError:
+            manifest.pop(key, None)
+        else:
+            manifest[key] = value
+    write(path, manifest)
+    return verify.verify_manifest(path)
+
+
+def failed(result: verify.VerifyResult, phrase: str) -> None:
+    assert result.status == "failed", (result.status, result.reason)
+    assert phrase in result.reason, result.reason
+    assert "\n" not in result.reason
+
+
+def test_the_tiny_set_passes(tiny):
+    folder, paths = tiny
+    results = verify.verify_path(folder)
+    assert [r.status for r in results] == ["passed", "passed"]
+    assert {r.format for r in results} == set(FORMATS)
+    for r in results:
+        assert r.signature == "unsigned"
+        assert r.line(verify.ASCII_MARKS).startswith("ok ")
+        assert "max abs diff" in r.line() and "(atol 1e-04)" in r.line()
+
+
+# -- the runtime -------------------------------------------------------------------------------------
+
+
+def test_runtime_missing_is_not_run(tiny, monkeypatch):
+    _, paths = tiny
+    monkeypatch.setattr(runtimes, "runtime_available", lambda fmt: False)
+    result = verify.verify_manifest(paths["onnx"])
+    assert result.status == "not run" and not result.failed
+    assert result.reason == "not run: onnxruntime is not importable here (sha256 and golden file ok)"
+    assert result.line(verify.ASCII_MARKS).startswith("skip ")
+
+
+@pytest.mark.parametrize("error,status,phrase", [
+    (runtimes.RuntimeMissing("onnxruntime is not installed"), "not run",
+     "not run: onnxruntime is not installed"),
+    (ImportError("no module named x"), "not run", "onnxruntime cannot be imported (no module named x)"),
+    (RuntimeError("bad file\nsecond line"), "failed",
+     "onnxruntime cannot load xattn_u4_h1_q2x3_kv3x2.onnx: bad file"),
+], ids=["runtime-missing", "import-error", "cannot-load"])
+def test_runtime_cannot_load(tiny, monkeypatch, error, status, phrase):
+    _, paths = tiny
+
+    def load_runner(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(runtimes, "load_runner", load_runner)
+    result = verify.verify_manifest(paths["onnx"])
+    assert result.status == status and phrase in result.reason, result.reason
+    assert "second line" not in result.reason
+
+
+class FakeRunner:
+    def __init__(self, run):
+        self.run = run
+
+
+def test_runtime_fails_on_the_golden_inputs(tiny, monkeypatch):
+    _, paths = tiny
+
+    def boom(feeds):
+        raise RuntimeError("kernel exploded\ndetails")
+
+    monkeypatch.setattr(runtimes, "load_runner", lambda *a, **k: FakeRunner(boom))
+    failed(verify.verify_manifest(paths["onnx"]),
+           "onnxruntime failed to run the golden inputs: kernel exploded")
+
+
+def test_runtime_returns_too_few_outputs(tiny, monkeypatch):
+    _, paths = tiny
+    monkeypatch.setattr(runtimes, "load_runner", lambda *a, **k: FakeRunner(lambda feeds: {"other": 1}))
+    failed(verify.verify_manifest(paths["onnx"]),
+           "the artifact returned ['other'], not the outputs ['output']")
+
+
+def test_runtime_returns_other_values(tiny, monkeypatch):
+    folder, paths = tiny
+    golden = np.load(os.path.join(folder, read(paths["onnx"])["golden"]))
+    wrong = {"output": golden["output"] + 1e-3}
+    monkeypatch.setattr(runtimes, "load_runner", lambda *a, **k: FakeRunner(lambda feeds: wrong))
+    result = verify.verify_manifest(paths["onnx"])
+    failed(result, "golden vectors: max abs diff 0.001 exceeds atol=0.0001")
+
+
+# -- manifest fields ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes,phrase", [
+    (dict(sha256="z" * 64), "manifest sha256 'zzzzzzzz"),
+    (dict(sha256="ab" * 31), "is not 64 hex digits"),
+    (dict(golden_sha256="0" * 63 + "g"), "manifest golden_sha256 '000"),
+    (dict(golden_sha256=64), "manifest golden_sha256 64 is not 64 hex digits"),
+    (dict(reference_sha256="x"), "manifest reference_sha256 'x' is not 64 hex digits"),
+    (dict(bytes="4639"), "manifest field 'bytes' must be an integer, got '4639'"),
+    (dict(bytes=True), "manifest field 'bytes' must be an integer, got True"),
+    (dict(bytes=1.5), "manifest field 'bytes' must be an integer, got 1.5"),
+    (dict(reference=3), "manifest field 'reference' must be a JSON string"),
+    (dict(reference_sha256=KeyError), "manifest names a reference but gives no reference_sha256"),
+    (dict(format="pytorch"), "manifest format 'pytorch' is not one of savedmodel, tflite, onnx, ort"),
+    (dict(format=KeyError, golden=KeyError), "manifest lacks the field(s) format, golden"),
+    (dict(inputs={}), "manifest field 'inputs' must be a JSON array, got object"),
+    (dict(parity=[]), "manifest field 'parity' must be a JSON object, got array"),
+    (dict(artifact=None), "manifest field 'artifact' must be a JSON string, got null"),
+    (dict(sha256=7), "manifest field 'sha256' must be a JSON string, got number"),
+    (dict(artifact="a\x00b"), "manifest artifact path holds a NUL byte"),
+    (dict(artifact=""), "manifest artifact must be a non-empty relative path"),
+    (dict(golden="sub/../../x.npz"), "refusing golden path 'sub/../../x.npz': it leaves"),
+    (dict(reference="/etc/passwd"), "refusing reference path '/etc/passwd': it leaves"),
+    (dict(reference="\\\\server\\x"), "it leaves the manifest's folder"),
+    (dict(golden="C:x.npz"), "refusing golden path 'C:x.npz'"),
+], ids=["sha-not-hex", "sha-short", "golden-sha-not-hex", "golden-sha-number", "reference-sha-short",
+        "bytes-string", "bytes-bool", "bytes-float", "reference-number", "reference-without-sha",
+        "unknown-format", "missing-fields", "inputs-object", "parity-array", "artifact-null",
+        "sha-number", "nul-path", "empty-path", "climbing-path", "absolute-path", "unc-path",
+        "drive-path"])
+def test_malformed_fields(tiny, changes, phrase):
+    _, paths = tiny
+    failed(edited(paths["onnx"], **changes), phrase)
+
+
+def test_uppercase_hex_sha256_is_fine(tiny):
+    _, paths = tiny
+    manifest = read(paths["onnx"])
+    result = edited(paths["onnx"], sha256=manifest["sha256"].upper())
+    assert result.status == "passed", result.reason
+
+
+def test_symlink_leaving_the_folder(tiny, tmp_path):
+    folder, paths = tiny
+    outside = tmp_path / "outside.npz"
+    shutil.copyfile(os.path.join(folder, read(paths["onnx"])["golden"]), outside)
+    os.symlink(outside, os.path.join(folder, "link.npz"))
+    failed(edited(paths["onnx"], golden="link.npz"), "refusing golden path 'link.npz': it resolves outside")
+
+
+@pytest.mark.parametrize("parity,phrase", [
+    ({"atol": -1}, "manifest parity.atol must be a positive number, got -1"),
+    ({"atol": 0}, "parity.atol must be a positive number, got 0"),
+    ({"atol": "1e-4"}, "parity.atol must be a positive number, got '1e-4'"),
+    ({"atol": True}, "parity.atol must be a positive number, got True"),
+    ({"max_rel_error": float("inf")}, "parity.max_rel_error must be a positive number"),
+    ({"atol": None}, "manifest parity gives no tolerance (atol or max_rel_error)"),
+    ({}, "manifest parity gives no tolerance"),
+], ids=["negative", "zero", "string", "bool", "inf", "null", "none"])
+def test_bad_tolerance(tiny, parity, phrase):
+    _, paths = tiny
+    failed(edited(paths["onnx"], parity=parity), phrase)
+
+
+def test_both_tolerances_apply(tiny):
+    _, paths = tiny
+    manifest = read(paths["onnx"])
+    result = edited(paths["onnx"], parity={**manifest["parity"], "max_rel_error": 1e-12})
+    failed(result, "golden vectors: relative L2 error")
+    assert manifests.tolerance_of({"atol": 1, "max_rel_error": 0.5}) == {"atol": 1.0, "max_rel_error": 0.5}
+
+
+TENSOR_CASES = {
+    "empty": ([], "manifest inputs is empty"),
+    "null": (None, "manifest field 'inputs' must be a JSON array, got null"),
+    "not-an-object": ([1], "manifest inputs entries must be objects with a name"),
+    "no-name": ([{"shape": [1]}], "entries must be objects with a name"),
+    "empty-name": ([{"name": "", "shape": [1]}], "entries must be objects with a name"),
+    "shape-string": ([{"name": "source1", "shape": "1,2"}],
+                     "manifest inputs 'source1': shape must be a list of positive ints or null"),
+    "shape-zero": ([{"name": "source1", "shape": [0, 2]}], "shape must be a list of positive ints"),
+    "shape-bool": ([{"name": "source1", "shape": [True, 2]}], "shape must be a list of positive ints"),
+    "shape-huge": ([{"name": "source1", "shape": [1 << 31]}], "shape must be a list of positive ints"),
+    "shape-float": ([{"name": "source1", "shape": [1.0]}], "shape must be a list of positive ints"),
+    "dtype-object": ([{"name": "source1", "shape": [1], "dtype": "object"}],
+                     "manifest inputs 'source1': dtype 'object' is not a number type"),
+    "dtype-string": ([{"name": "source1", "shape": [1], "dtype": "str"}], "is not a number type"),
+    "dtype-unknown": ([{"name": "source1", "shape": [1], "dtype": "float99"}], "is not a number type"),
+    "dtype-number": ([{"name": "source1", "shape": [1], "dtype": 5}], "dtype 5 is not a number type"),
+    "twice": ([{"name": "source1", "shape": [1]}, {"name": "source1", "shape": [1]}],
+              "manifest inputs names 'source1' twice"),
+}
+
+
+@pytest.mark.parametrize("case", list(TENSOR_CASES), ids=list(TENSOR_CASES))
+def test_bad_tensor_entries(tiny, case):
+    _, paths = tiny
+    entries, phrase = TENSOR_CASES[case]
+    failed(edited(paths["onnx"], inputs=entries), phrase)
+
+
+def test_tensors_of_keeps_name_shape_dtype():
+    entries = [{"name": "a", "shape": [None, 2], "dtype": "float32", "extra": 1},
+               {"name": "b", "shape": [], "dtype": None}]
+    assert manifests.tensors_of(entries, "outputs") == [
+        {"name": "a", "shape": [None, 2], "dtype": "float32"}, {"name": "b", "shape": [], "dtype": None}]
+    assert manifests.tensors_of([{"name": "m", "shape": [1 << 31 - 1], "dtype": "bool"}], "x")
+
+
+# -- files -------------------------------------------------------------------------------------------
+
+
+def test_missing_files(tiny):
+    folder, paths = tiny
+    manifest = read(paths["onnx"])
+    os.remove(os.path.join(folder, manifest["reference"]))
+    failed(verify.verify_manifest(paths["tflite"]), f"reference {manifest['reference']} is missing")
+    os.remove(os.path.join(folder, manifest["golden"]))
+    failed(verify.verify_manifest(paths["onnx"]), f"golden file {manifest['golden']} is missing")
+    os.remove(os.path.join(folder, manifest["artifact"]))
+    failed(verify.verify_manifest(paths["onnx"]), f"artifact {manifest['artifact']} is missing")
+
+
+def test_artifact_of_the_wrong_kind(tiny):
+    folder, paths = tiny
+    manifest = read(paths["onnx"])
+    artifact = os.path.join(folder, manifest["artifact"])
+    os.remove(artifact)
+    os.mkdir(artifact)
+    failed(verify.verify_manifest(paths["onnx"]), f"artifact {manifest['artifact']} is not a file")
+    tflite = read(paths["tflite"])["artifact"]
+    failed(edited(paths["tflite"], format="savedmodel"), f"artifact {tflite} should be a folder")
+
+
+def test_reference_replaced(tiny):
+    folder, paths = tiny
+    manifest = read(paths["onnx"])
+    with open(os.path.join(folder, manifest["reference"]), "ab") as f:
+        f.write(b"\0")
+    failed(verify.verify_manifest(paths["onnx"]),
+           f"reference {manifest['reference']} sha256 mismatch")
+
+
+def test_artifact_size_and_sha256(tiny):
+    folder, paths = tiny
+    manifest = read(paths["onnx"])
+    failed(edited(paths["onnx"], bytes=manifest["bytes"] + 1),
+           f"artifact is {manifest['bytes']} bytes, the manifest says {manifest['bytes'] + 1}")
+    failed(edited(paths["onnx"], bytes=manifest["bytes"], sha256="0" * 64),
+           f"sha256 mismatch: the file has {manifest['sha256'][:12]}..., the manifest 000000000000...")
+    assert edited(paths["onnx"], sha256=manifest["sha256"], bytes=KeyError).status == "passed"
+
+
+def rewrite_golden(folder: str, path: str, change, *, version=None) -> None:
+    """Rewrite the golden .npz of the manifest at `path` with `change(arrays)`, and its sha256."""
+    manifest = read(path)
+    golden = os.path.join(folder, manifest["golden"])
+    with np.load(golden) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays = change(arrays)
+    with zipfile.ZipFile(golden, "w") as zf:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, array, version=version, allow_pickle=True)
+            zf.writestr(f"{name}.npy", buffer.getvalue())
+    manifest["golden_sha256"] = publish.sha256_path(golden)
+    write(path, manifest)
+
+
+def test_golden_npy_version_2_is_read(tiny):
+    folder, paths = tiny
+    golden = os.path.join(folder, read(paths["onnx"])["golden"])
+    with np.load(golden) as f:
+        before = {k: f[k] for k in f.files}
+    rewrite_golden(folder, paths["onnx"], lambda a: a, version=(2, 0))
+    manifest = read(paths["onnx"])
+    tensors = manifests.tensors_of(manifest["inputs"] + manifest["outputs"], "tensors")
+    arrays = manifests.load_golden(golden, manifest, tensors)
+    assert sorted(arrays) == sorted(before)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(array, before[name])
+
+
+def test_golden_npy_version_3_is_refused(tiny):
+    folder, paths = tiny
+    rewrite_golden(folder, paths["onnx"], lambda a: a, version=(3, 0))
+    failed(verify.verify_manifest(paths["onnx"]), "golden array source1.npy: unsupported .npy version (3, 0)")
+
+
+@pytest.mark.parametrize("change,phrase", [
+    (lambda a: {**a, "source2": a["source2"][:-1]}, "arrays disagree on the number of samples"),
+    (lambda a: {**a, "output": np.full_like(a["output"], np.nan)},
+     "golden array output.npy holds NaN or inf"),
+    (lambda a: {**a, "source1": a["source1"].astype(object)}, "golden array source1.npy has dtype object"),
+    (lambda a: {**a, "source1": a["source1"][..., :2]}, "golden array source1.npy has shape"),
+    (lambda a: {**a, "source1": a["source1"][0]}, "golden array source1.npy has shape"),
+    (lambda a: {k: v for k, v in a.items() if k != "output"}, "has no array 'output'"),
+    (lambda a: {**a, "source1": np.zeros((0, 2, 3), np.float32), "source2": np.zeros((0, 3, 2), np.float32),
+                "output": np.zeros((0, 2, 4), np.float32)}, "disagree on the number of samples ['0']"),
+], ids=["samples-disagree", "nan", "object-dtype", "wrong-features", "no-batch-axis", "missing-array",
+        "no-samples"])
+def test_bad_golden_files(tiny, change, phrase):
+    folder, paths = tiny
+    rewrite_golden(folder, paths["onnx"], change)
+    failed(verify.verify_manifest(paths["onnx"]), phrase)
+
+
+def test_golden_file_damaged_or_truncated(tiny):
+    folder, paths = tiny
+    manifest = read(paths["onnx"])
+    golden = os.path.join(folder, manifest["golden"])
+    with np.load(golden) as f:
+        arrays = {k: f[k] for k in f.files}
+    with zipfile.ZipFile(golden, "w") as zf:  # a header that promises more data than there is
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, array)
+            data = buffer.getvalue()
+            zf.writestr(f"{name}.npy", data[:-4] if name == "output" else data)
+    failed(edited(paths["onnx"], golden_sha256=KeyError), "golden array output.npy is ")
+    assert "promises" in verify.verify_manifest(paths["onnx"]).reason
+    with open(golden, "wb") as f:
+        f.write(b"PK\x03\x04 not really a zip")
+    failed(verify.verify_manifest(paths["onnx"]), f"golden file {manifest['golden']} is damaged")
+
+
+def test_golden_that_would_inflate_too_far(tiny, monkeypatch):
+    _, paths = tiny
+    monkeypatch.setattr(manifests, "MAX_GOLDEN_BYTES", 100)
+    failed(verify.verify_manifest(paths["onnx"]), "would inflate to")
+
+
+# -- reading manifests -------------------------------------------------------------------------------
+
+
+def test_manifest_reading_errors(tiny, tmp_path, monkeypatch):
+    _, paths = tiny
+    path = paths["onnx"]
+    with open(path, "wb") as f:
+        f.write(b"\xff\xfe{}")
+    failed(verify.verify_manifest(path), "manifest is not UTF-8 text (byte 0)")
+    with open(path, "w") as f:
+        f.write("{\n  \"a\": }")
+    failed(verify.verify_manifest(path), "manifest is not JSON: Expecting value at line 2 column 8")
+    with open(path, "w") as f:
+        f.write("[" * 100_000 + "]" * 100_000)
+    assert verify.verify_manifest(path).status == "failed"
+    with open(path, "w") as f:
+        f.write("[1, 2]")
+    failed(verify.verify_manifest(path), "manifest is a JSON list, not an object")
+    monkeypatch.setattr(manifests, "MAX_MANIFEST_BYTES", 3)
+    failed(verify.verify_manifest(path), "manifest is 6 bytes; not a manifest")
+    failed(verify.verify_manifest(str(tmp_path)), "manifest is not a file")
+
+
+def test_find_manifests(tiny, tmp_path):
+    folder, paths = tiny
+    assert verify.find_manifests(folder) == sorted(paths.values())
+    artifact = paths["onnx"][: -len(".json")]
+    assert verify.find_manifests(artifact) == [paths["onnx"]]
+    assert verify.find_manifests(paths["tflite"]) == [paths["tflite"]]
+    with pytest.raises(UsageError, match="no such file or folder"):
+        verify.find_manifests(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match=r"no manifests \(\*_savedmodel.json, \*.tflite.json"):
+        verify.find_manifests(str(tmp_path / "empty"))
+    (tmp_path / "m_savedmodel").mkdir()
+    (tmp_path / "m_savedmodel.json").write_text("{}")
+    saved = str(tmp_path / "m_savedmodel")
+    assert verify.find_manifests(saved + os.sep) == [saved + ".json"]
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="is neither a manifest"):
+        verify.find_manifests(str(tmp_path / "notes.txt"))
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".x.onnx.json").write_text("{}")
+    with pytest.raises(UsageError):
+        verify.find_manifests(str(hidden))
+
+
+def test_manifest_error_is_one_line():
+    with pytest.raises(ManifestError, match="must be a non-empty relative path"):
+        manifests.path_inside("/tmp", None, "golden")
+
+
+def test_number_formatting():
+    assert verify._num(1e-4) == "1e-04"
+    assert verify._num(2.5e-2) == "2.5e-02"
+    assert verify._num(0.1) == "1e-01"
+    text = verify._describe_metrics({"max_abs": 0.5, "rel_l2": 0.25}, {"max_rel_error": 0.05})
+    assert text == "max abs diff 5.0e-01  rel L2 2.5e-01  (max_rel_error 5e-02)"
+    text = verify._describe_metrics({"max_abs": 0.5, "rel_l2": 0.25}, {"atol": 1e-3, "max_rel_error": 0.05})
+    assert text == "max abs diff 5.0e-01  rel L2 2.5e-01  (atol 1e-03, max_rel_error 5e-02)"
+
+
+def test_result_line_lists_checked_signatures():
+    result = verify.VerifyResult("m.json", "m.tflite", "passed", metrics={"max_abs": 1e-5},
+                                 tolerance={"atol": 1e-4}, signature="unsigned")
+    assert result.line() == "✓ m.tflite  max abs diff 1.0e-05  (atol 1e-04)  [unsigned]"
+    result.signatures = ["q10_kv10", "q64_kv64"]
+    assert result.line(verify.ASCII_MARKS) == (
+        "ok m.tflite  max abs diff 1.0e-05  (atol 1e-04)  [q10_kv10, q64_kv64]  [unsigned]")
+    failed = verify.VerifyResult("m.json", "m\x1b[2J.onnx", "failed", reason="bad\tthing")
+    assert failed.line() == "✗ " + verify.printable("m\x1b[2J.onnx  bad\tthing")
+
+
+def test_json_type_names_and_shape_text():
+    assert [manifests._json_type(k) for k in (str, list, dict, int, float, bool, type(None), set)] == [
+        "string", "array", "object", "number", "number", "boolean", "null", "set"]
+    assert manifests._shape_text([None, 2, 3]) == "(B, 2, 3)"
+    assert manifests._shape_text([]) == "()"
+
+
+def test_wrong_golden_shape_names_both_shapes(tiny):
+    folder, paths = tiny
+    rewrite_golden(folder, paths["onnx"], lambda a: {**a, "source1": a["source1"][..., :2]})
+    result = verify.verify_manifest(paths["onnx"])
+    assert result.reason.endswith(", 2, 2), the manifest (B, 2, 3)"), result.reason
+
+
+def test_public_key_is_loaded_once_and_checks_every_set(tiny, monkeypatch):
+    from export import signing
+
+    folder, paths = tiny
+    seen = []
+    monkeypatch.setattr(signing, "load_verifier", lambda key: seen.append(("load", key)) or "VERIFIER")
+    monkeypatch.setattr(signing, "verify_set", lambda verifier, *a: seen.append(("set", verifier)))
+    results = verify.verify_path(folder, public_key="key.pem")
+    assert seen == [("load", "key.pem"), ("set", "VERIFIER"), ("set", "VERIFIER")]
+    assert [r.signature for r in results] == ["signature ok", "signature ok"]
+    seen.clear()
+    assert [r.signature for r in verify.verify_path(folder)] == ["unsigned", "unsigned"]
+    assert seen == []
