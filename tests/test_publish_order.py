@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from export import publish
+from export import publish, verify
 from export.pipeline import ExportRequest, export_artifacts
 from export.spec import ArtifactSpec
 
@@ -142,6 +142,16 @@ def test_export_publishes_files_before_manifests_and_no_manifest_dangles(tmp_pat
     last_rename = max(i for i, c in enumerate(recorder)
                       if c[0] == "replace" and os.path.dirname(c[2]) == str(out))
     assert ("fsync", os.path.realpath(out)) in recorder[last_rename + 1:], recorder[last_rename:]
+    # What was published, manifests written in this very process included, verifies.
+    results = verify.verify_path(str(out))
+    assert [r.status for r in results] == ["passed", "passed"], [r.reason for r in results]
+    for manifest in new_manifests.values():
+        assert {"format", "artifact", "sha256", "bytes", "inputs", "outputs", "layout", "reference",
+                "reference_sha256", "golden", "golden_sha256", "golden_raw", "quantization",
+                "file_metadata", "parity", "weights", "versions", "created"} <= set(manifest)
+        assert manifest["weights"] == "seed 1" and manifest["quantization"]["mode"] == "none"
+        assert manifest["inputs"][0]["name"] == "source1" and manifest["outputs"][0]["name"] == "output"
+        assert ("deployment" in manifest) and "signatures" not in manifest
 
 
 def folder_state(folder: str) -> dict[str, tuple[dict, dict[str, str]]]:
