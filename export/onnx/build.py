@@ -11,7 +11,7 @@ import onnx
 import tf2onnx
 from tf2onnx import constants
 
-from export.errors import ConversionError, SpecError
+from export.errors import ConversionError, SpecError, first_line
 from export.formats import Built
 from export.metadata import onnx_metadata_props
 from export.onnx.axes import name_symbolic_axes
@@ -61,7 +61,7 @@ def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None
             fn, input_signature=fn.input_signature, opset=opset
         )
     except Exception as e:
-        raise ConversionError(f"ONNX conversion (tf2onnx) failed: {e}") from e
+        raise ConversionError(f"ONNX conversion (tf2onnx) failed: {first_line(e)}") from e
     _rename_io(model, [i.name for i in spec.inputs()], [o.name for o in spec.outputs()])
     name_symbolic_axes(model, {t.name: tuple(t.shape) for t in spec.inputs() + spec.outputs()})
     canonicalize_initializers(model)
