@@ -48,6 +48,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_int_list(text: str) -> list[int]:
+    """`1,8,32` -> [1, 8, 32]: positive integers, each once (for the benchmarks' sweeps)."""
+    try:
+        values = [_positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a comma-separated list of positive integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"must list at least one positive integer, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)

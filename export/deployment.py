@@ -19,7 +19,8 @@ import tempfile
 
 import numpy as np
 
-from export.native_output import captured_native_output
+from export.native_output import captured_native_output, quieted_logger
+from export.ort.serialize import optimized_onnx
 
 # The execution providers ORT Mobile users pick, and the usability checker's op lists for them.
 MOBILE_PROVIDERS = {
@@ -58,9 +59,10 @@ def mobile_providers_report(path: str, *, fixed_batch: int = 1, optimize: bool =
         onnx.save(model, fixed)
         if optimize:
             optimized = os.path.join(tmp, "optimized.onnx")
-            _optimize_basic(fixed, optimized)
+            optimized_onnx(fixed, optimized)
             fixed = optimized
-        with _quiet("usability_checker"):
+        # The usability checker logs its analysis at INFO; the manifest holds what matters.
+        with quieted_logger("usability_checker", logging.WARNING):
             graph = ModelProtoWithShapeInfo(pathlib.Path(fixed)).model_with_shape_info
             report = {"batch": fixed_batch}
             for name, ops_file in MOBILE_PROVIDERS.items():
@@ -97,28 +99,6 @@ def fix_batch(model, batch: int) -> None:
             changed = True
     if changed:
         fix_output_shapes(model)
-
-
-def _optimize_basic(src: str, dst: str) -> None:
-    import onnxruntime as ort  # lazy: as above
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = dst
-    options.log_severity_level = 3
-    ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str):
-    """The usability checker logs its analysis at INFO; the manifest holds what matters."""
-    logger = logging.getLogger(logger_name)
-    previous = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
 
 
 def tflite_deployment(built, spec) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib
 import logging
 import os
@@ -28,6 +27,7 @@ import tensorflow as tf
 
 from export.errors import ConversionError, ExportError, SpecError, WeightsError, first_line
 from export.graph import FoldedWeights, fold_weights, folded_attention, preferred_layout
+from export.publish import sha256_path
 from export.reference import GOLDEN_SEED
 from export.spec import _NAME_RE, ArtifactNames, ArtifactSpec, TensorInfo
 from xattn import CrossAttention
@@ -289,18 +289,17 @@ class ModelReference:
         self.sample_inputs = sample_inputs
         self.sample_path = sample_path
         self.source = os.path.basename(path)
-        self.sha256 = _sha256(path)
-        self._folded = [_Folded(layer, _fold(layer)) for layer in _cross_attentions(model)]
+        self.sha256 = sha256_path(path)
+        layers = _sublayers(model)
+        self._folded = [_Folded(layer, _fold(layer)) for layer in layers
+                        if isinstance(layer, CrossAttention)]
         self._weights = [v for v in model.weights
                          if not any(_owns(f.layer, v) for f in self._folded)]
         # Recurrent layers run unrolled over their static length: a loop would be a WHILE op
         # in TFLite (not static) and a Loop in ONNX.
-        self.recurrent = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
-                          if isinstance(layer, keras.layers.RNN)]
-        self.layer_norms = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
-                            if _fusable_layer_norm(layer)]
-        self.dense = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
-                      if _plain_dense(layer)]
+        self.recurrent = [layer for layer in layers if isinstance(layer, keras.layers.RNN)]
+        self.layer_norms = [layer for layer in layers if _fusable_layer_norm(layer)]
+        self.dense = [layer for layer in layers if _plain_dense(layer)]
         self.layouts: dict[str, str] = {}
 
     def describe(self) -> str:
@@ -408,18 +407,9 @@ class ModelReference:
         return {"atol": tolerance["atol"] * scale}
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _cross_attentions(model: keras.Model) -> list[CrossAttention]:
-    found = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
-             if isinstance(layer, CrossAttention)]
-    return found
+def _sublayers(model: keras.Model) -> list:
+    """Every layer inside `model`, nested ones included, depth first."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
 
 
 def _owns(layer, variable) -> bool:
@@ -573,7 +563,7 @@ def _layer_in(error: BaseException, model: keras.Model) -> str:
     Keras layer is the scope component that is a layer's name (with TensorFlow's `_N` suffix).
     """
     text = str(error)
-    names = {layer.name for layer in model._flatten_layers(include_self=False, recursive=True)}
+    by_name = {layer.name: layer for layer in _sublayers(model)}
     op = None
     found = re.search(r"'tf\.(\w+)' op is neither a custom op nor a flex op", text) or \
         re.search(r"TF Select ops: (\w+)", text) or re.search(r"op (\w+) is not an ONNX op", text)
@@ -583,23 +573,16 @@ def _layer_in(error: BaseException, model: keras.Model) -> str:
         for part in scope.split("/"):
             base = re.sub(r"_\d+$", "", part)
             for name in (part, base):
-                if name in names:
+                if name in by_name:
                     what = first_line(error)
                     if op and "ONNX op" in text:
                         what = f"op {op} is not an ONNX op (tf2onnx has no conversion for it)"
                     elif op:
                         what = f"op {op} is not a TFLite builtin"
-                    return f"layer {name!r} ({type(_layer(model, name)).__name__}): {what}"
+                    return f"layer {name!r} ({type(by_name[name]).__name__}): {what}"
     if op:
         return f"op {op} is not a TFLite builtin ({first_line(error)})"
     return first_line(error)
-
-
-def _layer(model: keras.Model, name: str):
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if layer.name == name:
-            return layer
-    return None
 
 
 def default_stem(path: str) -> str:

@@ -1,4 +1,4 @@
-"""Capture what C++ code writes straight to file descriptors 1 and 2.
+"""Capture what C++ code writes straight to file descriptors 1 and 2 (and quiet chatty loggers).
 
 Converters and runtimes (the TFLite calibrator, LiteRT's XNNPACK banner, Keras' exporters) print
 from C++ past `sys.stderr`, `--quiet` and TF_CPP_MIN_LOG_LEVEL. Python cannot filter that at the
@@ -8,6 +8,7 @@ stream level, so the descriptors themselves are redirected into a temporary file
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -74,3 +75,19 @@ def without_lines(*unwanted: bytes) -> Callable[[bytes], bytes]:
         )
 
     return keep
+
+
+@contextlib.contextmanager
+def quieted_logger(name: str | None, level: int) -> Iterator[None]:
+    """Raise the Python logger `name` (None: the root logger) to `level` for the block.
+
+    For libraries that log advice a user of `python -m export` can do nothing with (onnxruntime's
+    quantization and usability tools); restored whatever happens.
+    """
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

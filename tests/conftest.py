@@ -12,6 +12,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # -- export fixtures shared by every test module ------------------------------------------------
 
 import hashlib  # noqa: E402
+import json  # noqa: E402
 import pickle  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -84,3 +85,15 @@ def run_module(module: str, *args: str, cwd: str | None = None, env: dict | None
         text=True,
         timeout=timeout,
     )
+
+
+def read_json(path: str) -> dict:
+    """A manifest (or any JSON file) as a dict."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write a (possibly edited or forged) manifest back."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)

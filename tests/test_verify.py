@@ -8,7 +8,6 @@ own copy of the folder.
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -18,6 +17,8 @@ import zipfile
 import numpy as np
 import pytest
 from conftest import REPO
+from conftest import read_json as load
+from conftest import write_json as save
 
 from export import publish, runtimes, verify
 from export.errors import UsageError
@@ -42,16 +43,6 @@ def small(artifact_factory, tmp_path):
     return str(folder), {
         fmt: os.path.join(folder, os.path.basename(r.manifest_path)) for fmt, r in results.items()
     }
-
-
-def load(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def save(path: str, manifest: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f)
 
 
 def flip_byte(path: str, offset: int | None = None) -> None:

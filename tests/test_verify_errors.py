@@ -6,13 +6,14 @@ and golden files. A tiny ONNX + TFLite set is built once (artifact_factory) and 
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import zipfile
 
 import numpy as np
 import pytest
+from conftest import read_json as read
+from conftest import write_json as write
 
 from export import manifest as manifests
 from export import publish, runtimes, verify
@@ -30,16 +31,6 @@ def tiny(artifact_factory, tmp_path):
     shutil.copytree(out, folder)
     return folder, {fmt: os.path.join(folder, os.path.basename(r.manifest_path))
                     for fmt, r in results.items()}
-
-
-def read(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def write(path: str, manifest: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f)
 
 
 def edited(path: str, **changes) -> verify.VerifyResult:

@@ -11,6 +11,7 @@ from export.cli import (
     _lengths,
     _positive_float,
     _positive_int,
+    _positive_int_list,
     add_model_flags,
 )
 from export.spec import QUANTIZE_MODES
@@ -22,17 +23,6 @@ RUNTIMES = ("onnx", "tflite")
 VARIANT_LABEL = {"none": "float32", "float16": "float16", "dynamic-int8": "dyn-int8", "int8": "int8"}
 PEAK_SIZES = (256, 512, 1024)
 PARITY_SEED = 4242
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [_positive_int(part.strip()) for part in text.split(",") if part.strip()]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"must be a comma-separated list of positive integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"must list at least one positive integer, got {text!r}")
-    return list(dict.fromkeys(values))
 
 
 def _choice_list(choices: tuple[str, ...]):
@@ -63,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"{key.replace('_', ' ')} (default {default})")
     shapes.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     sweep = parser.add_argument_group("what to measure")
-    sweep.add_argument("--batch", type=_int_list, default=[1, 32], metavar="N[,N...]",
+    sweep.add_argument("--batch", type=_positive_int_list, default=[1, 32], metavar="N[,N...]",
                        help="batch sizes (default 1,32)")
-    sweep.add_argument("--lengths", type=_int_list, metavar="L[,L...]",
+    sweep.add_argument("--lengths", type=_positive_int_list, metavar="L[,L...]",
                        help="sweep sequence length: each L sets --query-len and --kv-len "
                             "(default: the --query-len/--kv-len given)")
     sweep.add_argument("--buckets", type=_lengths, metavar="L,L,...|QxKV,...",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 
 import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -12,6 +10,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from export.calibration import Calibration, random_calibration
 from export.errors import CalibrationError, ConversionError, SpecError, first_line
+from export.native_output import quieted_logger
 from export.spec import ArtifactSpec
 from xattn.layer import MASK_BIAS_FLOAT16
 
@@ -22,7 +21,9 @@ def quantize_onnx(spec: ArtifactSpec, float_path: str, out_path: str,
     if spec.quantize == "none":
         raise SpecError("quantize_onnx needs a variant; got quantize='none'")
     try:
-        with _quiet_onnxruntime_tools():
+        # onnxruntime's quantization tools log advice to the root logger ("consider
+        # pre-processing"): nothing a user of `python -m export` can act on.
+        with quieted_logger(None, logging.ERROR):
             _quantize_onnx(spec, float_path, out_path, calibration)
     except (CalibrationError, SpecError):
         raise
@@ -39,19 +40,6 @@ def _quantize_onnx(spec: ArtifactSpec, float_path: str, out_path: str,
         _onnx_dynamic_int8(float_path, out_path)
     else:
         _onnx_static_int8(spec, float_path, out_path, calibration or random_calibration(spec))
-
-
-@contextlib.contextmanager
-def _quiet_onnxruntime_tools() -> Iterator[None]:
-    """onnxruntime's quantization tools log advice to the root logger ("consider pre-processing");
-    a user of `python -m export` can do nothing with it, so it is dropped below ERROR."""
-    root = logging.getLogger()
-    previous = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(previous)
 
 
 def _onnx_float16(float_path: str, out_path: str) -> None:

@@ -24,7 +24,13 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from export.cli import OneLineParser, _positive_float, _positive_int, report_failures
+from export.cli import (
+    OneLineParser,
+    _positive_float,
+    _positive_int,
+    _positive_int_list,
+    report_failures,
+)
 from export.errors import UsageError
 from export.serve.protocol import HEADER_LENGTH
 
@@ -45,23 +51,28 @@ class Cell:
     p99_ms: float
 
 
-def _int_list(text: str) -> list[int]:
+async def _post_once(session, url: str, body: bytes, headers: dict) -> bool:
+    """One inference request; True when it came back 200 with a response that decodes."""
+    import aiohttp  # lazy: only the load clients use it
+
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be positive integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive integers, got {text!r}")
-    return values
+        async with session.post(url, data=body, headers=headers) as response:
+            content = await response.read()
+            if response.status != 200:
+                return False
+            _decode(content, response.headers)
+            return True
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return False
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", default="artifacts", metavar="PATH",
                         help="folder or manifest holding an ONNX artifact (default artifacts/)")
-    parser.add_argument("--clients", type=_int_list, default=[1, 8, 32],
+    parser.add_argument("--clients", type=_positive_int_list, default=[1, 8, 32],
                         help="concurrent clients (default 1,8,32)")
-    parser.add_argument("--replicas", type=_int_list, default=[1, 2],
+    parser.add_argument("--replicas", type=_positive_int_list, default=[1, 2],
                         help="replica counts (default 1,2)")
     parser.add_argument("--max-batch", type=_positive_int, default=32,
                         help="rows per batch with dynamic batching on (default 32)")
@@ -119,15 +130,7 @@ async def _load(url: str, body: bytes, headers: dict, clients: int, duration: fl
     timeout = aiohttp.ClientTimeout(total=30)
 
     async def once(session) -> bool:
-        try:
-            async with session.post(url, data=body, headers=headers) as response:
-                content = await response.read()
-                if response.status != 200:
-                    return False
-                _decode(content, response.headers)
-                return True
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            return False
+        return await _post_once(session, url, body, headers)
 
     async def client(session):
         nonlocal errors
@@ -309,15 +312,7 @@ async def _load_until(url, body, headers, clients, killer, events, timeout) -> d
         return time.perf_counter() > (deadline if back is None else back + 2.0)
 
     async def once(session) -> bool:
-        try:
-            async with session.post(url, data=body, headers=headers) as response:
-                content = await response.read()
-                if response.status != 200:
-                    return False
-                _decode(content, response.headers)
-                return True
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            return False
+        return await _post_once(session, url, body, headers)
 
     async def client(session):
         nonlocal errors, failed

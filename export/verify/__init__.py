@@ -204,18 +204,30 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
         raise ManifestError(
             f"{fmt.runtime} failed to run the golden inputs: {one_line(first_line(e))}"
         ) from e
-    expected = {t["name"]: golden[t["name"]] for t in outputs}
-    missing = sorted(set(expected) - set(got))
-    if missing:
-        raise ManifestError(f"the artifact returned {sorted(got)}, not the outputs {missing}")
-    metrics = parity_metrics(expected, {k: got[k] for k in expected})
-    result.metrics = metrics
-    gate(metrics, artifact="golden vectors", **tolerance)
+    _golden_parity(got, golden, outputs, tolerance, record=result)
     if "signatures" in manifest:
         _verify_signatures(manifest, folder, fmt, artifact, batch, tolerance, result)
     # What the file says of itself must be what its manifest says (export.metadata).
     check_file_metadata(fmt.name, artifact, manifest)
     result.status = "passed"
+
+
+def _golden_parity(got: dict, golden: dict, outputs: list[dict], tolerance: dict, *,
+                   prefix: str = "", record: VerifyResult | None = None) -> dict:
+    """The artifact's outputs against the golden ones, through the one gate; the metrics.
+
+    `prefix` names what ran (a signature) in the messages; `record` gets the metrics before the
+    gate is applied.
+    """
+    expected = {t["name"]: golden[t["name"]] for t in outputs}
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        raise ManifestError(f"{prefix}the artifact returned {sorted(got)}, not the outputs {missing}")
+    metrics = parity_metrics(expected, {k: got[k] for k in expected})
+    if record is not None:
+        record.metrics = metrics
+    gate(metrics, artifact=f"{prefix}golden vectors", **tolerance)
+    return metrics
 
 
 def _verify_signatures(manifest: dict, folder: str, fmt: Format, artifact: str, batch,
@@ -251,13 +263,7 @@ def _verify_signatures(manifest: dict, folder: str, fmt: Format, artifact: str, 
             raise ManifestError(
                 f"signature {key}: {fmt.runtime} failed to run it: {one_line(first_line(e))}"
             ) from e
-        expected = {t["name"]: golden[t["name"]] for t in outputs}
-        missing = sorted(set(expected) - set(got))
-        if missing:
-            raise ManifestError(f"signature {key}: the artifact returned {sorted(got)}, "
-                                f"not the outputs {missing}")
-        metrics = parity_metrics(expected, {k: got[k] for k in expected})
-        gate(metrics, artifact=f"signature {key}: golden vectors", **tolerance)
+        metrics = _golden_parity(got, golden, outputs, tolerance, prefix=f"signature {key}: ")
         worst = {k: max(worst.get(k, v), v) if k != "cosine" else min(worst.get(k, v), v)
                  for k, v in metrics.items()}
         result.signatures.append(key)
