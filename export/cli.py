@@ -19,7 +19,7 @@ from typing import TypeVar
 from export import resources, signing
 from export.buckets import parse_lengths
 from export.deployment import summary as deployment_summary
-from export.errors import INTERRUPTED_EXIT_CODE, ExportError, SpecError, WeightsError
+from export.errors import INTERRUPTED_EXIT_CODE, ExportError, SpecError, WeightsError, reader_may_leave
 from export.formats import FORMAT_NAMES, get_format
 from export.spec import QUANTIZE_MODES, ArtifactSpec
 
@@ -510,5 +510,6 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
     if code:
         return code
     if not args.quiet:
-        print_table(results)
+        with reader_may_leave():
+            print_table(results)
     return 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import unicodedata
 
 
@@ -93,6 +96,24 @@ class OutOfMemoryError(ExportError):
 
 # Exit code of an export stopped by Ctrl-C / SIGINT (128 + SIGINT, as shells report it).
 INTERRUPTED_EXIT_CODE = 130
+
+
+@contextlib.contextmanager
+def reader_may_leave():
+    """Print results to a reader that may stop early (`... | head -1`) without a traceback.
+
+    The work is done by the time its lines are printed: when the reader closes the pipe, the rest
+    of the lines are dropped and the command's exit code still says how the work went. stdout is
+    pointed at os.devnull so that the interpreter's last flush cannot raise again (the Python
+    docs' "Note on SIGPIPE").
+    """
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def first_line(error: BaseException) -> str:

@@ -4,6 +4,9 @@ a converter failure (exit 4), and `--weights` .keras files that are odd but real
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -120,3 +123,32 @@ def test_weights_keras_without_usable_layer_is_exit_3(tmp_path, capfd, case):
     line = _err_line(capfd.readouterr().err)
     assert rc == 3 and needle in line and path in line, line
     assert not out.exists() or not [n for n in os.listdir(out) if not n.startswith(".")]
+
+
+def _run_to_a_closed_pipe(*args: str) -> tuple[int, str]:
+    """`python -m ... | head -0`: the reader is gone before the first line is printed."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    return proc.wait(timeout=300), err
+
+
+@pytest.mark.parametrize("tampered", [False, True], ids=["passing", "failing"])
+def test_verify_to_a_reader_that_left_keeps_its_verdict_and_prints_no_traceback(
+        artifact_factory, tmp_path, tampered):
+    out, _ = artifact_factory(formats=("onnx",))
+    folder = shutil.copytree(out, tmp_path / "copy")
+    if tampered:
+        onnx_file = next(folder.glob("*.onnx"))
+        onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    code, err = _run_to_a_closed_pipe("export.verify", str(folder))
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert code == (1 if tampered else 0)
+
+
+def test_export_table_to_a_reader_that_left_publishes_and_exits_0(tmp_path):
+    code, err = _run_to_a_closed_pipe("export.onnx", *SMALL_ARGS, "--output-dir", str(tmp_path))
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert code == 0
+    assert sorted(p.suffix for p in tmp_path.glob("*.onnx*")) == [".json", ".onnx"]

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from export.cli import OneLineParser
-from export.errors import SigningError, UsageError, printable
+from export.errors import SigningError, UsageError, printable, reader_may_leave
 from export.verify import ASCII_MARKS, MARKS, verify_path
 
 
@@ -53,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m export.verify: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
     marks = _marks()
-    for r in results:
-        if not args.quiet or r.failed:
-            print(r.line(marks))
     counts = {s: sum(r.status == s for r in results) for s in ("passed", "failed", "not run")}
     summary = f"{counts['passed']} passed, {counts['failed']} failed"
     if counts["not run"]:
         summary += f", {counts['not run']} not run"
     where = printable(args.path)
-    print(f"{summary} ({len(results)} manifest{'s' if len(results) != 1 else ''} in {where})")
+    with reader_may_leave():
+        for r in results:
+            if not args.quiet or r.failed:
+                print(r.line(marks))
+        print(f"{summary} ({len(results)} manifest{'s' if len(results) != 1 else ''} in {where})")
     return 1 if counts["failed"] else 0
