@@ -93,13 +93,14 @@ def weight_axes(graph) -> dict[str, int]:
 
     A weight is a float32 initializer of rank >= 2 that is the B operand of a MatMul (axis: its
     last, the output features, also for a stack of matrices) or of a Gemm (axis 1, or 0 with
-    transB) while A is not a constant, and is used nowhere else. A constant of one repeated value
-    is no weight (the masks' `keep @ ones` counts visible keys): it stays float, as do biases.
+    transB) while A is not a constant, and is used nowhere else (subgraphs included). A constant
+    of one repeated value is no weight (the masks' `keep @ ones` counts visible keys): it stays
+    float, as do biases.
     """
     initializers = {t.name: t for t in graph.initializer}
     overridable = {i.name for i in graph.input}
     axes: dict[str, int] = {}
-    other_uses: set[str] = set()
+    other_uses: set[str] = set(_subgraph_inputs(graph))
     for node in graph.node:
         for position, name in enumerate(node.input):
             tensor = initializers.get(name)
@@ -128,6 +129,17 @@ def weight_axes(graph) -> dict[str, int]:
     return kept
 
 
+def _subgraph_inputs(graph):
+    """Every name the nodes of `graph`'s subgraphs (If, Loop, Scan bodies) read, recursively."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.type == attribute.GRAPH else
+                        attribute.graphs if attribute.type == attribute.GRAPHS else []):
+                for inner in sub.node:
+                    yield from inner.input
+                yield from _subgraph_inputs(sub)
+
+
 def quantize_int8_per_channel(weights: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per output channel: (q int8, scale float32 per channel), w ~ q * scale.
 
@@ -148,13 +160,14 @@ def quantize_weights_int8(graph) -> list[str]:
     """Weight-only int8, in place: each weight of `weight_axes` becomes int8 per output channel
     behind a DequantizeLinear; every activation stays float32. Returns the weights' names.
 
-    Measured at the defaults (golden vectors, onnxruntime): rel L2 7.8e-3 at 0.29x of the float32
-    file. Static QDQ with uint8 activations (onnxruntime's quantize_static, calibrated) gave
-    1.8e-2 and uint16 activations 8.1e-3: the int8 rounding of the activations, not of the weights,
-    was the error; the weights alone set the floor (the folded query x key matrix quantizes worse
-    than a plain Dense kernel). onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits.
-    The new names follow onnxruntime's quantizer: `<w>_quantized`, `<w>_scale`,
-    `<w>_zero_point`, node `<w>_DequantizeLinear` with output `<w>_DequantizeLinear_Output`.
+    At the defaults (golden vectors, onnxruntime): rel L2 7.8e-3 at 0.29x of the float32 file,
+    where static QDQ (onnxruntime's quantize_static, calibrated uint8 activations of the weight
+    matmuls) gave 1.9e-2: the activations' rounding was the error; with them in float the weights
+    set it (the folded query x key matrix quantizes worse than a plain Dense kernel). onnxruntime's
+    CPU provider fuses DequantizeLinear -> MatMul/Gemm into MatMulNBits (8 bits, accuracy level 4:
+    the input is quantized per block at run time; 6.1e-3 without the fusion, as in the `.ort`
+    file). Names follow onnxruntime's quantizer: `<w>_quantized`, `<w>_scale`, `<w>_zero_point`,
+    node `<w>_DequantizeLinear` with output `<w>_DequantizeLinear_Output`.
     """
     axes = weight_axes(graph)
     if not axes:
