@@ -1,8 +1,10 @@
 """Calibration data for full-int8 variants, and the graph options a variant needs.
 
-A full-int8 file is calibrated on these inputs: a user's `--calibration` .npz (checked against
-the artifact's shapes, read without unpickling) or seeded standard-normal inputs. The converters'
-options live with their formats (`export.tflite.quantize`, `export.onnx.quantize`).
+A full-integer int8 file (TFLite: int8 activations too) is calibrated on these inputs: a user's
+`--calibration` .npz (checked against the artifact's shapes, read without unpickling) or seeded
+standard-normal inputs. A weight-only int8 file (ONNX, ORT: float32 activations) has no ranges to
+calibrate and is made from the float32 graph (`export.formats.Format.int8_scheme`). The
+converters' options live with their formats (`export.tflite.quantize`, `export.onnx.quantize`).
 """
 
 from __future__ import annotations
@@ -35,21 +37,28 @@ CALIBRATION_ARRAYS = ("source1", "source2")
 MASK_MARGIN = 8.0
 
 
-def graph_options(spec) -> dict:
-    """Keyword arguments of the inference function that `spec`'s variant needs.
+def calibrated(fmt: str, spec) -> bool:
+    """Whether `fmt`'s file of `spec` quantizes activations (full-integer int8, calibrated)."""
+    return spec.quantize == "int8" and get_format(fmt).int8_scheme == "full-integer"
 
-    A model's masks are whatever reaches its CrossAttention layers: its full-int8 graphs always
-    get the margin (it changes nothing where no mask is applied).
+
+def graph_options(spec, fmt: str) -> dict:
+    """Keyword arguments of the inference function that `spec`'s variant in `fmt` needs.
+
+    Only int8 activations need the mask margin: a weight-only int8 file computes the logits in
+    float32, where the -1e9 bias is exact, so it is made from the float32 graph. A model's masks
+    are whatever reaches its CrossAttention layers: its full-int8 graphs always get the margin (it
+    changes nothing where no mask is applied).
     """
     masked = not isinstance(spec, ArtifactSpec) or spec.query_mask or spec.value_mask or spec.causal
-    if spec.quantize == "int8" and masked:
+    if calibrated(fmt, spec) and masked:
         return {"mask_margin": MASK_MARGIN}
     return {}
 
 
-def reference_calibration(ref, spec) -> Calibration | None:
+def reference_calibration(ref, spec, fmt: str) -> Calibration | None:
     """A `--model` export's int8 calibration: its sample inputs if given, else seeded inputs."""
-    if spec.quantize != "int8":
+    if not calibrated(fmt, spec):
         return None
     samples = getattr(ref, "sample_inputs", None)
     if samples is not None:
@@ -204,9 +213,10 @@ def _round_up(rows: int, batch: int | None) -> int:
     return rows if not batch else -(-rows // batch) * batch
 
 
-def calibration_for(spec: ArtifactSpec, path: str | None) -> Calibration | None:
-    """The calibration a spec needs: None unless it is full int8; a file's if given, else seeded."""
-    if spec.quantize != "int8":
+def calibration_for(spec: ArtifactSpec, path: str | None, fmt: str) -> Calibration | None:
+    """The calibration `fmt`'s file of `spec` needs: None unless it is full-integer int8; a
+    file's if given, else seeded."""
+    if not calibrated(fmt, spec):
         return None
     return load_calibration(path, spec) if path else random_calibration(spec)
 
@@ -228,7 +238,16 @@ def calibrations_for(specs: Mapping[str, ArtifactSpec], path: str | None) -> dic
             f"--calibration applies to --quantize int8 only (dynamic-int8 and float16 need no "
             f"calibration data). Received: --quantize {modes}"
         )
-    found = {fmt: calibration_for(spec, path) for fmt, spec in specs.items()}
+    found = {fmt: calibration_for(spec, path, fmt) for fmt, spec in specs.items()}
+    weight_only = [get_format(f).title for f, s in specs.items()
+                   if s.quantize == "int8" and found[f] is None]
+    if path and weight_only:
+        # A note, not an error: these command lines calibrated ONNX int8 files before those
+        # became weight-only, and the file stays valid for TFLite int8.
+        log.log(logging.WARNING if all(c is None for c in found.values()) else logging.INFO,
+                "note: --calibration %s not used by %s int8 (weights only, float32 activations: "
+                "nothing to calibrate); it calibrates TFLite int8", os.path.basename(path),
+                " and ".join(weight_only))
     for fmt, calibration in found.items():
         if calibration is not None:
             where = (os.path.basename(path) if calibration.source == "file"

@@ -277,7 +277,8 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         quant.add_argument("--int8-io", action="store_true",
                            help="with --quantize int8 (TFLite): int8 inputs and outputs")
         quant.add_argument("--calibration", metavar="PATH.npz",
-                           help="calibration inputs: arrays source1, source2 (int8 only)")
+                           help="calibration inputs of TFLite --quantize int8: arrays source1, "
+                                "source2 (ONNX/ORT int8 is weight-only and uses none)")
         quant.add_argument("--max-rel-error", type=_positive_float,
                            help="relative L2 gate of a variant (default float16 1e-3, "
                                 "dynamic-int8 2.5e-2, int8 5e-2)")
@@ -483,7 +484,7 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
     if getattr(args, "int8_io", False) and getattr(args, "quantize", "none") != "int8":
         parser.error(f"--int8-io needs --quantize int8. Received: --quantize {args.quantize}")
     if getattr(args, "int8_io", False) and not any(get_format(f).int8_io for f in formats):
-        # ONNX int8 keeps float32 inputs and outputs (QDQ); only TFLite files take int8 ones.
+        # ONNX int8 is weight-only: float32 inputs and outputs; only TFLite files take int8 ones.
         parser.error("--int8-io applies to TFLite only; ONNX int8 files take and return float32")
     mixed = check_length_flags(args, formats) or check_model_flags(args)
     if mixed:

@@ -47,9 +47,13 @@ class Format:
         dynamic_batch: whether the batch axis may be dynamic (`--batch dynamic`).
         quantizable: whether `--quantize` variants exist in this format.
         int8_io: whether a full-int8 file may take and return int8 (`--int8-io`).
+        int8_scheme: what `--quantize int8` makes in this format: "full-integer" (int8 weights
+            and activations, the activations' ranges calibrated: `--calibration`, the graph
+            options of export.calibration) or "weight-only" (int8 weights per output channel,
+            float32 activations: no calibration, the float32 graph).
         builder: "module:function", called as `builder(spec, fn, workdir, **options) -> Built`.
-        build_options: the keyword options its builder takes (`opset`, `calibration`,
-            `metadata`: the facts to write inside the file, export.metadata).
+        build_options: the keyword options its builder takes (`opset`, `calibration`: a
+            full-integer file's, `metadata`: the facts to write inside the file, export.metadata).
         graph_check: "module:function" called as `check(path, spec)`, or None.
         runner: "module:function" returning `(run, reported_inputs)` for `(path, threads)`,
             and for `(path, threads, signature=key)` where the format has signatures.
@@ -76,6 +80,7 @@ class Format:
     graph_check: str | None
     runner: str
     deployment: str | None = None
+    int8_scheme: str = "full-integer"
     signatures: bool = False
     dynamic_length: bool = False
 
@@ -137,19 +142,19 @@ REGISTRY: dict[str, Format] = {
             name="onnx", title="ONNX", suffix=".onnx", default_batch=None, atol=1e-4,
             runtime="onnxruntime", runtime_module="onnxruntime", runtime_label="onnxruntime",
             layout="batched-heads", dynamic_batch=True, quantizable=True, int8_io=False,
-            builder="export.onnx.build:build_onnx", build_options=("opset", "calibration", "metadata"),
+            builder="export.onnx.build:build_onnx", build_options=("opset", "metadata"),
             graph_check="export.onnx.check:check_onnx_file",
             runner="export.runtimes:onnx_function", dynamic_length=True,
-            deployment="export.deployment:onnx_deployment",
+            deployment="export.deployment:onnx_deployment", int8_scheme="weight-only",
         ),
         Format(
             name="ort", title="ORT", suffix=".ort", default_batch=1, atol=1e-4,
             runtime="onnxruntime", runtime_module="onnxruntime", runtime_label="ORT Mobile",
             layout="batched-heads", dynamic_batch=True, quantizable=True, int8_io=False,
-            builder="export.ort.build:build_ort", build_options=("opset", "calibration", "metadata"),
+            builder="export.ort.build:build_ort", build_options=("opset", "metadata"),
             graph_check="export.ort.check:check_ort_file",
             runner="export.runtimes:onnx_function",
-            deployment="export.deployment:ort_deployment",
+            deployment="export.deployment:ort_deployment", int8_scheme="weight-only",
         ),
     )
 }

@@ -108,10 +108,31 @@ def _tensor_entry(entry: dict, io_quant: dict) -> dict:
     return entry
 
 
-def quantization_entry(spec, calibration) -> dict:
-    """The manifest's `quantization`: {mode, io_dtype, calibration, n_samples}."""
-    return {
-        "mode": spec.quantize,
+# What each variant stores and computes in; int8 depends on the format (Format.int8_scheme).
+QUANTIZATION_SCHEMES = {"none": "float32", "float16": "float16", "dynamic-int8": "dynamic-range"}
+INT8_SCHEMES = {
+    # Every activation in float32; each weight matrix of a MatMul/Gemm in int8, one scale per
+    # output channel (export.onnx.quantize.quantize_weights_int8).
+    "weight-only": {"weights": "int8 symmetric, per output channel", "activations": "float32"},
+    # TFLite's converter: int8 weights and int8 activations with calibrated ranges.
+    "full-integer": {"weights": "int8", "activations": "int8, calibrated"},
+}
+
+
+def quantization_entry(spec, calibration, int8_scheme: str = "full-integer") -> dict:
+    """The manifest's `quantization`: {mode, scheme[, weights, activations], io_dtype,
+    calibration, n_samples}; `int8_scheme` is the format's (`Format.int8_scheme`).
+
+    `calibration` is None for a file that was not calibrated (every variant but a full-integer
+    int8 one): a weight-only int8 file records `calibration: null` although `--calibration` may
+    have been given for a TFLite file of the same run.
+    """
+    entry = {"mode": spec.quantize}
+    if spec.quantize == "int8":
+        entry |= {"scheme": int8_scheme, **INT8_SCHEMES[int8_scheme]}
+    else:
+        entry["scheme"] = QUANTIZATION_SCHEMES[spec.quantize]
+    return entry | {
         "io_dtype": "int8" if spec.int8_io else "float32",
         "calibration": calibration.describe() if calibration is not None else None,
         "n_samples": calibration.n_samples if calibration is not None else 0,

@@ -124,7 +124,7 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
     started = time.perf_counter()
     if request.model is not None:
         ref = request.model
-        calibrations = {fmt: reference_calibration(ref, spec) for fmt, spec in specs.items()}
+        calibrations = {fmt: reference_calibration(ref, spec, fmt) for fmt, spec in specs.items()}
     else:
         # A bad calibration file fails here, before anything is built.
         calibrations = calibrations_for(specs, request.calibration)
@@ -225,7 +225,7 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
         # Buckets: one signature each, or symbolic lengths in a format without signatures.
         spec = buckets.file_spec(spec, signatures=record.signatures)
     t0 = time.perf_counter()
-    fn, layout = ref.inference_function(spec, fallback_layout=record.layout, **graph_options(spec))
+    fn, layout = ref.inference_function(spec, fallback_layout=record.layout, **graph_options(spec, fmt))
     # The golden vectors are written before conversion: their sha256 goes inside the file too
     # (those of `serving_default`, or the largest length, in a file with several).
     golden_name = points[-1].golden_name if points else spec.golden_name
@@ -233,7 +233,7 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
     facts = ref.manifest_facts(spec)
     if buckets_given:  # a dynamic-length ONNX file too: the buckets it was verified at
         facts["shapes"]["lengths"] = [list(p) for p in buckets_given]
-    quantization = quantization_entry(spec, calibration)
+    quantization = quantization_entry(spec, calibration, record.int8_scheme)
     versions = {"xattn": xattn_version, **publish.versions()}
     metadata = file_metadata({
         "format": fmt, **facts, "versions": versions,

@@ -187,17 +187,52 @@ def test_verify_fails_when_the_files_metadata_disagrees(tmp_path, plain):
 # -- int8 ONNX ------------------------------------------------------------------------------------
 
 
-def test_int8_onnx_keeps_logits_and_probabilities_in_float(tmp_path):
-    spec = ArtifactSpec(quantize="int8", batch=None)
-    result = export_artifacts(ExportRequest(specs={"onnx": spec}, output_dir=str(tmp_path)))[0]
-    model = onnx.load(result.path)
+def _run_rows(path: str, feeds: dict) -> dict:
+    """The file in onnxruntime, one row per call (a fixed batch of 1)."""
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    rows = [session.run(names, {k: v[i:i + 1] for k, v in feeds.items()})
+            for i in range(len(feeds["source1"]))]
+    return {n: np.concatenate([r[j] for r in rows]) for j, n in enumerate(names)}
+
+
+def test_int8_onnx_and_ort_are_weight_only_within_1e_2(tmp_path):
+    """Issue 13: int8 ONNX (batch 1: tf2onnx writes Gemm) and ORT files quantize the weights only;
+    rerun on the golden vectors they are within 1e-2 of the Keras layer (1.9e-2 with static QDQ)."""
+    import keras
+
+    import xattn  # noqa: F401  (registers CrossAttention)
+
+    specs = {"onnx": ArtifactSpec(quantize="int8", batch=1),
+             "ort": ArtifactSpec(quantize="int8", batch=1)}
+    results = {r.format: r for r in export_artifacts(
+        ExportRequest(specs=specs, output_dir=str(tmp_path)))}
+    model = onnx.load(results["onnx"].path)
+    ops = [n.op_type for n in model.graph.node]
+    assert "QuantizeLinear" not in ops and ops.count("DequantizeLinear") == 2
     dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
-    float_matmuls = [n for n in matmuls if not any(i in dequantized for i in n.input[:2])]
-    assert len(float_matmuls) == 2 and len(matmuls) == 4
-    assert result.parity["rel_l2"] <= 2.1e-2  # 2.3e-2 with every matmul quantized
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 2 and all(n.input[1] in dequantized for n in gemms)
+    assert ops.count("MatMul") == 2  # logits and probabilities x values: two activations, float
+
+    spec = specs["onnx"]
+    keras_model = keras.saving.load_model(str(tmp_path / spec.reference_name), compile=False,
+                                          safe_mode=True)
+    golden = np.load(tmp_path / spec.golden_name)
+    feeds = {k: golden[k] for k in ("source1", "source2")}
+    expected = reference.run_reference(keras_model, feeds)["output"]
+    for fmt, result in results.items():
+        got = _run_rows(result.path, feeds)["output"]
+        error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert error <= 1e-2, f"{fmt} int8: rel L2 {error:.3g} on the golden vectors > 1e-2"
+        assert result.manifest["quantization"]["scheme"] == "weight-only"
+        # Mobile providers: one partition each; CoreML leaves the weights' DequantizeLinear out.
+        report = result.manifest["deployment"]
+        for provider in PROVIDERS:
+            assert report[provider]["partitions"] == 1, (fmt, provider, report[provider])
+            assert set(report[provider]["unsupported"]) <= {"DequantizeLinear"}
     float_bytes = 134_000
-    assert result.bytes <= 0.35 * float_bytes
+    assert results["onnx"].bytes <= 0.30 * float_bytes
 
 
 def test_readme_metadata_example_runs(artifact_factory, capsys):

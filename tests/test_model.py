@@ -182,11 +182,22 @@ def test_sample_inputs_are_the_golden_vectors_and_the_calibration(exported, tmp_
     np.savez(tmp_path / "samples.npz", **samples)
     out = tmp_path / "out"
     rc = main(["--model", path, "--sample-inputs", str(tmp_path / "samples.npz"), "--quantize",
-               "int8", "--output-dir", str(out), "--quiet"], formats=("tflite",))
+               "int8", "--output-dir", str(out), "--quiet"], formats=("tflite", "onnx"))
     assert rc == 0
     manifest = json.load(open(out / "scaled_int8.tflite.json"))
     assert manifest["quantization"]["calibration"]["source"] == "sample-inputs"
     assert manifest["quantization"]["n_samples"] == 64
+    # ONNX int8 is weight-only: the Dense kernels int8 behind DequantizeLinear, the Conv1D kernel
+    # (not a matmul) and every activation float32, nothing calibrated.
+    onnx_manifest = json.load(open(out / "scaled_int8.onnx.json"))
+    assert onnx_manifest["quantization"]["scheme"] == "weight-only"
+    assert onnx_manifest["quantization"]["calibration"] is None
+    graph = onnx.load(str(out / "scaled_int8.onnx")).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    weight_matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")
+                      and n.input[1] in dequantized]
+    assert len(weight_matmuls) == len(dequantized) == 4  # query Dense, 2 folded, output Dense
+    assert not any(n.op_type == "QuantizeLinear" for n in graph.node)
     golden = np.load(out / "scaled.golden.npz")
     np.testing.assert_array_equal(golden["past"], samples["past"][:4])
     runner = runtimes.load_runner("tflite", str(out / "scaled_int8.tflite"), batch=1,

@@ -72,6 +72,23 @@ def test_artifact_bytes_are_reproducible(two_runs, fmt):
     assert manifests[0] == manifests[1]
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "ort"])
+def test_int8_file_is_reproducible(tmp_path, fmt):
+    """Weight-only int8 (issue 13) from two processes run side by side: the same bytes."""
+    folders = [str(tmp_path / f"run{i}") for i in (1, 2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", f"export.{fmt}", *FLAGS, "--quantize", "int8",
+                          "--output-dir", d, "--quiet"],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for d in folders
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    a, b = (file_hashes(os.path.join(d, f"{NAME}_int8.{fmt}")) for d in folders)
+    assert a == b
+
+
 def test_golden_file_is_reproducible(two_runs):
     a, b = (file_hashes(os.path.join(d, f"{NAME}.golden.npz")) for d in two_runs)
     assert a == b

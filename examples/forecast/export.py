@@ -3,7 +3,8 @@ variant, run on the test split in each runtime, drawn against the truth.
 
 What `train` saved in DIR (the model, training windows as sample inputs, the test split) goes
 through `python -m export --model` exactly as a user runs it: float32 SavedModel, TFLite and ONNX,
-then float16, dynamic-int8 and int8 TFLite and ONNX files calibrated on the sample inputs. Each
+then float16, dynamic-int8 and int8 TFLite and ONNX files (TFLite int8 calibrated on the sample
+inputs; ONNX int8 is weight-only, nothing to calibrate). Each
 published file is then run on the whole test split in its own runtime (onnxruntime, LiteRT), the
 forecasts turned back into ppm, and one PNG drawn: Keras, onnxruntime, LiteRT float32 and LiteRT
 int8 against the truth.

@@ -29,7 +29,7 @@ MIN_OPSET = 13
 
 
 def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None,
-               calibration=None, metadata: dict[str, str] | None = None) -> Built:
+               metadata: dict[str, str] | None = None) -> Built:
     """Convert `fn` with tf2onnx into a `.onnx` file under `workdir`.
 
     Args:
@@ -37,7 +37,6 @@ def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None
         fn: the inference function (`export.graph.build_inference_function`).
         workdir: the folder the file is written into.
         opset: the ONNX opset; None takes the newest tf2onnx writes and onnxruntime runs.
-        calibration: an `export.calibration.Calibration` for a full-int8 variant.
         metadata: {key: text} written into `metadata_props` as `xattn.<key>`
             (`export.metadata.file_metadata`).
 
@@ -77,7 +76,7 @@ def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None
     try:
         float_path = os.path.join(scratch, spec.replace(quantize="none", int8_io=False).artifact_name("onnx"))
         onnx.save(model, float_path)
-        quantize_onnx(spec, float_path, path, calibration)
+        quantize_onnx(spec, float_path, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     # The quantizers keep some of these fields and not others: set them on what they wrote.

@@ -13,7 +13,7 @@ from export.spec import ArtifactSpec
 
 
 def build_ort(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None,
-              calibration=None, metadata: dict[str, str] | None = None) -> Built:
+              metadata: dict[str, str] | None = None) -> Built:
     """Convert `fn` into a `.ort` file under `workdir`.
 
     The ONNX file (variant, metadata and all: `export.onnx.build.build_onnx`) is built in a
@@ -29,8 +29,7 @@ def build_ort(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None,
     """
     scratch = tempfile.mkdtemp(prefix=".ort-src-", dir=workdir)
     onnx_spec = spec  # same name and variant; only the suffix differs
-    built = build_onnx(onnx_spec, fn, scratch, opset=opset, calibration=calibration,
-                       metadata=metadata)
+    built = build_onnx(onnx_spec, fn, scratch, opset=opset, metadata=metadata)
     path = os.path.join(workdir, spec.artifact_name("ort"))
     done = serialize_ort(built.path, path, scratch)
     if done.returncode != 0 or not os.path.isfile(path):
