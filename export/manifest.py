@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import string
 import zipfile
 
 import numpy as np
@@ -42,6 +43,8 @@ PATH_FIELDS = ("artifact", "golden", "reference")
 MAX_MANIFEST_BYTES = 16 << 20
 # Golden files hold a few samples; refuse to inflate more than this (a zip can lie about sizes).
 MAX_GOLDEN_BYTES = 2 << 30
+# numpy dtype kinds a tensor may have: booleans, signed and unsigned integers, floats.
+NUMBER_KINDS = "biuf"
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -140,9 +143,9 @@ def quantization_entry(spec, calibration, int8_scheme: str = "full-integer") -> 
 
 
 def write_manifest(path: str, manifest: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False)
-        f.write("\n")
+    """Indented JSON, the fields in the order given; ASCII (json escapes the rest)."""
+    with open(path, "wb") as f:
+        f.write(json.dumps(manifest, indent=2).encode() + b"\n")
 
 
 # -- reading and validating ----------------------------------------------------------------------
@@ -156,7 +159,7 @@ def read_manifest(path: str) -> dict:
         if size > MAX_MANIFEST_BYTES:
             raise ManifestError(f"manifest is {size} bytes; not a manifest")
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
+            text = f.read().decode()  # UTF-8, strict
         manifest = json.loads(text)
     except ManifestError:
         raise
@@ -189,15 +192,9 @@ def check_fields(manifest: dict) -> None:
         raise ManifestError(
             f"manifest format {short(manifest['format'])} is not one of {', '.join(REGISTRY)}"
         )
-    sha = manifest["sha256"]
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower()):
-        raise ManifestError(f"manifest sha256 {short(sha)} is not 64 hex digits")
-    for key in ("golden_sha256", "reference_sha256"):
+    for key in ("sha256", "golden_sha256", "reference_sha256"):
         value = manifest.get(key)
-        if value is not None and (
-            not isinstance(value, str) or len(value) != 64
-            or any(c not in "0123456789abcdef" for c in value.lower())
-        ):
+        if value is not None and not _is_sha256(value):
             raise ManifestError(f"manifest {key} {short(value)} is not 64 hex digits")
     if "bytes" in manifest and (
         isinstance(manifest["bytes"], bool) or not isinstance(manifest["bytes"], int)
@@ -237,7 +234,7 @@ def path_inside(folder: str, relative: object, key: str) -> str:
         raise ManifestError(f"manifest {key} path holds a NUL byte")
     parts = relative.replace("\\", "/").split("/")
     if (
-        os.path.isabs(relative) or relative.startswith(("/", "\\"))
+        relative.startswith(("/", "\\"))  # absolute, or rooted / UNC on Windows
         or (len(relative) > 1 and relative[1] == ":")  # C:\..., refused on any system
         or ".." in parts
     ):
@@ -286,15 +283,10 @@ def tensors_of(entries: list, key: str) -> list[dict]:
                 f"manifest {key} {short(name)}: shape must be a list of positive ints or null"
             )
         dtype = entry.get("dtype")
-        if dtype is not None:
-            try:
-                ok = isinstance(dtype, str) and np.dtype(dtype).kind in "biuf"
-            except TypeError:
-                ok = False
-            if not ok:
-                raise ManifestError(
-                    f"manifest {key} {short(name)}: dtype {short(dtype)} is not a number type"
-                )
+        if dtype is not None and not _is_number_dtype(dtype):
+            raise ManifestError(
+                f"manifest {key} {short(name)}: dtype {short(dtype)} is not a number type"
+            )
         if name in seen:
             raise ManifestError(f"manifest {key} names {short(name)} twice")
         seen.add(name)
@@ -358,7 +350,7 @@ def _read_npy(zf: zipfile.ZipFile, golden: str, tensor: dict) -> np.ndarray:
         else:
             raise ManifestError(f"golden array {member}: unsupported .npy version {version}")
         header = f.tell()
-    if dtype.hasobject or dtype.kind not in "biuf":
+    if dtype.hasobject or dtype.kind not in NUMBER_KINDS:
         raise ManifestError(f"golden array {member} has dtype {dtype}, not numbers")
     want = tensor["shape"]
     fits = len(shape) == len(want) and all(
@@ -375,10 +367,23 @@ def _read_npy(zf: zipfile.ZipFile, golden: str, tensor: dict) -> np.ndarray:
             f"promises {data_bytes} (truncated or edited)"
         )
     # zf.read checks the member's CRC; then parse from memory without pickle.
-    array = np.lib.format.read_array(io.BytesIO(zf.read(info)), allow_pickle=False)
+    # (allow_pickle=False is a second lock: a dtype holding objects was refused above.)
+    array = np.lib.format.read_array(io.BytesIO(zf.read(info)), allow_pickle=False)  # pragma: no mutate
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise ManifestError(f"golden array {member} holds NaN or inf")
     return array
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in string.hexdigits for c in value)
+
+
+def _is_number_dtype(dtype: object) -> bool:
+    """A dtype name numpy knows, of booleans, integers or floats."""
+    try:
+        return isinstance(dtype, str) and np.dtype(dtype).kind in NUMBER_KINDS
+    except TypeError:  # a name numpy does not know
+        return False
 
 
 def _json_type(kind: type) -> str:

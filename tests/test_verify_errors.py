@@ -50,12 +50,19 @@ def failed(result: verify.VerifyResult, phrase: str) -> None:
     assert "\n" not in result.reason
 
 
+def failed_with(result: verify.VerifyResult, reason: str) -> None:
+    """The whole one-line reason, as users read it."""
+    assert (result.status, result.reason) == ("failed", reason)
+
+
 def test_the_tiny_set_passes(tiny):
     folder, paths = tiny
     results = verify.verify_path(folder)
     assert [r.status for r in results] == ["passed", "passed"]
     assert {r.format for r in results} == set(FORMATS)
     for r in results:
+        assert r.name == read(r.manifest)["artifact"] and r.manifest == paths[r.format]
+        assert r.tolerance == {"atol": 1e-4} and r.signatures == []
         assert r.signature == "unsigned"
         assert r.line(verify.ASCII_MARKS).startswith("ok ")
         assert "max abs diff" in r.line() and "(atol 1e-04)" in r.line()
@@ -121,7 +128,8 @@ def test_runtime_returns_other_values(tiny, monkeypatch):
     wrong = {"output": golden["output"] + 1e-3}
     monkeypatch.setattr(runtimes, "load_runner", lambda *a, **k: FakeRunner(lambda feeds: wrong))
     result = verify.verify_manifest(paths["onnx"])
-    failed(result, "golden vectors: max abs diff 0.001 exceeds atol=0.0001")
+    failed(result, "max abs diff 0.001 exceeds atol=0.0001")
+    assert result.reason.startswith("golden vectors: max abs diff"), result.reason
 
 
 # -- manifest fields ---------------------------------------------------------------------------------
@@ -458,3 +466,293 @@ def test_public_key_is_loaded_once_and_checks_every_set(tiny, monkeypatch):
     seen.clear()
     assert [r.signature for r in verify.verify_path(folder)] == ["unsigned", "unsigned"]
     assert seen == []
+
+
+# -- whole reasons, and what a result names ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes,reason", [
+    (dict(reference=3), "manifest field 'reference' must be a JSON string"),
+    (dict(reference_sha256=KeyError), "manifest names a reference but gives no reference_sha256"),
+    (dict(parity={}), "manifest parity gives no tolerance (atol or max_rel_error)"),
+    (dict(outputs=[]), "manifest outputs is empty"),
+    (dict(file_metadata="x"), "manifest field 'file_metadata' must be a JSON object"),
+    (dict(golden="..\\x.npz"), "refusing golden path '..\\\\x.npz': it leaves the manifest's folder"),
+    (dict(golden="C:"), "refusing golden path 'C:': it leaves the manifest's folder"),
+], ids=["reference-number", "reference-without-sha", "no-tolerance", "no-outputs", "file-metadata",
+        "backslash-climb", "drive-only"])
+def test_whole_reasons(tiny, changes, reason):
+    _, paths = tiny
+    failed_with(edited(paths["onnx"], **changes), reason)
+
+
+def test_result_names_the_manifest_when_its_artifact_field_is_unusable(tiny):
+    _, paths = tiny
+    path = paths["onnx"]
+    result = edited(path, artifact=5)
+    failed_with(result, "manifest field 'artifact' must be a JSON string, got number")
+    assert (result.name, result.manifest) == (os.path.basename(path), path)
+    result = edited(path, artifact=KeyError)
+    failed_with(result, "manifest lacks the field(s) artifact")
+    assert result.name == os.path.basename(path)
+
+
+def test_one_character_file_names(tiny):
+    folder, paths = tiny
+    golden = read(paths["onnx"])["golden"]
+    shutil.copyfile(os.path.join(folder, golden), os.path.join(folder, "g"))
+    result = edited(paths["onnx"], golden="g")
+    assert result.status == "passed", result.reason
+
+
+def test_artifact_size_and_unreadable_artifact(tiny, monkeypatch):
+    _, paths = tiny
+    manifest = read(paths["onnx"])
+    size, name = manifest["bytes"], manifest["artifact"]
+    failed_with(edited(paths["onnx"], bytes=size - 1),
+                f"artifact is {size} bytes, the manifest says {size - 1} (truncated or replaced)")
+
+    def unreadable(path):
+        raise OSError("Input/output error\nsecond line")
+
+    monkeypatch.setattr(verify, "sha256_path", unreadable)
+    failed_with(edited(paths["onnx"], bytes=size), f"artifact {name} cannot be read: Input/output error")
+
+
+@pytest.mark.parametrize("error,status,reason", [
+    (MemoryError(), "failed", "MemoryError while reading it"),
+    (RecursionError("too deep"), "failed", "RecursionError while reading it"),
+    (RuntimeError("surprise\n  on two lines"), "failed", "unexpected RuntimeError: surprise on two lines"),
+    (KeyError("x"), "failed", "unexpected KeyError: 'x'"),
+    (verify.RuntimeNotRun("not run: no runtime"), "not run", "not run: no runtime"),
+], ids=["memory", "recursion", "runtime-error", "key-error", "not-run"])
+def test_last_resort_failures_are_one_line(tiny, monkeypatch, error, status, reason):
+    _, paths = tiny
+
+    def boom(path):
+        raise error
+
+    monkeypatch.setattr(manifests, "read_manifest", boom)
+    result = verify.verify_manifest(paths["onnx"])
+    assert (result.status, result.reason) == (status, reason)
+    assert (result.manifest, result.name) == (paths["onnx"], os.path.basename(paths["onnx"]))
+
+
+def test_the_runtime_gets_the_manifests_batch_and_inputs(tiny, monkeypatch):
+    _, paths = tiny
+    path = paths["tflite"]
+    manifest = read(path)
+    # source2's batch axis differs from source1's: the batch is source1's (the first input's).
+    manifest["inputs"][1]["shape"][0] = 2
+    write(path, manifest)
+    calls = []
+
+    def load_runner(fmt, artifact, **kwargs):
+        calls.append((fmt, artifact, kwargs))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(runtimes, "load_runner", load_runner)
+    failed_with(verify.verify_manifest(path),
+                f"ai-edge-litert cannot load {manifest['artifact']}: stop here")
+    folder = os.path.dirname(path)
+    assert calls == [("tflite", os.path.join(folder, manifest["artifact"]),
+                      {"batch": 1, "inputs": manifest["inputs"]})]
+
+
+def test_runtime_chatter_goes_to_stderr(tiny, monkeypatch, capsys):
+    _, paths = tiny
+    real = runtimes.load_runner
+
+    def chatty(*args, **kwargs):
+        print("loading")
+        runner = real(*args, **kwargs)
+
+        def run(feeds):
+            print("running")
+            return runner.run(feeds)
+        return FakeRunner(run)
+
+    monkeypatch.setattr(runtimes, "load_runner", chatty)
+    assert verify.verify_manifest(paths["onnx"]).status == "passed"
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "loading\nrunning\n"
+
+
+# -- signatures ---------------------------------------------------------------------------------------
+
+
+def test_signature_present_but_not_checked(tiny):
+    folder, paths = tiny
+    manifest = read(paths["onnx"])
+    open(os.path.join(folder, manifest["artifact"] + ".sig"), "wb").close()
+    result = verify.verify_manifest(paths["onnx"])
+    assert result.status == "passed", result.reason
+    assert result.signature == "signature present, not checked: pass --public-key"
+    assert result.line().endswith("  [signature present, not checked: pass --public-key]")
+
+
+def test_verify_set_gets_the_sets_folder_manifest_name_and_manifest(tiny, monkeypatch):
+    from export import signing
+
+    folder, paths = tiny
+    seen = []
+    monkeypatch.setattr(signing, "verify_set", lambda *args: seen.append(args))
+    result = verify.verify_manifest(paths["onnx"], verifier="VERIFIER")
+    assert result.status == "passed" and result.signature == "signature ok"
+    assert seen == [("VERIFIER", os.path.abspath(folder), os.path.basename(paths["onnx"]),
+                     read(paths["onnx"]))]
+
+
+# -- SavedModel folders ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_symlinks_in_an_artifact_folder_are_refused(tiny, tmp_path, kind):
+    folder, paths = tiny
+    artifact = os.path.join(folder, "m_savedmodel")
+    os.makedirs(os.path.join(artifact, "variables"))
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "data").write_bytes(b"x")
+    os.symlink(target if kind == "folder" else target / "data", os.path.join(artifact, "variables", "link"))
+    failed_with(edited(paths["tflite"], format="savedmodel", artifact="m_savedmodel"),
+                "refusing artifact m_savedmodel: it holds a symlink (m_savedmodel/variables/link)")
+    os.remove(os.path.join(artifact, "variables", "link"))
+    failed(verify.verify_manifest(paths["tflite"]), "artifact is 0 bytes")  # no symlink: measured
+
+
+# -- several lengths in one file (export.buckets) -----------------------------------------------------
+
+
+BUCKETED = dict(units=4, heads=1, query_features=3, kv_features=2, lengths=((2, 2), (3, 3)))
+
+
+@pytest.fixture()
+def bucketed(artifact_factory, tmp_path):
+    """(folder, {fmt: manifest path}) of a private copy of a tiny set with lengths 2 and 3."""
+    out, results = artifact_factory(formats=FORMATS, **BUCKETED)
+    folder = str(tmp_path / "bucketed")
+    shutil.copytree(out, folder)
+    return folder, {fmt: os.path.join(folder, os.path.basename(r.manifest_path))
+                    for fmt, r in results.items()}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_signature_runs_on_its_own_golden_vectors(bucketed, monkeypatch, fmt):
+    folder, paths = bucketed
+    manifest = read(paths[fmt])
+    real = runtimes.load_runner
+    calls = []
+
+    def load_runner(fmt, path, *, batch, inputs, signature=None):
+        calls.append((fmt, path, batch, inputs, signature))
+        return real(fmt, path, batch=batch, inputs=inputs, signature=signature)
+
+    monkeypatch.setattr(runtimes, "load_runner", load_runner)
+    result = verify.verify_manifest(paths[fmt])
+    assert result.status == "passed", result.reason
+    entries = manifest["signatures"]
+    assert result.signatures == [e["key"] for e in entries] and len(entries) >= 3
+    artifact = os.path.join(folder, manifest["artifact"])
+    batch = manifest["inputs"][0]["shape"][0]
+    assert calls == [(fmt, artifact, batch, manifest["inputs"], None)] + [
+        (fmt, artifact, batch, e["inputs"], e["signature"]) for e in entries]
+    assert [e["signature"] for e in entries] == (
+        [None] * len(entries) if fmt == "onnx" else [e["key"] for e in entries])
+
+
+def test_the_worst_metrics_over_every_signature_are_reported(bucketed, monkeypatch):
+    _, paths = bucketed
+    # max_abs, mean_abs, rmse, rel_l2, cosine of the file's golden vectors, then each signature's
+    values = [(2e-5, 1e-6, 3e-6, 1e-5, 0.99999), (5e-5, 1e-6, 2e-6, 3e-5, 0.9999),
+              (1e-5, 4e-6, 1e-6, 2e-5, 0.99995), (3e-5, 2e-6, 5e-6, 1e-5, 0.99998)]
+    metrics = iter([dict(zip(("max_abs", "mean_abs", "rmse", "rel_l2", "cosine"), v)) for v in values])
+    monkeypatch.setattr(verify, "parity_metrics", lambda expected, got: next(metrics))
+    result = verify.verify_manifest(paths["tflite"])
+    assert result.status == "passed", result.reason
+    assert result.metrics == {"max_abs": 5e-5, "mean_abs": 4e-6, "rmse": 5e-6, "rel_l2": 3e-5,
+                              "cosine": 0.9999}
+    assert result.line(verify.ASCII_MARKS).endswith(
+        "max abs diff 5.0e-05  (atol 1e-04)  [len_2, len_3, serving_default]  [unsigned]")
+
+
+def edit_signatures(path: str, change) -> verify.VerifyResult:
+    manifest = read(path)
+    manifest["signatures"] = change(manifest["signatures"])
+    write(path, manifest)
+    return verify.verify_manifest(path)
+
+
+def first(**changes):
+    return lambda entries: [{**entries[0], **changes}, *entries[1:]]
+
+
+@pytest.mark.parametrize("fmt,change,reason", [
+    ("tflite", lambda e: {"key": "len_2"}, "manifest signatures must be a non-empty list"),
+    ("tflite", lambda e: {}, "manifest signatures must be a non-empty list"),
+    ("tflite", lambda e: [], "manifest signatures must be a non-empty list"),
+    ("tflite", lambda e: [1], "manifest signatures entries must be objects with a key"),
+    ("tflite", lambda e: [{**e[0], "key": 3}], "manifest signatures entries must be objects with a key"),
+    ("tflite", first(signature=5), "signature len_2: TFLite files have no signature 5"),
+    ("onnx", first(signature="len_1"), "signature len_1: ONNX files have no signature 'len_1'"),
+    ("tflite", first(inputs=[]), "signature 'len_2': manifest inputs is empty"),
+    ("tflite", first(outputs=[]), "signature 'len_2': manifest outputs is empty"),
+    ("tflite", first(golden="../g.npz"),
+     "signature 'len_2': refusing golden path '../g.npz': it leaves the manifest's folder"),
+    ("tflite", first(golden="nothing.npz"), "signature 'len_2': golden file nothing.npz is missing"),
+], ids=["object", "empty-object", "empty-list", "not-an-object", "key-number", "signature-number",
+        "onnx-signature", "no-inputs", "no-outputs", "golden-climbs", "golden-missing"])
+def test_bad_signature_entries(bucketed, fmt, change, reason):
+    _, paths = bucketed
+    failed_with(edit_signatures(paths[fmt], change), reason)
+
+
+def test_a_signature_that_fails_is_named(bucketed, monkeypatch):
+    folder, paths = bucketed
+    manifest = read(paths["tflite"])
+    entry = manifest["signatures"][1]
+    with np.load(os.path.join(folder, entry["golden"])) as f:
+        expected = f["output"]
+    real = runtimes.load_runner
+    answers = {}
+
+    def load_runner(fmt, path, *, signature=None, **kwargs):
+        if signature in answers:
+            return FakeRunner(answers[signature])
+        return real(fmt, path, signature=signature, **kwargs)
+
+    def boom(feeds):
+        raise RuntimeError("kernel exploded\ndetails")
+
+    monkeypatch.setattr(runtimes, "load_runner", load_runner)
+    answers["len_3"] = boom
+    failed_with(verify.verify_manifest(paths["tflite"]),
+                "signature len_3: ai-edge-litert failed to run it: kernel exploded")
+    answers["len_3"] = lambda feeds: {"other": expected}
+    failed_with(verify.verify_manifest(paths["tflite"]),
+                "signature len_3: the artifact returned ['other'], not the outputs ['output']")
+    answers["len_3"] = lambda feeds: {"output": expected + 1e-3}
+    result = verify.verify_manifest(paths["tflite"])
+    assert result.reason.startswith(
+        "signature len_3: golden vectors: max abs diff 0.001 exceeds atol=0.0001 (rel L2 "), result.reason
+
+
+def test_runtime_chatter_of_every_signature_goes_to_stderr(bucketed, monkeypatch, capsys):
+    _, paths = bucketed
+    real = runtimes.load_runner
+
+    def chatty(fmt, path, *, signature=None, **kwargs):
+        print(f"loading {signature}")
+        runner = real(fmt, path, signature=signature, **kwargs)
+
+        def run(feeds):
+            print(f"running {signature}")
+            return runner.run(feeds)
+        return FakeRunner(run)
+
+    monkeypatch.setattr(runtimes, "load_runner", chatty)
+    assert verify.verify_manifest(paths["tflite"]).status == "passed"
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    keys = (None, "len_2", "len_3", "serving_default")
+    assert captured.err.splitlines() == [f"{step} {key}" for key in keys for step in ("loading", "running")]

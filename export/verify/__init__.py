@@ -36,7 +36,7 @@ class VerifyResult:
 
     manifest: str
     name: str
-    status: str
+    status: str = "failed"  # fails closed: "passed" only once every check has passed
     reason: str = ""
     format: str | None = None
     metrics: dict = field(default_factory=dict)
@@ -79,7 +79,7 @@ def _describe_metrics(metrics: dict, tolerance: dict) -> str:
 def _num(x: float) -> str:
     """1e-04, 2.5e-02: a tolerance as people write it."""
     mantissa, exponent = f"{x:.2e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+    return f"{float(mantissa):g}e{exponent}"
 
 
 def find_manifests(path: str) -> list[str]:
@@ -132,17 +132,16 @@ def verify_path(path: str, *, public_key: str | None = None) -> list[VerifyResul
 
 def verify_manifest(path: str, *, verifier=None) -> VerifyResult:
     """Check one manifest, its artifact and its golden vectors. Never raises for file content."""
-    result = VerifyResult(manifest=path, name=os.path.basename(path), status="failed")
+    result = VerifyResult(manifest=path, name=os.path.basename(path))  # "failed" until passed
     try:
         _verify(path, result, verifier)
     except RuntimeNotRun as e:
         result.status, result.reason = "not run", str(e)
     except (ManifestError, ParityError) as e:
-        result.status, result.reason = "failed", one_line(str(e))
+        result.reason = one_line(str(e))
     except (MemoryError, RecursionError) as e:
-        result.status, result.reason = "failed", f"{type(e).__name__} while reading it"
+        result.reason = f"{type(e).__name__} while reading it"
     except Exception as e:  # noqa: BLE001 - fail closed on anything unforeseen, still one line
-        result.status = "failed"
         result.reason = one_line(f"unexpected {type(e).__name__}: {e}")
     return result
 
@@ -182,7 +181,7 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
         raise RuntimeNotRun(
             f"not run: {fmt.runtime} is not importable here (sha256 and golden file ok)"
         )
-    batch = inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else None
+    batch = inputs[0]["shape"][0]  # load_golden refused tensors without a batch axis
     # Runtimes print to stdout (onnxruntime's "EP Error" banner on a file it cannot parse);
     # stdout carries one line per artifact, so their chatter goes to stderr.
     try:
@@ -264,7 +263,7 @@ def _verify_signatures(manifest: dict, folder: str, fmt: Format, artifact: str, 
                 f"signature {key}: {fmt.runtime} failed to run it: {one_line(first_line(e))}"
             ) from e
         metrics = _golden_parity(got, golden, outputs, tolerance, prefix=f"signature {key}: ")
-        worst = {k: max(worst.get(k, v), v) if k != "cosine" else min(worst.get(k, v), v)
+        worst = {k: min(worst[k], v) if k == "cosine" else max(worst[k], v)
                  for k, v in metrics.items()}
         result.signatures.append(key)
     result.metrics = worst
