@@ -119,7 +119,7 @@ def test_verify_checks_every_signature_and_names_a_failing_one(bucketed, tmp_pat
             entry["golden_sha256"] = digest
     manifest_path.write_text(json.dumps(manifest))
     result = verify_path(str(manifest_path))[0]
-    assert result.status == "failed" and "signature len_4" in result.reason, result.reason
+    assert result.status == "failed" and "signature 'len_4'" in result.reason, result.reason
 
 
 def test_tflite_three_buckets_store_the_weights_once(tmp_path):

@@ -85,10 +85,18 @@ def test_optional_fields_appear_only_when_given():
 def test_quantization_entry():
     calibration = SimpleNamespace(describe=lambda: {"source": "rows.npz"}, n_samples=64)
     assert manifests.quantization_entry(SPEC, calibration) == {
-        "mode": "int8", "io_dtype": "int8", "calibration": {"source": "rows.npz"}, "n_samples": 64}
+        "mode": "int8", "scheme": "full-integer", "weights": "int8", "activations": "int8, calibrated",
+        "io_dtype": "int8", "calibration": {"source": "rows.npz"}, "n_samples": 64}
+    assert manifests.quantization_entry(SPEC.replace(int8_io=False), None, "weight-only") == {
+        "mode": "int8", "scheme": "weight-only", "weights": "int8 symmetric, per output channel",
+        "activations": "float32", "io_dtype": "float32", "calibration": None, "n_samples": 0}
     plain = ArtifactSpec(units=4, heads=1, quantize="dynamic-int8")
     assert manifests.quantization_entry(plain, None) == {
-        "mode": "dynamic-int8", "io_dtype": "float32", "calibration": None, "n_samples": 0}
+        "mode": "dynamic-int8", "scheme": "dynamic-range", "io_dtype": "float32",
+        "calibration": None, "n_samples": 0}
+    half = ArtifactSpec(units=4, heads=1, quantize="float16")
+    assert manifests.quantization_entry(half, None)["scheme"] == "float16"
+    assert manifests.quantization_entry(ArtifactSpec(units=4, heads=1), None)["scheme"] == "float32"
 
 
 def test_write_manifest_bytes(tmp_path):

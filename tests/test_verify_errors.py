@@ -693,8 +693,8 @@ def first(**changes):
     ("tflite", lambda e: [], "manifest signatures must be a non-empty list"),
     ("tflite", lambda e: [1], "manifest signatures entries must be objects with a key"),
     ("tflite", lambda e: [{**e[0], "key": 3}], "manifest signatures entries must be objects with a key"),
-    ("tflite", first(signature=5), "signature len_2: TFLite files have no signature 5"),
-    ("onnx", first(signature="len_1"), "signature len_1: ONNX files have no signature 'len_1'"),
+    ("tflite", first(signature=5), "signature 'len_2': TFLite files have no signature 5"),
+    ("onnx", first(signature="len_1"), "signature 'len_1': ONNX files have no signature 'len_1'"),
     ("tflite", first(inputs=[]), "signature 'len_2': manifest inputs is empty"),
     ("tflite", first(outputs=[]), "signature 'len_2': manifest outputs is empty"),
     ("tflite", first(golden="../g.npz"),
@@ -727,14 +727,14 @@ def test_a_signature_that_fails_is_named(bucketed, monkeypatch):
     monkeypatch.setattr(runtimes, "load_runner", load_runner)
     answers["len_3"] = boom
     failed_with(verify.verify_manifest(paths["tflite"]),
-                "signature len_3: ai-edge-litert failed to run it: kernel exploded")
+                "signature 'len_3': ai-edge-litert failed to run it: kernel exploded")
     answers["len_3"] = lambda feeds: {"other": expected}
     failed_with(verify.verify_manifest(paths["tflite"]),
-                "signature len_3: the artifact returned ['other'], not the outputs ['output']")
+                "signature 'len_3': the artifact returned ['other'], not the outputs ['output']")
     answers["len_3"] = lambda feeds: {"output": expected + 1e-3}
     result = verify.verify_manifest(paths["tflite"])
     assert result.reason.startswith(
-        "signature len_3: golden vectors: max abs diff 0.001 exceeds atol=0.0001 (rel L2 "), result.reason
+        "signature 'len_3': golden vectors: max abs diff 0.001 exceeds atol=0.0001 (rel L2 "), result.reason
 
 
 def test_runtime_chatter_of_every_signature_goes_to_stderr(bucketed, monkeypatch, capsys):

@@ -241,9 +241,10 @@ def _verify_signatures(manifest: dict, folder: str, fmt: Format, artifact: str, 
         if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
             raise ManifestError("manifest signatures entries must be objects with a key")
         key = entry["key"]
+        label = f"signature {short(key)}"  # the key is the manifest's: quoted, cut, as read
         signature = entry.get("signature")
         if signature is not None and not (isinstance(signature, str) and fmt.signatures):
-            raise ManifestError(f"signature {key}: {fmt.title} files have no signature "
+            raise ManifestError(f"{label}: {fmt.title} files have no signature "
                                 f"{short(signature)}")
         try:
             inputs = manifests.tensors_of(entry.get("inputs"), "inputs")
@@ -252,7 +253,7 @@ def _verify_signatures(manifest: dict, folder: str, fmt: Format, artifact: str, 
             golden = manifests.load_golden(os.path.join(folder, entry["golden"]), entry,
                                            inputs + outputs)
         except ManifestError as e:
-            raise ManifestError(f"signature {short(key)}: {e}") from e
+            raise ManifestError(f"{label}: {e}") from e
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 runner = runtimes.load_runner(fmt.name, artifact, batch=batch,
@@ -260,9 +261,9 @@ def _verify_signatures(manifest: dict, folder: str, fmt: Format, artifact: str, 
                 got = runner.run({t["name"]: golden[t["name"]] for t in inputs})
         except Exception as e:
             raise ManifestError(
-                f"signature {key}: {fmt.runtime} failed to run it: {one_line(first_line(e))}"
+                f"{label}: {fmt.runtime} failed to run it: {one_line(first_line(e))}"
             ) from e
-        metrics = _golden_parity(got, golden, outputs, tolerance, prefix=f"signature {key}: ")
+        metrics = _golden_parity(got, golden, outputs, tolerance, prefix=f"{label}: ")
         worst = {k: min(worst[k], v) if k == "cosine" else max(worst[k], v)
                  for k, v in metrics.items()}
         result.signatures.append(key)
