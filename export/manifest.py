@@ -20,6 +20,7 @@ import numpy as np
 
 from export.errors import ManifestError, first_line, one_line, short
 from export.formats import REGISTRY
+from export.golden_raw import read_golden_raw
 from export.publish import sha256_path
 
 # name -> the JSON type a manifest must hold there (None: any), for the fields `export.verify`
@@ -224,6 +225,49 @@ def check_reference(folder: str, manifest: dict) -> None:
             f"reference {name} sha256 mismatch: {digest[:12]}..., the manifest {expected[:12]}... "
             "(replaced or modified)"
         )
+
+
+def check_golden_raw(folder: str, manifest: dict, golden: dict[str, np.ndarray]) -> None:
+    """The raw golden pair JS and C readers use (export.golden_raw), when the manifest lists one:
+    both files inside the folder, each with the manifest's sha256, holding exactly the golden
+    file's arrays (names, dtypes, shapes, values)."""
+    if "golden_raw" not in manifest:
+        return
+    entry = manifest["golden_raw"]
+    if not isinstance(entry, dict):
+        raise ManifestError(f"manifest golden_raw must be an object, not {short(entry)}")
+    for name_key, digest_key in (("index", "index_sha256"), ("data", "sha256")):
+        path = path_inside(folder, entry.get(name_key), f"golden_raw {name_key}")
+        name, expected = entry[name_key], entry.get(digest_key)
+        if not _is_sha256(expected):
+            raise ManifestError(f"manifest golden_raw {digest_key} must be 64 hex digits, "
+                                f"not {short(expected)}")
+        if not os.path.isfile(path):
+            raise ManifestError(f"golden_raw {name_key} file {name} is missing")
+        try:
+            digest = sha256_path(path)
+        except OSError as e:
+            raise ManifestError(f"golden_raw {name_key} file {name} cannot be read: "
+                                f"{one_line(first_line(e))}") from e
+        if digest != expected.lower():
+            raise ManifestError(f"golden_raw {name_key} file {name} sha256 mismatch: "
+                                f"{digest[:12]}..., the manifest {expected.lower()[:12]}... "
+                                "(replaced or modified)")
+    try:
+        raw = read_golden_raw(folder, os.path.basename(entry["index"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ManifestError(f"golden_raw index {entry['index']} cannot be read: "
+                            f"{one_line(first_line(e))}") from e
+    if sorted(raw) != sorted(golden):
+        raise ManifestError(f"golden_raw holds {sorted(raw)}, the golden file {sorted(golden)}")
+    for key in sorted(golden):
+        a, b = golden[key], raw[key]
+        if a.dtype != b.dtype or a.shape != b.shape:
+            raise ManifestError(f"golden_raw array {key} is {b.dtype}{list(b.shape)}, the golden "
+                                f"file's {a.dtype}{list(a.shape)}")
+        if not np.array_equal(a, b):
+            raise ManifestError(f"golden_raw array {key} holds other values than the golden file's "
+                                f"({int(np.sum(a != b))} of {a.size} differ)")
 
 
 def path_inside(folder: str, relative: object, key: str) -> str:

@@ -756,3 +756,95 @@ def test_runtime_chatter_of_every_signature_goes_to_stderr(bucketed, monkeypatch
     assert captured.out == ""
     keys = (None, "len_2", "len_3", "serving_default")
     assert captured.err.splitlines() == [f"{step} {key}" for key in keys for step in ("loading", "running")]
+
+
+# -- the raw golden pair (export.golden_raw) that JS and C readers use --------------------------------
+
+
+def _raw(path: str) -> tuple[str, dict]:
+    return os.path.dirname(path), read(path)["golden_raw"]
+
+
+def _rewrite_raw_index(folder: str, entry: dict, change) -> dict:
+    """Edit the raw index, then re-record its sha256 (a forger who also edits the manifest)."""
+    index_path = os.path.join(folder, entry["index"])
+    index = read(index_path)
+    change(index)
+    write(index_path, index)
+    return {**entry, "index_sha256": publish.sha256_path(index_path)}
+
+
+def test_golden_raw_files_must_be_the_manifests(tiny):
+    _, paths = tiny
+    folder, entry = _raw(paths["onnx"])
+    data = os.path.join(folder, entry["data"])
+    with open(data, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    reason = verify.verify_manifest(paths["onnx"]).reason
+    assert reason.startswith(f"golden_raw data file {entry['data']} sha256 mismatch: "), reason
+    assert reason.endswith(f"..., the manifest {entry['sha256'][:12]}... (replaced or modified)")
+    # Its sibling (another format, same golden files) fails too: the pair is shared.
+    failed(verify.verify_manifest(paths["tflite"]), "golden_raw data file")
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing-index", "golden_raw index file {index} is missing"),
+    ("missing-data", "golden_raw data file {data} is missing"),
+    ("not-an-object", "manifest golden_raw must be an object, not 'x'"),
+    ("bad-digest", "manifest golden_raw sha256 must be 64 hex digits, not 'abc'"),
+    ("bad-index-digest", "manifest golden_raw index_sha256 must be 64 hex digits, not None"),
+    ("escaping-path", "refusing golden_raw data path '../x.bin': it leaves the manifest's folder"),
+])
+def test_golden_raw_entry_problems(tiny, case, expected):
+    _, paths = tiny
+    folder, entry = _raw(paths["onnx"])
+    if case == "missing-index":
+        os.remove(os.path.join(folder, entry["index"]))
+    elif case == "missing-data":
+        os.remove(os.path.join(folder, entry["data"]))
+    changes = {
+        "not-an-object": "x",
+        "bad-digest": {**entry, "sha256": "abc"},
+        "bad-index-digest": {k: v for k, v in entry.items() if k != "index_sha256"},
+        "escaping-path": {**entry, "data": "../x.bin"},
+    }
+    result = (edited(paths["onnx"], golden_raw=changes[case]) if case in changes
+              else verify.verify_manifest(paths["onnx"]))
+    failed_with(result, expected.format(**entry))
+
+
+def test_golden_raw_must_hold_the_golden_files_arrays(tiny):
+    _, paths = tiny
+    folder, entry = _raw(paths["onnx"])
+    renamed = _rewrite_raw_index(
+        folder, entry, lambda index: index["arrays"].update(extra=index["arrays"].pop("output")))
+    reason = edited(paths["onnx"], golden_raw=renamed).reason
+    assert reason == ("golden_raw holds ['extra', 'source1', 'source2'], "
+                      "the golden file ['output', 'source1', 'source2']"), reason
+
+
+def test_golden_raw_array_that_differs_is_named(tiny):
+    _, paths = tiny
+    folder, entry = _raw(paths["onnx"])
+
+    def as_int32(index):  # same bytes, read as another dtype: the values differ
+        index["arrays"]["output"]["dtype"] = "int32"
+    failed_with(edited(paths["onnx"], golden_raw=_rewrite_raw_index(folder, entry, as_int32)),
+                "golden_raw array output is int32[4, 2, 4], the golden file's float32[4, 2, 4]")
+
+
+def test_golden_raw_index_that_cannot_be_read(tiny):
+    _, paths = tiny
+    folder, entry = _raw(paths["onnx"])
+    forged = _rewrite_raw_index(folder, entry, lambda index: index.update(format="other"))
+    failed_with(edited(paths["onnx"], golden_raw=forged),
+                f"golden_raw index {entry['index']} cannot be read: "
+                f"{entry['index']} is not a xattn-golden-raw index")
+
+
+def test_a_manifest_without_golden_raw_still_verifies(tiny):
+    _, paths = tiny
+    assert edited(paths["onnx"], golden_raw=KeyError).status == "passed"

@@ -174,6 +174,7 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
     _check_artifact(artifact, fmt, manifest)
     golden_path = os.path.join(folder, manifest["golden"])
     golden = manifests.load_golden(golden_path, manifest, inputs + outputs)
+    manifests.check_golden_raw(folder, manifest, golden)
     manifests.check_reference(folder, manifest)
 
     # Integrity is settled before this point: a runtime never sees bytes whose sha256 is wrong.
