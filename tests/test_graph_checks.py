@@ -8,6 +8,7 @@ shown to refuse to publish a file its builder returned that breaks a rule.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -153,20 +154,30 @@ def test_onnx_check_rejects_a_file_that_is_not_onnx(tmp_path):
 
 @pytest.fixture(scope="module")
 def tflite_files(tmp_path_factory):
-    """name -> a tiny .tflite breaking one rule (or none: "ok")."""
+    """name -> a tiny .tflite breaking one rule (or none: "ok").
+
+    Under `make mutation` (a session per mutant) they are converted once, into XATTN_TEST_ARTIFACTS:
+    only TensorFlow's converter makes them, no code of this project.
+    """
     import tensorflow as tf
 
-    folder = tmp_path_factory.mktemp("tflite-rules")
+    keep = os.environ.get("XATTN_TEST_ARTIFACTS")
+    folder = Path(keep, "tflite-rules") if keep else tmp_path_factory.mktemp("tflite-rules")
+    folder.mkdir(parents=True, exist_ok=True)
 
     def convert(name, fn, shape, *, select=False, custom=False, dtype=tf.float32):
+        path = folder / f"{name}.tflite"
+        if path.is_file():
+            return str(path)
         concrete = tf.function(fn, input_signature=[tf.TensorSpec(shape, dtype)]).get_concrete_function()
         converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
         if select:
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
                                                    tf.lite.OpsSet.SELECT_TF_OPS]
         converter.allow_custom_ops = custom
-        path = folder / f"{name}.tflite"
-        path.write_bytes(converter.convert())
+        partial = folder / f"{name}.tflite.{os.getpid()}"
+        partial.write_bytes(converter.convert())
+        os.replace(partial, path)
         return str(path)
 
     def loop(x):
