@@ -39,8 +39,11 @@ coverage: $(MUTATION_STAMP)
 	$(PY) -m coverage report
 
 # The builds the tests share are kept in build/mutation-artifacts (made once, by unmutated code).
+# One module: make mutation MUTATE='export.publish*'. MUTATION_JOBS mutants at once (one a core).
+MUTATION_JOBS ?= 2
 mutation: $(MUTATION_STAMP)
-	XATTN_TEST_ARTIFACTS=$(CURDIR)/build/mutation-artifacts $(PY) -m mutmut run --max-children 1 $(MUTATE)
+	XATTN_TEST_ARTIFACTS=$(CURDIR)/build/mutation-artifacts $(PY) -m mutmut run \
+		--max-children $(MUTATION_JOBS) $(foreach pattern,$(MUTATE),'$(pattern)')
 	$(PY) -m mutmut results
 
 lint: $(STAMP)

@@ -12,7 +12,6 @@ import datetime as _dt
 import functools
 import hashlib
 import io
-import json
 import logging
 import os
 import platform
@@ -43,21 +42,18 @@ def sha256_path(path: str) -> str:
         digest = hashlib.sha256()
         _hash_file(digest, path)
         return digest.hexdigest()
-    entries = []
+    entries = []  # (relative POSIX path, is a folder, path on this system)
     for root, dirs, names in os.walk(path):
-        for name in dirs:
-            entries.append((_posix(os.path.relpath(os.path.join(root, name), path)), True))
-        for name in names:
-            entries.append((_posix(os.path.relpath(os.path.join(root, name), path)), False))
+        for name, is_dir in [(d, True) for d in dirs] + [(n, False) for n in names]:
+            full = os.path.join(root, name)
+            entries.append((_posix(os.path.relpath(full, path)), is_dir, full))
     digest = hashlib.sha256()
-    for rel, is_dir in sorted(entries):
-        full = os.path.join(path, *rel.split("/"))
+    for rel, is_dir, full in sorted(entries):
+        name = rel.encode(errors="surrogateescape")  # UTF-8; a name that is not UTF-8: its bytes
         if is_dir:
-            digest.update(b"dir\0" + rel.encode("utf-8", "surrogateescape") + b"\0")
+            digest.update(b"dir\0" + name + b"\0")
         else:
-            size = os.path.getsize(full)
-            digest.update(b"file\0" + rel.encode("utf-8", "surrogateescape") + b"\0"
-                          + str(size).encode() + b"\0")
+            digest.update(b"file\0" + name + b"\0" + str(os.path.getsize(full)).encode() + b"\0")
             _hash_file(digest, full)
     return digest.hexdigest()
 
@@ -68,7 +64,7 @@ def _posix(relative: str) -> str:
 
 def _hash_file(digest, path: str) -> None:
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        while block := f.read(1 << 20):  # 1 MiB at a time: a SavedModel's variables can be GBs
             digest.update(block)
 
 
@@ -82,15 +78,19 @@ def size_bytes(path: str) -> int:
 
 def write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     """An uncompressed .npz (np.load-able with allow_pickle=False) with reproducible bytes."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+    with zipfile.ZipFile(path, "w") as zf:
         for name in sorted(arrays):
             array = np.asarray(arrays[name])
-            if array.dtype == object:
+            if array.dtype.hasobject:  # object arrays, or structured ones with an object field
                 raise ValueError(f"refusing to write object array {name!r}")
             buffer = io.BytesIO()
             np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
-            info.external_attr = 0o644 << 16
+            # Every header field fixed (writestr takes them from the ZipInfo, not from ZipFile).
+            info = zipfile.ZipInfo(f"{name}.npy")
+            info.date_time = _ZIP_DATE
+            info.compress_type = zipfile.ZIP_STORED
+            info.create_system = 3  # made on Unix, whatever system writes it (ZipInfo's default varies)
+            info.external_attr = 0o644 << 16  # -rw-r--r--
             zf.writestr(info, buffer.getvalue())
 
 
@@ -119,12 +119,6 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace(
         "+00:00", "Z"
     )
-
-
-def write_json(path: str, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
 
 
 # -- staging and publishing ---------------------------------------------------------------------
@@ -189,8 +183,9 @@ def clean_stale(output_dir: str) -> list[str]:
             entry.startswith(STAGING_PREFIX) and os.path.isdir(path)
             and _lock_is_free(os.path.join(path, STAGE_LOCK_NAME))
         ):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(entry)
+            shutil.rmtree(path, ignore_errors=True)  # one that stays is tried again next time
+            if not os.path.lexists(path):
+                removed.append(entry)
     if removed:
         log.debug("removed stale folders of killed exports: %s", ", ".join(removed))
     return removed
@@ -229,14 +224,11 @@ def publish(stage: str, output_dir: str, names: list[str]) -> list[str]:
     for name in names:
         src = os.path.join(stage, name)
         dst = os.path.join(output_dir, name)
-        if os.path.isdir(src):
-            trash = None
-            if os.path.lexists(dst):
-                trash = tempfile.mkdtemp(prefix=f"{TRASH_PREFIX}{os.getpid()}-", dir=output_dir)
-                os.replace(dst, os.path.join(trash, name))
+        if os.path.isdir(src) and os.path.lexists(dst):
+            trash = tempfile.mkdtemp(prefix=f"{TRASH_PREFIX}{os.getpid()}-", dir=output_dir)
+            os.replace(dst, os.path.join(trash, name))
             os.replace(src, dst)
-            if trash:
-                shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(trash, ignore_errors=True)  # if it stays, the next export's clean_stale
         else:
             os.replace(src, dst)
         published.append(dst)

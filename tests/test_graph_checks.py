@@ -8,15 +8,16 @@ shown to refuse to publish a file its builder returned that breaks a rule.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from export import cli
 from export.errors import GraphCheckError
-from export.onnx.check import check_onnx_graph
+from export.onnx.check import check_onnx_graph, onnx_op_types
 from export.tflite import check as tflite_check
 from export.tflite.check import check_tflite_graph
 
@@ -153,20 +154,30 @@ def test_onnx_check_rejects_a_file_that_is_not_onnx(tmp_path):
 
 @pytest.fixture(scope="module")
 def tflite_files(tmp_path_factory):
-    """name -> a tiny .tflite breaking one rule (or none: "ok")."""
+    """name -> a tiny .tflite breaking one rule (or none: "ok").
+
+    Under `make mutation` (a session per mutant) they are converted once, into XATTN_TEST_ARTIFACTS:
+    only TensorFlow's converter makes them, no code of this project.
+    """
     import tensorflow as tf
 
-    folder = tmp_path_factory.mktemp("tflite-rules")
+    keep = os.environ.get("XATTN_TEST_ARTIFACTS")
+    folder = Path(keep, "tflite-rules") if keep else tmp_path_factory.mktemp("tflite-rules")
+    folder.mkdir(parents=True, exist_ok=True)
 
     def convert(name, fn, shape, *, select=False, custom=False, dtype=tf.float32):
+        path = folder / f"{name}.tflite"
+        if path.is_file():
+            return str(path)
         concrete = tf.function(fn, input_signature=[tf.TensorSpec(shape, dtype)]).get_concrete_function()
         converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
         if select:
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
                                                    tf.lite.OpsSet.SELECT_TF_OPS]
         converter.allow_custom_ops = custom
-        path = folder / f"{name}.tflite"
-        path.write_bytes(converter.convert())
+        partial = folder / f"{name}.tflite.{os.getpid()}"
+        partial.write_bytes(converter.convert())
+        os.replace(partial, path)
         return str(path)
 
     def loop(x):
@@ -217,6 +228,33 @@ def test_tflite_forbidden_op_names(tflite_files, monkeypatch, op):
     monkeypatch.setattr(tflite_check, "tflite_op_names", lambda path: ["FULLY_CONNECTED", op, "ADD"])
     with pytest.raises(GraphCheckError, match=rf"non-builtin or dynamic ops \['{op}'\]"):
         check_tflite_graph(tflite_files["ok"])
+
+
+class FakeInterpreter:
+    """LiteRT's Interpreter as check_tflite_graph sees it: tensors with these shape signatures."""
+
+    signatures: dict = {}
+
+    def __init__(self, model_path):
+        self.model_path = model_path
+
+    def get_tensor_details(self):
+        return [{"name": n, "shape_signature": np.array(s, np.int32)} for n, s in self.signatures.items()]
+
+
+def test_tflite_dynamic_means_minus_one_and_five_names_are_listed(tflite_files, monkeypatch):
+    """A zero-size axis is static (only -1 marks a dynamic one); of many dynamic tensors, the
+    first five are named."""
+    monkeypatch.setattr(tflite_check, "tflite_op_names", lambda path: ["MUL"])
+    monkeypatch.setattr(tflite_check, "Interpreter", FakeInterpreter)
+    monkeypatch.setattr(FakeInterpreter, "signatures", {"x": [1, 4], "empty": [1, 0], "scalar": []})
+    check_tflite_graph(tflite_files["ok"])
+    dynamic = {f"t{i}": [-1, 4] for i in range(7)}
+    monkeypatch.setattr(FakeInterpreter, "signatures", {"x": [1, 4], **dynamic})
+    with pytest.raises(GraphCheckError) as info:
+        check_tflite_graph(tflite_files["ok"])
+    assert str(info.value) == (f"{tflite_files['ok']}: tensors with a dynamic shape: "
+                               "['t0', 't1', 't2', 't3', 't4']")
 
 
 def test_tflite_check_rejects_a_file_that_is_not_tflite(tmp_path):
@@ -324,6 +362,26 @@ def test_onnx_check_looks_inside_local_functions(tmp_path):
     onnx.save(model, path)
     with pytest.raises(GraphCheckError, match=r"run-time shape ops in a fixed-batch graph: \['Shape'\]"):
         check_onnx_graph(path, fixed_batch=True, **NAMES)
+
+
+def test_onnx_rules_read_the_graph_never_the_weights(tmp_path, monkeypatch):
+    """Weights in external data (beside a model over 2 GB) are not loaded to check the graph:
+    onnx.checker checks the data file is there, the rules read only the graph."""
+    weights = numpy_helper.from_array(np.ones((1, 3, 4), np.float32), "w")
+    path = onnx_file(tmp_path / "ext.onnx", [helper.make_node("Add", ["source1", "w"], ["output"])],
+                     initializers=[weights])
+    onnx.save_model(onnx.load(path), path, save_as_external_data=True, location="ext.weights",
+                    size_threshold=0)
+    assert os.path.getsize(tmp_path / "ext.weights") == 12 * 4  # the weights are out of the .onnx
+    loaded = []
+    real = onnx.load_external_data_for_model
+    monkeypatch.setattr(onnx, "load_external_data_for_model",
+                        lambda model, base_dir: (loaded.append(base_dir), real(model, base_dir))[1])
+    check_onnx_graph(path, fixed_batch=True, **NAMES)
+    assert onnx_op_types(path) == ["Add"]
+    assert loaded == []
+    onnx.load(path)
+    assert loaded == [str(tmp_path)]  # the spy does see a load that reads the weights
 
 
 def test_onnx_symbolic_axes_default_for_unlisted_tensors(tmp_path):

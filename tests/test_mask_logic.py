@@ -83,6 +83,26 @@ def test_causal_mask_known_and_unknown_lengths(q_len, kv_len):
     np.testing.assert_array_equal(traced(s1, s2).numpy(), want)
 
 
+@pytest.mark.parametrize("q_len,kv_len", [(4, 5), (None, 5), (4, None)], ids=["known", "q-free", "kv-free"])
+def test_causal_mask_is_bool_and_a_constant_only_when_both_lengths_are_known(q_len, kv_len):
+    """Both lengths known (the batch free): one bool constant in the graph, nothing computed at
+    run time; either length unknown: computed, the same lower triangle of bools."""
+
+    @tf.function(input_signature=[tf.TensorSpec((None, q_len, F)), tf.TensorSpec((None, kv_len, F))])
+    def traced(a, b):
+        return layer_module._causal_mask(a, b)
+
+    concrete = traced.get_concrete_function()
+    graph_ops = {op.type for op in concrete.graph.get_operations()}
+    assert concrete.outputs[0].dtype == tf.bool
+    if q_len and kv_len:
+        assert graph_ops == {"Placeholder", "Const", "Identity"}, graph_ops
+    else:
+        assert {"Shape", "Range", "GreaterEqual"} <= graph_ops, graph_ops
+    s1, s2 = np.zeros((2, 4, F), "float32"), np.zeros((2, 5, F), "float32")
+    np.testing.assert_array_equal(traced(s1, s2).numpy(), np.tril(np.ones((1, 4, 5), bool)))
+
+
 def test_layer_causal_at_unknown_lengths_matches_known(layer, inputs):
     expected, expected_scores = layer(inputs, use_causal_mask=True, return_attention_scores=True)
 

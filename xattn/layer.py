@@ -393,6 +393,6 @@ def _causal_mask(source1, source2):
         return ops.convert_to_tensor(np.tril(np.ones((1, q_len, kv_len), dtype=bool)))
     q_len = ops.shape(source1)[1]
     kv_len = ops.shape(source2)[1]
-    rows = ops.expand_dims(ops.arange(q_len), -1)
+    rows = ops.expand_dims(ops.arange(q_len), 1)
     cols = ops.expand_dims(ops.arange(kv_len), 0)
     return ops.expand_dims(ops.greater_equal(rows, cols), 0)

@@ -18,8 +18,13 @@ ONNX_SHAPE_OPS = frozenset(
 )
 
 
+def _graph(path: str) -> onnx.ModelProto:
+    """The model without its external data: the rules read the graph, never the weights."""
+    return onnx.load(path, load_external_data=False)
+
+
 def onnx_op_types(path: str) -> list[str]:
-    model = onnx.load(path, load_external_data=False)
+    model = _graph(path)
     ops = [n.op_type for n in model.graph.node]
     for fn in model.functions:
         ops.extend(n.op_type for n in fn.node)
@@ -51,11 +56,10 @@ def check_onnx_graph(path: str, *, fixed_batch: bool, input_names: list[str],
         reason = str(e)
         unknown = re.search(r"No Op registered for (\w+)", reason)
         if unknown:  # an op tf2onnx passed through: name the nodes (their names hold the scope)
-            nodes = [n.name for n in onnx.load(path, load_external_data=False).graph.node
-                     if n.op_type == unknown.group(1)]
+            nodes = [n.name for n in _graph(path).graph.node if n.op_type == unknown.group(1)]
             reason = f"op {unknown.group(1)} is not an ONNX op (nodes {nodes[:3]})"
         raise GraphCheckError(f"{path}: onnx.checker rejects the model: {reason}") from e
-    model = onnx.load(path, load_external_data=False)
+    model = _graph(path)
     got_inputs = [i.name for i in model.graph.input]
     got_outputs = [o.name for o in model.graph.output]
     if got_inputs != input_names or got_outputs != output_names:
