@@ -783,9 +783,10 @@ def test_golden_raw_files_must_be_the_manifests(tiny):
         last = f.read(1)
         f.seek(-1, os.SEEK_END)
         f.write(bytes([last[0] ^ 1]))
-    reason = verify.verify_manifest(paths["onnx"]).reason
-    assert reason.startswith(f"golden_raw data file {entry['data']} sha256 mismatch: "), reason
-    assert reason.endswith(f"..., the manifest {entry['sha256'][:12]}... (replaced or modified)")
+    now = publish.sha256_path(data)[:12]
+    failed_with(verify.verify_manifest(paths["onnx"]),
+                f"golden_raw data file {entry['data']} sha256 mismatch: {now}..., the manifest "
+                f"{entry['sha256'][:12]}... (replaced or modified)")
     # Its sibling (another format, same golden files) fails too: the pair is shared.
     failed(verify.verify_manifest(paths["tflite"]), "golden_raw data file")
 
@@ -848,3 +849,35 @@ def test_golden_raw_index_that_cannot_be_read(tiny):
 def test_a_manifest_without_golden_raw_still_verifies(tiny):
     _, paths = tiny
     assert edited(paths["onnx"], golden_raw=KeyError).status == "passed"
+
+
+def test_golden_raw_value_that_differs_is_counted(tiny):
+    _, paths = tiny
+    folder, entry = _raw(paths["onnx"])
+    index = read(os.path.join(folder, entry["index"]))
+    data = os.path.join(folder, entry["data"])
+    with open(data, "r+b") as f:  # the first float32 of `output`, one more
+        f.seek(index["arrays"]["output"]["offset"])
+        value = np.frombuffer(f.read(4), "<f4")[0]
+        f.seek(index["arrays"]["output"]["offset"])
+        f.write(np.array([value + 1], "<f4").tobytes())
+    index["sha256"] = publish.sha256_path(data)
+    write(os.path.join(folder, entry["index"]), index)
+    forged = {**entry, "sha256": index["sha256"],
+              "index_sha256": publish.sha256_path(os.path.join(folder, entry["index"]))}
+    failed_with(edited(paths["onnx"], golden_raw=forged),
+                "golden_raw array output holds other values than the golden file's (1 of 32 differ)")
+
+
+def test_golden_raw_file_that_cannot_be_read(tiny, monkeypatch):
+    _, paths = tiny
+    _, entry = _raw(paths["onnx"])
+    real = manifests.sha256_path
+
+    def refuse_raw(path):
+        if path.endswith(".golden.bin"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+    monkeypatch.setattr(manifests, "sha256_path", refuse_raw)
+    failed_with(verify.verify_manifest(paths["onnx"]),
+                f"golden_raw data file {entry['data']} cannot be read: [Errno 13] Permission denied")
