@@ -162,6 +162,11 @@ def write_case(folder: str, manifest: dict, artifact: str, golden: bytes) -> str
     reference = os.path.join(os.path.dirname(artifact), str(manifest.get("reference")))
     if os.path.isfile(reference):  # the reference .keras the manifest's reference_sha256 covers
         shutil.copyfile(reference, os.path.join(folder, manifest["reference"]))
+    raw = manifest.get("golden_raw")
+    for name in (raw.get("index"), raw.get("data")) if isinstance(raw, dict) else ():
+        source = os.path.join(os.path.dirname(artifact), str(name))
+        if os.path.isfile(source):  # the raw golden pair for JS readers (export.golden_raw)
+            shutil.copyfile(source, os.path.join(folder, name))
     path = os.path.join(folder, manifest["artifact"] + ".json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(manifest, f)
