@@ -23,14 +23,18 @@ TINY = dict(units=4, heads=1, query_len=2, kv_len=3, query_features=3, kv_featur
 FORMATS = ("onnx", "tflite")
 
 
-@pytest.fixture()
-def tiny(artifact_factory, tmp_path):
-    """(folder, {fmt: manifest path}) of a private copy of the tiny set."""
-    out, results = artifact_factory(formats=FORMATS, **TINY)
-    folder = str(tmp_path / "set")
+def private_copy(artifact_factory, folder: str, **fields) -> tuple[str, dict[str, str]]:
+    """(folder, {fmt: manifest path}) of a private copy of a shared build, free to damage."""
+    out, results = artifact_factory(formats=FORMATS, **fields)
     shutil.copytree(out, folder)
     return folder, {fmt: os.path.join(folder, os.path.basename(r.manifest_path))
                     for fmt, r in results.items()}
+
+
+@pytest.fixture()
+def tiny(artifact_factory, tmp_path):
+    """(folder, {fmt: manifest path}) of a private copy of the tiny set."""
+    return private_copy(artifact_factory, str(tmp_path / "set"), **TINY)
 
 
 def edited(path: str, **changes) -> verify.VerifyResult:
@@ -630,11 +634,7 @@ BUCKETED = dict(units=4, heads=1, query_features=3, kv_features=2, lengths=((2, 
 @pytest.fixture()
 def bucketed(artifact_factory, tmp_path):
     """(folder, {fmt: manifest path}) of a private copy of a tiny set with lengths 2 and 3."""
-    out, results = artifact_factory(formats=FORMATS, **BUCKETED)
-    folder = str(tmp_path / "bucketed")
-    shutil.copytree(out, folder)
-    return folder, {fmt: os.path.join(folder, os.path.basename(r.manifest_path))
-                    for fmt, r in results.items()}
+    return private_copy(artifact_factory, str(tmp_path / "bucketed"), **BUCKETED)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
