@@ -213,16 +213,21 @@ def check_reference(folder: str, manifest: dict) -> None:
         return
     name = manifest["reference"]
     path = path_inside(folder, name, "reference")
+    _check_file_sha256(path, f"reference {name}", manifest["reference_sha256"])
+
+
+def _check_file_sha256(path: str, label: str, expected: str) -> None:
+    """The file at `path` (named `label` in messages) is there, readable, and has sha256 `expected`."""
     if not os.path.isfile(path):
-        raise ManifestError(f"reference {name} is missing")
+        raise ManifestError(f"{label} is missing")
     try:
         digest = sha256_path(path)
     except OSError as e:
-        raise ManifestError(f"reference {name} cannot be read: {one_line(first_line(e))}") from e
-    expected = manifest["reference_sha256"].lower()
+        raise ManifestError(f"{label} cannot be read: {one_line(first_line(e))}") from e
+    expected = expected.lower()
     if digest != expected:
         raise ManifestError(
-            f"reference {name} sha256 mismatch: {digest[:12]}..., the manifest {expected[:12]}... "
+            f"{label} sha256 mismatch: {digest[:12]}..., the manifest {expected[:12]}... "
             "(replaced or modified)"
         )
 
@@ -242,17 +247,7 @@ def check_golden_raw(folder: str, manifest: dict, golden: dict[str, np.ndarray])
         if not _is_sha256(expected):
             raise ManifestError(f"manifest golden_raw {digest_key} must be 64 hex digits, "
                                 f"not {short(expected)}")
-        if not os.path.isfile(path):
-            raise ManifestError(f"golden_raw {name_key} file {name} is missing")
-        try:
-            digest = sha256_path(path)
-        except OSError as e:
-            raise ManifestError(f"golden_raw {name_key} file {name} cannot be read: "
-                                f"{one_line(first_line(e))}") from e
-        if digest != expected.lower():
-            raise ManifestError(f"golden_raw {name_key} file {name} sha256 mismatch: "
-                                f"{digest[:12]}..., the manifest {expected.lower()[:12]}... "
-                                "(replaced or modified)")
+        _check_file_sha256(path, f"golden_raw {name_key} file {name}", expected)
     try:
         raw = read_golden_raw(folder, os.path.basename(entry["index"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
