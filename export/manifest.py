@@ -59,20 +59,30 @@ def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha2
     """The manifest of one published artifact, fields in a fixed order.
 
     Args:
-        fmt: the format's name. spec: its `ArtifactSpec` or `ModelSpec`. built: the builder's
-        `Built` (path and format facts: `opset`, `io_quantization`). facts: what the reference
-        says of itself (the layer: `config`, `shapes`, `masks`; a model: `model`). layout: the
-        head layout of its graph (a model: per folded layer). reference_sha256: of the reference
-        `.keras` as published. golden_sha256: of the golden file. golden_raw: the
-        same vectors as raw buffers and a JSON index (export.golden_raw). parity: the
-        metrics and gate it passed. quantization: `quantization_entry(...)`. weights: where the
-        weights came from. versions: converters and runtimes. created: a UTC timestamp.
-        sha256, size: of the artifact. reference_sha256: of the reference `.keras` as written.
-        golden_name: the golden file when it is not the spec's
-        own (a file with several lengths: that of `serving_default` or the largest length).
+        fmt: the format's name.
+        spec: its `ArtifactSpec` or `ModelSpec`.
+        built: the builder's `Built` (path and format facts: `opset`, `io_quantization`).
+        facts: what the reference says of itself (the layer: `config`, `shapes`, `masks`; a
+            model: `model`).
+        layout: the head layout of its graph (a model: per folded layer).
+        reference_sha256: of the reference `.keras` as published.
+        golden_sha256: of the golden file.
+        golden_raw: the same vectors as raw buffers and a JSON index (export.golden_raw).
+        parity: the metrics and gate it passed.
+        quantization: `quantization_entry(...)`.
+        weights: where the weights came from.
+        versions: converters and runtimes.
+        created: a UTC timestamp.
+        sha256: of the artifact.
+        size: of the artifact, in bytes.
+        deployment: where the file will run (export.deployment), when measured.
+        file_metadata: the facts written inside the file (export.metadata), when any.
+        golden_name: the golden file when it is not the spec's own (a file with several
+            lengths: that of `serving_default` or the largest length).
         signatures: a file with several lengths (export.buckets): one entry per signature or
-        checked length, {key, signature (null: the file's only graph), inputs, outputs, golden,
-        golden_sha256, parity}; the top-level inputs, outputs and golden are `serving_default`'s.
+            checked length, `{key, signature (null: the file's only graph), inputs, outputs,
+            golden, golden_sha256, parity}`; the top-level inputs, outputs and golden are
+            `serving_default`'s.
     """
     io_quant = built.facts.get("io_quantization", {})
     inputs = [_tensor_entry(i.as_json(), io_quant) for i in spec.inputs()]
