@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 artifacts: $(STAMP)
 	$(PY) -m export
 
-test: $(STAMP)
-	$(PY) -m pytest
+# Chromium first (apt-get where missing): tests/test_docs_site.py opens the docs site in it, and
+# fails rather than skips without it.
+test: $(STAMP) chromium
+	CHROMIUM=$(CHROMIUM) $(PY) -m pytest
 
 # Tests that can fail (README, Development): coverage of the whole suite, the CLI subprocesses
 # counted ([tool.coverage.run] patch = subprocess), and mutation testing of the modules that
@@ -52,7 +54,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 lint: $(STAMP)
-	$(PY) -m ruff check xattn export tests examples
+	$(PY) -m ruff check xattn export tests examples docs
 
 bench: $(STAMP)
 	$(PY) -m export.bench --batch 1,32 --threads 1 --lengths 10,64,256 --startup

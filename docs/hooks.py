@@ -71,8 +71,7 @@ def _flag(action: argparse.Action) -> str:
         return names
     value = action.metavar or (("{" + ",".join(action.choices) + "}") if action.choices
                                else action.dest.upper())
-    value = str(value).replace("|", "\\|")
-    return f"{names} `{value}`" if action.option_strings else names
+    return f"{names} `{value}`" if action.option_strings else names  # a code span keeps its `|`
 
 
 def _help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -187,6 +188,29 @@ def test_bucketed_runner_matches_the_layer(bucketed):
     assert runner.buckets == ((4, 4), (8, 8)) and runner.bucket_for(3, 5) == (8, 8)
     with pytest.raises(InputError, match="fits no bucket"):
         runner.run([np.zeros((9, 6))], [np.zeros((2, 7))])
+
+
+def test_docs_bucketed_runner_example_runs(bucketed):
+    """The docs' BucketedRunner example as written, on the small bucketed file (lengths 4, 8)."""
+    from doc_pages import block
+
+    from export.bucketed import BucketedRunner
+
+    out, results = bucketed
+    code = block("python", "BucketedRunner(")
+    path = re.search(r'BucketedRunner\("(artifacts/[^"]+)"', code).group(1)
+    rng = np.random.default_rng(5)
+    scope = {"query_a": rng.standard_normal((3, 6), dtype=np.float32),
+             "query_b": rng.standard_normal((8, 6), dtype=np.float32),
+             "memory_a": rng.standard_normal((2, 7), dtype=np.float32),
+             "memory_b": rng.standard_normal((5, 7), dtype=np.float32)}
+    exec(compile(code.replace(path, results["tflite"].path), "docs (BucketedRunner)", "exec"), scope)
+    outputs = scope["outputs"]
+    assert [o["output"].shape for o in outputs] == [(3, 8), (8, 8)]
+    want = BucketedRunner(results["onnx"].path).run([scope["query_a"], scope["query_b"]],
+                                                    [scope["memory_a"], scope["memory_b"]])
+    for got, expected in zip(outputs, want):
+        np.testing.assert_allclose(got["output"], expected["output"], atol=1e-4)
 
 
 def test_bucketed_runner_imports_no_tensorflow():

@@ -236,13 +236,10 @@ def test_int8_onnx_and_ort_are_weight_only_within_1e_2(tmp_path):
 
 
 def test_readme_metadata_example_runs(artifact_factory, capsys):
-    import re
-
-    from conftest import REPO
+    from doc_pages import block
 
     out_dir, _ = artifact_factory(formats=("tflite", "onnx"))
-    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "get_modelmeta" in b]
-    exec(compile(block.replace('"artifacts/', f'"{out_dir}/'), "README.md (metadata)", "exec"), {})
+    code = block("python", "get_modelmeta")
+    exec(compile(code.replace('"artifacts/', f'"{out_dir}/'), "docs (metadata)", "exec"), {})
     out = capsys.readouterr().out
     assert out.startswith(f"xattn {__version__}\n") and "tflite 1 " in out

@@ -1,7 +1,8 @@
 """Which Keras layers export in which format: a small model around each (tests/layer_zoo.py) goes
-through `python -m export --model` for real, and the README's table is this test's output.
+through `python -m export --model` for real, and the docs' table (docs/exporting/models.md) is
+this test's output.
 
-Regenerate the README's table after a change: `XATTN_WRITE_LAYER_TABLE=1 pytest tests/test_layer_table.py`.
+Regenerate the table after a change: `XATTN_WRITE_LAYER_TABLE=1 pytest tests/test_layer_table.py`.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def test_every_layer_but_the_unsafe_and_the_non_builtin_exports(table):
 
 
 def test_readme_table_is_this_tests_output(table):
-    readme_path = os.path.join(REPO, "README.md")
+    from doc_pages import page_holding
+
+    readme_path = page_holding(START)  # docs/exporting/models.md
     with open(readme_path, encoding="utf-8") as f:
         readme = f.read()
     rendered = f"{START}\n{render(table)}\n{END}"
@@ -116,4 +119,5 @@ def test_readme_table_is_this_tests_output(table):
                         flags=re.S)
         with open(readme_path, "w", encoding="utf-8") as f:
             f.write(readme)
-    assert rendered in readme, f"README's layer table is stale; the test produced:\n{rendered}"
+    page = os.path.relpath(readme_path, REPO)
+    assert rendered in readme, f"{page}'s layer table is stale; the test produced:\n{rendered}"

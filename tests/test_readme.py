@@ -1,20 +1,40 @@
-"""The README's Python examples run as written (paths pointed at freshly built artifacts)."""
+"""The Python examples of the README and the docs pages run as written (paths pointed at freshly
+built artifacts), and every Python or JS block on those pages is run by a named test."""
 
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
+from doc_pages import REPO, block, blocks
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(REPO, "README.md")
 PADDED_EXAMPLE = os.path.join(REPO, "docs", "examples", "tflite_padded_batch.py")
 
+# What each runnable block holds -> the test that runs it. A new Python or JS block on any page
+# needs a line here, and a test.
+TESTED_BLOCKS = {
+    "python": {
+        "CrossAttention(units=64": "tests/test_readme.py::test_layer_example_runs",
+        "providers=[\"CPUExecutionProvider\"]":
+            "tests/test_readme.py::test_running_the_files_example_runs",
+        "def pad(": "tests/test_masks.py::test_readme_example_runs (docs/examples/tflite_padded_batch.py)",
+        "get_modelmeta": "tests/test_edge.py::test_readme_metadata_example_runs",
+        "tritonclient.http as httpclient": "tests/test_serve.py::test_readme_example_runs",
+        "BucketedRunner(": "tests/test_buckets.py::test_docs_bucketed_runner_example_runs",
+    },
+    "js": {"onnxruntime-web": "web/test/readme.test.mjs"},
+}
 
-def python_blocks() -> list[str]:
-    with open(README, encoding="utf-8") as f:
-        return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+
+def test_every_python_and_js_block_is_run_by_a_test():
+    for lang, needles in TESTED_BLOCKS.items():
+        found = blocks(lang)
+        assert found, f"no {lang} block on any page"
+        for page, code in found:
+            claimed = [n for n in needles if n in code]
+            assert len(claimed) == 1, f"a {lang} block on {page} is run by {len(claimed)} tests:\n{code}"
+        for needle in needles:
+            assert any(needle in code for _, code in found), f"no {lang} block holds {needle!r}"
 
 
 def test_layer_example_runs():
@@ -22,9 +42,9 @@ def test_layer_example_runs():
     stay so with every weight random and non-zero (Keras's zero biases would hide a lost bias)."""
     from test_layer import Fusionlab
 
-    (block,) = [b for b in python_blocks() if "CrossAttention(units=64" in b]
+    code = block("python", "CrossAttention(units=64")
     scope: dict = {}
-    exec(compile(block, "README.md (layer example)", "exec"), scope)
+    exec(compile(code, "docs (layer example)", "exec"), scope)
     assert tuple(scope["out"].shape) == (32, 10, 64)
     assert tuple(scope["scores"].shape) == (32, 4, 10, 12)
     layer, inputs = scope["layer"], [scope["source1"], scope["source2"]]
@@ -53,10 +73,10 @@ def test_layer_example_runs():
 
 def test_running_the_files_example_runs(artifact_factory):
     out_dir, _ = artifact_factory(formats=("tflite", "onnx"))
-    (block,) = [b for b in python_blocks() if "InferenceSession" in b and "get_modelmeta" not in b]
+    code = block("python", 'providers=["CPUExecutionProvider"]')
     scope: dict = {}
-    code = block.replace('"artifacts/', f'"{out_dir}/')
-    exec(compile(code, "README.md (running the files)", "exec"), scope)
+    code = code.replace('"artifacts/', f'"{out_dir}/')
+    exec(compile(code, "docs (running the files)", "exec"), scope)
     assert scope["output"].shape == (1, 10, 64)
     # Both files give the published Keras reference's values on the example's inputs.
     import keras
@@ -73,8 +93,7 @@ def test_running_the_files_example_runs(artifact_factory):
 
 
 def test_padded_batch_example_is_the_tested_file():
-    """tests/test_masks.py runs docs/examples/tflite_padded_batch.py; the README shows its code."""
-    (block,) = [b for b in python_blocks() if "def pad(" in b]
+    """tests/test_masks.py runs docs/examples/tflite_padded_batch.py; the docs show its code."""
     with open(PADDED_EXAMPLE, encoding="utf-8") as f:
         example = f.read()
-    assert block.strip() in example
+    assert block("python", "def pad(").strip() in example

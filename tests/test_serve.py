@@ -202,15 +202,13 @@ def test_gzip_request_body(client, golden):
 
 
 def test_readme_example_runs(server, capsys):
-    """The README's tritonclient example, as written, against this server."""
-    import re
+    """The docs' tritonclient example, as written, against this server."""
+    from doc_pages import block
 
     _, port, _ = server
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        (block,) = [b for b in re.findall(r"```python\n(.*?)```", f.read(), re.S)
-                    if "tritonclient.http as httpclient" in b]
+    code = block("python", "tritonclient.http as httpclient")
     scope: dict = {}
-    exec(compile(block.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), "README.md", "exec"), scope)
+    exec(compile(code.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), "docs (tritonclient)", "exec"), scope)
     assert scope["output"].shape == (2, 10, 64) and np.isfinite(scope["output"]).all()
     assert "'shape': [-1, 10, 64]" in capsys.readouterr().out
 

@@ -414,9 +414,9 @@ def test_weights_files_that_misled(tmp_path, capsys):
 
 
 def test_readme_and_make_clean():
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    assert "before anything is built" not in readme
+    from doc_pages import all_text
+
+    assert "before anything is built" not in all_text()
     with open(os.path.join(REPO, "Makefile"), encoding="utf-8") as f:
         makefile = f.read()
     clean = re.search(r"^clean:\n((?:\t.*\n)+)", makefile, re.M).group(1)
@@ -533,12 +533,12 @@ def test_bad_sign_key_fails_before_building(tmp_path, capsys):
 
 
 def test_readme_key_generation_commands_work(tmp_path):
-    """The README's two openssl commands make a key pair that signs and verifies."""
+    """The docs' two openssl commands make a key pair that signs and verifies."""
+    from doc_pages import all_text
+
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    commands = re.findall(r"^(openssl .*?)(?:\s+#.*)?$", readme, re.M)
+    commands = list(dict.fromkeys(re.findall(r"^(openssl .*?)(?:\s+#.*)?$", all_text(), re.M)))
     assert len(commands) == 2, commands
     for command in commands:
         subprocess.run(command, shell=True, cwd=tmp_path, check=True, capture_output=True)

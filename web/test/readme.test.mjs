@@ -1,5 +1,5 @@
-// The README's browser snippet runs as written in headless Chromium (the CDN URL pointed at the
-// onnxruntime-web that npm installed, the model at the artifacts folder).
+// The docs' browser snippet (on README.md or a docs/ page) runs as written in headless Chromium
+// (the CDN URL pointed at the onnxruntime-web that npm installed, the model at the artifacts folder).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -14,9 +14,18 @@ const MODEL = 'xattn_u64_h4_q10x64_kv10x64.onnx';
 const chromium = findChromium();
 const skip = !chromium ? 'no Chromium' : !fs.existsSync(path.join(ARTIFACTS, MODEL)) ? `no ${MODEL} in ${ARTIFACTS}` : false;
 
-test('README browser snippet', { skip }, async () => {
-  const readme = fs.readFileSync(path.join(WEB, '..', 'README.md'), 'utf8');
-  const blocks = [...readme.matchAll(/```js\n(.*?)```/gs)].map((m) => m[1]).filter((b) => b.includes('onnxruntime-web'));
+// README.md and every page of the docs site (docs/**/*.md).
+function docPages() {
+  const repo = path.join(WEB, '..');
+  const docs = fs.readdirSync(path.join(repo, 'docs'), { recursive: true })
+    .filter((name) => name.endsWith('.md')).map((name) => path.join(repo, 'docs', name));
+  return [path.join(repo, 'README.md'), ...docs];
+}
+
+test('docs browser snippet', { skip }, async () => {
+  // The block may sit on any page; shown on two, it is the same text on both.
+  const blocks = [...new Set(docPages().flatMap((page) => [...fs.readFileSync(page, 'utf8').matchAll(/```js\n(.*?)```/gs)]
+    .map((m) => m[1]).filter((b) => b.includes('onnxruntime-web'))))];
   assert.equal(blocks.length, 1);
   assert.equal(blocks[0].trim().split('\n').length, 5);
   const code = blocks[0]
