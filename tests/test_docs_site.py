@@ -13,6 +13,7 @@ import http.server
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,6 +128,18 @@ def test_manifest_page_lists_a_real_manifests_keys_in_order(artifact_factory):
     # The spreads (the reference's and the format's facts) fill the gaps; the named keys keep order.
     assert [k for k in written if k in named] == [k for k in named if k in written]
     assert set(written) - set(named) <= {"config", "shapes", "masks", "model", "opset"}, written
+
+
+def test_readme_links_resolve():
+    """mkdocs checks the site's links; README.md is not part of the site, so this checks its own:
+    every relative link names a file of the repo (GitHub shows docs/*.md as pages)."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    relative = [link.split("#")[0] for link in links if not link.startswith(("http://", "https://", "#"))]
+    assert relative, "README.md links to no docs page"
+    for link in relative:
+        assert os.path.exists(os.path.join(REPO, link)), f"README.md links to {link}, which does not exist"
 
 
 def _heading(page) -> str:
