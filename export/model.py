@@ -6,36 +6,41 @@ inference function traces the model as Keras runs it, with two changes: every we
 constant (Keras' `StatelessScope`: no variables for a converter to lose), and every
 `CrossAttention` inside runs the folded computation of `export.graph.folded_attention` — the
 same implementation as the lone layer's artifacts — with whatever masks reach it.
+
+Here: the artifact's spec (ModelSpec) and the reference (ModelReference). Loading the file and
+its sample inputs is export.model_load; the rewrites in force while tracing, export.model_rewrites.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
 import logging
 import os
 import re
 import shutil
-import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from export.errors import ConversionError, ExportError, SpecError, WeightsError, first_line
-from export.graph import FoldedWeights, fold_weights, folded_attention, preferred_layout
+from export.errors import ConversionError, ExportError, SpecError, first_line
+from export.graph import FoldedWeights, fold_weights
+from export.model_load import _flat_outputs, _shape_text, _structured
+from export.model_rewrites import (
+    _broadcast_dense,
+    _folded_cross_attention,
+    _fusable_layer_norm,
+    _fused_layer_norms,
+    _plain_dense,
+    _unrolled,
+)
 from export.publish import sha256_path
 from export.reference import GOLDEN_SEED
-from export.spec import _NAME_RE, ArtifactNames, ArtifactSpec, TensorInfo
+from export.spec import ArtifactNames, TensorInfo
 from xattn import CrossAttention
 
 log = logging.getLogger("export")
-
-# Dtypes a model input may have in an artifact, by what Keras reports.
-_INPUT_DTYPES = {"float32": "float32", "bool": "bool", "int32": "int32", "int64": "int64"}
 
 
 @dataclass(frozen=True)
@@ -87,177 +92,6 @@ class ModelSpec(ArtifactNames):
             out += f" quantize={self.quantize}" + (" int8-io" if self.int8_io else "")
         return out
 
-
-def _shape_text(shape) -> str:
-    return "(" + ", ".join("B" if i == 0 else str(d) for i, d in enumerate(shape)) + ")"
-
-
-# -- loading -----------------------------------------------------------------------------------
-
-
-def import_modules(names: list[str]) -> None:
-    """Import the user's modules (`--import`), so their registered custom layers load."""
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # noqa: BLE001 - any failure of the user's module is one line
-            raise SpecError(f"--import {name} failed: {type(e).__name__}: {first_line(e)}") from e
-
-
-def load_model(path: str) -> keras.Model:
-    """The user's model, loaded with safe_mode on. WeightsError (exit 3) when it cannot be."""
-    if not os.path.exists(path):
-        raise WeightsError(f"--model file not found: {path}")
-    if not os.path.isfile(path):
-        raise WeightsError(f"--model must be a .keras file, got a folder: {path}")
-    if not path.endswith(".keras") or not zipfile.is_zipfile(path):
-        raise WeightsError(f"--model must be a .keras archive (model.save('x.keras')). Received: {path}")
-    try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as e:  # Keras raises many types; the user needs the file and the reason.
-        text = str(e)
-        reason = first_line(e)
-        if "lambda" in text.lower() and "safe_mode" in text.lower():
-            reason = ("it holds a Lambda layer (arbitrary Python code), refused with safe_mode on; "
-                      "replace it with a registered layer and pass its module with --import")
-        elif "Could not locate" in text or "Unknown layer" in text or "unknown" in text.lower():
-            reason += " (a custom layer? pass the module that registers it with --import)"
-        raise WeightsError(f"--model file {path} could not be loaded safely: {reason}") from e
-    if not isinstance(model, keras.Model) or not getattr(model, "inputs", None):
-        raise WeightsError(
-            f"--model file {path} holds a {type(model).__name__} without symbolic inputs; export "
-            "a functional or Sequential model built on keras.Input"
-        )
-    return model
-
-
-def model_tensors(model: keras.Model, input_shapes: dict[str, tuple[int, ...]]
-                  ) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
-    """(inputs, outputs) without the batch axis; every other axis must be known or given."""
-    names = [t.name for t in model.inputs]
-    unknown = sorted(set(input_shapes) - set(names))
-    if unknown:
-        raise SpecError(
-            f"--input-shape names {', '.join(unknown)}, which the model does not have; its "
-            f"inputs are {', '.join(names)}"
-        )
-    inputs = []
-    for tensor in model.inputs:
-        dtype = _INPUT_DTYPES.get(keras.backend.standardize_dtype(tensor.dtype))
-        if dtype is None:
-            raise SpecError(f"model input {tensor.name!r} has dtype {tensor.dtype}; artifacts take "
-                            f"{', '.join(_INPUT_DTYPES)}")
-        shape = tuple(tensor.shape[1:])
-        if tensor.name in input_shapes:
-            given = input_shapes[tensor.name]
-            fits = len(given) == len(shape) and all(s is None or s == g for s, g in zip(shape, given))
-            if not fits:
-                raise SpecError(
-                    f"--input-shape {tensor.name}={','.join(map(str, given))} does not fit the "
-                    f"model's input {tensor.name} of shape {_shape_text((None, *shape))}"
-                )
-            shape = tuple(given)
-        if any(d is None for d in shape):
-            raise SpecError(
-                f"model input {tensor.name!r} has shape {_shape_text((None, *shape)).replace('None', '?')}"
-                f" with unknown axes besides the batch; fix them with --input-shape "
-                f"{tensor.name}=" + ",".join("D" if d is None else str(d) for d in shape)
-            )
-        inputs.append(TensorInfo(tensor.name, shape, dtype))
-    symbolic = _symbolic_outputs(model, inputs)
-    outputs = []
-    for name, spec in zip(output_names(model), symbolic):
-        shape = tuple(spec.shape[1:])
-        if any(d is None for d in shape):
-            raise SpecError(f"model output {name!r} has an unknown axis besides the batch: "
-                            f"{_shape_text((None, *shape))}")
-        outputs.append(TensorInfo(name, shape, "float32"))
-    return tuple(inputs), tuple(outputs)
-
-
-def _symbolic_outputs(model: keras.Model, inputs: list[TensorInfo]) -> list:
-    """The outputs' shapes for the (fixed) input shapes, flattened in `output_names` order."""
-    structure = [keras.KerasTensor((1, *t.shape), dtype=t.dtype, name=t.name) for t in inputs]
-    out = model.compute_output_spec(_structured(model, structure))
-    return _flat_outputs(model, out)
-
-
-def output_names(model: keras.Model) -> list[str]:
-    """The artifact's output names: the model's, or `output` for a single unnamed one.
-
-    A single output whose name Keras generated (the layer's class in snake case, `dense_3`) is
-    called `output`; a dict of outputs keeps its keys.
-    """
-    struct = getattr(model, "_outputs_struct", model.outputs)
-    if isinstance(struct, dict):
-        return list(struct)
-    names = list(model.output_names)
-    if len(names) == 1:
-        layer = model.outputs[0]._keras_history[0]
-        generated = re.sub(r"(?<!^)(?=[A-Z])", "_", type(layer).__name__).lower()
-        if re.fullmatch(rf"{re.escape(generated)}(_\d+)?", names[0]):
-            return ["output"]
-    return names
-
-
-def _structured(model: keras.Model, tensors: list):
-    """`tensors` (in model.inputs order) in the structure the model was built with."""
-    struct = getattr(model, "_inputs_struct", None)
-    if isinstance(struct, dict):
-        by_name = {t.name: x for t, x in zip(model.inputs, tensors)}
-        return {key: by_name[value.name] for key, value in struct.items()}
-    if isinstance(struct, (list, tuple)):
-        return list(tensors)
-    return tensors[0]
-
-
-def _flat_outputs(model: keras.Model, outputs) -> list:
-    if isinstance(outputs, dict):
-        return [outputs[k] for k in output_names(model)]
-    if isinstance(outputs, (list, tuple)):
-        return list(outputs)
-    return [outputs]
-
-
-# -- sample inputs -----------------------------------------------------------------------------
-
-
-def load_sample_inputs(path: str, inputs: tuple[TensorInfo, ...]) -> dict[str, np.ndarray]:
-    """`--sample-inputs` .npz: one array per model input (N, *shape), read without unpickling."""
-    label = f"--sample-inputs file {path}"
-    if not os.path.isfile(path):
-        raise SpecError(f"{label} not found" if not os.path.exists(path) else f"{label} is not a file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except ValueError as e:
-        raise SpecError(f"{label}: holds Python objects (pickled data) or is damaged: "
-                        f"{first_line(e)}") from e
-    except Exception as e:  # noqa: BLE001 - zip, npy and OS errors alike: one line
-        raise SpecError(f"{label} cannot be read as .npz: {first_line(e)}") from e
-    names = [t.name for t in inputs]
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise SpecError(f"{label} has no array {', '.join(missing)}; it needs one per model "
-                        f"input ({', '.join(names)}), found {', '.join(sorted(arrays)) or 'none'}")
-    rows = set()
-    out = {}
-    for t in inputs:
-        array = arrays[t.name]
-        if array.ndim != len(t.shape) + 1 or tuple(array.shape[1:]) != tuple(t.shape):
-            raise SpecError(f"{label}: {t.name} has shape {array.shape}, expected "
-                            f"(N, {', '.join(map(str, t.shape))})")
-        kind = np.dtype(t.dtype).kind
-        if (kind == "f" and array.dtype.kind != "f") or (kind in "iu" and array.dtype.kind not in "iu") \
-                or (kind == "b" and array.dtype.kind != "b"):
-            raise SpecError(f"{label}: {t.name} has dtype {array.dtype}, the model takes {t.dtype}")
-        if kind == "f" and not np.isfinite(array).all():
-            raise SpecError(f"{label}: {t.name} holds NaN or inf")
-        rows.add(array.shape[0])
-        out[t.name] = array.astype(t.dtype)
-    if len(rows) != 1 or 0 in rows:
-        raise SpecError(f"{label}: arrays disagree on the number of rows (or have none): {sorted(rows)}")
-    return out
 
 
 # -- the reference -----------------------------------------------------------------------------
@@ -429,133 +263,6 @@ def _fold(layer: CrossAttention) -> FoldedWeights:
     return fold_weights(weights, layer.num_heads)
 
 
-@contextlib.contextmanager
-def _unrolled(layers: list) -> Iterator[None]:
-    """While tracing, recurrent layers unroll over their (static) time axis."""
-    before = [layer.unroll for layer in layers]
-    for layer in layers:
-        layer.unroll = True
-    try:
-        yield
-    finally:
-        for layer, unroll in zip(layers, before):
-            layer.unroll = unroll
-
-
-def _fusable_layer_norm(layer) -> bool:
-    """A LayerNormalization over the last axis with scale and offset (the common one)."""
-    if type(layer) is not keras.layers.LayerNormalization or layer.rms_scaling:
-        return False
-    if not (layer.center and layer.scale) or layer.compute_dtype != "float32":
-        return False
-    rank = len(layer.input.shape) if getattr(layer, "_inbound_nodes", None) else None
-    axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
-    return rank is not None and [a % rank for a in axes] == [rank - 1]
-
-
-@contextlib.contextmanager
-def _fused_layer_norms(layers: list) -> Iterator[None]:
-    """While tracing, LayerNormalization over the last axis is written the way converters fuse.
-
-    Same arithmetic as Keras (mean, variance of the centred input, rsqrt(var + epsilon), scale,
-    offset), in the order tf2onnx's layer-norm rewriter recognises: the ONNX file holds one
-    LayerNormalization node instead of a dozen elementwise ones (onnxruntime runs it as one
-    kernel). TFLite gets the same few builtin ops either way.
-    """
-    by_id = {id(layer) for layer in layers}
-    original = keras.layers.LayerNormalization.call
-
-    def call(self, inputs):
-        if id(self) not in by_id:
-            return original(self, inputs)
-        mean = tf.reduce_mean(inputs, axis=[-1], keepdims=True)
-        centered = inputs - mean
-        variance = tf.reduce_mean(tf.pow(centered, 2.0), axis=[-1], keepdims=True)
-        normed = centered / tf.sqrt(variance + self.epsilon)
-        return normed * tf.convert_to_tensor(self.gamma) + tf.convert_to_tensor(self.beta)
-
-    keras.layers.LayerNormalization.call = call
-    try:
-        yield
-    finally:
-        keras.layers.LayerNormalization.call = original
-
-
-def _plain_dense(layer) -> bool:
-    """A float32 Dense without LoRA or quantization (what `_broadcast_dense` rewrites)."""
-    return (type(layer) is keras.layers.Dense and layer.compute_dtype == "float32"
-            and not getattr(layer, "lora_enabled", False)
-            and getattr(layer, "quantization_mode", None) is None)
-
-
-@contextlib.contextmanager
-def _broadcast_dense(layers: list) -> Iterator[None]:
-    """While tracing, Dense on a sequence is one broadcasting matmul.
-
-    Keras computes `(B, T, F) @ (F, U)` as a tensordot: reshapes through the input's run-time
-    shape, which a dynamic batch turns into Shape/Gather/Concat/Cast nodes around every Dense.
-    One MatMul broadcasts over B and T instead: onnxruntime runs it directly, and the TFLite
-    converter makes it a FULLY_CONNECTED. Same arithmetic.
-    """
-    by_id = {id(layer) for layer in layers}
-    original = keras.layers.Dense.call
-
-    def call(self, inputs, training=None):
-        if id(self) not in by_id or len(inputs.shape) < 3:
-            return original(self, inputs, training=training)
-        x = tf.matmul(inputs, tf.convert_to_tensor(self.kernel))
-        if self.bias is not None:
-            x = x + tf.convert_to_tensor(self.bias)
-        return self.activation(x) if self.activation is not None else x
-
-    keras.layers.Dense.call = call
-    try:
-        yield
-    finally:
-        keras.layers.Dense.call = original
-
-
-@contextlib.contextmanager
-def _folded_cross_attention(folded: list[_Folded], fallback_layout: str, mask_margin,
-                            layouts: dict[str, str]) -> Iterator[None]:
-    """While tracing, the listed CrossAttention layers run `folded_attention` instead of Keras'.
-
-    The class's `call` is swapped for the duration (Keras looks `call` up at each call); any
-    other CrossAttention (none, since every one is folded) would run as before.
-    """
-    by_id = {id(f.layer): f for f in folded}
-    original = CrossAttention.call
-
-    def call(self, inputs, training=False, *, attention_mask=None, query_mask=None,
-             value_mask=None, use_causal_mask=False, return_attention_scores=False):
-        entry = by_id.get(id(self))
-        if entry is None:
-            return original(self, inputs, training, attention_mask=attention_mask,
-                            query_mask=query_mask, value_mask=value_mask,
-                            use_causal_mask=use_causal_mask,
-                            return_attention_scores=return_attention_scores)
-        source1, source2 = inputs
-        shape = ArtifactSpec(units=self.units, heads=self.num_heads,
-                             query_len=int(source1.shape[1]), kv_len=int(source2.shape[1]),
-                             query_features=int(source1.shape[2]),
-                             kv_features=int(source2.shape[2]))
-        layout = preferred_layout(shape, fallback_layout)
-        layouts[self.name] = layout
-        out, scores = folded_attention(
-            source1, source2, entry.folded, layout=layout, batch=source1.shape[0],
-            query_mask=query_mask, value_mask=value_mask, attention_mask=attention_mask,
-            causal=bool(use_causal_mask), return_scores=return_attention_scores,
-            mask_margin=mask_margin,
-        )
-        return (out, scores) if return_attention_scores else out
-
-    CrossAttention.call = call
-    try:
-        yield
-    finally:
-        CrossAttention.call = original
-
-
 def _layer_in(error: BaseException, model: keras.Model) -> str:
     """The converter's or tracer's reason, naming the Keras layer (and op) it points at.
 
@@ -583,10 +290,3 @@ def _layer_in(error: BaseException, model: keras.Model) -> str:
     if op:
         return f"op {op} is not a TFLite builtin ({first_line(error)})"
     return first_line(error)
-
-
-def default_stem(path: str) -> str:
-    """An artifact base name from the model file's name (letters, digits, _ - .)."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(path)[: -len(".keras")]).strip("._-")
-    stem = stem or "model"
-    return stem if _NAME_RE.match(stem) else "model"

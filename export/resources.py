@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 
+from export.buckets import DYNAMIC_CHECK_LENGTHS
 from export.errors import (
     ConversionError,
     DiskFullError,
@@ -49,7 +50,9 @@ def estimate_bytes(specs: Mapping[str, object], parameters: int | None = None) -
     """Peak memory an export of `specs` (format -> ArtifactSpec) needs, in bytes.
 
     For a whole model (ModelSpecs, `parameters` its parameter count) the activations inside are
-    unknown: the estimate counts its weights and its inputs and outputs only, a floor.
+    unknown: the estimate counts its weights and its inputs and outputs only, a floor. A symbolic
+    length (`--query-len dynamic`) is estimated at the largest length it is verified at
+    (`verified_length`): what the export itself runs; a caller's longer inputs are theirs.
     """
     first = next(iter(specs.values()))
     if parameters is not None:
@@ -58,7 +61,8 @@ def estimate_bytes(specs: Mapping[str, object], parameters: int | None = None) -
         return int(BASE_BYTES + WEIGHT_COPIES * 4 * parameters
                    + ACTIVATION_COPIES * 4 * rows * per_sample)
     u, h = first.units, first.heads
-    fq, fkv, tq, tkv = first.query_features, first.kv_features, first.query_len, first.kv_len
+    fq, fkv = first.query_features, first.kv_features
+    tq, tkv = verified_length(first.query_len), verified_length(first.kv_len)
     # The layer's 12 arrays (key_dim = units), fusionlab order.
     params = fq * u + u + fkv * u + u + 3 * (u * h * u + h * u) + h * u * u + u
     rows = 8  # the largest verification batch of a dynamic batch (export.pipeline)
@@ -66,6 +70,19 @@ def estimate_bytes(specs: Mapping[str, object], parameters: int | None = None) -
         rows = max(rows, spec.batch or 0, spec.golden_samples)
     per_sample = h * tq * tkv + h * u * (tq + 2 * tkv) + tq * (u + fq) + tkv * fkv
     return int(BASE_BYTES + WEIGHT_COPIES * 4 * params + ACTIVATION_COPIES * 4 * rows * per_sample)
+
+
+def verified_length(length: int | None) -> int:
+    """A length axis as the export runs it: itself, or for a symbolic one (None) the largest
+    length it is verified at (export.buckets.DYNAMIC_CHECK_LENGTHS)."""
+    return max(DYNAMIC_CHECK_LENGTHS) if length is None else length
+
+
+def _symbolic_note(spec) -> str:
+    """`, estimated at length 32 for the dynamic ones` for a spec with a symbolic length."""
+    if getattr(spec, "dynamic_lengths", False):
+        return f" (dynamic lengths estimated at {max(DYNAMIC_CHECK_LENGTHS)}, the largest verified)"
+    return ""
 
 
 def available_bytes() -> int | None:
@@ -103,10 +120,10 @@ def check_memory(specs: Mapping[str, object], available: int | None = None, *,
     if available is not None and needed > available:
         raise OutOfMemoryError(
             f"this configuration ({first.describe()}) needs about {_gib(needed)} of memory to "
-            f"build and verify; {_gib(available)} is available (MemAvailable): use fewer "
-            f"--units/--heads or shorter --query-len/--kv-len"
+            f"build and verify{_symbolic_note(first)}; {_gib(available)} is available "
+            f"(MemAvailable): use fewer --units/--heads or shorter --query-len/--kv-len"
         )
-    log.debug("memory   about %s needed, %s available", _gib(needed),
+    log.debug("memory   about %s needed%s, %s available", _gib(needed), _symbolic_note(first),
               "?" if available is None else _gib(available))
     return needed
 

@@ -19,7 +19,7 @@ from export import publish, reference
 from export.bench.build import _quiet_native
 from export.bench.report import _table
 from export.bench.timing import _stats, time_interleaved
-from export.cli import SHAPE_DEFAULTS
+from export.flags import SHAPE_DEFAULTS
 from export.pipeline import ExportRequest, export_artifacts
 from export.runtimes import onnx_session, tflite_interpreter
 from export.spec import ArtifactSpec, bucket_key

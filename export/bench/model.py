@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from export import model as user_model
-from export import publish
+from export import model_load, publish
 from export.bench.build import Artifact, _quiet_native
 from export.bench.options import PARITY_SEED, VARIANT_LABEL
 from export.bench.report import _table, machine
@@ -61,7 +61,7 @@ def _keras(model, inputs, args, workdir: str, quiet: bool) -> list[Artifact]:
 
     def signature(batch):
         specs = [tf.TensorSpec((batch, *t.shape), tf.as_dtype(t.dtype), name=t.name) for t in inputs]
-        return [user_model._structured(model, specs)]
+        return [model_load._structured(model, specs)]
 
     try:
         for fmt, keras_format in (("onnx", "onnx"), ("tflite", "litert")):
@@ -81,13 +81,13 @@ def _keras(model, inputs, args, workdir: str, quiet: bool) -> list[Artifact]:
 
 def run_model(args) -> dict:
     """Build both sides for `args.model`, time them, and return the report."""
-    user_model.import_modules(args.imports)
-    model = user_model.load_model(args.model)
-    inputs, outputs = user_model.model_tensors(model, dict(args.input_shapes))
-    samples = (user_model.load_sample_inputs(args.sample_inputs, inputs)
+    model_load.import_modules(args.imports)
+    model = model_load.load_model(args.model)
+    inputs, outputs = model_load.model_tensors(model, dict(args.input_shapes))
+    samples = (model_load.load_sample_inputs(args.sample_inputs, inputs)
                if args.sample_inputs else None)
     ref = user_model.ModelReference(args.model, model, samples, args.sample_inputs)
-    stem = user_model.default_stem(args.model)
+    stem = model_load.default_stem(args.model)
     report = {
         "machine": machine(), "versions": publish.versions(),
         "config": {"model": os.path.basename(args.model), "parameters": int(model.count_params()),

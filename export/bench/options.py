@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from export.cli import (
+from export.flags import (
     SHAPE_DEFAULTS,
     OneLineParser,
     _lengths,

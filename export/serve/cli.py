@@ -11,7 +11,8 @@ import signal
 import sys
 import threading
 
-from export.cli import OneLineParser, _positive_float, _positive_int, report_failures
+from export.cli import report_failures
+from export.flags import OneLineParser, _positive_float, _positive_int
 from export.verify import MARKS
 
 PROG = "python -m export.serve"

@@ -24,14 +24,9 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from export.cli import (
-    OneLineParser,
-    _positive_float,
-    _positive_int,
-    _positive_int_list,
-    report_failures,
-)
+from export.cli import report_failures
 from export.errors import UsageError
+from export.flags import OneLineParser, _positive_float, _positive_int, _positive_int_list
 from export.serve.protocol import HEADER_LENGTH
 
 PROG = "python -m export.serve.loadbench"

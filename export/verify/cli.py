@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from export.cli import OneLineParser
 from export.errors import SigningError, UsageError, printable, reader_may_leave
+from export.flags import OneLineParser
 from export.verify import ASCII_MARKS, MARKS, verify_path
 
 

@@ -1,0 +1,287 @@
+"""The flags every entry point shares: argparse types that reject bad values in one line, the
+checks of flags that do not fit together, and the one parser of `python -m export` and its
+per-format entry points (`build_parser`). No TensorFlow here: `--help` and export.verify's
+parser import this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from export.buckets import parse_lengths
+from export.errors import SpecError
+from export.formats import FORMAT_NAMES, get_format
+from export.spec import QUANTIZE_MODES
+
+SHAPE_DEFAULTS = {
+    "units": 64, "heads": 4, "query_len": 10, "kv_len": 10, "query_features": 64, "kv_features": 64,
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit 2 (argparse prints the whole usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_int_list(text: str) -> list[int]:
+    """`1,8,32` -> [1, 8, 32]: positive integers, each once (for the benchmarks' sweeps)."""
+    try:
+        values = [_positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a comma-separated list of positive integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"must list at least one positive integer, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def _batch(text: str):
+    if text.strip().lower() == "dynamic":
+        return None
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or 'dynamic', got {text!r}"
+        ) from None
+
+
+def _length(text: str):
+    """A length flag: a positive integer, or 'dynamic' (a symbolic axis; kept as the string
+    until resolve_request, since None means "not given")."""
+    if text.strip().lower() == "dynamic":
+        return "dynamic"
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or 'dynamic', got {text!r}") from None
+
+
+def _lengths(text: str) -> tuple:
+    try:
+        return parse_lengths(text)
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_length_flags(args: argparse.Namespace, formats: tuple[str, ...]) -> str | None:
+    """The usage error of a command line whose length flags do not fit together, or None."""
+    lengths = getattr(args, "lengths", None)
+    if lengths and (args.query_len is not None or args.kv_len is not None):
+        given = "--query-len" if args.query_len is not None else "--kv-len"
+        return (f"--lengths replaces --query-len and --kv-len; give one or the other. "
+                f"Received: --lengths and {given}")
+    if lengths and args.model is not None:
+        return ("--lengths is for the lone layer: the length axes of a --model's inputs cannot "
+                "be told apart from its other axes yet; export one file per length with "
+                "--input-shape")
+    if lengths and getattr(args, "calibration", None):
+        return ("--lengths and --calibration cannot be combined: each signature is calibrated "
+                "on seeded inputs of its own lengths")
+    if lengths and getattr(args, "int8_io", False):
+        return "--lengths and --int8-io cannot be combined: each signature would have its own scales"
+    dynamic = [f for f, v in (("--query-len", args.query_len), ("--kv-len", args.kv_len))
+               if v == "dynamic"]
+    static = [f for f in formats if not get_format(f).dynamic_length]
+    if dynamic and static:
+        return (f"{get_format(static[0]).title} artifacts have static lengths ({dynamic[0]} "
+                f"dynamic); for several lengths in one file use --lengths 16,64,256 (one "
+                f"signature each)")
+    return None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.partition("=")
+    try:
+        shape = tuple(_positive_int(d.strip()) for d in dims.split(","))
+    except argparse.ArgumentTypeError:
+        shape = ()
+    if not sep or not name.strip() or not shape:
+        raise argparse.ArgumentTypeError(
+            f"must be NAME=D1,D2,... with positive integers, got {text!r}")
+    return name.strip(), shape
+
+
+# Flags that describe the lone layer: meaningless with --model.
+LAYER_FLAGS = ("units", "heads", "query_len", "kv_len", "query_features", "kv_features",
+               "weights", "query_mask", "value_mask", "causal", "scores")
+MODEL_FLAGS = ("imports", "input_shapes", "sample_inputs")
+
+
+def _flag(dest: str) -> str:
+    return "--" + {"imports": "import", "input_shapes": "input-shape"}.get(dest, dest.replace("_", "-"))
+
+
+def check_model_flags(args: argparse.Namespace) -> str | None:
+    """The usage error of a command line mixing --model with the layer's flags, or None."""
+    if args.model is None:
+        given = [d for d in MODEL_FLAGS if getattr(args, d)]
+        if given:
+            return f"{_flag(given[0])} applies to --model only. Received: {_flag(given[0])} without --model"
+        return None
+    layer = [d for d in LAYER_FLAGS if getattr(args, d, None) not in (None, False)]
+    if layer:
+        return (f"--model and {_flag(layer[0])} cannot be combined: the model's inputs give the "
+                f"shapes and it holds its weights. Received: --model {args.model} {_flag(layer[0])}")
+    if getattr(args, "calibration", None):
+        return ("--model and --calibration cannot be combined: pass calibration rows with "
+                "--sample-inputs (one array per model input)")
+    return None
+
+
+def add_model_flags(group) -> None:
+    """`--model` and the flags that go with it (shared with `python -m export.bench`)."""
+    group.add_argument("--model", metavar="PATH.keras",
+                       help="a functional or Sequential model saved with model.save(); loaded "
+                            "with safe_mode on; its inputs and outputs name the artifact's")
+    group.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                       help="import MODULE first (it registers your custom layers); repeatable")
+    group.add_argument("--input-shape", dest="input_shapes", action="append", default=[],
+                       type=_input_shape, metavar="NAME=D1,D2,...",
+                       help="fix the unknown non-batch axes of input NAME; repeatable")
+    group.add_argument("--sample-inputs", metavar="PATH.npz",
+                       help="real inputs, one array per model input (N, ...): the golden vectors, "
+                            "the verification rows and the int8 calibration data; needed for "
+                            "integer inputs")
+
+
+def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m export"):
+    """The shared parser; format-specific flags appear only where they apply."""
+    names = ", ".join(formats)
+    parser = OneLineParser(
+        prog=prog,
+        description=(
+            f"Build {names} artifact(s) of an xattn CrossAttention (or of a whole model holding "
+            "it: --model), verify each in its own runtime against the Keras reference, and "
+            "publish it with a manifest and golden vectors into --output-dir."
+        ),
+        epilog=(
+            "exit codes: 0 ok; 1 verification failed (nothing published); 2 usage error; "
+            "3 bad --weights file; 4 converter failure; 5 --output-dir not writable (a file, "
+            "read-only); 6 disk full; 7 not enough memory; 130 interrupted"
+        ),
+    )
+    shapes = parser.add_argument_group("layer and shapes")
+    shapes.add_argument("--units", type=_positive_int, help="layer units (default 64)")
+    shapes.add_argument("--heads", type=_positive_int, help="attention heads (default 4)")
+    dynamic_length = [f for f in formats if get_format(f).dynamic_length]
+    maybe_dynamic = (f" or 'dynamic' ({', '.join(dynamic_length)}: a symbolic axis)"
+                     if dynamic_length else "")
+    shapes.add_argument("--query-len", type=_length, metavar="N|dynamic" if dynamic_length else "N",
+                        help=f"query length Tq (default 10){maybe_dynamic}")
+    shapes.add_argument("--kv-len", type=_length, metavar="N|dynamic" if dynamic_length else "N",
+                        help=f"key/value length Tkv (default 10){maybe_dynamic}")
+    shapes.add_argument("--lengths", type=_lengths, metavar="L,L,...|QxKV,...",
+                        help="several lengths in one artifact, e.g. 16,64,256 (Tq = Tkv) or "
+                             "16x32,64x128: one signature per length (len_16 ...) plus "
+                             "serving_default = the largest in TFLite and SavedModel, symbolic "
+                             "lengths in ONNX; implies --query-mask --value-mask (pad requests "
+                             "to their bucket); replaces --query-len/--kv-len")
+    shapes.add_argument("--query-features", type=_positive_int,
+                        help="source1 feature size (default 64)")
+    shapes.add_argument("--kv-features", type=_positive_int,
+                        help="source2 feature size (default 64)")
+    defaults = ", ".join(
+        f"{f} {'dynamic' if get_format(f).default_batch is None else get_format(f).default_batch}"
+        for f in formats
+    )
+    shapes.add_argument("--batch", type=_batch, default=argparse.SUPPRESS, metavar="N|dynamic",
+                        help=f"batch size; only this axis can be dynamic (default: {defaults})")
+    masks = parser.add_argument_group("masks and outputs")
+    masks.add_argument("--query-mask", action="store_true",
+                       help="add a bool input query_mask (B, Tq); True marks a real position")
+    masks.add_argument("--value-mask", action="store_true",
+                       help="add a bool input value_mask (B, Tkv); True marks a real position")
+    masks.add_argument("--causal", action="store_true", help="bake in use_causal_mask=True")
+    masks.add_argument("--scores", action="store_true",
+                       help="add an output attention_scores (B, heads, Tq, Tkv)")
+    whole = parser.add_argument_group(
+        "a whole model (instead of the lone layer)",
+        "Export a trained Keras model that uses CrossAttention: every CrossAttention inside runs "
+        "the folded computation, everything else as Keras runs it, with static shapes.")
+    add_model_flags(whole)
+    weights = parser.add_argument_group("weights")
+    weights.add_argument("--weights", metavar="PATH",
+                         help="a .keras file holding a CrossAttention, or a .weights.h5 from "
+                              "model.save_weights of a model built like the reference")
+    weights.add_argument("--seed", type=_non_negative_int, default=0,
+                         help="seed of the random weights when --weights is not given (default 0)")
+    out = parser.add_argument_group("output and verification")
+    out.add_argument("--output-dir", default="artifacts", metavar="DIR",
+                     help="where artifacts are published (default artifacts/)")
+    out.add_argument("--name", help="base file name (default derived from the configuration, "
+                                    "e.g. xattn_u64_h4_q10x64_kv10x64)")
+    out.add_argument("--sign-key", metavar="KEY.pem",
+                     help="sign each published set (artifact, manifest, golden, reference) with "
+                          "this elliptic-curve private key into <artifact>.sig (model-signing)")
+    if any("opset" in get_format(f).build_options for f in formats):
+        out.add_argument("--opset", type=_positive_int,
+                         help=f"ONNX opset (default {_default_opset_text()})")
+    atol_defaults = ", ".join(f"{f} {get_format(f).atol:g}" for f in formats)
+    out.add_argument("--atol", type=_positive_float,
+                     help=f"max abs diff allowed vs the reference, float32 artifacts (default "
+                          f"{atol_defaults}); variants gate on --max-rel-error")
+    quantizable = [f for f in formats if get_format(f).quantizable]
+    if quantizable:
+        quant = parser.add_argument_group(f"quantized variants ({', '.join(quantizable)})")
+        quant.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                           help="variant to build (default none = float32)"
+                                + "".join(f"; {f} stays float32" for f in formats
+                                          if not get_format(f).quantizable))
+        quant.add_argument("--int8-io", action="store_true",
+                           help="with --quantize int8 (TFLite): int8 inputs and outputs")
+        quant.add_argument("--calibration", metavar="PATH.npz",
+                           help="calibration inputs of TFLite --quantize int8: arrays source1, "
+                                "source2 (ONNX/ORT int8 is weight-only and uses none)")
+        quant.add_argument("--max-rel-error", type=_positive_float,
+                           help="relative L2 gate of a variant (default float16 1e-3, "
+                                "dynamic-int8 2.5e-2, int8 5e-2)")
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    talk.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    return parser
+
+
+def _default_opset_text() -> str:
+    try:  # lazy: tf2onnx imports TensorFlow; only a parser with --opset needs it
+        import onnx
+        from tf2onnx import constants
+
+        newest = min(max(constants.OPSET_TO_IR_VERSION), onnx.defs.onnx_opset_version())
+        return f"{newest}, the newest tf2onnx writes that onnxruntime runs"
+    except Exception:  # pragma: no cover - only for --help without tf2onnx
+        return "the newest tf2onnx writes that onnxruntime runs"
+

@@ -1,0 +1,199 @@
+"""Loading a user's model (`--model PATH.keras`, `--import`, `--input-shape`, `--sample-inputs`):
+the file with Keras' `safe_mode` on, its inputs' and outputs' names and static shapes, and the
+sample inputs read without unpickling. Every failure is one typed line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import zipfile
+
+import keras
+import numpy as np
+
+from export.errors import SpecError, WeightsError, first_line
+from export.spec import _NAME_RE, TensorInfo
+
+# Dtypes a model input may have in an artifact, by what Keras reports.
+_INPUT_DTYPES = {"float32": "float32", "bool": "bool", "int32": "int32", "int64": "int64"}
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join("B" if i == 0 else str(d) for i, d in enumerate(shape)) + ")"
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def import_modules(names: list[str]) -> None:
+    """Import the user's modules (`--import`), so their registered custom layers load."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's module is one line
+            raise SpecError(f"--import {name} failed: {type(e).__name__}: {first_line(e)}") from e
+
+
+def load_model(path: str) -> keras.Model:
+    """The user's model, loaded with safe_mode on. WeightsError (exit 3) when it cannot be."""
+    if not os.path.exists(path):
+        raise WeightsError(f"--model file not found: {path}")
+    if not os.path.isfile(path):
+        raise WeightsError(f"--model must be a .keras file, got a folder: {path}")
+    if not path.endswith(".keras") or not zipfile.is_zipfile(path):
+        raise WeightsError(f"--model must be a .keras archive (model.save('x.keras')). Received: {path}")
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many types; the user needs the file and the reason.
+        text = str(e)
+        reason = first_line(e)
+        if "lambda" in text.lower() and "safe_mode" in text.lower():
+            reason = ("it holds a Lambda layer (arbitrary Python code), refused with safe_mode on; "
+                      "replace it with a registered layer and pass its module with --import")
+        elif "Could not locate" in text or "Unknown layer" in text or "unknown" in text.lower():
+            reason += " (a custom layer? pass the module that registers it with --import)"
+        raise WeightsError(f"--model file {path} could not be loaded safely: {reason}") from e
+    if not isinstance(model, keras.Model) or not getattr(model, "inputs", None):
+        raise WeightsError(
+            f"--model file {path} holds a {type(model).__name__} without symbolic inputs; export "
+            "a functional or Sequential model built on keras.Input"
+        )
+    return model
+
+
+def model_tensors(model: keras.Model, input_shapes: dict[str, tuple[int, ...]]
+                  ) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
+    """(inputs, outputs) without the batch axis; every other axis must be known or given."""
+    names = [t.name for t in model.inputs]
+    unknown = sorted(set(input_shapes) - set(names))
+    if unknown:
+        raise SpecError(
+            f"--input-shape names {', '.join(unknown)}, which the model does not have; its "
+            f"inputs are {', '.join(names)}"
+        )
+    inputs = []
+    for tensor in model.inputs:
+        dtype = _INPUT_DTYPES.get(keras.backend.standardize_dtype(tensor.dtype))
+        if dtype is None:
+            raise SpecError(f"model input {tensor.name!r} has dtype {tensor.dtype}; artifacts take "
+                            f"{', '.join(_INPUT_DTYPES)}")
+        shape = tuple(tensor.shape[1:])
+        if tensor.name in input_shapes:
+            given = input_shapes[tensor.name]
+            fits = len(given) == len(shape) and all(s is None or s == g for s, g in zip(shape, given))
+            if not fits:
+                raise SpecError(
+                    f"--input-shape {tensor.name}={','.join(map(str, given))} does not fit the "
+                    f"model's input {tensor.name} of shape {_shape_text((None, *shape))}"
+                )
+            shape = tuple(given)
+        if any(d is None for d in shape):
+            raise SpecError(
+                f"model input {tensor.name!r} has shape {_shape_text((None, *shape)).replace('None', '?')}"
+                f" with unknown axes besides the batch; fix them with --input-shape "
+                f"{tensor.name}=" + ",".join("D" if d is None else str(d) for d in shape)
+            )
+        inputs.append(TensorInfo(tensor.name, shape, dtype))
+    symbolic = _symbolic_outputs(model, inputs)
+    outputs = []
+    for name, spec in zip(output_names(model), symbolic):
+        shape = tuple(spec.shape[1:])
+        if any(d is None for d in shape):
+            raise SpecError(f"model output {name!r} has an unknown axis besides the batch: "
+                            f"{_shape_text((None, *shape))}")
+        outputs.append(TensorInfo(name, shape, "float32"))
+    return tuple(inputs), tuple(outputs)
+
+
+def _symbolic_outputs(model: keras.Model, inputs: list[TensorInfo]) -> list:
+    """The outputs' shapes for the (fixed) input shapes, flattened in `output_names` order."""
+    structure = [keras.KerasTensor((1, *t.shape), dtype=t.dtype, name=t.name) for t in inputs]
+    out = model.compute_output_spec(_structured(model, structure))
+    return _flat_outputs(model, out)
+
+
+def output_names(model: keras.Model) -> list[str]:
+    """The artifact's output names: the model's, or `output` for a single unnamed one.
+
+    A single output whose name Keras generated (the layer's class in snake case, `dense_3`) is
+    called `output`; a dict of outputs keeps its keys.
+    """
+    struct = getattr(model, "_outputs_struct", model.outputs)
+    if isinstance(struct, dict):
+        return list(struct)
+    names = list(model.output_names)
+    if len(names) == 1:
+        layer = model.outputs[0]._keras_history[0]
+        generated = re.sub(r"(?<!^)(?=[A-Z])", "_", type(layer).__name__).lower()
+        if re.fullmatch(rf"{re.escape(generated)}(_\d+)?", names[0]):
+            return ["output"]
+    return names
+
+
+def _structured(model: keras.Model, tensors: list):
+    """`tensors` (in model.inputs order) in the structure the model was built with."""
+    struct = getattr(model, "_inputs_struct", None)
+    if isinstance(struct, dict):
+        by_name = {t.name: x for t, x in zip(model.inputs, tensors)}
+        return {key: by_name[value.name] for key, value in struct.items()}
+    if isinstance(struct, (list, tuple)):
+        return list(tensors)
+    return tensors[0]
+
+
+def _flat_outputs(model: keras.Model, outputs) -> list:
+    if isinstance(outputs, dict):
+        return [outputs[k] for k in output_names(model)]
+    if isinstance(outputs, (list, tuple)):
+        return list(outputs)
+    return [outputs]
+
+
+# -- sample inputs -----------------------------------------------------------------------------
+
+
+def load_sample_inputs(path: str, inputs: tuple[TensorInfo, ...]) -> dict[str, np.ndarray]:
+    """`--sample-inputs` .npz: one array per model input (N, *shape), read without unpickling."""
+    label = f"--sample-inputs file {path}"
+    if not os.path.isfile(path):
+        raise SpecError(f"{label} not found" if not os.path.exists(path) else f"{label} is not a file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except ValueError as e:
+        raise SpecError(f"{label}: holds Python objects (pickled data) or is damaged: "
+                        f"{first_line(e)}") from e
+    except Exception as e:  # noqa: BLE001 - zip, npy and OS errors alike: one line
+        raise SpecError(f"{label} cannot be read as .npz: {first_line(e)}") from e
+    names = [t.name for t in inputs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise SpecError(f"{label} has no array {', '.join(missing)}; it needs one per model "
+                        f"input ({', '.join(names)}), found {', '.join(sorted(arrays)) or 'none'}")
+    rows = set()
+    out = {}
+    for t in inputs:
+        array = arrays[t.name]
+        if array.ndim != len(t.shape) + 1 or tuple(array.shape[1:]) != tuple(t.shape):
+            raise SpecError(f"{label}: {t.name} has shape {array.shape}, expected "
+                            f"(N, {', '.join(map(str, t.shape))})")
+        kind = np.dtype(t.dtype).kind
+        if (kind == "f" and array.dtype.kind != "f") or (kind in "iu" and array.dtype.kind not in "iu") \
+                or (kind == "b" and array.dtype.kind != "b"):
+            raise SpecError(f"{label}: {t.name} has dtype {array.dtype}, the model takes {t.dtype}")
+        if kind == "f" and not np.isfinite(array).all():
+            raise SpecError(f"{label}: {t.name} holds NaN or inf")
+        rows.add(array.shape[0])
+        out[t.name] = array.astype(t.dtype)
+    if len(rows) != 1 or 0 in rows:
+        raise SpecError(f"{label}: arrays disagree on the number of rows (or have none): {sorted(rows)}")
+    return out
+
+
+def default_stem(path: str) -> str:
+    """An artifact base name from the model file's name (letters, digits, _ - .)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(path)[: -len(".keras")]).strip("._-")
+    stem = stem or "model"
+    return stem if _NAME_RE.match(stem) else "model"
