@@ -172,6 +172,7 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
 
     artifact = os.path.join(folder, manifest["artifact"])
     _check_artifact(artifact, fmt, manifest)
+    manifests.check_files(folder, manifest)
     golden_path = os.path.join(folder, manifest["golden"])
     golden = manifests.load_golden(golden_path, manifest, inputs + outputs)
     manifests.check_golden_raw(folder, manifest, golden)
