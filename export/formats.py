@@ -70,6 +70,9 @@ class Format:
         variants: the only `--quantize` modes its files come in (TFLM: ("int8",)), or None for
             every mode; a format with one variant builds it whatever `--quantize` says.
         default_run: whether `python -m export` (every format) builds it.
+        verify_check: "module:function" that `export.verify` calls as `check(path, manifest,
+            folder)` after the golden vectors pass (TFLM: the manifest's arena runs the file, the
+            generated C++ holds its bytes), raising ManifestError; or None.
     """
 
     name: str
@@ -94,6 +97,7 @@ class Format:
     dynamic_length: bool = False
     variants: tuple[str, ...] | None = None
     default_run: bool = True
+    verify_check: str | None = None
 
     def variant_for(self, quantize: str) -> str:
         """The variant this format builds when `--quantize` says `quantize`: savedmodel stays
@@ -125,6 +129,11 @@ class Format:
         if built.deployment is not None:
             return built.deployment
         return None if self.deployment is None else _resolve(self.deployment)(built, spec)
+
+    def check_on_device(self, path: str, manifest: dict, folder: str) -> None:
+        """export.verify's format-specific check (`verify_check`), if the format has one."""
+        if self.verify_check is not None:
+            _resolve(self.verify_check)(path, manifest, folder)
 
     def open_runner(self, path: str, threads: int | None,
                     signature: str | None = None) -> tuple[Callable, list]:
@@ -186,6 +195,7 @@ REGISTRY: dict[str, Format] = {
             build_options=("calibration", "metadata", "arena_limit"),
             graph_check="export.tflm.check:check_tflm_file",
             runner="export.tflm.runtime:tflm_function", variants=("int8",), default_run=False,
+            verify_check="export.tflm.check:check_published_set",
         ),
     )
 }

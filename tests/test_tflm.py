@@ -311,3 +311,49 @@ def test_usage_errors_exit_2_in_one_line(argv, message, tmp_path):
     done = run_module("export.tflm", *argv, "-q", "--output-dir", str(tmp_path / "out"))
     assert done.returncode == 2
     assert message in _only_line(done.stderr)
+
+
+def _edit_manifest(path, change) -> None:
+    with open(path) as f:
+        manifest = json.load(f)
+    change(manifest)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2)
+
+
+def test_verify_runs_the_file_in_the_manifests_arena(plain, tmp_path):
+    """The arena an engineer copies into the firmware is checked on TFLM by export.verify: a
+    manifest promising 16 bytes less than the smallest arena fails."""
+    out, result = plain
+    copy = tmp_path / "set"
+    shutil.copytree(out, copy)
+    manifest = copy / os.path.basename(result.manifest_path)
+    arena = result.manifest["deployment"]["arena_bytes"]
+    _edit_manifest(manifest, lambda m: m["deployment"].update(arena_bytes=arena - 16))
+    done = run_module("export.verify", str(manifest))
+    assert done.returncode == 1
+    assert f"TFLM cannot run the file in the manifest's {arena - 16:,}-byte tensor arena" in done.stdout
+
+
+def test_verify_refuses_model_data_that_is_not_the_artifact(plain, tmp_path):
+    """A .cc whose sha256 the manifest was made to agree with still has to hold the file."""
+    from export.publish import sha256_path
+
+    out, result = plain
+    copy = tmp_path / "set"
+    shutil.copytree(out, copy)
+    name = result.manifest["deployment"]["files"]["model_data_cc"]
+    cc = copy / name
+    cc.write_text(cc.read_text().replace("0x1c,", "0x1d,", 1))
+    digest = sha256_path(str(cc))
+
+    def agree(m):
+        for entry in m["files"]:
+            if entry["file"] == name:
+                entry["sha256"], entry["bytes"] = digest, os.path.getsize(cc)
+
+    _edit_manifest(copy / os.path.basename(result.manifest_path), agree)
+    done = run_module("export.verify", str(copy))
+    assert done.returncode == 1
+    size = os.path.getsize(result.path)
+    assert f"{name} holds {size:,} bytes that are not the artifact's {size:,}" in done.stdout

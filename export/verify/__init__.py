@@ -210,6 +210,7 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
         _verify_signatures(manifest, folder, fmt, artifact, batch, tolerance, result)
     # What the file says of itself must be what its manifest says (export.metadata).
     check_file_metadata(fmt.name, artifact, manifest)
+    fmt.check_on_device(artifact, manifest, folder)  # TFLM: its arena and its C++
     result.status = "passed"
 
 
