@@ -77,7 +77,7 @@ def build_tflm(spec, fn, workdir: str, *, calibration=None, metadata: dict | Non
     deployment = {
         "runtime": f"tflite-micro {versions().get('tflite-micro', '?')}",
         "arena_bytes": arena,
-        "arena_search": {**found["search"], "runs": "allocate and invoke on zero inputs"},
+        "arena_search": {**found["search"], "runs": "allocate; the answer also invoked on zero inputs"},
         "flash_bytes": len(data),
         "ops": sorted(ops),
         "op_resolver": f"tflite::MicroMutableOpResolver<{len(ops)}>",

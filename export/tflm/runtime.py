@@ -75,7 +75,7 @@ class TflmModel:
     output_details: list[dict]
 
     @classmethod
-    def read(cls, data: bytes, arena: int = RUN_ARENA) -> TflmModel:
+    def read(cls, data: bytes, arena: int = ARENA_CEILING) -> TflmModel:
         facts = read_model(data)
         interpreter = _load(data, arena)
         return cls(data, facts.inputs, facts.outputs,
@@ -85,6 +85,16 @@ class TflmModel:
     def zeros(self) -> list[np.ndarray]:
         """One all-zero array per input, in TFLM's order."""
         return [np.zeros(tuple(d["shape"]), d["dtype"]) for d in self.input_details]
+
+    def allocates_in(self, arena: int) -> bool:
+        """Whether TFLM allocates the file's tensors (and its kernels' scratch buffers, requested
+        while preparing) in a tensor arena of `arena` bytes: all an invoke uses."""
+        try:
+            _load(self.data, arena)
+        except TflmFailure as e:
+            log.debug("tflm     arena %d bytes: %s", arena, e)
+            return False
+        return True
 
     def runs_in(self, arena: int) -> bool:
         """Whether TFLM allocates and invokes the file in a tensor arena of `arena` bytes."""
@@ -100,7 +110,9 @@ def smallest_arena(data: bytes, *, floor: int = ARENA_FLOOR, ceiling: int = AREN
     """The smallest tensor arena (bytes) in which TFLM allocates and runs the file, by bisection.
 
     The file must run in `ceiling` bytes and, below the answer, fail (allocation is monotonic in
-    the arena size); the search is to the byte: about log2(ceiling - floor) interpreters.
+    the arena size); the search is to the byte: about log2(ceiling - floor) interpreters, each
+    allocating only (TFLM allocates everything before the first invoke); the answer is then
+    invoked on zero inputs.
 
     Returns:
         {"arena_bytes", "search": {"low", "high", "granularity", "tries"}}.
@@ -113,16 +125,18 @@ def smallest_arena(data: bytes, *, floor: int = ARENA_FLOOR, ceiling: int = AREN
     if not model.runs_in(ceiling):
         raise ArenaError(f"TFLM cannot run the file even in a {ceiling:,}-byte tensor arena")
     low, high = floor - 1, ceiling  # runs_in(low) is False (or below the floor), runs_in(high) True
-    if model.runs_in(floor):
+    if model.allocates_in(floor):
         high = floor
     tries += 1
     while high - low > 1:
         middle = (low + high) // 2
         tries += 1
-        if model.runs_in(middle):
+        if model.allocates_in(middle):
             high = middle
         else:
             low = middle
+    if not model.runs_in(high):
+        raise ArenaError(f"TFLM allocates the file in {high:,} bytes but cannot invoke it there")
     return {"arena_bytes": high,
             "search": {"low": floor, "high": ceiling, "granularity": 1, "tries": tries}}
 
