@@ -357,3 +357,26 @@ def test_verify_refuses_model_data_that_is_not_the_artifact(plain, tmp_path):
     assert done.returncode == 1
     size = os.path.getsize(result.path)
     assert f"{name} holds {size:,} bytes that are not the artifact's {size:,}" in done.stdout
+
+
+def test_signed_tflm_set_covers_the_generated_cpp(tmp_path):
+    """`--sign-key` signs the C++ with the set: a changed header fails on the signature first."""
+    pytest.importorskip("model_signing")
+    from test_trust import write_key_pair
+
+    from export import verify
+    from export.pipeline import ExportRequest, export_artifacts
+    from export.spec import ArtifactSpec
+
+    private, public = write_key_pair(tmp_path, "key")
+    out = tmp_path / "out"
+    spec = ArtifactSpec(units=16, heads=2, query_features=8, kv_features=8, batch=1, quantize="int8")
+    (result,) = export_artifacts(ExportRequest(specs={"tflm": spec}, output_dir=str(out),
+                                               sign_key=private))
+    (passed,) = verify.verify_path(str(out), public_key=public)
+    assert passed.status == "passed" and passed.signature == "signature ok"
+    header = out / result.manifest["deployment"]["files"]["op_resolver_h"]
+    header.write_text(header.read_text().replace("AddSoftmax", "AddSoftmaxX"))
+    (failed,) = verify.verify_path(str(out), public_key=public)
+    assert failed.status == "failed"
+    assert failed.reason.startswith(f"changed after signing: {header.name}"), failed.reason
