@@ -15,6 +15,7 @@ import numpy as np
 
 from export.errors import ArenaError, one_line
 from export.native_output import captured_native_output
+from export.runtimes import InputInfo, dequantize, quantize
 from export.tflm.ops import read_model
 
 log = logging.getLogger("export")
@@ -148,8 +149,6 @@ def tflm_function(path: str, threads: int | None = None):
     signature's names (export.tflm.ops.read_model). The arena is the first of 1, 2, 4 ... MiB
     that runs the file (the smallest one is the manifest's `deployment.arena_bytes`).
     """
-    from export.runtimes import InputInfo, dequantize, quantize  # lazy: runtimes imports the registry
-
     with open(path, "rb") as f:
         data = f.read()
     arena = RUN_ARENA
