@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install artifacts test lint bench verify verify-web web-deps chromium clean example serve \
-	coverage mutation
+	coverage mutation cxx
 
 install: $(STAMP)
 
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml
 artifacts: $(STAMP)
 	$(PY) -m export
 
-test: $(STAMP)
+test: $(STAMP) cxx
 	$(PY) -m pytest
+
+# g++ compiles the C++ python -m export.tflm generates (tests/test_tflm.py); apt-get where missing.
+cxx:
+	@command -v g++ >/dev/null || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q g++; }
 
 # Tests that can fail (README, Development): coverage of the whole suite, the CLI subprocesses
 # counted ([tool.coverage.run] patch = subprocess), and mutation testing of the modules that
