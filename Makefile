@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install artifacts test lint bench verify verify-web web-deps chromium clean example serve \
-	coverage mutation docs
+	coverage mutation cxx docs
 
 install: $(STAMP)
 
@@ -20,8 +20,13 @@ artifacts: $(STAMP)
 
 # Chromium first (apt-get where missing): tests/test_docs_site.py opens the docs site in it, and
 # fails rather than skips without it.
-test: $(STAMP) chromium
+test: $(STAMP) cxx chromium
 	CHROMIUM=$(CHROMIUM) $(PY) -m pytest
+
+# g++ compiles the C++ python -m export.tflm generates (tests/test_tflm.py); apt-get where missing.
+cxx:
+	@command -v g++ >/dev/null || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q g++; }
 
 # Tests that can fail (README, Development): coverage of the whole suite, the CLI subprocesses
 # counted ([tool.coverage.run] patch = subprocess), and mutation testing of the modules that

@@ -41,13 +41,13 @@ def entry_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
     """(command, parser) of every entry point, built by the functions the commands call."""
     from export import cli
     from export.bench.options import build_parser as bench_parser
-    from export.formats import FORMAT_NAMES
+    from export.formats import REGISTRY
     from export.serve.cli import build_parser as serve_parser
     from export.serve.loadbench import build_parser as loadbench_parser
     from export.verify.cli import build_parser as verify_parser
 
     parsers = [("python -m export", cli.build_parser())]
-    for fmt in FORMAT_NAMES:  # each export/<fmt>/__main__.py: the shared parser, one format
+    for fmt in REGISTRY:  # each export/<fmt>/__main__.py: the shared parser, one format
         prog = FORMAT_ENTRY.format(fmt=fmt)
         parsers.append((prog, cli.build_parser((fmt,), prog=prog)))
     parsers += [
@@ -132,18 +132,25 @@ def cli_page() -> str:
     for title, actions in groups.items():
         out += [f"### {title[:1].upper() + title[1:]}", ""]
         out += _table(main, actions) + [""]
-    # What differs in a format's own entry point: flags it lacks, or help (defaults) of its own.
+    # What differs in a format's own entry point: flags it lacks or alone has, help of its own.
     main_help = {a.dest: _help(main, a) for _, a in _actions(main)}
     out += ["### Per format", "",
             "| command | flags it does not take | defaults of its own |", "|---|---|---|"]
+    only = []
     for prog, parser in formats:
         own = {a.dest: (a, _help(parser, a)) for _, a in _actions(parser)}
         lacks = [f"`{a.option_strings[0]}`" for _, a in _actions(main)
                  if a.dest not in own and a.option_strings]
         differs = [f"`{a.option_strings[0]}`: {_cell(text)}" for dest, (a, text) in own.items()
                    if main_help.get(dest) not in (None, text)]
+        only += [(prog, parser, a) for dest, (a, _) in own.items() if dest not in main_help]
         out.append(f"| `{prog}` | {', '.join(lacks)} | {'; '.join(differs)} |")
     out.append("")
+    if only:
+        out += ["### Flags of one format", "", "| flag | command | default | what |", "|---|---|---|---|"]
+        out += [f"| {_flag(a)} | `{prog}` | {_default(a)} | {_cell(_help(parser, a))} |"
+                for prog, parser, a in only]
+        out.append("")
     for prog, parser in others:
         out += [f"## `{prog}`", "", "```text", parser.format_usage().strip(), "```", "",
                 _cell(parser.description or ""), ""]

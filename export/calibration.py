@@ -223,8 +223,12 @@ def calibration_for(spec: ArtifactSpec, path: str | None, fmt: str) -> Calibrati
 
 def check_variant(fmt: str, spec: ArtifactSpec) -> None:
     """SpecError unless `fmt` can hold `spec`'s variant."""
-    if spec.quantize != "none" and not get_format(fmt).quantizable:
+    record = get_format(fmt)
+    if spec.quantize != "none" and not record.quantizable:
         raise SpecError(f"{fmt} artifacts are float32 only. Received: quantize={spec.quantize!r}")
+    if record.variants is not None and spec.quantize not in record.variants:
+        raise SpecError(f"{record.title} artifacts are {' or '.join(record.variants)} only. "
+                        f"Received: quantize={spec.quantize!r}")
     if spec.int8_io and not get_format(fmt).int8_io:
         raise SpecError(f"int8 inputs and outputs are for TFLite only; {fmt} int8 files take and "
                         "return float32")

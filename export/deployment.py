@@ -170,9 +170,12 @@ def xnnpack_share(path: str) -> dict:
 def summary(report: dict | None) -> str:
     """A compact cell for the closing table: `nnapi 10/10 nn 10/10 mlp 10/10` (placed/nodes for
     NNAPI, CoreML NeuralNetwork, CoreML MLProgram; `:2p` for two partitions) or
-    `gpu ok xnnpack 7/7`."""
+    `gpu ok xnnpack 7/7`, or `arena 9.3 KB flash 37.5 KB` (TFLM)."""
     if not report:
         return "-"
+    if "arena_bytes" in report:  # TFLM (export.tflm.build)
+        return (f"arena {report['arena_bytes'] / 1024:.1f} KB flash "
+                f"{report['flash_bytes'] / 1024:.1f} KB")
     if "xnnpack" in report:
         gpu = "ok" if report["gpu_delegate"]["compatible"] else "no"
         x = report["xnnpack"]

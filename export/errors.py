@@ -50,6 +50,13 @@ class GraphCheckError(ExportError):
     exit_code = 1
 
 
+class ArenaError(ExportError):
+    """A TFLM file that does not run in the tensor arena allowed (`--arena-limit`), or in any
+    arena the search tries."""
+
+    exit_code = 1
+
+
 class ManifestError(ExportError):
     """A manifest, golden file or artifact that cannot be trusted (verify)."""
 

@@ -250,6 +250,10 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
     if any("opset" in get_format(f).build_options for f in formats):
         out.add_argument("--opset", type=_positive_int,
                          help=f"ONNX opset (default {_default_opset_text()})")
+    if any("arena_limit" in get_format(f).build_options for f in formats):
+        out.add_argument("--arena-limit", type=_positive_int, metavar="BYTES",
+                         help="TFLM: fail (exit 1, nothing published) when the smallest tensor "
+                              "arena that runs the file is larger than BYTES")
     atol_defaults = ", ".join(f"{f} {get_format(f).atol:g}" for f in formats)
     out.add_argument("--atol", type=_positive_float,
                      help=f"max abs diff allowed vs the reference, float32 artifacts (default "
@@ -257,8 +261,10 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
     quantizable = [f for f in formats if get_format(f).quantizable]
     if quantizable:
         quant = parser.add_argument_group(f"quantized variants ({', '.join(quantizable)})")
-        quant.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
-                           help="variant to build (default none = float32)"
+        # A lone format with fixed variants (tflm: int8) offers only those, the first by default.
+        only = get_format(formats[0]).variants if len(formats) == 1 else None
+        quant.add_argument("--quantize", choices=only or QUANTIZE_MODES, default=(only or ("none",))[0],
+                           help=f"variant to build (default {only[0] if only else 'none = float32'})"
                                 + "".join(f"; {f} stays float32" for f in formats
                                           if not get_format(f).quantizable))
         quant.add_argument("--int8-io", action="store_true",

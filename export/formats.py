@@ -28,6 +28,12 @@ class Built:
     path: str
     facts: dict = field(default_factory=dict)
     graph_source: str | None = None
+    # Files the builder wrote beside the artifact (TFLM's generated C++), published in its set:
+    # the manifest's `files` lists each with its sha256.
+    companions: tuple[str, ...] = ()
+    # A device report the builder measured itself (TFLM: the arena it bisected, which
+    # `--arena-limit` gates at build time); the manifest's `deployment` section.
+    deployment: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,12 @@ class Format:
         dynamic_length: whether length axes may be symbolic (`--query-len dynamic`).
         deployment: "module:function" called as `report(built, spec) -> dict` (the manifest's
             `deployment` section: where the file would run on a device), or None.
+        variants: the only `--quantize` modes its files come in (TFLM: ("int8",)), or None for
+            every mode; a format with one variant builds it whatever `--quantize` says.
+        default_run: whether `python -m export` (every format) builds it.
+        verify_check: "module:function" that `export.verify` calls as `check(path, manifest,
+            folder)` after the golden vectors pass (TFLM: the manifest's arena runs the file, the
+            generated C++ holds its bytes), raising ManifestError; or None.
     """
 
     name: str
@@ -83,6 +95,16 @@ class Format:
     int8_scheme: str = "full-integer"
     signatures: bool = False
     dynamic_length: bool = False
+    variants: tuple[str, ...] | None = None
+    default_run: bool = True
+    verify_check: str | None = None
+
+    def variant_for(self, quantize: str) -> str:
+        """The variant this format builds when `--quantize` says `quantize`: savedmodel stays
+        float32, tflm stays int8, the others follow the flag."""
+        if self.variants is not None:
+            return quantize if quantize in self.variants else self.variants[0]
+        return quantize if self.quantizable else "none"
 
     @property
     def is_folder(self) -> bool:
@@ -104,7 +126,14 @@ class Format:
 
     def deployment_report(self, built: Built, spec) -> dict | None:
         """Where the built file would run on a device (export.deployment), or None."""
+        if built.deployment is not None:
+            return built.deployment
         return None if self.deployment is None else _resolve(self.deployment)(built, spec)
+
+    def check_on_device(self, path: str, manifest: dict, folder: str) -> None:
+        """export.verify's format-specific check (`verify_check`), if the format has one."""
+        if self.verify_check is not None:
+            _resolve(self.verify_check)(path, manifest, folder)
 
     def open_runner(self, path: str, threads: int | None,
                     signature: str | None = None) -> tuple[Callable, list]:
@@ -156,10 +185,23 @@ REGISTRY: dict[str, Format] = {
             runner="export.runtimes:onnx_function",
             deployment="export.deployment:ort_deployment", int8_scheme="weight-only",
         ),
+        # TensorFlow Lite for Microcontrollers: the full-int8 TFLite file, verified on TFLM's
+        # own interpreter, with its smallest tensor arena and generated C++ (export.tflm).
+        Format(
+            name="tflm", title="TFLM", suffix=".tflm.tflite", default_batch=1, atol=1e-4,
+            runtime="tflite-micro", runtime_module="tflite_micro", runtime_label="TFLM",
+            layout="per-head", dynamic_batch=False, quantizable=True, int8_io=True,
+            builder="export.tflm.build:build_tflm",
+            build_options=("calibration", "metadata", "arena_limit"),
+            graph_check="export.tflm.check:check_tflm_file",
+            runner="export.tflm.runtime:tflm_function", variants=("int8",), default_run=False,
+            verify_check="export.tflm.check:check_published_set",
+        ),
     )
 }
 
-FORMAT_NAMES: tuple[str, ...] = tuple(REGISTRY)
+# What `python -m export` builds (every format but those built on request: tflm).
+FORMAT_NAMES: tuple[str, ...] = tuple(n for n, f in REGISTRY.items() if f.default_run)
 
 
 def get_format(name: str) -> Format:
@@ -168,13 +210,12 @@ def get_format(name: str) -> Format:
         return REGISTRY[name]
     except (KeyError, TypeError):
         raise SpecError(
-            f"unknown format {name!r}; known formats: {', '.join(FORMAT_NAMES)}"
+            f"unknown format {name!r}; known formats: {', '.join(REGISTRY)}"
         ) from None
 
 
 def format_of_manifest(filename: str) -> Format | None:
-    """The format whose manifests are named like `filename` (`x.onnx.json` -> onnx), or None."""
-    for fmt in REGISTRY.values():
-        if filename.endswith(fmt.manifest_suffix):
-            return fmt
-    return None
+    """The format whose manifests are named like `filename` (`x.onnx.json` -> onnx), or None;
+    the longest suffix wins (`x.tflm.tflite.json` is tflm, not tflite)."""
+    found = [f for f in REGISTRY.values() if filename.endswith(f.manifest_suffix)]
+    return max(found, key=lambda f: len(f.manifest_suffix)) if found else None

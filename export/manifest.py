@@ -55,7 +55,8 @@ def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha2
                    golden_sha256: str, golden_raw: dict, parity: dict, quantization: dict,
                    weights: str, versions: dict, created: str, sha256: str, size: int,
                    deployment: dict | None = None, file_metadata: dict | None = None,
-                   golden_name: str | None = None, signatures: list | None = None) -> dict:
+                   golden_name: str | None = None, signatures: list | None = None,
+                   files: list | None = None) -> dict:
     """The manifest of one published artifact, fields in a fixed order.
 
     Args:
@@ -83,6 +84,7 @@ def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha2
             checked length, `{key, signature (null: the file's only graph), inputs, outputs,
             golden, golden_sha256, parity}`; the top-level inputs, outputs and golden are
             `serving_default`'s.
+        files: the artifact's companions (TFLM's generated C++), [{file, sha256, bytes}].
     """
     io_quant = built.facts.get("io_quantization", {})
     inputs = [_tensor_entry(i.as_json(), io_quant) for i in spec.inputs()]
@@ -93,6 +95,7 @@ def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha2
         "artifact": os.path.basename(built.path),
         "sha256": sha256,
         "bytes": size,
+        **({"files": files} if files else {}),
         "inputs": inputs,
         "outputs": outputs,
         **facts,
@@ -240,6 +243,19 @@ def _check_file_sha256(path: str, label: str, expected: str) -> None:
             f"{label} sha256 mismatch: {digest[:12]}..., the manifest {expected[:12]}... "
             "(replaced or modified)"
         )
+
+
+def check_files(folder: str, manifest: dict) -> None:
+    """The artifact's companions (`files`: TFLM's generated C++) are there, inside the folder,
+    each with the manifest's sha256."""
+    entries = manifest.get("files", [])
+    if not isinstance(entries, list):
+        raise ManifestError(f"manifest files must be a list, not {short(entries)}")
+    for entry in entries:
+        if not isinstance(entry, dict) or not _is_sha256(entry.get("sha256")):
+            raise ManifestError(f"manifest files entries must be {{file, sha256}}, not {short(entry)}")
+        path = path_inside(folder, entry.get("file"), "files")
+        _check_file_sha256(path, f"file {entry['file']}", entry["sha256"])
 
 
 def check_golden_raw(folder: str, manifest: dict, golden: dict[str, np.ndarray]) -> None:

@@ -113,10 +113,19 @@ def _aligned_builder(size: int):
 # -- reading (export.verify) -----------------------------------------------------------------
 
 
-def read_tflite_metadata(path: str) -> dict[str, str] | None:
+def read_tflm_metadata(path: str) -> dict[str, str] | None:
+    """As read_tflite_metadata, with the schema tflite-micro ships (a board's host may have no
+    LiteRT)."""
+    from export.tflm.ops import schema  # lazy: tflite-micro is optional
+
+    return read_tflite_metadata(path, schema())
+
+
+def read_tflite_metadata(path: str, schema=None) -> dict[str, str] | None:
     """The `xattn` metadata buffer of a TFLite file as {key: text}, read with the flatbuffer
-    schema LiteRT ships (`ai_edge_litert.schema_py_generated`); None if it has none."""
-    from ai_edge_litert import schema_py_generated as schema  # lazy: a server may have onnxruntime only
+    schema LiteRT ships (`ai_edge_litert.schema_py_generated`) or `schema`; None if it has none."""
+    if schema is None:
+        from ai_edge_litert import schema_py_generated as schema  # lazy: a server may have onnxruntime only
 
     with open(path, "rb") as f:
         data = f.read()
@@ -154,7 +163,8 @@ def read_onnx_metadata(path: str) -> dict[str, str] | None:
 
 
 # Which reader opens which format's files (formats without in-file metadata are absent).
-_READERS = {"tflite": read_tflite_metadata, "onnx": read_onnx_metadata, "ort": read_onnx_metadata}
+_READERS = {"tflite": read_tflite_metadata, "onnx": read_onnx_metadata, "ort": read_onnx_metadata,
+            "tflm": read_tflm_metadata}
 
 
 def read_file_metadata(fmt: str, path: str) -> dict[str, str] | None:

@@ -53,6 +53,7 @@ class ExportRequest:
             ModelSpecs and `seed`/`weights` do not apply. Its sample inputs (if any) supply the
             golden vectors and the int8 calibration.
         sign_key: an elliptic-curve private key (PEM); None publishes unsigned sets.
+        arena_limit: TFLM files whose smallest tensor arena is larger fail (ArenaError).
     """
 
     specs: dict[str, ArtifactSpec | ModelSpec]
@@ -66,6 +67,7 @@ class ExportRequest:
     calibration: str | None = None
     model: ModelReference | None = None
     sign_key: str | None = None  # a PEM EC private key: each set signed into <artifact>.sig
+    arena_limit: int | None = None  # TFLM: the largest tensor arena allowed, in bytes
 
 
 @dataclass
@@ -80,6 +82,7 @@ class ArtifactResult:
     sha256: str
     parity: dict
     manifest: dict
+    companions: tuple[str, ...] = ()  # files published with the artifact (export.formats.Built)
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,8 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
             results.append(_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt),
                                       references[spec.reference_name]))
         manifests = [os.path.basename(r.manifest_path) for r in results]
-        artifacts = [os.path.basename(r.path) for r in results]
+        # An artifact's companions (TFLM's C++) go with it, before the manifests.
+        artifacts = [os.path.basename(p) for r in results for p in (r.path, *r.companions)]
         log.info("publish  %d artifact(s) into %s", len(results), request.output_dir)
         # One critical section (an OS lock on the folder): the guard again, then the publish.
         with publish.folder_lock(request.output_dir):
@@ -177,6 +181,7 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
     for r in results:
         r.path = os.path.join(request.output_dir, os.path.basename(r.path))
         r.manifest_path = os.path.join(request.output_dir, os.path.basename(r.manifest_path))
+        r.companions = tuple(os.path.join(request.output_dir, os.path.basename(p)) for p in r.companions)
     log.info("done in %.1f s", time.perf_counter() - started)
     return results
 
@@ -243,7 +248,7 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
     })
     try:
         built = record.build(spec, fn, stage, opset=request.opset, calibration=calibration,
-                             metadata=metadata)
+                             metadata=metadata, arena_limit=request.arena_limit)
         record.check_graph(built.path, spec)
     except (ConversionError, GraphCheckError) as e:
         raise ref.explain(e) from e
@@ -290,12 +295,15 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
         sha256=publish.sha256_path(built.path), size=publish.size_bytes(built.path),
         deployment=deployment, file_metadata=metadata,
         golden_name=golden_name, signatures=signatures,
+        files=[{"file": os.path.basename(p), "sha256": publish.sha256_path(p),
+                "bytes": publish.size_bytes(p)} for p in built.companions],
     )
     manifest_path = os.path.join(stage, spec.manifest_name(fmt))
     write_manifest(manifest_path, manifest)
     return ArtifactResult(
         format=fmt, spec=spec, path=built.path, manifest_path=manifest_path,
         bytes=manifest["bytes"], sha256=manifest["sha256"], parity=parity, manifest=manifest,
+        companions=built.companions,
     )
 
 

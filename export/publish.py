@@ -106,7 +106,7 @@ def _installed_versions() -> tuple:
     for dist, key in (
         ("tensorflow-cpu", "tensorflow"), ("tensorflow", "tensorflow"), ("keras", "keras"),
         ("tf2onnx", "tf2onnx"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"),
-        ("ai-edge-litert", "ai-edge-litert"), ("numpy", "numpy"),
+        ("ai-edge-litert", "ai-edge-litert"), ("tflite-micro", "tflite-micro"), ("numpy", "numpy"),
     ):
         if key in out:
             continue

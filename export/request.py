@@ -64,7 +64,7 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
         record = get_format(fmt)
         specs[fmt] = ArtifactSpec(
             **common, batch=_batch_for(args, fmt, formats),
-            quantize=quantize if record.quantizable else "none",
+            quantize=record.variant_for(quantize),
             int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
         )
     if weights == "h5":
@@ -79,7 +79,7 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
         max_rel_error=getattr(args, "max_rel_error", None),
         opset=getattr(args, "opset", None),
         calibration=getattr(args, "calibration", None),
-        sign_key=getattr(args, "sign_key", None),
+        sign_key=getattr(args, "sign_key", None), arena_limit=getattr(args, "arena_limit", None),
     )
 
 
@@ -126,7 +126,7 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
         record = get_format(fmt)
         specs[fmt] = user_model.ModelSpec(
             model_inputs=inputs, model_outputs=outputs, stem=stem, named=bool(args.name),
-            batch=_batch_for(args, fmt, formats), quantize=quantize if record.quantizable else "none",
+            batch=_batch_for(args, fmt, formats), quantize=record.variant_for(quantize),
             int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
         )
     reference = user_model.ModelReference(args.model, keras_model, samples, args.sample_inputs)
@@ -134,5 +134,5 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
         specs=specs, output_dir=args.output_dir, atol=args.atol,
         max_rel_error=getattr(args, "max_rel_error", None), opset=getattr(args, "opset", None),
         model=reference, weights_source=os.path.basename(args.model),
-        sign_key=getattr(args, "sign_key", None),
+        sign_key=getattr(args, "sign_key", None), arena_limit=getattr(args, "arena_limit", None),
     )

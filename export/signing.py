@@ -41,6 +41,9 @@ def set_files(folder: str, manifest_name: str, manifest: dict) -> list[str]:
     else:
         names.append(manifest["artifact"])
     names.append(manifest_name)
+    for entry in manifest.get("files", []):  # companions (TFLM's C++), when listed
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+            names.append(entry["file"])
     for key in ("golden", "reference"):
         if isinstance(manifest.get(key), str):
             names.append(manifest[key])

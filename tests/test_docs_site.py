@@ -9,6 +9,7 @@ rather than skips, naming the fix.
 from __future__ import annotations
 
 import functools
+import glob
 import http.server
 import importlib.util
 import json
@@ -115,6 +116,15 @@ def test_reference_pages_are_generated_from_the_code(site):
     for cls in vars(errors).values():
         if isinstance(cls, type) and issubclass(cls, errors.ExportError) and cls is not errors.ExportError:
             assert f"<td>{cls.exit_code}</td>\n<td><code>{cls.__name__}</code>" in codes_html
+
+
+def test_every_entry_point_is_on_the_cli_page():
+    """Each `python -m export...` module (a __main__.py) has its parser on the generated page."""
+    mains = glob.glob(os.path.join(REPO, "export", "**", "__main__.py"), recursive=True)
+    commands = {"python -m " + ".".join(os.path.relpath(os.path.dirname(m), REPO).split(os.sep))
+                for m in mains}
+    documented = {prog for prog, _ in _hooks().entry_parsers()}
+    assert commands <= documented, f"entry points without a CLI reference: {commands - documented}"
 
 
 def test_manifest_page_lists_a_real_manifests_keys_in_order(artifact_factory):

@@ -82,7 +82,7 @@ def test_export_path_on_the_short_training(trained):
     every file verified on export, then the test split run in each runtime and drawn."""
     import keras
 
-    from examples.forecast.export import export_all, run_test_split
+    from examples.forecast.export import export_all, run_test_split, tflm_fit
     from examples.forecast.plot import load_test_set, plot_forecasts
 
     out, _ = trained
@@ -92,9 +92,13 @@ def test_export_path_on_the_short_training(trained):
     model = keras.saving.load_model(os.path.join(out, "forecaster.keras"), safe_mode=True)
     reference = np.asarray(model.predict(inputs, verbose=0))
     outputs = run_test_split(out=artifacts, inputs=inputs, variants=("int8",))
+    assert ("tflm", "int8") in outputs  # TFLM's interpreter, a window at a time
     for (fmt, variant), values in outputs.items():
         rel = np.linalg.norm(values - reference) / np.linalg.norm(reference)
         assert rel < (1e-5 if variant == "none" else 5e-2), (fmt, variant, rel)
+    fit = tflm_fit(artifacts)
+    assert 1024 < fit["arena_bytes"] <= 256 * 1024 and fit["fits"]
+    assert fit["flash_bytes"] == os.path.getsize(os.path.join(artifacts, "forecaster_int8.tflm.tflite"))
     png = plot_forecasts(truth, {"Keras": level[:, None] + scale * reference,
                                  "LiteRT int8": level[:, None] + scale * outputs[("tflite", "int8")]},
                          os.path.join(out, "forecast.png"), months=months)

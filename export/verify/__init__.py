@@ -172,6 +172,7 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
 
     artifact = os.path.join(folder, manifest["artifact"])
     _check_artifact(artifact, fmt, manifest)
+    manifests.check_files(folder, manifest)
     golden_path = os.path.join(folder, manifest["golden"])
     golden = manifests.load_golden(golden_path, manifest, inputs + outputs)
     manifests.check_golden_raw(folder, manifest, golden)
@@ -209,6 +210,7 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
         _verify_signatures(manifest, folder, fmt, artifact, batch, tolerance, result)
     # What the file says of itself must be what its manifest says (export.metadata).
     check_file_metadata(fmt.name, artifact, manifest)
+    fmt.check_on_device(artifact, manifest, folder)  # TFLM: its arena and its C++
     result.status = "passed"
 
 

@@ -1,0 +1,13 @@
+"""`python -m export.tflm`: build, verify and publish TFLM (microcontroller) artifacts (the shared CLI)."""
+
+import sys
+
+from export.cli import main as export_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return export_main(argv, formats=("tflm",), prog="python -m export.tflm")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
