@@ -32,7 +32,15 @@ DEFAULT_MAX_BODY_BYTES = 32 << 20
 
 
 class RequestError(InputError):
-    """A request the server cannot act on: answered with 400 and this one-line message."""
+    """A request the server cannot act on: answered with `status` (400) and this one line."""
+
+    status = 400
+
+
+class BodyTooLarge(RequestError):
+    """A request body (declared, sent or inflated) above the server's limit: 413."""
+
+    status = 413
 
 
 def datatype_of(dtype) -> str:
@@ -94,7 +102,9 @@ def read_content_encoding(body: bytes, encoding: str | None, limit: int) -> byte
     except zlib.error as e:
         raise RequestError(f"body is not valid {encoding} data: {e}") from None
     if len(out) > limit or inflater.unconsumed_tail:
-        raise RequestError(f"request body inflates to more than {limit} bytes; refusing it")
+        raise BodyTooLarge(
+            f"request body inflates to more than {limit} bytes (the server's limit); refusing it"
+        )
     return out
 
 
