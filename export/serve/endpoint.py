@@ -136,7 +136,7 @@ class ModelEndpoint:
                              DATATYPES[t.datatype].newbyteorder("="))
             for t in self.inputs
         }
-        self.run(feeds)
+        self.run(self.runner.check_feeds(feeds))
 
     def route(self, method: str, path: str) -> str | Reply:
         """'infer' for an inference request, else the Reply (metadata, ready, or an error)."""
@@ -169,8 +169,9 @@ class ModelEndpoint:
         return decoded, feeds
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Feeds from `decode` (checked) -> outputs."""
         with self.lock:
-            return self.runner.run(feeds)
+            return self.runner.run_checked(feeds)
 
     def encode(self, decoded, results) -> Reply:
         content, headers = encode_infer_response(self.name, decoded, results, self.outputs)

@@ -6,7 +6,8 @@ keep-alive connections busy (one request at a time each, no pipelining) with raw
 on uvloop, decodes every response as a client would (the binary extension with `np.frombuffer`,
 JSON with `json.loads`), and prints JSON: latencies, errors, its own CPU seconds. The request
 bytes are built once, so the generator spends its CPU on sockets and decoding, not on encoding;
-`export.serve.loadbench` runs several of these processes and adds them up.
+`export.serve.loadbench` runs several of these processes and adds them up. With a `model` path
+in the job it measures the ceiling instead: onnxruntime `session.run` in a loop, same inputs.
 """
 
 from __future__ import annotations
@@ -108,11 +109,42 @@ async def run_job(job: dict) -> dict:
     return results
 
 
+def run_in_process(job: dict) -> dict:
+    """The ceiling: onnxruntime `session.run` on the same inputs, one thread, in a tight loop."""
+    import onnxruntime as ort  # lazy: only the in-process mode runs a session
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = job["threads"]
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(job["model"], options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {i.name: rng.normal(size=(job["rows"], *i.shape[1:])).astype(np.float32)
+             for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    cpu = time.process_time()
+    begin = time.perf_counter()
+    start = begin + job["warmup"]
+    stop = start + job["duration"]
+    latencies = []
+    now = begin
+    while now < stop:
+        sent = now
+        session.run(names, feeds)
+        now = time.perf_counter()
+        if sent >= start:
+            latencies.append(now - sent)
+    return {"latencies": latencies, "errors": 0, "lost": 0, "refused": 0,
+            "cpu_seconds": time.process_time() - cpu, "wall_seconds": now - begin}
+
+
 def main() -> int:
     import uvloop  # lazy: the generator's loop (installed with uvicorn, the serve extra)
 
     job = json.load(sys.stdin)
-    results = uvloop.run(run_job(job))
+    if job.get("model"):
+        results = run_in_process(job)
+    else:
+        results = uvloop.run(run_job(job))
     json.dump(results, sys.stdout)
     return 0
 

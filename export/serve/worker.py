@@ -231,7 +231,7 @@ def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
     sock = socket.socket(fileno=fd)
     server = _server_class()(uvicorn.Config(
         app, loop="uvloop", http="httptools", lifespan="off", access_log=False,
-        log_level="warning", server_header=False, date_header=False,
+        log_level="warning", server_header=False, date_header=False, proxy_headers=False,
     ))
     server.app = app
     server.drain_seconds = options.drain_seconds
