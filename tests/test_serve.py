@@ -426,6 +426,65 @@ def test_serve_never_imports_tensorflow():
     assert result.stdout.strip() == "[]"
 
 
+# -- KServe V2 gRPC (embedded engine, --grpc-port) --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def grpc_client(artifacts, tmp_path_factory):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    logs = tmp_path_factory.mktemp("serve-grpc")
+    grpc_port = _free_port()
+    proc, _, out, err = _start(artifacts, logs, "--grpc-port", str(grpc_port))
+    yield grpcclient, grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}"), proc
+    _finish(proc, out, err)
+    assert proc.returncode == 0, (logs / "stderr").read_text()
+
+
+def test_grpc_health_and_metadata(grpc_client, artifacts):
+    _, client, _ = grpc_client
+    assert client.is_server_live() and client.is_server_ready()
+    assert "binary_tensor_data" in client.get_server_metadata().extensions
+    for fmt, name in MODELS.items():
+        assert client.is_model_ready(name) and not client.is_model_ready("nope")
+        metadata = client.get_model_metadata(name, as_json=True)
+        manifest = _manifest(artifacts, fmt)
+        assert [t["name"] for t in metadata["inputs"]] == [t["name"] for t in manifest["inputs"]]
+        assert metadata["inputs"][0]["shape"] == ["-1", "10", "64"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_grpc_infer_matches_the_golden_outputs(grpc_client, artifacts, golden, fmt):
+    grpcclient, client, _ = grpc_client
+    inputs = []
+    for name in ("source1", "source2"):
+        tensor = grpcclient.InferInput(name, list(golden[name].shape), "FP32")
+        tensor.set_data_from_numpy(golden[name])
+        inputs.append(tensor)
+    result = client.infer(MODELS[fmt], inputs, request_id="g-1",
+                          outputs=[grpcclient.InferRequestedOutput("output")])
+    atol = _manifest(artifacts, fmt)["parity"]["atol"]
+    np.testing.assert_allclose(result.as_numpy("output"), golden["output"], rtol=0, atol=atol)
+    assert result.get_response().id == "g-1"
+
+
+def test_grpc_errors_name_what_was_wrong(grpc_client, golden):
+    grpcclient, client, _ = grpc_client
+    good = grpcclient.InferInput("source2", [4, 10, 64], "FP32")
+    good.set_data_from_numpy(golden["source2"])
+    with pytest.raises(grpcclient.InferenceServerException) as info:
+        client.infer("nope", [good])
+    assert info.value.status() == "StatusCode.NOT_FOUND" and "unknown model" in info.value.message()
+    bad = grpcclient.InferInput("source1", [4, 10, 64], "INT32")
+    bad.set_data_from_numpy(np.zeros((4, 10, 64), np.int32))
+    with pytest.raises(grpcclient.InferenceServerException) as info:
+        client.infer(ONNX, [bad, good])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "datatype FP32" in info.value.message()
+    with pytest.raises(grpcclient.InferenceServerException) as info:
+        client.infer(ONNX, [good])
+    assert "missing input" in info.value.message()
+
+
 # -- bind address, readiness, drain ---------------------------------------------------------------
 
 

@@ -56,6 +56,7 @@ class ServeOptions:
     """
 
     engine: str = "embedded"
+    grpc_port: int | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     drain_seconds: float = 10.0
     replicas: int = 1
@@ -159,10 +160,14 @@ def start(models: list[ServedModel], options: ServeOptions) -> Server:
     if options.engine == "embedded":
         if options.address is not None:
             raise UsageError("--address joins a Ray cluster: it needs --engine ray")
+        if options.grpc_port:
+            _check_port_free(options.host, options.grpc_port)
         from export.serve import embedded  # lazy: uvicorn loads only in its workers
 
         handle = embedded.start(models, options, _version())
         return Server(handle.names, handle.url, embedded=handle)
+    if options.grpc_port:
+        raise UsageError("--grpc-port (KServe V2 gRPC) needs --engine embedded")
     return _start_ray(models, options)
 
 

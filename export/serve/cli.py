@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address to listen on (default 127.0.0.1: this machine only; "
                              "0.0.0.0 for every interface)")
     parser.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--grpc-port", type=_port, metavar="PORT",
+                        help="embedded: also serve KServe V2 gRPC on PORT (Triton uses 8001); "
+                             "default: no gRPC")
     parser.add_argument("--address", metavar="ADDR",
                         help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of "
                              "starting a local one")
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     options = ServeOptions(
         engine=args.engine, workers=args.workers, drain_seconds=args.drain_seconds,
+        grpc_port=args.grpc_port,
         replicas=args.replicas, threads=args.threads, max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms, host=args.host, port=args.port, address=args.address,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         server = start(models, options)
         for name in server.names:
             print(f"serving  {name}  at {server.url}/models/{name}", flush=True)
+        if options.grpc_port:
+            print(f"gRPC     KServe V2 on {options.host}:{options.grpc_port}", flush=True)
         if server.embedded is not None:
             shape = f"embedded engine, {options.workers} worker(s)"
         else:

@@ -413,7 +413,8 @@ def goals(figures: dict, batch_rows: int) -> list[str]:
         best = max(c["rows_per_s"] for c in emb if c["rows"] == batch_rows)
         ratio = ceiling[0]["rows_per_s"] / best
         lines.append(f"batch-{batch_rows} requests: {best:.0f} rows/s, in-process "
-                     f"{ceiling[0]['rows_per_s']:.0f} rows/s in {figures['workers']} processes, "
+                     f"{ceiling[0]['rows_per_s']:.0f} rows/s in {figures['workers']} process"
+                     f"{'es' if figures['workers'] > 1 else ''}, "
                      f"{ratio:.1f}x (goal <= 3x): " + ("met" if ratio <= 3 else "NOT met"))
     return lines
 

@@ -176,6 +176,7 @@ def _server_class():
 
         app: App
         drain_seconds: float
+        grpc = None  # the KServe V2 gRPC server, with --grpc-port
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -186,6 +187,7 @@ def _server_class():
 
         async def shutdown(self, sockets=None):
             app = self.app
+            grpc_done = None if self.grpc is None else self.grpc.stop(grace=self.drain_seconds)
             for server in self.servers:
                 server.close()
             app.state.set(app.index, STOPPED)
@@ -201,6 +203,8 @@ def _server_class():
                     break
                 await asyncio.sleep(0.01)
             await super().shutdown(sockets=None)
+            if grpc_done is not None:
+                await asyncio.to_thread(grpc_done.wait, self.drain_seconds)
 
     return DrainingServer
 
@@ -235,6 +239,10 @@ def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
     ))
     server.app = app
     server.drain_seconds = options.drain_seconds
+    if options.grpc_port:
+        from export.serve.grpc_service import build_server  # lazy: only with --grpc-port
+
+        server.grpc = build_server(app, options.grpc_port, options.host, options.max_body_bytes)
     threading.Thread(target=_warm_up, args=(endpoints, state, index), daemon=True).start()
     server.run(sockets=[sock])
 
