@@ -566,6 +566,25 @@ def test_host_is_documented_in_help():
     assert "default 127.0.0.1" in " ".join(result.stdout.split())
 
 
+def test_load_benchmark_runs_both_entry_points(artifacts, tmp_path):
+    """`python -m export.bench serve` (and its alias) on the embedded engine, briefly."""
+    out = tmp_path / "figures.json"
+    result = run_module("export.bench", "serve", artifacts, "--engines", "embedded",
+                        "--clients", "2", "--duration", "0.3", "--no-fault", "--json", str(out),
+                        timeout=300)
+    assert result.returncode == 0, result.stderr
+    cells = json.loads(out.read_text())["cells"]
+    setups = {(c["setup"].split(",")[0], c["encoding"], c["rows"]) for c in cells}
+    assert setups == {("in-process", "-", 1), ("in-process", "-", 32), ("embedded", "json", 1),
+                      ("embedded", "binary", 1), ("embedded", "binary", 32)}
+    for cell in cells:
+        assert cell["requests"] > 0 and cell["errors"] == 0, cell
+        assert cell["rows_per_s"] == pytest.approx(cell["rps"] * cell["rows"])
+    assert "goals (issue 23), embedded engine:" in result.stdout
+    alias = run_module("export.serve.loadbench", "--help", timeout=120)
+    assert alias.returncode == 0 and "--engines" in alias.stdout
+
+
 # -- last: Ctrl-C ---------------------------------------------------------------------------------
 
 
