@@ -418,7 +418,8 @@ def test_triton_repository_parses_as_triton_model_config(artifacts, tmp_path):
 
 def test_serve_never_imports_tensorflow():
     code = ("import sys, export.serve.__main__, export.serve.cli, export.serve.deployments, "
-            "export.serve.loadbench, "
+            "export.serve.loadbench, export.serve.endpoint, export.serve.embedded, "
+            "export.serve.worker, export.serve.loadgen, export.serve.grpc_service, "
             "export.serve.triton; print(sorted({'tensorflow', 'keras', 'tf2onnx'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
@@ -526,14 +527,16 @@ def test_ready_only_after_every_worker_warmed_up(artifacts, tmp_path):
         _finish(proc, out, err)
 
 
-def test_sigterm_under_load_drains_without_losing_a_request(artifacts, tmp_path):
+@pytest.mark.parametrize("engine", ["embedded"])
+def test_sigterm_under_load_drains_without_losing_a_request(artifacts, tmp_path, engine):
     """8 keep-alive clients busy; SIGTERM: every request sent gets its answer, exit 0."""
     import asyncio
     import threading
 
     from export.serve.loadgen import build_request, run_job
 
-    proc, port, out, err = _start(artifacts, tmp_path, "--workers", "2", "--drain-seconds", "5")
+    proc, port, out, err = _start(artifacts, tmp_path, "--engine", engine, "--workers", "2",
+                                  "--drain-seconds", "5")
     header = json.dumps({"inputs": [
         {"name": n, "shape": [1, 10, 64], "datatype": "FP32",
          "parameters": {"binary_data_size": 2560}} for n in ("source1", "source2")
@@ -576,7 +579,8 @@ def test_load_benchmark_runs_both_entry_points(artifacts, tmp_path):
     cells = json.loads(out.read_text())["cells"]
     setups = {(c["setup"].split(",")[0], c["encoding"], c["rows"]) for c in cells}
     assert setups == {("in-process", "-", 1), ("in-process", "-", 32), ("embedded", "json", 1),
-                      ("embedded", "binary", 1), ("embedded", "binary", 32)}
+                      ("embedded", "binary", 1), ("embedded", "binary", 32),
+                      ("embedded", "grpc", 1)}
     for cell in cells:
         assert cell["requests"] > 0 and cell["errors"] == 0, cell
         assert cell["rows_per_s"] == pytest.approx(cell["rps"] * cell["rows"])

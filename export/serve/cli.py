@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     def serve_until_interrupted():
         nonlocal server
         server = start(models, options)
+        # ray.init installs its own SIGTERM handler (it exits at once): ours again, to drain.
+        signal.signal(signal.SIGTERM, _interrupt)
         for name in server.names:
             print(f"serving  {name}  at {server.url}/models/{name}", flush=True)
         if options.grpc_port:

@@ -92,6 +92,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         help="Ray engine dynamic batching, rows per batch (default 1: off)")
     parser.add_argument("--batch-rows", type=_positive_int, default=32,
                         help="rows per request in the batch rows (default 32)")
+    parser.add_argument("--no-grpc", action="store_true",
+                        help="skip the embedded engine's gRPC rows")
     parser.add_argument("--client-processes", type=_positive_int, default=2,
                         help="load generator processes at most (default 2)")
     parser.add_argument("--threads", type=_positive_int, default=1,
@@ -223,7 +225,13 @@ def run(args: argparse.Namespace) -> dict:
             probe.bind(("127.0.0.1", 0))
             args.port = probe.getsockname()[1]
     for engine in args.engines:
-        options = ServeOptions(engine=engine, port=args.port, threads=args.threads,
+        grpc_port = None
+        if engine == "embedded" and not args.no_grpc:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                grpc_port = probe.getsockname()[1]
+        options = ServeOptions(engine=engine, port=args.port, grpc_port=grpc_port,
+                               threads=args.threads,
                                workers=args.workers, replicas=args.replicas,
                                max_batch=args.max_batch)
         setup = (f"embedded, {args.workers} workers" if engine == "embedded" else
@@ -254,6 +262,13 @@ def run(args: argparse.Namespace) -> dict:
                         cells.append(_cell(setup, encoding, rows, clients, results,
                                            args.duration))
                         _print_cell(cells[-1])
+            if grpc_port:
+                job = {"host": "127.0.0.1", "grpc_port": grpc_port, "rows": 1,
+                       "grpc_request": _grpc_request(model.name, requests[1][0])}
+                for clients in args.clients:
+                    results = _run_generators(_jobs(args, job, args.client_processes, clients))
+                    cells.append(_cell(setup, "grpc", 1, clients, results, args.duration))
+                    _print_cell(cells[-1])
             if engine == "ray" and not args.no_fault:
                 from export.serve import deploy  # lazy: Ray only
 
@@ -266,6 +281,19 @@ def run(args: argparse.Namespace) -> dict:
             "fault": fault, "model": model.name, "threads": args.threads,
             "workers": args.workers, "cpus": os.cpu_count(), "load_before": load_before,
             "load_after": os.getloadavg()[0], "duration": args.duration}
+
+
+def _grpc_request(name: str, feeds: dict) -> str:
+    """A KServe V2 ModelInferRequest with raw tensors, serialized once (base64 for the job)."""
+    import base64  # lazy: only for the gRPC rows
+
+    from tritonclient.grpc import service_pb2  # lazy: only for the gRPC rows
+
+    request = service_pb2.ModelInferRequest(model_name=name)
+    for input_name, array in feeds.items():
+        request.inputs.add(name=input_name, datatype="FP32", shape=array.shape)
+        request.raw_input_contents.append(array.tobytes())
+    return base64.b64encode(request.SerializeToString()).decode()
 
 
 def _check_answer(url: str, request: tuple[bytes, dict], expected: np.ndarray) -> None:

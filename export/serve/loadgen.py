@@ -95,7 +95,51 @@ async def _connection(job: dict, request: bytes, start: float, stop: float, resu
         writer.close()
 
 
+async def _grpc_client(job: dict, call, request: bytes, start: float, stop: float,
+                       results: dict):
+    """One client of a shared HTTP/2 channel: ModelInfer with the request serialized once."""
+    import grpc  # lazy: only gRPC jobs
+    from tritonclient.grpc import service_pb2  # lazy: only gRPC jobs
+
+    while time.perf_counter() < stop:
+        sent = time.perf_counter()
+        try:
+            reply = service_pb2.ModelInferResponse.FromString(await call(request))
+            out = reply.outputs[0]
+            rows = len(np.frombuffer(reply.raw_output_contents[0], np.float32)
+                       .reshape(tuple(out.shape)))
+        except grpc.aio.AioRpcError:
+            results["lost"] += 1
+            continue
+        now = time.perf_counter()
+        if rows != job["rows"]:
+            results["errors"] += 1
+        elif sent >= start:
+            results["latencies"].append(now - sent)
+
+
+async def _run_grpc(job: dict, start: float, stop: float, results: dict) -> None:
+    import base64  # lazy: only gRPC jobs
+
+    import grpc  # lazy: only gRPC jobs
+
+    request = base64.b64decode(job["grpc_request"])
+    async with grpc.aio.insecure_channel(f"{job['host']}:{job['grpc_port']}") as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        await asyncio.gather(*(_grpc_client(job, call, request, start, stop, results)
+                               for _ in range(job["connections"])))
+
+
 async def run_job(job: dict) -> dict:
+    if job.get("grpc_request"):
+        begin = time.perf_counter()
+        results = {"latencies": [], "errors": 0, "lost": 0, "refused": 0}
+        cpu = time.process_time()
+        await _run_grpc(job, begin + job["warmup"], begin + job["warmup"] + job["duration"],
+                        results)
+        results["cpu_seconds"] = time.process_time() - cpu
+        results["wall_seconds"] = time.perf_counter() - begin
+        return results
     request = job["request"].encode("latin-1")
     begin = time.perf_counter()
     start = begin + job["warmup"]
@@ -143,6 +187,8 @@ def main() -> int:
     job = json.load(sys.stdin)
     if job.get("model"):
         results = run_in_process(job)
+    elif job.get("grpc_request"):  # grpc.aio on the standard event loop
+        results = asyncio.run(run_job(job))
     else:
         results = uvloop.run(run_job(job))
     json.dump(results, sys.stdout)

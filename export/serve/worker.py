@@ -49,7 +49,9 @@ LOADING, WARM, STOPPED = 0, 1, 2
 THREAD_ABOVE = 1 << 16
 # While draining: a worker whose connections sent nothing for this long closes them.
 IDLE_GRACE_S = 0.5
-BARRIER_TIMEOUT_S = 2.0
+# How long a draining worker waits for the others to stop listening (only a hung worker makes
+# it wait that long).
+BARRIER_TIMEOUT_S = 5.0
 # Test hook: warm-up waits until this file exists (tests see /v2/health/ready answer 503 first).
 HOLD_ENV = "XATTN_SERVE_WARMUP_HOLD"
 
@@ -191,7 +193,7 @@ def _server_class():
             for server in self.servers:
                 server.close()
             app.state.set(app.index, STOPPED)
-            deadline = time.monotonic() + BARRIER_TIMEOUT_S
+            deadline = time.monotonic() + min(BARRIER_TIMEOUT_S, self.drain_seconds)
             while (not app.state.all_at_least(STOPPED, supervisor=True)
                    and time.monotonic() < deadline):
                 await asyncio.sleep(0.01)
