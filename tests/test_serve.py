@@ -563,6 +563,35 @@ def test_sigterm_under_load_drains_without_losing_a_request(artifacts, tmp_path,
     assert results["refused"] == 8  # each client ended at a closed door, not a dropped request
 
 
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def test_a_killed_worker_is_replaced(artifacts, tmp_path, golden):
+    proc, port, out, err = _start(artifacts, tmp_path, "--workers", "2")
+    try:
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            now = _children(proc.pid)
+            if victim not in now and len(now) == 2 and _get(port, "/v2/health/ready") == 200:
+                break
+            assert time.monotonic() < deadline, f"workers {now}, not replaced in 60 s"
+            time.sleep(0.1)
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+        for _ in range(4):  # new connections: the kernel spreads them over both workers
+            result = client.infer(ONNX, _inputs(golden, binary=True))
+            np.testing.assert_allclose(result.as_numpy("output"), golden["output"], atol=1e-4)
+        client.close()
+        assert "restarting it" in (tmp_path / "stderr").read_text()
+    finally:
+        _finish(proc, out, err)
+
+
 def test_host_is_documented_in_help():
     result = run_module("export.serve", "--help", timeout=120)
     assert result.returncode == 0
