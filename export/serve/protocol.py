@@ -1,9 +1,10 @@
 """The Open Inference Protocol (KServe V2) on the wire: requests to numpy feeds, outputs to bytes.
 
-numpy and the standard library only (no Ray, no runtime), so every decoding rule is testable on
-its own. JSON tensors and the binary tensor data extension (`Inference-Header-Content-Length`)
-both ways; a request that does not fit raises `RequestError` with a one-line message, which the
-server answers with 400 `{"error": message}`.
+numpy and the standard library only (orjson when installed: the same results, faster; no Ray, no
+runtime), so every decoding rule is testable on its own. JSON tensors and the binary tensor data
+extension (`Inference-Header-Content-Length`) both ways; a request that does not fit raises
+`RequestError` with a one-line message, which the server answers with 400 `{"error": message}`
+(413 for `BodyTooLarge`).
 """
 
 from __future__ import annotations

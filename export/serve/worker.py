@@ -40,6 +40,7 @@ from export.serve.endpoint import (
     guarded,
     too_large,
 )
+from export.serve.protocol import RequestError
 
 log = logging.getLogger("export.serve")
 
@@ -122,7 +123,7 @@ class App:
         try:
             check_declared_size(None if declared is None else declared.decode("latin-1"),
                                 self.max_body)
-        except Exception as e:  # noqa: BLE001 - a RequestError: answered before reading
+        except RequestError as e:  # answered before the body is read
             return error_reply(e)
         message = await receive()
         body = message.get("body", b"")
