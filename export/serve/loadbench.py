@@ -190,7 +190,7 @@ def _cell(setup: str, encoding: str, rows: int, clients: int, results: list[dict
 
 
 def run(args: argparse.Namespace) -> dict:
-    from export.serve import ServeOptions, load_models, start, stop
+    from export.serve import ServeOptions, load_models, start, stop  # lazy: verification, only for a run
 
     models, _ = load_models(args.path)
     onnx = [m for m in models if m.format == "onnx"]
