@@ -592,6 +592,18 @@ def test_a_killed_worker_is_replaced(artifacts, tmp_path, golden):
         _finish(proc, out, err)
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--address", "auto"], "needs --engine ray"),
+    (["--engine", "ray", "--grpc-port", "8001"], "needs --engine embedded"),
+])
+def test_engine_flags_that_contradict_are_usage_errors(artifacts, flags, words):
+    result = run_module("export.serve", artifacts, "--port", str(_free_port()), *flags,
+                        timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], lines
+
+
 def test_host_is_documented_in_help():
     result = run_module("export.serve", "--help", timeout=120)
     assert result.returncode == 0
