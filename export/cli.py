@@ -264,6 +264,10 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         out.add_argument("--opset", type=_positive_int,
                          help=f"ONNX opset (default {_default_opset_text()})")
     atol_defaults = ", ".join(f"{f} {get_format(f).atol:g}" for f in formats)
+    out.add_argument("--arm", action="store_true",
+                     help="also run the files under aarch64 emulation (qemu; make verify-arm "
+                          "installs it) and record in each manifest's deployment.arm where they "
+                          "stay within their gate")
     out.add_argument("--atol", type=_positive_float,
                      help=f"max abs diff allowed vs the reference, float32 artifacts (default "
                           f"{atol_defaults}); variants gate on --max-rel-error")
@@ -502,6 +506,7 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
         if args.sign_key:  # a bad key fails before anything is built
             signing.load_signer(args.sign_key)
         request = resolve_request(args, formats)
+        request.arm = args.arm
         resources.check_memory(request.specs, parameters=(
             request.model.model.count_params() if request.model is not None else None))
         with resources.typed_os_errors(request.output_dir), resources.progress():

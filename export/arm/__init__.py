@@ -43,7 +43,8 @@ class FileReport:
                          "same_bits_as_x86": _same_bits(r, self.x86),
                          "declared_within_gate": (self.declared.get(cpu) or {}).get("within_gate")}
         return {"manifest": self.manifest, "artifact": self.artifact, "format": self.format,
-                "gate": self.tolerance, "x86": {k: self.x86[k] for k in ("status", "metrics", "outputs_sha256")},
+                "gate": self.tolerance,
+                "x86": {k: self.x86[k] for k in ("status", "metrics", "outputs_sha256")},
                 "cpus": cpus, "bits_differ_between_cpus": self.bits_differ_between_cpus,
                 "problems": self.problems}
 

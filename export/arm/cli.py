@@ -81,7 +81,8 @@ def print_report(report: dict, quiet: bool) -> None:
         x86 = {**f["x86"], "gate": gate}
         rows.append([f["artifact"], gate_text, _cell(x86, None),
                      *[_cell({**f["cpus"][c], "gate": gate}, f["cpus"][c]["declared_within_gate"])
-                       if c in f["cpus"] else "-" for c in cpus], _bits(f, f["x86"].get("outputs_sha256", ""))])
+                       if c in f["cpus"] else "-" for c in cpus],
+                     _bits(f, f["x86"].get("outputs_sha256", ""))])
     widths = [max(len(printable(r[i])) for r in rows) for i in range(len(header))]
     for i, row in enumerate(rows):
         print("  ".join(printable(c).ljust(w) for c, w in zip(row, widths)).rstrip())

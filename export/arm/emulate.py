@@ -73,7 +73,8 @@ def write_cpuinfo(rootfs: str, cpu: str) -> None:
         f.write(text + "\n")
 
 
-def guest(emulator: Emulator, cpu: str, args: list[str], *, timeout: float = 1800) -> subprocess.CompletedProcess:
+def guest(emulator: Emulator, cpu: str, args: list[str], *,
+          timeout: float = 1800) -> subprocess.CompletedProcess:
     """Run the guest Python with `args` under `-cpu cpu`; the repository and wheels importable."""
     write_cpuinfo(emulator.rootfs, cpu)
     env = {
