@@ -11,7 +11,7 @@ import os
 import subprocess
 import tempfile
 
-from export.arm.provision import Emulator
+from export.arm.cache import Emulator
 from export.errors import EmulatorError, UsageError, one_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

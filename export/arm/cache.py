@@ -49,9 +49,10 @@ class Emulator:
 
 def find_qemu(qemu: str | None = None) -> str:
     """The qemu-aarch64-static binary (or `qemu`); ProvisionError when it is not there."""
-    found = shutil.which(qemu or os.environ.get("XATTN_ARM_QEMU") or QEMU)
+    wanted = qemu or os.environ.get("XATTN_ARM_QEMU") or QEMU
+    found = shutil.which(wanted)
     if not found:
-        raise ProvisionError(f"{qemu or QEMU} not found: install qemu-user-static "
+        raise ProvisionError(f"{wanted} not found: install qemu-user-static "
                              "(make verify-arm does: apt-get install qemu-user-static mmdebstrap)")
     return found
 
