@@ -181,3 +181,28 @@ def test_verify_json_keeps_the_lines_and_writes_results(tiny, tmp_path):
     assert {r["status"] for r in results} == {"passed"} and all(r["metrics"] for r in results)
     bad = run_module("export.verify", tiny[0], "--json", str(tmp_path / "no" / "r.json"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot write --json" in bad.stderr
+
+
+def test_export_arm_records_deployment_before_publishing(tmp_path, fake_qemu, monkeypatch):
+    from export.pipeline import ExportRequest, export_artifacts
+    from export.spec import ArtifactSpec
+    from export.verify import verify_path
+
+    monkeypatch.setattr(arm, "provision", lambda cache, **kw: emulator_of(tmp_path, fake_qemu))
+    monkeypatch.setattr(arm, "probe", lambda emulator, cpu: {
+        "machine": "aarch64", "heavy_imports": [], "features": ["fphp"] if cpu == "max" else []})
+    out = tmp_path / "out"
+    out.mkdir()
+    results = export_artifacts(ExportRequest(
+        specs={"tflite": ArtifactSpec(batch=1, **TINY), "onnx": ArtifactSpec(batch=None, **TINY)},
+        output_dir=str(out), arm=True))
+    for r in results:
+        entry = read_json(r.manifest_path)["deployment"]["arm"]
+        assert sorted(entry["cpus"]) == sorted(arm.DEFAULT_CPUS)
+        assert entry["cpus"]["max"]["features"] == ["fphp"]
+        for cpu in entry["cpus"].values():
+            assert cpu["within_gate"] is True and cpu["same_bits_as_x86"] is True
+            assert cpu["max_abs"] < 1e-4 and cpu["gate"] == {"atol": 1e-4}
+    # Written before the set was sealed: the published manifests verify as they are.
+    assert [v.status for v in verify_path(str(out))] == ["passed", "passed"]
+    assert not [n for n in os.listdir(out) if n.startswith(".xattn-staging")]
