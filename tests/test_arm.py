@@ -206,3 +206,16 @@ def test_export_arm_records_deployment_before_publishing(tmp_path, fake_qemu, mo
     # Written before the set was sealed: the published manifests verify as they are.
     assert [v.status for v in verify_path(str(out))] == ["passed", "passed"]
     assert not [n for n in os.listdir(out) if n.startswith(".xattn-staging")]
+
+
+def test_export_arm_without_qemu_publishes_nothing(tmp_path):
+    out = tmp_path / "out"
+    done = run_module("export.onnx", "--units", "4", "--heads", "1", "--query-len", "2", "--kv-len", "3",
+                      "--query-features", "3", "--kv-features", "2", "--arm", "--output-dir", str(out),
+                      "-q", env={"XATTN_ARM_QEMU": str(tmp_path / "no-qemu")})
+    assert done.returncode == 8, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"python -m export.onnx: error: {tmp_path / 'no-qemu'} not found: install qemu-user-static "
+        "(make verify-arm does: apt-get install qemu-user-static mmdebstrap)"]
+    assert not out.exists() or [n for n in os.listdir(out) if not n.startswith(".")] == []
+    assert "convert" not in done.stdout + done.stderr  # it stopped before building anything
