@@ -62,7 +62,7 @@ example: $(STAMP)
 clean:
 	rm -rf $(VENV) web/node_modules artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json \
 		artifacts/*.npz artifacts/*.golden.bin artifacts/*_savedmodel/ artifacts/*.sig artifacts/.xattn.lock \
-		artifacts/.xattn-staging-* artifacts/.xattn-trash-* mutants .coverage .coverage.* build/mutation-artifacts
+		artifacts/.xattn-staging-* artifacts/.xattn-trash-* mutants .coverage .coverage.* build/mutation-artifacts build/arm
 
 verify: $(STAMP)
 	$(PY) -m export.verify artifacts/
