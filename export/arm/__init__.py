@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from export.arm.cache import Emulator, provision, runtime_versions
 from export.arm.emulate import DEFAULT_CPUS, check_cpu, probe, verify
 from export.errors import EmulatorError
+from export.manifest import write_manifest
+from export.verify import find_manifests, verify_manifest, verify_path
 
 DEFAULT_CACHE = os.path.join("build", "arm")
 
@@ -93,8 +95,6 @@ def check_path(path: str, *, cpus: tuple[str, ...] = DEFAULT_CPUS, cache: str = 
         UsageError: nothing to verify at `path`, an unknown CPU model.
         ProvisionError: qemu/mmdebstrap missing, a download failed. EmulatorError: the guest crashed.
     """
-    from export.verify import find_manifests, verify_path  # the x86 side, in this process
-
     cpus = tuple(check_cpu(c) for c in cpus)
     find_manifests(path)  # nothing to verify: a usage error before any download
     emulator = provision(cache, mirror=mirror, index_url=index_url)
@@ -146,9 +146,6 @@ def record(stage: str, results: list, *, cpus: tuple[str, ...] = DEFAULT_CPUS,
     gate on an ARM model is recorded (`within_gate: false`, its max abs diff and rel L2), not
     refused: the gate stays the gate, and the manifest tells where the file does not meet it.
     """
-    from export.manifest import write_manifest
-    from export.verify import verify_manifest
-
     cpus = tuple(check_cpu(c) for c in cpus)
     emulator = provision(cache)
     probes, emulated = run_all(emulator, stage, cpus)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import zipfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -150,8 +151,6 @@ def _make_rootfs(out: str, mirror: str) -> None:
 
 
 def _download_wheels(out: str, versions: dict[str, str], index_url: str | None) -> None:
-    import sys
-
     argv = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
             "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
             "--dest", out]
