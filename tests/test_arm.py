@@ -50,7 +50,7 @@ def test_qemu_missing_is_one_line_exit_8(tiny, tmp_path):
 
 def test_rootfs_download_failing_leaves_nothing_trusted(tiny, tmp_path, fake_qemu):
     mm = script(tmp_path / "mmdebstrap",
-                '#!/bin/sh\nmkdir -p "$6/usr"\necho "E: cannot fetch InRelease from $7" >&2\nexit 1\n')
+                '#!/bin/sh\nmkdir -p "$5/usr"\necho "E: cannot fetch InRelease from $6" >&2\nexit 1\n')
     cache = tmp_path / "cache"
     done = run_module("export.arm", tiny[0], "--cache", str(cache), "--mirror", "http://127.0.0.1:9/x",
                       env={"XATTN_ARM_QEMU": fake_qemu, "XATTN_ARM_MMDEBSTRAP": mm})
@@ -61,7 +61,7 @@ def test_rootfs_download_failing_leaves_nothing_trusted(tiny, tmp_path, fake_qem
 
 
 def test_wheel_download_failing_is_one_line(tmp_path, fake_qemu, monkeypatch):
-    mm = script(tmp_path / "mmdebstrap", '#!/bin/sh\nmkdir -p "$6/usr/bin"\ntouch "$6/usr/bin/python3.11"\n')
+    mm = script(tmp_path / "mmdebstrap", '#!/bin/sh\nmkdir -p "$5/usr/bin"\ntouch "$5/usr/bin/python3.11"\n')
     monkeypatch.setenv("XATTN_ARM_MMDEBSTRAP", mm)
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no local indexes or wheel folders
     monkeypatch.setenv("PIP_RETRIES", "0")

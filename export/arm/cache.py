@@ -135,8 +135,9 @@ def _run(argv: list[str], what: str) -> None:
                              "apt-get install qemu-user-static mmdebstrap)") from None
     if done.returncode:
         lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.startswith(("E:", "ERROR"))] or lines or ["no output"]
-        raise ProvisionError(f"{what} failed (exit {done.returncode}): {one_line(errors[-1], 240)}")
+        # The first error says why (apt: "E: Failed to fetch ..."); the last, that it stopped.
+        errors = [ln for ln in lines if ln.startswith(("E:", "ERROR"))] or lines[-1:] or ["no output"]
+        raise ProvisionError(f"{what} failed (exit {done.returncode}): {one_line(errors[0], 240)}")
 
 
 def _make_rootfs(out: str, mirror: str) -> None:
@@ -144,7 +145,7 @@ def _make_rootfs(out: str, mirror: str) -> None:
     if not tool:
         raise ProvisionError("mmdebstrap not found: make verify-arm installs it "
                              "(apt-get install qemu-user-static mmdebstrap)")
-    _run([tool, "--quiet", "--arch=arm64", "--variant=extract", f"--include={','.join(PACKAGES)}",
+    _run([tool, "--arch=arm64", "--variant=extract", f"--include={','.join(PACKAGES)}",
           SUITE, out, mirror], f"the arm64 {SUITE} root file system (mmdebstrap from {mirror})")
     if not os.path.isfile(os.path.join(out, GUEST_PYTHON)):
         raise ProvisionError(f"the arm64 root file system from {mirror} has no {GUEST_PYTHON}")
