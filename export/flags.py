@@ -191,7 +191,8 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         epilog=(
             "exit codes: 0 ok; 1 verification failed (nothing published); 2 usage error; "
             "3 bad --weights file; 4 converter failure; 5 --output-dir not writable (a file, "
-            "read-only); 6 disk full; 7 not enough memory; 130 interrupted"
+            "read-only); 6 disk full; 7 not enough memory; 8 --arm: qemu or mmdebstrap missing, a "
+            "download failed; 9 --arm: the emulated verifier crashed; 130 interrupted"
         ),
     )
     shapes = parser.add_argument_group("layer and shapes")
@@ -255,6 +256,10 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
                          help="TFLM: fail (exit 1, nothing published) when the smallest tensor "
                               "arena that runs the file is larger than BYTES")
     atol_defaults = ", ".join(f"{f} {get_format(f).atol:g}" for f in formats)
+    out.add_argument("--arm", action="store_true",
+                     help="also run the files under aarch64 emulation (qemu; make verify-arm "
+                          "installs it) and record in each manifest's deployment.arm where they "
+                          "stay within their gate")
     out.add_argument("--atol", type=_positive_float,
                      help=f"max abs diff allowed vs the reference, float32 artifacts (default "
                           f"{atol_defaults}); variants gate on --max-rel-error")
