@@ -13,7 +13,7 @@ from conftest import run_module
 
 from export import resources, verify
 from export.buckets import DYNAMIC_CHECK_LENGTHS
-from export.errors import OutOfMemoryError
+from export.errors import OutOfMemoryError, SpecError
 from export.spec import ArtifactSpec
 
 
@@ -43,3 +43,28 @@ def test_memory_estimate_of_a_symbolic_length_is_the_largest_verified_one():
     with pytest.raises(OutOfMemoryError, match=rf"dynamic lengths estimated at {largest}, the "
                                                r"largest verified\); 1.0 GiB is available"):
         resources.check_memory(wide, available=1 << 30)
+
+
+def test_a_model_export_over_one_with_other_golden_inputs_names_sample_inputs(tmp_path):
+    # README "Whole models": `--model forecaster.keras` then the same model `--quantize int8
+    # --sample-inputs samples.npz` into the same folder was refused as "other weights", though
+    # the weights were the same: the golden inputs differed (seeded rows vs --sample-inputs).
+    from types import SimpleNamespace
+
+    from export.model import ModelSpec
+    from export.pipeline import _guard_shared_files
+    from export.spec import TensorInfo
+
+    (tmp_path / "forecaster.onnx.json").write_text(
+        '{"golden": "forecaster.golden.npz", "golden_sha256": "' + "a" * 64 + '"}')
+    spec = ModelSpec(model_inputs=(TensorInfo("past", (12, 3), "float32"),),
+                     model_outputs=(TensorInfo("output", (4,), "float32"),), stem="forecaster",
+                     quantize="int8")
+    goldens = {"forecaster.golden.npz": SimpleNamespace(sha256="b" * 64)}
+    with pytest.raises(SpecError, match=r"other weights under the name 'forecaster' or other "
+                                        r"--sample-inputs, .* pass --name to keep both"):
+        _guard_shared_files(str(tmp_path), {"tflite": spec}, goldens)
+    layer = ArtifactSpec(name="forecaster")
+    with pytest.raises(SpecError, match=r"under the name 'forecaster', and this export") as refused:
+        _guard_shared_files(str(tmp_path), {"tflite": layer}, goldens)
+    assert "--sample-inputs" not in str(refused.value)
