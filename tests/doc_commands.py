@@ -39,6 +39,7 @@ class Command:
     text: str  # normalised: no prompt, no comment, continuations joined, single spaces
     where: str  # page:line of its first line
     block: str  # page:line of its block: commands of one block run in one folder, in order
+    comment: str = ""  # its trailing `# ...` comment, if any
 
     @property
     def argv(self) -> list[str]:
@@ -82,11 +83,14 @@ def python_blocks(repo: str = REPO) -> list[str]:
     return ["\n".join(b.lines) + "\n" for b in all_blocks(repo) if b.lang == "python"]
 
 
-def _normalise(text: str) -> str:
+def _normalise(text: str) -> tuple[str, str]:
+    """(command, comment), whitespace normalised."""
     try:
-        return " ".join(shlex.split(text, comments=True))
+        words = shlex.split(text)
     except ValueError:  # an unbalanced quote: keep the text as written
-        return " ".join(text.split("#", 1)[0].split())
+        words = text.split()
+    cut = next((i for i, w in enumerate(words) if w.startswith("#")), len(words))
+    return " ".join(words[:cut]), " ".join(words[cut:]).lstrip("# ")
 
 
 def block_commands(block: Block) -> list[Command]:
@@ -113,9 +117,9 @@ def block_commands(block: Block) -> list[Command]:
         open_ = line.endswith("\\")
     commands = []
     for number, text in found:
-        text = _normalise(text)
+        text, comment = _normalise(text)
         if text and COMMAND.search(text):
-            commands.append(Command(text, f"{block.page}:{number}", block.where))
+            commands.append(Command(text, f"{block.page}:{number}", block.where, comment))
     return commands
 
 

@@ -44,21 +44,21 @@ EXPORT_VALUES = {
     "--lengths": "4,8 4x8,8x4 4 | 0 x , 4x",
     "--batch": "1 2 dynamic | 0 x",
     "--query-mask": None, "--value-mask": None, "--causal": None, "--scores": None,
-    "--weights": "layer.keras | missing.keras junk.keras notes.txt junk.weights.h5",
+    "--weights": "layer.keras | missing.keras junk.keras notes.txt junk.weights.h5 ''",
     "--seed": "0 3 | -1 x",
     "--name": "custom ok-name.1 | a/b ../up",
-    "--sign-key": "key.pem | missing.pem junk.pem",
+    "--sign-key": "key.pem | missing.pem junk.pem ''",
     "--opset": "17 18 | 1 999 x",
     "--atol": "1e-4 0.5 | 0 nan inf -1 x 1e-30",
     "--quantize": "none float16 dynamic-int8 int8 | bogus",
     "--int8-io": None,
-    "--calibration": "calibration.npz | missing.npz junk.npz",
+    "--calibration": "calibration.npz | missing.npz junk.npz ''",
     "--max-rel-error": "0.05 0.5 | 0 x",
-    "--model": "model.keras | missing.keras junk.keras",
+    "--model": "model.keras | missing.keras junk.keras ''",
     "--import": "json | no_such_module_xyz",
     "--input-shape": "x=4,8 | x=0 bad nope=4,8",
-    "--sample-inputs": "samples.npz | missing.npz junk.npz",
-    "--output-dir": "out nested/out | notes.txt",
+    "--sample-inputs": "samples.npz | missing.npz junk.npz ''",
+    "--output-dir": "out nested/out | notes.txt ''",
     "-v": None, "-q": None,
 }
 ENTRY = {"export": None, "export.onnx": ("onnx",), "export.tflite": ("tflite",),
@@ -97,8 +97,13 @@ def flag_args(draw, values: dict, max_flags: int) -> list[str]:
         argv.append(flag)
         if values[flag] is not None:
             good, _, bad = values[flag].partition("|")
-            argv.append(draw(st.sampled_from((bad if flag == wrong else good).split() or [""])))
+            argv.append(draw(st.sampled_from(_values(bad if flag == wrong else good))))
     return argv
+
+
+def _values(text: str) -> list[str]:
+    """`8 1` -> ["8", "1"]; `''` is the empty string (what `--flag "$UNSET"` passes)."""
+    return [("" if v == "''" else v) for v in text.split()] or [""]
 
 
 def small_shapes(argv: list[str]) -> list[str]:
@@ -181,7 +186,7 @@ def test_export_command_lines_dry(entry, in_world, monkeypatch):
 
     codes: list = []
 
-    @settings(FUZZ, max_examples=150)
+    @settings(FUZZ, max_examples=100)
     @given(st.data())
     def run(data):
         argv = small_shapes(data.draw(flags(EXPORT_VALUES, 6)))
@@ -192,7 +197,7 @@ def test_export_command_lines_dry(entry, in_world, monkeypatch):
     run()
 
     assert codes.count(0) >= 2, f"too few repositories written: {codes}"
-    assert seen and codes.count(0) >= len(codes) // 5, f"too few reached the pipeline: {codes}"
+    assert seen and codes.count(0) >= len(codes) // 10, f"too few reached the pipeline: {codes}"
 
 
 REAL_VALUES = {k: v for k, v in EXPORT_VALUES.items()
@@ -222,7 +227,7 @@ def test_export_command_lines_for_real(entry, in_world):
     assert codes.count(0) >= 2, f"too few examples published: {codes}"
 
 
-VERIFY_VALUES = {"--public-key": "key.pub | missing.pub junk.pub", "-q": None}
+VERIFY_VALUES = {"--public-key": "key.pub | missing.pub junk.pub ''", "-q": None}
 VERIFY_PATHS = ["artifacts", "artifacts/", "missing", "notes.txt", "junk.npz", ".", "",
                 "artifacts/xattn_u8_h2_q4x8_kv4x8.onnx.json"]
 
@@ -252,8 +257,8 @@ def test_verify_command_lines(in_world):
 
 SERVE_VALUES = {
     "--replicas": "1 2 | 0 x", "--threads": "1 2 | 0 -2", "--max-batch": "1 32 | 0",
-    "--batch-wait-ms": "2 0.5 | 0 nan x", "--host": "127.0.0.1 | ", "--port": "8000 | 0 70000 x",
-    "--address": "auto | ", "--max-body-mb": "1 | 0 inf",
+    "--batch-wait-ms": "2 0.5 | 0 nan x", "--host": "127.0.0.1", "--port": "8000 | 0 70000 x",
+    "--address": "auto", "--max-body-mb": "1 | 0 inf",
 }
 
 
@@ -268,7 +273,7 @@ def test_serve_command_lines_writing_a_triton_repository(in_world):
     def run(data):
         argv = data.draw(flags(SERVE_VALUES, 4))
         path = data.draw(st.sampled_from(["artifacts", "missing", "notes.txt", "."]))
-        target = data.draw(st.sampled_from(["triton", "nested/triton", "notes.txt"]))
+        target = data.draw(st.sampled_from(["triton", "nested/triton", "notes.txt", ""]))
         argv = [path, *argv, "--triton-repository", target]
         code, _, err = call(serve_cli.main, argv)
         codes.append(code)
@@ -277,3 +282,64 @@ def test_serve_command_lines_writing_a_triton_repository(in_world):
     run()
 
     assert codes.count(0) >= 2, f"too few repositories written: {codes}"
+
+
+LOADBENCH_VALUES = {
+    "--clients": "1 1,8 | 0 x ,", "--replicas": "1 1,2 | 0 -1", "--max-batch": "1 32 | 0",
+    "--threads": "1 | 0", "--duration": "0.5 3 | 0 nan", "--port": "8765 | 0 x",
+    "--fault-timeout": "60 | 0", "--no-fault": None, "--json": "figures.json | missing/f.json artifacts ''",
+}
+
+
+def test_loadbench_command_lines(in_world, monkeypatch):
+    """The load benchmark's command line up to the measuring (which starts servers: stubbed with
+    the figures it returns), then its --json."""
+    from export.serve import loadbench
+
+    monkeypatch.setattr(loadbench, "run", lambda args: {"fault": None, "cpus": 2, "cells": []})
+    codes: list = []
+
+    @settings(FUZZ, max_examples=40)
+    @given(st.data())
+    def run(data):
+        argv = data.draw(flags(LOADBENCH_VALUES, 4)) + data.draw(st.sampled_from([[], ["artifacts"]]))
+        code, _, err = call(loadbench.main, argv)
+        codes.append(code)
+        assert_clean_ending(code, err, argv)
+
+    run()
+    assert codes.count(0) >= 5, f"too few examples ran: {codes}"
+
+
+BENCH_VALUES = {
+    "--units": "8 | 0 x", "--heads": "2 | 0", "--query-len": "4 | 0", "--kv-len": "4 | -1",
+    "--batch": "1 1,32 | 0 x", "--lengths": "4,8 | 0", "--buckets": "4,8 | x",
+    "--threads": "1 | 0", "--runtimes": "onnx onnx,tflite | bogus", "--variants": "none | bogus",
+    "--onnx-batch": "dynamic fixed | other", "--iterations": "1 | 0", "--warmup": "1 | -1",
+    "--max-seconds": "0.1 | 0 nan", "--startup-runs": "1 | 0", "--model": "model.keras | ''",
+    "--json": "b.json | ''", "--keep-dir": "kept | ''", "-v": None, "-q": None,
+}
+
+
+def test_bench_command_lines_with_a_wrong_value(in_world):
+    """A benchmark runs for a minute: here every command line has one wrong value, so each ends
+    in its one usage line (the full runs: .ci/run's smoke run, tests/test_bench.py)."""
+    from export.bench.suite import main as bench_main
+
+    @settings(FUZZ, max_examples=40)
+    @given(st.data())
+    def run(data):
+        argv = data.draw(flags(BENCH_VALUES, 4))
+        valued = [a for a in argv if a in BENCH_VALUES and BENCH_VALUES[a] is not None]
+        if not valued:
+            argv = argv + ["--iterations", "0"]
+        else:
+            flag = data.draw(st.sampled_from(valued))
+            wrong = _values(BENCH_VALUES[flag].partition("|")[2])
+            i = argv.index(flag)
+            argv[i + 1] = data.draw(st.sampled_from(wrong))
+        code, _, err = call(bench_main, argv)
+        assert code == 2 or (code == 0 and "--help" in argv), (argv, code, err)
+        assert_clean_ending(code, err, argv)
+
+    run()

@@ -62,7 +62,8 @@ DOCUMENTED = commands()
 
 
 def _skip_reason(command: Command) -> str | None:
-    return SKIP.get(command.text) or SKIP.get(command.text.split(" # ")[0])
+    """SKIP's reason for `text # comment` (one of two commands alike), else for `text`."""
+    return SKIP.get(f"{command.text} # {command.comment}") or SKIP.get(command.text)
 
 
 def _argv(command: Command) -> list[str]:
@@ -136,16 +137,16 @@ def _make_inputs(folder: str) -> None:
     from layer_zoo import randomize_weights
     from test_trust import write_key_pair
 
-    from examples.forecast.data import FUTURE_FEATURES, PAST_FEATURES
-    from examples.forecast.model import build_forecaster
+    from examples.forecast.train import train_forecaster
     from xattn import CrossAttention
 
+    # The README's forecaster: the example's model, trained briefly on the real CO2 data (as in
+    # tests/test_example_forecast.py; int8 needs a trained model), and its sample inputs.
+    trained = os.path.join(os.path.dirname(folder), "forecast")
+    train_forecaster(trained, epochs=2, seed=0)
+    shutil.copy(os.path.join(trained, "forecaster.keras"), folder)
+    shutil.copy(os.path.join(trained, "sample_inputs.npz"), os.path.join(folder, "samples.npz"))
     rng = np.random.default_rng(22)
-    forecaster = randomize_weights(build_forecaster(12, 4, units=8, num_heads=2), 22)
-    forecaster.save(os.path.join(folder, "forecaster.keras"))
-    np.savez(os.path.join(folder, "samples.npz"),
-             past=rng.standard_normal((16, 12, PAST_FEATURES), dtype=np.float32),
-             future=rng.standard_normal((16, 4, FUTURE_FEATURES), dtype=np.float32))
 
     with open(os.path.join(folder, "my_layers.py"), "w", encoding="utf-8") as f:
         f.write(MY_LAYERS)
@@ -212,6 +213,8 @@ def command_results(tmp_path_factory) -> dict:
             future.result()
     for where, key in keys.items():  # repeats: the result of the first run
         results.setdefault(where, results[first[key]])
+    for where, result in results.items():  # shown with -s: what each command costs
+        print(f"{result['seconds']:6.1f} s  exit {result['code']}  {where}  {' '.join(result['argv'][1:])}")
     return results
 
 

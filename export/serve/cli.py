@@ -12,7 +12,7 @@ import sys
 import threading
 
 from export.cli import report_failures
-from export.flags import OneLineParser, _positive_float, _positive_int
+from export.flags import OneLineParser, _path, _positive_float, _positive_int
 from export.verify import MARKS
 
 PROG = "python -m export.serve"
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "starting a local one")
     parser.add_argument("--max-body-mb", type=_positive_float, default=32.0,
                         help="largest request body accepted (default 32 MiB)")
-    parser.add_argument("--triton-repository", metavar="DIR",
+    parser.add_argument("--triton-repository", type=_path, metavar="DIR",
                         help="write a Triton model repository of the ONNX artifacts to DIR "
                              "instead of serving")
     return parser

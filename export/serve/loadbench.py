@@ -26,7 +26,7 @@ import numpy as np
 
 from export.cli import report_failures
 from export.errors import UsageError
-from export.flags import OneLineParser, _positive_float, _positive_int, _positive_int_list
+from export.flags import OneLineParser, _path, _positive_float, _positive_int, _positive_int_list
 from export.serve.protocol import HEADER_LENGTH
 
 PROG = "python -m export.serve.loadbench"
@@ -80,7 +80,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("--fault-timeout", type=_positive_float, default=60.0,
                         help="longest the fault run waits for the replica (default 60 s)")
     parser.add_argument("--no-fault", action="store_true", help="skip the kill -9 run")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--json", type=_path, metavar="PATH", help="also write the figures as JSON")
     return parser
 
 
@@ -357,10 +357,20 @@ def _print_fault(fault: dict) -> None:
     )
 
 
+def _check_writable(path: str) -> None:
+    """`--json PATH` can be written: its folder exists and PATH is not a folder; UsageError if not."""
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write --json {path}: "
+                         + ("it is a folder" if os.path.isdir(path) else f"no writable folder {folder}"))
+
+
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
 
     def go():
+        if args.json:  # before minutes of measuring, not after
+            _check_writable(args.json)
         figures = run(args)
         if figures["fault"]:
             _print_fault(figures["fault"])
@@ -368,8 +378,11 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
               f"{os.getloadavg()[0]:.1f} at the end); {args.threads} onnxruntime thread(s) per "
               f"replica; {args.duration:g} s per cell; 1 row per request")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(figures, f, indent=2)
+            try:
+                with open(args.json, "w") as f:
+                    json.dump(figures, f, indent=2)
+            except OSError as e:
+                raise UsageError(f"cannot write --json {args.json}: {e.strerror or e}") from e
         return figures
 
     _, code = report_failures(prog, go)
