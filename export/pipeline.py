@@ -224,10 +224,13 @@ def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens
             continue  # not one of ours, or damaged: export.verify reports those
         if golden in new_golden and golden_sha and golden_sha != new_golden[golden]:
             name = golden[: -len(".golden.npz")]
+            # A whole model's golden inputs are its --sample-inputs rows (or seeded ones without).
+            inputs = " or other --sample-inputs" if any(
+                not isinstance(spec, ArtifactSpec) for spec in specs.values()) else ""
             raise SpecError(
-                f"{entry} in {output_dir} was built from other weights under the name {name!r}, "
-                f"and this export would replace the golden vectors it is verified with; rebuild "
-                f"all its formats in one run (python -m export ...) or pass --name to keep both"
+                f"{entry} in {output_dir} was built from other weights under the name {name!r}"
+                f"{inputs}, and this export would replace the golden vectors it is verified with; "
+                f"rebuild all its formats in one run (python -m export ...) or pass --name to keep both"
             )
 
 

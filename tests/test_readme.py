@@ -1,10 +1,10 @@
-"""The README's Python examples run as written (paths pointed at freshly built artifacts)."""
+"""The documentation's Python examples run as written (paths pointed at freshly built artifacts)."""
 
 from __future__ import annotations
 
 import os
-import re
 
+import doc_commands
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,8 +13,8 @@ PADDED_EXAMPLE = os.path.join(REPO, "docs", "examples", "tflite_padded_batch.py"
 
 
 def python_blocks() -> list[str]:
-    with open(README, encoding="utf-8") as f:
-        return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    """The ```python blocks of README.md and docs/**/*.md (tests/doc_commands.py), each once."""
+    return list(dict.fromkeys(doc_commands.python_blocks()))
 
 
 def test_layer_example_runs():

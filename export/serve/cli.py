@@ -15,7 +15,7 @@ import sys
 import threading
 
 from export.cli import report_failures
-from export.flags import OneLineParser, _positive_float, _positive_int
+from export.flags import OneLineParser, _path, _positive_float, _positive_int
 from export.verify import MARKS
 
 PROG = "python -m export.serve"
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-seconds", type=_positive_float, default=10.0,
                         help="on Ctrl-C or SIGTERM, longest wait for requests in flight "
                              "(default 10 s)")
-    parser.add_argument("--triton-repository", metavar="DIR",
+    parser.add_argument("--triton-repository", type=_path, metavar="DIR",
                         help="write a Triton model repository of the ONNX artifacts to DIR "
                              "instead of serving")
     return parser

@@ -29,7 +29,7 @@ import numpy as np
 
 from export.cli import report_failures
 from export.errors import UsageError
-from export.flags import OneLineParser, _positive_float, _positive_int, _positive_int_list
+from export.flags import OneLineParser, _path, _positive_float, _positive_int, _positive_int_list
 from export.serve.loadgen import build_request
 from export.serve.protocol import HEADER_LENGTH
 
@@ -100,7 +100,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("--fault-timeout", type=_positive_float, default=60.0,
                         help="longest the fault run waits for the replica (default 60 s)")
     parser.add_argument("--no-fault", action="store_true", help="skip the kill -9 run")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--json", type=_path, metavar="PATH", help="also write the figures as JSON")
     return parser
 
 
@@ -454,10 +454,20 @@ def _print_fault(fault: dict) -> None:
     )
 
 
+def _check_writable(path: str) -> None:
+    """`--json PATH` can be written: its folder exists and PATH is not a folder; UsageError if not."""
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write --json {path}: "
+                         + ("it is a folder" if os.path.isdir(path) else f"no writable folder {folder}"))
+
+
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
 
     def go():
+        if args.json:  # before minutes of measuring, not after
+            _check_writable(args.json)
         figures = run(args)
         if figures["fault"]:
             _print_fault(figures["fault"])
@@ -471,8 +481,11 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             for line in lines:
                 print(f"  {line}")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(figures, f, indent=2)
+            try:
+                with open(args.json, "w") as f:
+                    json.dump(figures, f, indent=2)
+            except OSError as e:
+                raise UsageError(f"cannot write --json {args.json}: {e.strerror or e}") from e
         return figures
 
     _, code = report_failures(prog, go)
