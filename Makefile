@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install artifacts test lint bench verify verify-web web-deps chromium clean example serve \
-	coverage mutation cxx docs
+	coverage mutation cxx verify-arm arm-deps docs
 
 install: $(STAMP)
 
@@ -74,7 +74,7 @@ example: $(STAMP)
 clean:
 	rm -rf $(VENV) web/node_modules artifacts/*.onnx artifacts/*.tflite artifacts/*.keras artifacts/*.json \
 		artifacts/*.npz artifacts/*.golden.bin artifacts/*_savedmodel/ artifacts/*.sig artifacts/.xattn.lock \
-		artifacts/.xattn-staging-* artifacts/.xattn-trash-* mutants .coverage .coverage.* build/mutation-artifacts
+		artifacts/.xattn-staging-* artifacts/.xattn-trash-* mutants .coverage .coverage.* build/mutation-artifacts build/arm
 
 verify: $(STAMP)
 	$(PY) -m export.verify artifacts/
@@ -113,3 +113,26 @@ verify-web: $(WEB_DEPS) chromium $(WEB_ARTIFACT)
 serve: $(STAMP)
 	@ls artifacts/*.onnx.json >/dev/null 2>&1 || $(PY) -m export
 	$(PY) -m export.serve artifacts/
+
+# -- ARM without hardware (README, On devices): the artifacts verified under aarch64 user-mode
+# emulation, -cpu max / max,sme=off / cortex-a53. qemu-user-static and mmdebstrap from apt-get where
+# missing; the arm64 root file system and the aarch64 wheels are cached in build/arm.
+ARM_DIR ?= build/arm/artifacts
+ARM_SET := $(ARM_DIR)/xattn_u64_h4_q10x64_kv10x64_int8.tflite.json
+
+arm-deps:
+	@if ! command -v qemu-aarch64-static >/dev/null || ! command -v mmdebstrap >/dev/null; then \
+		echo "qemu-aarch64-static or mmdebstrap not found: apt-get install -y qemu-user-static mmdebstrap"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+			$(SUDO) apt-get install -y -q qemu-user-static mmdebstrap; \
+	fi
+
+# The default configuration in every variant, each manifest's deployment.arm measured before
+# publishing (python -m export --arm); built once, `rm -rf build/arm/artifacts` rebuilds.
+$(ARM_SET): | $(STAMP) arm-deps
+	mkdir -p $(ARM_DIR)
+	for q in none float16 dynamic-int8 int8; do \
+		$(PY) -m export --quantize $$q --arm --output-dir $(ARM_DIR) -q || exit $$?; done
+
+verify-arm: arm-deps $(ARM_SET)
+	$(PY) -m export.arm $(ARM_DIR) --report build/arm/report.json

@@ -40,6 +40,7 @@ def on_files(files, config):
 def entry_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
     """(command, parser) of every entry point, built by the functions the commands call."""
     from export import cli
+    from export.arm.cli import build_parser as arm_parser
     from export.bench.options import build_parser as bench_parser
     from export.formats import REGISTRY
     from export.serve.cli import build_parser as serve_parser
@@ -52,6 +53,7 @@ def entry_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
         parsers.append((prog, cli.build_parser((fmt,), prog=prog)))
     parsers += [
         ("python -m export.verify", verify_parser()),
+        ("python -m export.arm", arm_parser()),
         ("python -m export.serve", serve_parser()),
         ("python -m export.serve.loadbench", loadbench_parser()),
         ("python -m export.bench", bench_parser()),

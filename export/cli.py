@@ -4,7 +4,8 @@ resolve (export.request), export, print the table; typed errors become one line 
 Exit codes: 0 success; 1 an artifact failed verification (nothing published); 2 usage error
 (bad flag, impossible configuration, bad calibration file, bad signing key); 3 a `--weights` file
 that is missing, unsafe or does not fit; 4 a converter failed; 5 `--output-dir` cannot be written;
-6 no space left on the device; 7 not enough memory; 130 interrupted.
+6 no space left on the device; 7 not enough memory; 8 `--arm`: qemu/mmdebstrap missing or a
+download failed; 9 `--arm`: the emulated verifier crashed; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -108,7 +109,12 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
         resources.check_output_dir(args.output_dir)
         if args.sign_key:  # a bad key fails before anything is built
             signing.load_signer(args.sign_key)
+        if args.arm:  # so does a missing qemu or a failed download (cached in build/arm)
+            from export import arm  # lazy: qemu's cache and the verifier, with --arm only
+
+            arm.provision(arm.DEFAULT_CACHE)
         request = resolve_request(args, formats)
+        request.arm = args.arm
         resources.check_memory(request.specs, parameters=(
             request.model.model.count_params() if request.model is not None else None))
         with resources.typed_os_errors(request.output_dir), resources.progress():

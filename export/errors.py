@@ -101,6 +101,19 @@ class OutOfMemoryError(ExportError):
     exit_code = 7
 
 
+class ProvisionError(ExportError):
+    """The emulated ARM check (export.arm) lacks a tool or a download: qemu-aarch64-static or
+    mmdebstrap missing, the arm64 root file system or the aarch64 wheels failing to download."""
+
+    exit_code = 8
+
+
+class EmulatorError(ExportError):
+    """The verifier could not run (or said nothing readable) under aarch64 emulation."""
+
+    exit_code = 9
+
+
 # Exit code of an export stopped by Ctrl-C / SIGINT (128 + SIGINT, as shells report it).
 INTERRUPTED_EXIT_CODE = 130
 

@@ -113,6 +113,14 @@ def check_length_flags(args: argparse.Namespace, formats: tuple[str, ...]) -> st
     return None
 
 
+def _path(text: str) -> str:
+    """A file or folder flag: a name, not an empty string (`--weights "$UNSET"` would otherwise
+    mean no weights at all, `--public-key ""` no signature check)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a file or folder, got {text!r}")
+    return text
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -164,7 +172,7 @@ def check_model_flags(args: argparse.Namespace) -> str | None:
 
 def add_model_flags(group) -> None:
     """`--model` and the flags that go with it (shared with `python -m export.bench`)."""
-    group.add_argument("--model", metavar="PATH.keras",
+    group.add_argument("--model", type=_path, metavar="PATH.keras",
                        help="a functional or Sequential model saved with model.save(); loaded "
                             "with safe_mode on; its inputs and outputs name the artifact's")
     group.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -172,7 +180,7 @@ def add_model_flags(group) -> None:
     group.add_argument("--input-shape", dest="input_shapes", action="append", default=[],
                        type=_input_shape, metavar="NAME=D1,D2,...",
                        help="fix the unknown non-batch axes of input NAME; repeatable")
-    group.add_argument("--sample-inputs", metavar="PATH.npz",
+    group.add_argument("--sample-inputs", type=_path, metavar="PATH.npz",
                        help="real inputs, one array per model input (N, ...): the golden vectors, "
                             "the verification rows and the int8 calibration data; needed for "
                             "integer inputs")
@@ -191,7 +199,8 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         epilog=(
             "exit codes: 0 ok; 1 verification failed (nothing published); 2 usage error; "
             "3 bad --weights file; 4 converter failure; 5 --output-dir not writable (a file, "
-            "read-only); 6 disk full; 7 not enough memory; 130 interrupted"
+            "read-only); 6 disk full; 7 not enough memory; 8 --arm: qemu or mmdebstrap missing, a "
+            "download failed; 9 --arm: the emulated verifier crashed; 130 interrupted"
         ),
     )
     shapes = parser.add_argument_group("layer and shapes")
@@ -234,17 +243,17 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         "the folded computation, everything else as Keras runs it, with static shapes.")
     add_model_flags(whole)
     weights = parser.add_argument_group("weights")
-    weights.add_argument("--weights", metavar="PATH",
+    weights.add_argument("--weights", type=_path, metavar="PATH",
                          help="a .keras file holding a CrossAttention, or a .weights.h5 from "
                               "model.save_weights of a model built like the reference")
     weights.add_argument("--seed", type=_non_negative_int, default=0,
                          help="seed of the random weights when --weights is not given (default 0)")
     out = parser.add_argument_group("output and verification")
-    out.add_argument("--output-dir", default="artifacts", metavar="DIR",
+    out.add_argument("--output-dir", type=_path, default="artifacts", metavar="DIR",
                      help="where artifacts are published (default artifacts/)")
     out.add_argument("--name", help="base file name (default derived from the configuration, "
                                     "e.g. xattn_u64_h4_q10x64_kv10x64)")
-    out.add_argument("--sign-key", metavar="KEY.pem",
+    out.add_argument("--sign-key", type=_path, metavar="KEY.pem",
                      help="sign each published set (artifact, manifest, golden, reference) with "
                           "this elliptic-curve private key into <artifact>.sig (model-signing)")
     if any("opset" in get_format(f).build_options for f in formats):
@@ -255,6 +264,10 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
                          help="TFLM: fail (exit 1, nothing published) when the smallest tensor "
                               "arena that runs the file is larger than BYTES")
     atol_defaults = ", ".join(f"{f} {get_format(f).atol:g}" for f in formats)
+    out.add_argument("--arm", action="store_true",
+                     help="also run the files under aarch64 emulation (qemu; make verify-arm "
+                          "installs it) and record in each manifest's deployment.arm where they "
+                          "stay within their gate")
     out.add_argument("--atol", type=_positive_float,
                      help=f"max abs diff allowed vs the reference, float32 artifacts (default "
                           f"{atol_defaults}); variants gate on --max-rel-error")
@@ -269,7 +282,7 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
                                           if not get_format(f).quantizable))
         quant.add_argument("--int8-io", action="store_true",
                            help="with --quantize int8 (TFLite): int8 inputs and outputs")
-        quant.add_argument("--calibration", metavar="PATH.npz",
+        quant.add_argument("--calibration", type=_path, metavar="PATH.npz",
                            help="calibration inputs of TFLite --quantize int8: arrays source1, "
                                 "source2 (ONNX/ORT int8 is weight-only and uses none)")
         quant.add_argument("--max-rel-error", type=_positive_float,

@@ -54,6 +54,9 @@ class ExportRequest:
             golden vectors and the int8 calibration.
         sign_key: an elliptic-curve private key (PEM); None publishes unsigned sets.
         arena_limit: TFLM files whose smallest tensor arena is larger fail (ArenaError).
+        arm: run the staged files under aarch64 emulation (export.arm) and record, per CPU
+            model, their max abs diff and whether they stay within their gate in the
+            manifest's `deployment.arm`, before the set is sealed.
     """
 
     specs: dict[str, ArtifactSpec | ModelSpec]
@@ -68,6 +71,7 @@ class ExportRequest:
     model: ModelReference | None = None
     sign_key: str | None = None  # a PEM EC private key: each set signed into <artifact>.sig
     arena_limit: int | None = None  # TFLM: the largest tensor arena allowed, in bytes
+    arm: bool = False  # verify under aarch64 emulation before publishing: deployment.arm
 
 
 @dataclass
@@ -169,6 +173,14 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
         for fmt, spec in specs.items():
             results.append(_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt),
                                       references[spec.reference_name]))
+        if request.arm:
+            from export import arm  # lazy: qemu and the arm64 root file system, on request only
+
+            t0 = time.perf_counter()
+            arm.record(stage, results)
+            log.info("arm      %s (%.1f s)", " | ".join(_arm_summary(r) for r in results
+                                                        if "arm" in (r.manifest.get("deployment") or {})),
+                     time.perf_counter() - t0)
         manifests = [os.path.basename(r.manifest_path) for r in results]
         # An artifact's companions (TFLM's C++) go with it, before the manifests.
         artifacts = [os.path.basename(p) for r in results for p in (r.path, *r.companions)]
@@ -184,6 +196,12 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
         r.companions = tuple(os.path.join(request.output_dir, os.path.basename(p)) for p in r.companions)
     log.info("done in %.1f s", time.perf_counter() - started)
     return results
+
+
+def _arm_summary(r: ArtifactResult) -> str:
+    cpus = r.manifest["deployment"]["arm"]["cpus"]
+    beyond = [cpu for cpu, c in cpus.items() if not c["within_gate"]]
+    return f"{r.format}: " + (f"beyond gate on {', '.join(beyond)}" if beyond else "within gate")
 
 
 def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens: dict) -> None:
@@ -206,10 +224,13 @@ def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens
             continue  # not one of ours, or damaged: export.verify reports those
         if golden in new_golden and golden_sha and golden_sha != new_golden[golden]:
             name = golden[: -len(".golden.npz")]
+            # A whole model's golden inputs are its --sample-inputs rows (or seeded ones without).
+            inputs = " or other --sample-inputs" if any(
+                not isinstance(spec, ArtifactSpec) for spec in specs.values()) else ""
             raise SpecError(
-                f"{entry} in {output_dir} was built from other weights under the name {name!r}, "
-                f"and this export would replace the golden vectors it is verified with; rebuild "
-                f"all its formats in one run (python -m export ...) or pass --name to keep both"
+                f"{entry} in {output_dir} was built from other weights under the name {name!r}"
+                f"{inputs}, and this export would replace the golden vectors it is verified with; "
+                f"rebuild all its formats in one run (python -m export ...) or pass --name to keep both"
             )
 
 

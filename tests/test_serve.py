@@ -1,9 +1,11 @@
-"""`python -m export.serve`: Ray Serve speaking the Open Inference Protocol, driven by tritonclient.
+"""`python -m export.serve`: the Open Inference Protocol on both engines, driven by tritonclient.
 
-One server (a real `python -m export.serve` process, one local Ray instance) serves the default
-ONNX and TFLite artifacts for the whole module; `tritonclient.http`, unmodified, talks to it with
-JSON and binary tensors. Bad requests go through raw HTTP so that each kind is sent exactly as
-named. The last test stops the server with Ctrl-C.
+One server per engine (a real `python -m export.serve` process: `--engine embedded`, uvicorn
+workers; `--engine ray`, one local Ray instance) serves the default ONNX and TFLite artifacts for
+the whole session, and the protocol suite runs against each; `tritonclient.http`, unmodified,
+talks to them with JSON and binary tensors. Bad requests go through raw HTTP so that each kind is
+sent exactly as named. The last test of each engine stops its server with Ctrl-C. The embedded
+engine's drain (SIGTERM under load), readiness (warm-up) and bind address have their own servers.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ MODELS = {"onnx": ONNX, "tflite": TFLITE}
 MAX_BATCH = 8
 MAX_BODY_MB = 1
 STARTUP_TIMEOUT_S = 240
+ENGINES = ["embedded", "ray"]
 
 
 def _free_port() -> int:
@@ -67,22 +70,21 @@ def _manifest(artifacts: str, fmt: str) -> dict:
         return json.load(f)
 
 
-@pytest.fixture(scope="session")
-def server(artifacts, tmp_path_factory):
-    """A `python -m export.serve` process on a free port: (process, port, log folder)."""
+def _start(artifacts, logs, *args, env=None, wait_ready=True):
+    """A `python -m export.serve` process on a free port: (process, port, stdout, stderr)."""
     port = _free_port()
-    logs = tmp_path_factory.mktemp("serve-logs")
     out, err = open(logs / "stdout", "w"), open(logs / "stderr", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "export.serve", artifacts, "--port", str(port),
-         "--max-batch", str(MAX_BATCH), "--max-body-mb", str(MAX_BODY_MB)],
-        cwd=REPO, stdout=out, stderr=err, env=os.environ.copy(),
+        [sys.executable, "-m", "export.serve", artifacts, "--port", str(port), *args],
+        cwd=REPO, stdout=out, stderr=err, env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         if proc.poll() is not None:
             pytest.fail(f"export.serve exited {proc.returncode}: {(logs / 'stderr').read_text()}")
         try:
+            if not wait_ready and _get(port, "/v2/health/live") == 200:
+                break
             # The CLI prints `ready` once start() returns, just after /v2 starts answering.
             if "ready " in (logs / "stdout").read_text() and _get(port, "/v2/health/ready") == 200:
                 break
@@ -91,16 +93,31 @@ def server(artifacts, tmp_path_factory):
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"export.serve not ready in {STARTUP_TIMEOUT_S} s")
-        time.sleep(0.5)
-    yield proc, port, logs
+        time.sleep(0.1)
+    return proc, port, out, err
+
+
+def _finish(proc, *files):
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    out.close()
-    err.close()
+    for f in files:
+        f.close()
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def server(request, artifacts, tmp_path_factory):
+    """One server per engine for the session: (process, port, log folder)."""
+    logs = tmp_path_factory.mktemp(f"serve-logs-{request.param}")
+    proc, port, out, err = _start(
+        artifacts, logs, "--engine", request.param, "--max-batch", str(MAX_BATCH),
+        "--max-body-mb", str(MAX_BODY_MB),
+    )
+    yield proc, port, logs
+    _finish(proc, out, err)
 
 
 @pytest.fixture(scope="session")
@@ -175,7 +192,7 @@ def test_infer_without_requested_outputs_returns_binary(client, golden):
 
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_concurrent_requests_are_batched_and_split_back(client, artifacts, fmt):
-    """Rows of concurrent requests share batches; each caller gets its own rows back."""
+    """Rows of concurrent requests share batches (Ray engine); each caller gets its own rows."""
     from export.runtimes import load_runner
 
     manifest = _manifest(artifacts, fmt)
@@ -275,15 +292,27 @@ BAD_REQUESTS = {
     "gzip-bomb": ("infer", gzip.compress(b" " * (MAX_BODY_MB << 20) * 2),
                   {"Content-Encoding": "gzip"}, "inflates"),
     "oversized-body": ("infer", b" " * ((MAX_BODY_MB << 20) + 1), {}, "at most"),
+    "oversized-body-chunked": ("infer", b" " * ((MAX_BODY_MB << 20) + 1), {"chunked": True},
+                               "exceeds"),
     "get-infer": ("infer-GET", None, {}, "POST"),
     "wrong-version": ("/v2/models/{model}/versions/2/infer", _json_request(), {}, "version"),
 }
 
 
+# Bodies above the limit are 413 Payload Too Large; every other bad request is 400.
+TOO_LARGE = {"gzip-bomb", "oversized-body", "oversized-body-chunked"}
+
+
 def _send(port: int, method: str, path: str, body: bytes | None, headers: dict):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = dict(headers)
     try:
-        conn.request(method, path, body=body, headers=headers)
+        if headers.pop("chunked", False):  # no Content-Length: the limit applies as it arrives
+            conn.request(method, path, body=iter([body[i:i + 65536]
+                                                  for i in range(0, len(body), 65536)]),
+                         headers=headers, encode_chunked=True)
+        else:
+            conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -292,7 +321,7 @@ def _send(port: int, method: str, path: str, body: bytes | None, headers: dict):
 
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 @pytest.mark.parametrize("kind", list(BAD_REQUESTS))
-def test_bad_request_gets_400_with_one_line(server, kind, fmt):
+def test_bad_request_gets_4xx_with_one_line(server, kind, fmt):
     _, port, _ = server
     path, body, headers, words = BAD_REQUESTS[kind]
     method = "GET" if body is None else "POST"
@@ -301,7 +330,7 @@ def test_bad_request_gets_400_with_one_line(server, kind, fmt):
         path = f"/v2/models/{MODELS[fmt]}/infer"
     path = path.format(model=MODELS[fmt])
     status, content = _send(port, method, path, body, headers)
-    assert status == 400, content
+    assert status == (413 if kind in TOO_LARGE else 400), content
     error = json.loads(content)
     assert list(error) == ["error"]
     assert "\n" not in error["error"] and words.lower() in error["error"].lower(), error
@@ -387,12 +416,216 @@ def test_triton_repository_parses_as_triton_model_config(artifacts, tmp_path):
 
 def test_serve_never_imports_tensorflow():
     code = ("import sys, export.serve.__main__, export.serve.cli, export.serve.deployments, "
-            "export.serve.loadbench, "
+            "export.serve.loadbench, export.serve.endpoint, export.serve.embedded, "
+            "export.serve.worker, export.serve.loadgen, export.serve.grpc_service, "
             "export.serve.triton; print(sorted({'tensorflow', 'keras', 'tf2onnx'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# -- KServe V2 gRPC (embedded engine, --grpc-port) --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def grpc_client(artifacts, tmp_path_factory):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    logs = tmp_path_factory.mktemp("serve-grpc")
+    grpc_port = _free_port()
+    proc, _, out, err = _start(artifacts, logs, "--grpc-port", str(grpc_port))
+    yield grpcclient, grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}"), proc
+    _finish(proc, out, err)
+    assert proc.returncode == 0, (logs / "stderr").read_text()
+
+
+def test_grpc_health_and_metadata(grpc_client, artifacts):
+    _, client, _ = grpc_client
+    assert client.is_server_live() and client.is_server_ready()
+    assert "binary_tensor_data" in client.get_server_metadata().extensions
+    for fmt, name in MODELS.items():
+        assert client.is_model_ready(name) and not client.is_model_ready("nope")
+        metadata = client.get_model_metadata(name, as_json=True)
+        manifest = _manifest(artifacts, fmt)
+        assert [t["name"] for t in metadata["inputs"]] == [t["name"] for t in manifest["inputs"]]
+        assert metadata["inputs"][0]["shape"] == ["-1", "10", "64"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_grpc_infer_matches_the_golden_outputs(grpc_client, artifacts, golden, fmt):
+    grpcclient, client, _ = grpc_client
+    inputs = []
+    for name in ("source1", "source2"):
+        tensor = grpcclient.InferInput(name, list(golden[name].shape), "FP32")
+        tensor.set_data_from_numpy(golden[name])
+        inputs.append(tensor)
+    result = client.infer(MODELS[fmt], inputs, request_id="g-1",
+                          outputs=[grpcclient.InferRequestedOutput("output")])
+    atol = _manifest(artifacts, fmt)["parity"]["atol"]
+    np.testing.assert_allclose(result.as_numpy("output"), golden["output"], rtol=0, atol=atol)
+    assert result.get_response().id == "g-1"
+
+
+def test_grpc_errors_name_what_was_wrong(grpc_client, golden):
+    grpcclient, client, _ = grpc_client
+    good = grpcclient.InferInput("source2", [4, 10, 64], "FP32")
+    good.set_data_from_numpy(golden["source2"])
+    with pytest.raises(grpcclient.InferenceServerException) as info:
+        client.infer("nope", [good])
+    assert info.value.status() == "StatusCode.NOT_FOUND" and "unknown model" in info.value.message()
+    bad = grpcclient.InferInput("source1", [4, 10, 64], "INT32")
+    bad.set_data_from_numpy(np.zeros((4, 10, 64), np.int32))
+    with pytest.raises(grpcclient.InferenceServerException) as info:
+        client.infer(ONNX, [bad, good])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "datatype FP32" in info.value.message()
+    with pytest.raises(grpcclient.InferenceServerException) as info:
+        client.infer(ONNX, [good])
+    assert "missing input" in info.value.message()
+
+
+# -- bind address, readiness, drain ---------------------------------------------------------------
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on `port` (/proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                address, hex_port = fields[1].rsplit(":", 1)
+                if int(hex_port, 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
+def test_listens_on_loopback_only_by_default(server):
+    _, port, _ = server
+    # 0100007F is 127.0.0.1 as /proc/net/tcp writes it; 0.0.0.0 would be 00000000.
+    assert _listening_addresses(port) == {"0100007F"}
+
+
+def test_ready_only_after_every_worker_warmed_up(artifacts, tmp_path):
+    hold = tmp_path / "hold"
+    proc, port, out, err = _start(artifacts, tmp_path, "--workers", "2", wait_ready=False,
+                                  env={"XATTN_SERVE_WARMUP_HOLD": str(hold)})
+    try:
+        for _ in range(5):  # live, but no warm-up request has run yet: not ready
+            assert _get(port, "/v2/health/live") == 200
+            assert _get(port, "/v2/health/ready") == 503
+            time.sleep(0.1)
+        assert "ready " not in (tmp_path / "stdout").read_text()
+        hold.touch()
+        deadline = time.monotonic() + 60
+        while _get(port, "/v2/health/ready") != 200:
+            assert time.monotonic() < deadline, "not ready 60 s after the warm-up could run"
+            time.sleep(0.05)
+    finally:
+        _finish(proc, out, err)
+
+
+@pytest.mark.parametrize("engine", ["embedded"])
+def test_sigterm_under_load_drains_without_losing_a_request(artifacts, tmp_path, engine):
+    """8 keep-alive clients busy; SIGTERM: every request sent gets its answer, exit 0."""
+    import asyncio
+    import threading
+
+    from export.serve.loadgen import build_request, run_job
+
+    proc, port, out, err = _start(artifacts, tmp_path, "--engine", engine, "--workers", "2",
+                                  "--drain-seconds", "5")
+    header = json.dumps({"inputs": [
+        {"name": n, "shape": [1, 10, 64], "datatype": "FP32",
+         "parameters": {"binary_data_size": 2560}} for n in ("source1", "source2")
+    ]}).encode()
+    request = build_request(f"/v2/models/{ONNX}/infer", header + ROW.tobytes() * 2,
+                            {"Inference-Header-Content-Length": str(len(header))})
+    job = {"host": "127.0.0.1", "port": port, "request": request.decode("latin-1"),
+           "connections": 8, "warmup": 0, "duration": 30, "rows": 1, "stop_when_refused": True}
+    results = {}
+    load = threading.Thread(target=lambda: results.update(asyncio.run(run_job(job))))
+    try:
+        load.start()
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, (tmp_path / "stderr").read_text()
+        load.join(30)
+        assert not load.is_alive()
+    finally:
+        _finish(proc, out, err)
+    assert "stopped" in (tmp_path / "stderr").read_text()
+    assert len(results["latencies"]) > 100, results["latencies"][:5]
+    assert results["lost"] == 0 and results["errors"] == 0, {k: v for k, v in results.items()
+                                                             if k != "latencies"}
+    assert results["refused"] == 8  # each client ended at a closed door, not a dropped request
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def test_a_killed_worker_is_replaced(artifacts, tmp_path, golden):
+    proc, port, out, err = _start(artifacts, tmp_path, "--workers", "2")
+    try:
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            now = _children(proc.pid)
+            if victim not in now and len(now) == 2 and _get(port, "/v2/health/ready") == 200:
+                break
+            assert time.monotonic() < deadline, f"workers {now}, not replaced in 60 s"
+            time.sleep(0.1)
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+        for _ in range(4):  # new connections: the kernel spreads them over both workers
+            result = client.infer(ONNX, _inputs(golden, binary=True))
+            np.testing.assert_allclose(result.as_numpy("output"), golden["output"], atol=1e-4)
+        client.close()
+        assert "restarting it" in (tmp_path / "stderr").read_text()
+    finally:
+        _finish(proc, out, err)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--address", "auto"], "needs --engine ray"),
+    (["--engine", "ray", "--grpc-port", "8001"], "needs --engine embedded"),
+])
+def test_engine_flags_that_contradict_are_usage_errors(artifacts, flags, words):
+    result = run_module("export.serve", artifacts, "--port", str(_free_port()), *flags,
+                        timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], lines
+
+
+def test_host_is_documented_in_help():
+    result = run_module("export.serve", "--help", timeout=120)
+    assert result.returncode == 0
+    assert "default 127.0.0.1" in " ".join(result.stdout.split())
+
+
+def test_load_benchmark_runs_both_entry_points(artifacts, tmp_path):
+    """`python -m export.bench serve` (and its alias) on the embedded engine, briefly."""
+    out = tmp_path / "figures.json"
+    result = run_module("export.bench", "serve", artifacts, "--engines", "embedded",
+                        "--clients", "2", "--duration", "0.3", "--no-fault", "--json", str(out),
+                        timeout=300)
+    assert result.returncode == 0, result.stderr
+    cells = json.loads(out.read_text())["cells"]
+    setups = {(c["setup"].split(",")[0], c["encoding"], c["rows"]) for c in cells}
+    assert setups == {("in-process", "-", 1), ("in-process", "-", 32), ("embedded", "json", 1),
+                      ("embedded", "binary", 1), ("embedded", "binary", 32),
+                      ("embedded", "grpc", 1)}
+    for cell in cells:
+        assert cell["requests"] > 0 and cell["errors"] == 0, cell
+        assert cell["rows_per_s"] == pytest.approx(cell["rps"] * cell["rows"])
+    assert "goals (issue 23), embedded engine:" in result.stdout
+    alias = run_module("export.serve.loadbench", "--help", timeout=120)
+    assert alias.returncode == 0 and "--engines" in alias.stdout
 
 
 # -- last: Ctrl-C ---------------------------------------------------------------------------------

@@ -24,5 +24,15 @@ def main(out: str, units: int, heads: int, q: int, fq: int, kv: int, fkv: int) -
     model.export(os.path.join(out, "model.onnx"), format="onnx", verbose=False)
 
 
+USAGE = "usage: python -m export.bench.bare_keras_export OUT UNITS HEADS Q FQ KV FKV"
+
 if __name__ == "__main__":
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(USAGE + "\n\nThe start-up baseline of python -m export.bench --startup: a plain Keras "
+              "export of the layer into OUT/model.onnx.")
+        sys.exit(0)
+    if len(sys.argv) != 8 or not all(a.isdigit() and int(a) > 0 for a in sys.argv[2:]):
+        print(f"{USAGE} (positive integers). Received: {' '.join(sys.argv[1:]) or 'nothing'}",
+              file=sys.stderr)
+        sys.exit(2)
     main(sys.argv[1], *(int(a) for a in sys.argv[2:8]))

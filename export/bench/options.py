@@ -9,6 +9,7 @@ from export.flags import (
     SHAPE_DEFAULTS,
     OneLineParser,
     _lengths,
+    _path,
     _positive_float,
     _positive_int,
     _positive_int_list,
@@ -93,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the layer's shape and sweep flags do not apply")
     add_model_flags(whole)
     out = parser.add_argument_group("output")
-    out.add_argument("--json", metavar="PATH", help="write every figure to PATH as JSON")
-    out.add_argument("--keep-dir", metavar="DIR",
+    out.add_argument("--json", type=_path, metavar="PATH", help="write every figure to PATH as JSON")
+    out.add_argument("--keep-dir", type=_path, metavar="DIR",
                      help="build into DIR and keep the artifacts (default: a temporary folder)")
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")

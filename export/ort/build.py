@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 from export.errors import ConversionError, first_line
@@ -33,9 +34,7 @@ def build_ort(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None,
     path = os.path.join(workdir, spec.artifact_name("ort"))
     done = serialize_ort(built.path, path, scratch)
     if done.returncode != 0 or not os.path.isfile(path):
-        raise ConversionError(
-            f"ORT serialization (onnxruntime) failed: {first_line(done.stderr.strip() or 'no output')}"
-        )
+        raise ConversionError(f"ORT serialization (onnxruntime) failed: {child_reason(done.stderr)}")
     graph_source = os.path.join(scratch, "optimized.onnx")
     try:
         optimized_onnx(built.path, graph_source)
@@ -43,3 +42,20 @@ def build_ort(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None,
         raise ConversionError(f"onnxruntime could not optimize the ONNX graph: {first_line(e)}") from e
     return Built(path, {"opset": built.facts["opset"], "optimization": "basic"},
                  graph_source=graph_source)
+
+
+def child_reason(stderr: str) -> str:
+    """The serializing child's failure in one line: the exception that ended it (the last line of
+    its traceback, without the module path of its type), an op onnxruntime does not know named
+    as the ONNX graph check names it, so a `--model` error can name the Keras layer."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    if not lines:
+        return "no output"
+    last = lines[-1]
+    if lines[0].startswith("Traceback"):
+        last = re.sub(r"^[\w.]+\.(\w+): ", r"\1: ", last)
+    unknown = re.search(r"No Op registered for (\w+)", stderr)
+    if unknown:
+        nodes = re.findall(r'In Node, \("([^"]+)", ' + unknown.group(1), stderr)
+        return f"op {unknown.group(1)} is not an ONNX op (nodes {nodes[:3]})"
+    return last

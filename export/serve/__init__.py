@@ -1,11 +1,13 @@
-"""Serve verified artifacts on Ray Serve, speaking the Open Inference Protocol (KServe V2).
+"""Serve verified artifacts, speaking the Open Inference Protocol (KServe V2), on two engines.
 
 `load_models(path)` verifies every ONNX and TFLite artifact under PATH with `export.verify`
 (a failing one refuses the whole set) and reads the verified bytes; `start(models, options)`
-deploys one Ray Serve application per artifact at `/v2/models/<name>` plus `/v2` (health,
-server metadata); `stop(server)` takes them down. SavedModel is not served (TensorFlow Serving
-serves it; this package never imports TensorFlow). Ray is an optional extra
-(`pip install -e '.[serve]'`): it is imported only when a server starts.
+serves them at `/v2/models/<name>` plus `/v2` (health, server metadata); `stop(server)` drains
+and takes them down. Engines (`options.engine`), both answering through `export.serve.endpoint`:
+`embedded` (default, one machine: uvicorn worker processes on one socket, `export.serve.embedded`)
+and `ray` (Ray Serve, one application per artifact; the way past one machine). SavedModel is not
+served (TensorFlow Serving serves it; this package never imports TensorFlow). Ray and uvicorn
+come with the `serve` extra (`pip install -e '.[serve]'`), imported only when a server starts.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from export.serve.protocol import DEFAULT_MAX_BODY_BYTES
 from export.verify import find_manifests, verify_path
 
 __all__ = [
-    "SERVED_FORMATS", "ServeError", "ServeOptions", "ServedModel", "Server", "deploy",
+    "ENGINES", "SERVED_FORMATS", "ServeError", "ServeOptions", "ServedModel", "Server", "deploy",
     "load_models", "model_name", "start", "stop",
 ]
 
@@ -40,14 +42,23 @@ class ServeError(ExportError):
     exit_code = 1
 
 
+ENGINES = ("embedded", "ray")
+
+
 @dataclass(frozen=True)
 class ServeOptions:
-    """How to serve. `max_batch` counts rows; 1 turns dynamic batching off.
+    """How to serve. `max_batch` counts rows; 1 turns dynamic batching off (Ray engine).
 
-    `replica_cpus` is the CPU count Ray reserves per replica: 0 packs any number of replicas on
-    one machine; on a cluster, reserving `threads` CPUs spreads them over the nodes.
+    `workers` is the embedded engine's process count (default: one per core). `replica_cpus`
+    is the CPU count Ray reserves per replica: 0 packs any number of replicas on one machine; on
+    a cluster, reserving `threads` CPUs spreads them over the nodes. `drain_seconds` bounds the
+    drain on stop (SIGTERM, Ctrl-C).
     """
 
+    engine: str = "embedded"
+    grpc_port: int | None = None
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    drain_seconds: float = 10.0
     replicas: int = 1
     threads: int = 1
     max_batch: int = 32
@@ -72,12 +83,17 @@ class ServedModel:
 
 @dataclass
 class Server:
-    """A running set of applications; `url` is the `/v2` root."""
+    """A running server; `url` is the `/v2` root. `embedded` is the embedded engine's handle."""
 
     names: list[str]
     url: str
-    owns_ray: bool
-    owns_serve: bool
+    owns_ray: bool = False
+    owns_serve: bool = False
+    embedded: object = None
+
+    @property
+    def engine(self) -> str:
+        return "ray" if self.embedded is None else "embedded"
 
 
 def model_name(manifest: dict) -> str:
@@ -138,10 +154,25 @@ def _read_verified(manifest_path: str, shown: str) -> ServedModel:
 
 
 def start(models: list[ServedModel], options: ServeOptions) -> Server:
-    """Start (or join, with `options.address`) Ray, then deploy one application per model.
+    """Start the engine `options.engine`; returns when every model is warm and answering."""
+    if options.engine not in ENGINES:
+        raise UsageError(f"unknown engine {options.engine!r}; choose {' or '.join(ENGINES)}")
+    if options.engine == "embedded":
+        if options.address is not None:
+            raise UsageError("--address joins a Ray cluster: it needs --engine ray")
+        if options.grpc_port:
+            _check_port_free(options.host, options.grpc_port)
+        from export.serve import embedded  # lazy: uvicorn loads only in its workers
 
-    Returns when every application is running and answering.
-    """
+        handle = embedded.start(models, options, _version())
+        return Server(handle.names, handle.url, embedded=handle)
+    if options.grpc_port:
+        raise UsageError("--grpc-port (KServe V2 gRPC) needs --engine embedded")
+    return _start_ray(models, options)
+
+
+def _start_ray(models: list[ServedModel], options: ServeOptions) -> Server:
+    """Start (or join, with `options.address`) Ray, then deploy one application per model."""
     try:
         # Lazy: Ray is an optional extra, and the refusal path must not wait for it.
         import ray  # lazy: Ray takes seconds to import; --help and the Triton writer need none of it
@@ -193,14 +224,19 @@ def deploy(model: ServedModel, options: ServeOptions) -> None:
         num_replicas=options.replicas,
         max_ongoing_requests=max(64, 2 * options.max_batch),
         ray_actor_options={"num_cpus": options.replica_cpus},
-        graceful_shutdown_timeout_s=5,
+        graceful_shutdown_timeout_s=options.drain_seconds,
     )
     serve.run(deployment.bind(model, options), name=model.name,
               route_prefix=f"/v2/models/{model.name}")
 
 
 def stop(server: Server) -> None:
-    """Take the applications down; shut Ray down if `start` started it."""
+    """Drain and take the server down; shut Ray down if `start` started it."""
+    if server.embedded is not None:
+        from export.serve import embedded  # lazy: see start
+
+        embedded.stop(server.embedded)
+        return
     import ray  # lazy: Ray takes seconds to import; --help and the Triton writer need none of it
     from ray import serve  # lazy: Ray takes seconds to import; --help and the Triton writer need none of it
 

@@ -1,18 +1,21 @@
-"""`python -m export.serve PATH`: verify, then serve on Ray Serve (Open Inference Protocol).
+"""`python -m export.serve PATH`: verify, then serve (Open Inference Protocol).
 
-Exit codes: 0 served and stopped with Ctrl-C (or wrote --triton-repository); 1 an artifact
-failed verification (nothing served); 2 usage error (bad flag, nothing to serve, port taken).
+Engines: `embedded` (default: uvicorn worker processes, one machine) and `ray` (Ray Serve).
+Exit codes: 0 served and stopped with Ctrl-C or SIGTERM, drained (or wrote --triton-repository);
+1 an artifact failed verification (nothing served); 2 usage error (bad flag, nothing to serve,
+port taken).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 
 from export.cli import report_failures
-from export.flags import OneLineParser, _positive_float, _positive_int
+from export.flags import OneLineParser, _path, _positive_float, _positive_int
 from export.verify import MARKS
 
 PROG = "python -m export.serve"
@@ -30,30 +33,46 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "Verify every ONNX and TFLite artifact under PATH with export.verify, then serve "
-            "each on Ray Serve at /v2/models/<artifact stem>_<format> with the Open Inference "
-            "Protocol (KServe V2: JSON and binary tensors). Ctrl-C stops it."
+            "each at /v2/models/<artifact stem>_<format> with the Open Inference Protocol "
+            "(KServe V2: JSON and binary tensors), on uvicorn worker processes (--engine "
+            "embedded, one machine) or Ray Serve (--engine ray). Ctrl-C or SIGTERM drains and "
+            "stops it."
         ),
         epilog="exit codes: 0 ok; 1 an artifact failed verification (nothing served); 2 usage",
     )
     parser.add_argument("path", metavar="PATH",
                         help="an output folder, a manifest (.json) or an artifact")
+    parser.add_argument("--engine", choices=("embedded", "ray"), default="embedded",
+                        help="embedded: uvicorn worker processes on this machine (default); "
+                             "ray: Ray Serve (replicas, batching, clusters)")
+    parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+                        help=f"embedded: worker processes (default: cores, {os.cpu_count()})")
     parser.add_argument("--replicas", type=_positive_int, default=1,
-                        help="replicas per artifact (default 1)")
+                        help="ray: replicas per artifact (default 1)")
     parser.add_argument("--threads", type=_positive_int, default=1,
-                        help="runtime threads per replica (default 1)")
+                        help="runtime threads per worker or replica (default 1)")
     parser.add_argument("--max-batch", type=_positive_int, default=32,
-                        help="dynamic batching: rows per batch at most; 1 turns it off "
+                        help="ray: dynamic batching, rows per batch at most; 1 turns it off "
                              "(default 32)")
     parser.add_argument("--batch-wait-ms", type=_positive_float, default=2.0,
                         help="how long a batch waits to fill (default 2 ms)")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; "
+                             "0.0.0.0 for every interface)")
     parser.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--grpc-port", type=_port, metavar="PORT",
+                        help="embedded: also serve KServe V2 gRPC on PORT (Triton uses 8001); "
+                             "default: no gRPC")
     parser.add_argument("--address", metavar="ADDR",
                         help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of "
                              "starting a local one")
     parser.add_argument("--max-body-mb", type=_positive_float, default=32.0,
-                        help="largest request body accepted (default 32 MiB)")
-    parser.add_argument("--triton-repository", metavar="DIR",
+                        help="largest request body accepted; larger ones get 413 "
+                             "(default 32 MiB)")
+    parser.add_argument("--drain-seconds", type=_positive_float, default=10.0,
+                        help="on Ctrl-C or SIGTERM, longest wait for requests in flight "
+                             "(default 10 s)")
+    parser.add_argument("--triton-repository", type=_path, metavar="DIR",
                         help="write a Triton model repository of the ONNX artifacts to DIR "
                              "instead of serving")
     return parser
@@ -64,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from export.serve import ServeOptions, load_models, start, stop  # lazy: imports Ray (see export.serve)
 
     options = ServeOptions(
+        engine=args.engine, workers=args.workers, drain_seconds=args.drain_seconds,
+        grpc_port=args.grpc_port,
         replicas=args.replicas, threads=args.threads, max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms, host=args.host, port=args.port, address=args.address,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
@@ -103,11 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     def serve_until_interrupted():
         nonlocal server
         server = start(models, options)
+        # ray.init installs its own SIGTERM handler (it exits at once): ours again, to drain.
+        signal.signal(signal.SIGTERM, _interrupt)
         for name in server.names:
             print(f"serving  {name}  at {server.url}/models/{name}", flush=True)
-        print(f"ready    {server.url}/health/ready  ({options.replicas} replica(s) each, "
-              f"max batch {options.max_batch}); Ctrl-C stops", flush=True)
-        threading.Event().wait()
+        if options.grpc_port:
+            print(f"gRPC     KServe V2 on {options.host}:{options.grpc_port}", flush=True)
+        if server.embedded is not None:
+            shape = f"embedded engine, {options.workers} worker(s)"
+        else:
+            shape = f"ray engine, {options.replicas} replica(s) each, max batch {options.max_batch}"
+        print(f"ready    {server.url}/health/ready  ({shape}); Ctrl-C stops", flush=True)
+        if server.embedded is None:
+            threading.Event().wait()
+        from export.serve.embedded import watch  # lazy: the embedded engine only
+
+        while True:
+            watch(server.embedded)
+            threading.Event().wait(0.5)
 
     try:
         _, code = report_failures(PROG, serve_until_interrupted, interrupted="shutting down")
@@ -124,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _stop_partial() -> None:
     """Ctrl-C or an error during startup: whatever Ray started is taken down too."""
+    if "ray" not in sys.modules:
+        return
     try:
         import ray  # lazy: Ray takes seconds to import; --help and the Triton writer need none of it
     except ImportError:

@@ -11,9 +11,12 @@ line is `__main__`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from export import manifest as manifests
 from export import runtimes, signing
@@ -43,6 +46,14 @@ class VerifyResult:
     tolerance: dict = field(default_factory=dict)
     signature: str = ""  # "signature ok", "signature present, not checked", "unsigned"
     signatures: list = field(default_factory=list)  # keys checked in a file with several lengths
+    outputs_sha256: str = ""  # of the golden inputs' outputs as run here: same kernels, same bits
+
+    def as_json(self) -> dict:
+        """The result as `--json` writes it (export.arm compares these across machines)."""
+        return {"manifest": os.path.basename(self.manifest), "artifact": self.name,
+                "format": self.format, "status": self.status, "reason": self.reason,
+                "metrics": self.metrics, "tolerance": self.tolerance,
+                "outputs_sha256": self.outputs_sha256}
 
     @property
     def failed(self) -> bool:
@@ -205,6 +216,7 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
         raise ManifestError(
             f"{fmt.runtime} failed to run the golden inputs: {one_line(first_line(e))}"
         ) from e
+    result.outputs_sha256 = outputs_digest(got)
     _golden_parity(got, golden, outputs, tolerance, record=result)
     if "signatures" in manifest:
         _verify_signatures(manifest, folder, fmt, artifact, batch, tolerance, result)
@@ -212,6 +224,17 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
     check_file_metadata(fmt.name, artifact, manifest)
     fmt.check_on_device(artifact, manifest, folder)  # TFLM: its arena and its C++
     result.status = "passed"
+
+
+def outputs_digest(outputs: dict) -> str:
+    """sha256 over the outputs' names, dtypes, shapes and bytes, in name order: two runs agree
+    bit for bit exactly when their digests do."""
+    digest = hashlib.sha256()
+    for name in sorted(outputs):
+        array = np.ascontiguousarray(outputs[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def _golden_parity(got: dict, golden: dict, outputs: list[dict], tolerance: dict, *,

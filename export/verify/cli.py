@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from export.errors import SigningError, UsageError, printable, reader_may_leave
-from export.flags import OneLineParser
+from export.flags import OneLineParser, _path
 from export.verify import ASCII_MARKS, MARKS, verify_path
 
 
@@ -20,15 +22,19 @@ def build_parser() -> argparse.ArgumentParser:
             "SavedModel runs where TensorFlow is importable."
         ),
         epilog="exit codes: 0 every artifact passed (or was not run for want of its runtime); "
-               "1 any artifact failed; 2 usage error (no such path, no manifests, bad --public-key)",
+               "1 any artifact failed; 2 usage error (no such path, no manifests, bad --public-key, "
+               "an unwritable --json)",
     )
     parser.add_argument("path", metavar="PATH",
                         help="an output folder (every *.onnx.json, *.tflite.json, "
                              "*_savedmodel.json in it) or one manifest")
-    parser.add_argument("--public-key", metavar="KEY.pub",
+    parser.add_argument("--public-key", type=_path, metavar="KEY.pub",
                         help="check each set's signature (<artifact>.sig) with this elliptic-curve "
                              "public key first; an unsigned set, another key's signature or a "
                              "file changed after signing fails")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write every result (status, reason, metrics, tolerance, the "
+                             "outputs' sha256) as a JSON list to PATH")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print failures and the summary only")
     return parser
@@ -52,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, SigningError) as e:
         print(f"python -m export.verify: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
+    if args.json:
+        try:
+            _write_json(args.json, results)
+        except OSError as e:
+            print(f"python -m export.verify: error: cannot write --json {printable(args.json)}: "
+                  f"{e.strerror or e}", file=sys.stderr)
+            return 2
     marks = _marks()
     counts = {s: sum(r.status == s for r in results) for s in ("passed", "failed", "not run")}
     summary = f"{counts['passed']} passed, {counts['failed']} failed"
@@ -64,3 +77,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(r.line(marks))
         print(f"{summary} ({len(results)} manifest{'s' if len(results) != 1 else ''} in {where})")
     return 1 if counts["failed"] else 0
+
+
+def _write_json(path: str, results) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump([r.as_json() for r in results], f, indent=1)
+    os.replace(tmp, path)

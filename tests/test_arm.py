@@ -1,0 +1,221 @@
+"""export.arm without the emulator: its failure paths (one line, exit code, no trusted half-made
+cache), the guest command line run by a stand-in qemu that runs this Python, and the rule that an
+ARM failure passes only where the manifest declares it. The real run is `make verify-arm`."""
+
+import json
+import os
+import shutil
+import stat
+import sys
+
+import pytest
+from conftest import read_json, run_module, write_json
+
+from export import arm
+from export.arm import cache as provision
+from export.arm import emulate
+from export.errors import EmulatorError, ProvisionError, UsageError
+
+TINY = dict(units=4, heads=1, query_len=2, kv_len=3, query_features=3, kv_features=2)
+
+
+def script(path, text: str) -> str:
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, os.stat(path).st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+@pytest.fixture()
+def tiny(artifact_factory, tmp_path):
+    out, results = artifact_factory(formats=("onnx", "tflite"), **TINY)
+    folder = tmp_path / "set"
+    shutil.copytree(out, folder)
+    return str(folder), {fmt: str(folder / os.path.basename(r.manifest_path)) for fmt, r in results.items()}
+
+
+@pytest.fixture()
+def fake_qemu(tmp_path):
+    """A qemu stand-in: `qemu -cpu M -L ROOTFS PYTHON args...` runs this Python with the args."""
+    return script(tmp_path / "qemu", f'#!/bin/sh\nshift 5\nexec {sys.executable} "$@"\n')
+
+
+def test_qemu_missing_is_one_line_exit_8(tiny, tmp_path):
+    done = run_module("export.arm", tiny[0], "--cache", str(tmp_path / "cache"),
+                      env={"XATTN_ARM_QEMU": str(tmp_path / "no-such-qemu")})
+    assert done.returncode == 8, done.stderr
+    assert done.stderr.count("\n") == 1 and "no-such-qemu not found" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_rootfs_download_failing_leaves_nothing_trusted(tiny, tmp_path, fake_qemu):
+    mm = script(tmp_path / "mmdebstrap",
+                '#!/bin/sh\nmkdir -p "$5/usr"\necho "E: cannot fetch InRelease from $6" >&2\nexit 1\n')
+    cache = tmp_path / "cache"
+    done = run_module("export.arm", tiny[0], "--cache", str(cache), "--mirror", "http://127.0.0.1:9/x",
+                      env={"XATTN_ARM_QEMU": fake_qemu, "XATTN_ARM_MMDEBSTRAP": mm})
+    assert done.returncode == 8, done.stderr
+    assert done.stderr.count("\n") == 1
+    assert "mmdebstrap from http://127.0.0.1:9/x) failed (exit 1): E: cannot fetch" in done.stderr
+    assert sorted(os.listdir(cache)) == []  # no stamp, no partial root file system
+
+
+def test_wheel_download_failing_is_one_line(tmp_path, fake_qemu, monkeypatch):
+    mm = script(tmp_path / "mmdebstrap", '#!/bin/sh\nmkdir -p "$5/usr/bin"\ntouch "$5/usr/bin/python3.11"\n')
+    monkeypatch.setenv("XATTN_ARM_MMDEBSTRAP", mm)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no local indexes or wheel folders
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    cache = str(tmp_path / "cache")
+    with pytest.raises(ProvisionError, match=r"aarch64 wheels \(pip download\) failed \(exit 1\)"):
+        provision.provision(cache, qemu=fake_qemu, index_url="http://127.0.0.1:9/simple")
+    # The root file system step finished and is trusted; the wheels step left nothing.
+    assert sorted(os.listdir(cache)) == ["rootfs", "rootfs.stamp"]
+    calls = []
+    monkeypatch.setattr(provision, "_make_rootfs", lambda out, mirror: calls.append(out))
+    with pytest.raises(ProvisionError):
+        provision.provision(cache, qemu=fake_qemu, index_url="http://127.0.0.1:9/simple")
+    assert calls == []  # a rerun reuses the stamped step
+
+
+def test_a_changed_mirror_remakes_the_root_file_system(tmp_path, monkeypatch):
+    made = []
+
+    def make(out):
+        os.makedirs(out)
+        made.append(out)
+
+    cache = str(tmp_path)
+    provision._step(cache, "rootfs", {"mirror": "a"}, make)
+    provision._step(cache, "rootfs", {"mirror": "a"}, make)
+    provision._step(cache, "rootfs", {"mirror": "b"}, make)
+    assert len(made) == 2
+
+
+def test_unknown_cpu_model_is_a_usage_error(tiny):
+    done = run_module("export.arm", tiny[0], "--cpu", "pentium")
+    assert done.returncode == 2 and "unknown CPU model 'pentium'" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_cpuinfo_names_the_model(tmp_path):
+    emulate.write_cpuinfo(str(tmp_path), "cortex-a53")
+    text = (tmp_path / "proc" / "cpuinfo").read_text()
+    assert "CPU implementer\t: 0x41" in text and "CPU part\t: 0xd03" in text
+    assert "CPU revision\t: 4" in text and text.count("processor") == (os.cpu_count() or 1)
+    emulate.write_cpuinfo(str(tmp_path), "max,sme=off")
+    assert "CPU part\t: 0x051" in (tmp_path / "proc" / "cpuinfo").read_text()
+    with pytest.raises(UsageError):
+        emulate.write_cpuinfo(str(tmp_path), "cortex-a9")
+
+
+def emulator_of(tmp_path, qemu: str) -> provision.Emulator:
+    os.makedirs(tmp_path / "rootfs" / "usr" / "bin", exist_ok=True)
+    os.makedirs(tmp_path / "site", exist_ok=True)
+    return provision.Emulator(rootfs=str(tmp_path / "rootfs"), site=str(tmp_path / "site"), qemu=qemu)
+
+
+def test_guest_runs_the_verifier_and_reads_its_json(tiny, tmp_path, fake_qemu):
+    results = emulate.verify(emulator_of(tmp_path, fake_qemu), tiny[0], "cortex-a53")
+    assert sorted(results) == sorted(os.path.basename(p) for p in tiny[1].values())
+    for r in results.values():
+        assert r["status"] == "passed" and r["metrics"]["max_abs"] < 1e-4
+        assert len(r["outputs_sha256"]) == 64
+    info = emulate.probe(emulator_of(tmp_path, fake_qemu), "max")
+    assert info["heavy_imports"] == []  # export.verify.cli pulls in no TensorFlow, Keras, onnx
+
+
+def test_guest_crash_is_one_line_exit_9(tiny, tmp_path):
+    crash = script(tmp_path / "qemu", "#!/bin/sh\necho 'qemu: uncaught target signal 11' >&2\nexit 139\n")
+    with pytest.raises(EmulatorError, match=r"-cpu max: the emulated verifier exited 139: qemu: uncaught"):
+        emulate.verify(emulator_of(tmp_path, crash), tiny[0], "max")
+
+
+@pytest.fixture()
+def checked(tiny, tmp_path, fake_qemu, monkeypatch):
+    """check_path on the tiny set with the stand-in qemu; the ONNX file fails on `cortex-a53`."""
+    monkeypatch.setattr(arm, "provision", lambda cache, **kw: emulator_of(tmp_path, fake_qemu))
+    monkeypatch.setattr(arm, "probe", lambda emulator, cpu: {
+        "machine": "aarch64", "heavy_imports": [], "features": []})
+    real_verify = arm.verify
+
+    def verify(emulator, path, cpu):
+        results = real_verify(emulator, path, cpu)
+        if cpu == "cortex-a53":
+            onnx = results[os.path.basename(tiny[1]["onnx"])]
+            onnx.update(status="failed", reason="golden vectors: max abs diff 0.5 exceeds atol=0.0001")
+            onnx["metrics"]["max_abs"] = 0.5
+        return results
+
+    monkeypatch.setattr(arm, "verify", verify)
+    return lambda: arm.check_path(tiny[0], cpus=("max", "cortex-a53"), cache=str(tmp_path / "c"))
+
+
+def test_an_undeclared_arm_failure_fails(checked, tiny):
+    report = checked()
+    assert report["failed"] == 1
+    onnx = next(f for f in report["files"] if f["format"] == "onnx")
+    assert onnx["problems"] == ["-cpu cortex-a53: golden vectors: max abs diff 0.5 exceeds "
+                                "atol=0.0001 (not declared in the manifest's deployment.arm)"]
+    assert onnx["cpus"]["max"]["same_bits_as_x86"] is True
+
+
+def test_a_declared_arm_failure_passes_and_only_for_its_model(checked, tiny):
+    manifest = read_json(tiny[1]["onnx"])
+    manifest["deployment"]["arm"] = {"cpus": {"max": {"within_gate": False}}}
+    write_json(tiny[1]["onnx"], manifest)
+    assert checked()["failed"] == 1  # declared for another model: still a failure
+    manifest["deployment"]["arm"]["cpus"]["cortex-a53"] = {"within_gate": False}
+    write_json(tiny[1]["onnx"], manifest)
+    report = checked()
+    assert report["failed"] == 0
+    onnx = next(f for f in report["files"] if f["format"] == "onnx")
+    assert onnx["cpus"]["cortex-a53"]["declared_within_gate"] is False
+
+
+def test_verify_json_keeps_the_lines_and_writes_results(tiny, tmp_path):
+    out = tmp_path / "r.json"
+    done = run_module("export.verify", tiny[0], "--json", str(out))
+    assert done.returncode == 0 and "2 passed, 0 failed" in done.stdout
+    results = json.loads(out.read_text())
+    assert {r["status"] for r in results} == {"passed"} and all(r["metrics"] for r in results)
+    bad = run_module("export.verify", tiny[0], "--json", str(tmp_path / "no" / "r.json"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot write --json" in bad.stderr
+
+
+def test_export_arm_records_deployment_before_publishing(tmp_path, fake_qemu, monkeypatch):
+    from export.pipeline import ExportRequest, export_artifacts
+    from export.spec import ArtifactSpec
+    from export.verify import verify_path
+
+    monkeypatch.setattr(arm, "provision", lambda cache, **kw: emulator_of(tmp_path, fake_qemu))
+    monkeypatch.setattr(arm, "probe", lambda emulator, cpu: {
+        "machine": "aarch64", "heavy_imports": [], "features": ["fphp"] if cpu == "max" else []})
+    out = tmp_path / "out"
+    out.mkdir()
+    results = export_artifacts(ExportRequest(
+        specs={"tflite": ArtifactSpec(batch=1, **TINY), "onnx": ArtifactSpec(batch=None, **TINY)},
+        output_dir=str(out), arm=True))
+    for r in results:
+        entry = read_json(r.manifest_path)["deployment"]["arm"]
+        assert sorted(entry["cpus"]) == sorted(arm.DEFAULT_CPUS)
+        assert entry["cpus"]["max"]["features"] == ["fphp"]
+        for cpu in entry["cpus"].values():
+            assert cpu["within_gate"] is True and cpu["same_bits_as_x86"] is True
+            assert cpu["max_abs"] < 1e-4 and cpu["gate"] == {"atol": 1e-4}
+    # Written before the set was sealed: the published manifests verify as they are.
+    assert [v.status for v in verify_path(str(out))] == ["passed", "passed"]
+    assert not [n for n in os.listdir(out) if n.startswith(".xattn-staging")]
+
+
+def test_export_arm_without_qemu_publishes_nothing(tmp_path):
+    out = tmp_path / "out"
+    done = run_module("export.onnx", "--units", "4", "--heads", "1", "--query-len", "2", "--kv-len", "3",
+                      "--query-features", "3", "--kv-features", "2", "--arm", "--output-dir", str(out),
+                      "-q", env={"XATTN_ARM_QEMU": str(tmp_path / "no-qemu")})
+    assert done.returncode == 8, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"python -m export.onnx: error: {tmp_path / 'no-qemu'} not found: install qemu-user-static "
+        "(make verify-arm does: apt-get install qemu-user-static mmdebstrap)"]
+    assert not out.exists() or [n for n in os.listdir(out) if not n.startswith(".")] == []
+    assert "convert" not in done.stdout + done.stderr  # it stopped before building anything
