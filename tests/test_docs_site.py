@@ -140,16 +140,23 @@ def test_manifest_page_lists_a_real_manifests_keys_in_order(artifact_factory):
     assert set(written) - set(named) <= {"config", "shapes", "masks", "model", "opset"}, written
 
 
-def test_readme_links_resolve():
+def test_readme_links_resolve(site):
     """mkdocs checks the site's links; README.md is not part of the site, so this checks its own:
-    every relative link names a file of the repo (GitHub shows docs/*.md as pages)."""
+    every relative link names a file of the repo (GitHub shows docs/*.md as pages), and an anchor
+    into a docs page is a heading of that page as the site builds it."""
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    links = re.findall(r"\]\(([^)\s]+)\)", readme)
-    relative = [link.split("#")[0] for link in links if not link.startswith(("http://", "https://", "#"))]
-    assert relative, "README.md links to no docs page"
-    for link in relative:
-        assert os.path.exists(os.path.join(REPO, link)), f"README.md links to {link}, which does not exist"
+    links = [link for link in re.findall(r"\]\(([^)\s]+)\)", readme)
+             if not link.startswith(("http://", "https://", "#"))]
+    assert any(link.startswith("docs/") for link in links), "README.md links to no docs page"
+    for link in links:
+        path, _, anchor = link.partition("#")
+        assert os.path.exists(os.path.join(REPO, path)), f"README.md links to {path}, which does not exist"
+        if anchor:
+            page = os.path.splitext(os.path.relpath(path, "docs"))[0]
+            html = os.path.join(site, "" if page == "index" else page, "index.html")
+            with open(html, encoding="utf-8") as f:
+                assert f'id="{anchor}"' in f.read(), f"README.md links to {link}: no such heading"
 
 
 def _heading(page) -> str:
