@@ -44,7 +44,8 @@ SKIP = {
     "python -m export.serve artifacts/ --workers 2 --threads 1 --port 8000": SERVER,
     "python -m export.serve artifacts/ --engine ray --replicas 2 --max-batch 32": SERVER,
     "python -m export.serve artifacts/ --grpc-port 8001": SERVER,
-    "python -m export.serve artifacts/ --engine ray --address auto": "needs another machine: a running Ray cluster",
+    "python -m export.serve artifacts/ --engine ray --address auto":
+        "needs another machine: a running Ray cluster",
     "make verify-arm": ARM,
     "python -m export.arm build/arm/artifacts --report build/arm/report.json": ARM,
     "python -m export.arm artifacts/ --cpu cortex-a53 --cpu neoverse-n1": ARM,
