@@ -29,6 +29,9 @@ import pytest
 from conftest import REPO
 from doc_commands import Command, commands, doc_pages
 
+SERVER = "a server that runs until Ctrl-C: tests/test_serve.py starts, queries and stops one"
+ARM = ("aarch64 emulation: an arm64 root file system and wheels downloaded, minutes under qemu; .ci/run "
+       "runs make verify-arm as its own step, tests/test_arm.py the failure paths")
 SKIP = {
     "make test": "the suite itself: it would run this test again",
     "make example": "trains the forecaster (about a minute on 2 cores); tests/test_example_forecast.py "
@@ -37,10 +40,16 @@ SKIP = {
     "make bench": "the full benchmark, about 75 s: .ci/run runs a smoke run of python -m export.bench",
     "make coverage": "the whole suite again, under coverage (minutes)",
     "make mutation": "mutation testing (minutes)",
-    "make serve": "a server that runs until Ctrl-C: tests/test_serve.py starts, queries and stops one",
-    "python -m export.serve artifacts/ --replicas 2 --threads 1 --max-batch 32 --port 8000":
-        "a server that runs until Ctrl-C: tests/test_serve.py starts, queries and stops one",
-    "python -m export.serve artifacts/ --address auto": "needs another machine: a running Ray cluster",
+    "make serve": SERVER,
+    "python -m export.serve artifacts/ --workers 2 --threads 1 --port 8000": SERVER,
+    "python -m export.serve artifacts/ --engine ray --replicas 2 --max-batch 32": SERVER,
+    "python -m export.serve artifacts/ --grpc-port 8001": SERVER,
+    "python -m export.serve artifacts/ --engine ray --address auto":
+        "needs another machine: a running Ray cluster",
+    "make verify-arm": ARM,
+    "python -m export.arm build/arm/artifacts --report build/arm/report.json": ARM,
+    "python -m export.arm artifacts/ --cpu cortex-a53 --cpu neoverse-n1": ARM,
+    "python -m export --quantize float16 --arm": ARM,
     "python -m export.verify --public-key key.pub artifacts/ # after an edit + recomputed sha256":
         "shows the failure (exit 1) after an edit; tests/test_trust.py makes that edit",
     "for q in float16 dynamic-int8 int8; do python -m export.onnx --quantize $q --output-dir "
@@ -51,12 +60,12 @@ SKIP = {
         "a shell loop of four builds (about 40 s); tests/test_quantize.py builds each variant",
 }
 # Builders: they take the layer's shape flags; what the appended small shapes are.
-BUILDERS = ("export", "export.onnx", "export.tflite", "export.savedmodel", "export.ort")
+BUILDERS = ("export", "export.onnx", "export.tflite", "export.savedmodel", "export.ort", "export.tflm")
 SMALL = (("--units", "8"), ("--heads", "2"), ("--query-len", "4"), ("--kv-len", "4"),
          ("--query-features", "8"), ("--kv-features", "8"))
 # What a folder a command runs in holds of the repository (a clone: code, venv, Makefile).
 LINKED = (".venv", "Makefile", "pyproject.toml", "xattn", "export", "examples", "tests", "mkdocs.yml", "docs")
-TIMEOUT = 600
+TIMEOUT = 300  # a command that never ends (a server) fails in minutes, not ten
 WORKERS = 2
 DOCUMENTED = commands()
 
