@@ -296,7 +296,9 @@ def test_loadbench_command_lines(in_world, monkeypatch):
     the figures it returns), then its --json."""
     from export.serve import loadbench
 
-    monkeypatch.setattr(loadbench, "run", lambda args: {"fault": None, "cpus": 2, "cells": []})
+    monkeypatch.setattr(loadbench, "run", lambda args: {"fault": None, "cpus": 2, "cells": [],
+                                                      "workers": 2, "load_before": 0.5,
+                                                      "load_after": 1.0})
     codes: list = []
 
     @settings(FUZZ, max_examples=40)

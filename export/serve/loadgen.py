@@ -181,7 +181,20 @@ def run_in_process(job: dict) -> dict:
             "cpu_seconds": time.process_time() - cpu, "wall_seconds": now - begin}
 
 
+
+def _refuse_by_hand() -> None:
+    """--help, or a terminal on stdin: this module is no command; one line says what it is."""
+    asked = bool({"-h", "--help"} & set(sys.argv[1:]))
+    if asked or sys.stdin.isatty():
+        print("usage: python -m export.serve.loadgen is internal: "
+              "the load generator process that `python -m export.bench serve` starts "
+              "(its job as JSON on stdin); not a command to run by hand",
+              file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
+
+
 def main() -> int:
+    _refuse_by_hand()
     import uvloop  # lazy: the generator's loop (installed with uvicorn, the serve extra)
 
     job = json.load(sys.stdin)

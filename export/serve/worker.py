@@ -250,7 +250,20 @@ def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
     server.run(sockets=[sock])
 
 
+
+def _refuse_by_hand() -> None:
+    """--help, or a terminal on stdin: this module is no command; one line says what it is."""
+    asked = bool({"-h", "--help"} & set(sys.argv[1:]))
+    if asked or sys.stdin.isatty():
+        print("usage: python -m export.serve.worker is internal: "
+              "a worker process that `python -m export.serve` starts "
+              "(a socket, a state file, models on stdin); not a command to run by hand",
+              file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)
+
+
 def main() -> int:
+    _refuse_by_hand()
     fd, state_path, index = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     config = pickle.load(sys.stdin.buffer)
     serve_worker(fd, state_path, index, config)
