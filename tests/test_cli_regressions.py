@@ -144,7 +144,8 @@ def test_loadbench_json_that_fails_after_measuring_is_one_line(tmp_path, monkeyp
 
     def run(args):  # the folder disappears while measuring
         os.rmdir(tmp_path / "out")
-        return {"fault": None, "cpus": 2}
+        return {"fault": None, "cpus": 2, "cells": [], "workers": 2, "load_before": 0.5,
+                "load_after": 1.0}
 
     (tmp_path / "out").mkdir()
     monkeypatch.setattr(loadbench, "run", run)
