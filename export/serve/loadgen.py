@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from export.serve.protocol import HEADER_LENGTH
+from export.serve.protocol import HEADER_LENGTH, refuse_by_hand
 
 _LENGTH = HEADER_LENGTH.lower().encode()
 
@@ -182,19 +182,11 @@ def run_in_process(job: dict) -> dict:
 
 
 
-def _refuse_by_hand() -> None:
-    """--help, or a terminal on stdin: this module is no command; one line says what it is."""
-    asked = bool({"-h", "--help"} & set(sys.argv[1:]))
-    if asked or sys.stdin.isatty():
-        print("usage: python -m export.serve.loadgen is internal: "
-              "the load generator process that `python -m export.bench serve` starts "
-              "(its job as JSON on stdin); not a command to run by hand",
-              file=sys.stdout if asked else sys.stderr)
-        sys.exit(0 if asked else 2)
-
 
 def main() -> int:
-    _refuse_by_hand()
+    refuse_by_hand("python -m export.serve.loadgen",
+                   "the load generator process that `python -m export.bench serve` starts "
+                   "(its job as JSON on stdin)")
     import uvloop  # lazy: the generator's loop (installed with uvicorn, the serve extra)
 
     job = json.load(sys.stdin)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import zlib
 from dataclasses import dataclass, field
 
@@ -354,3 +355,13 @@ def error_body(error: BaseException | str) -> bytes:
     """The protocol's error object, one line."""
     text = error if isinstance(error, str) else first_line(error)
     return json.dumps({"error": " ".join(text.split())}).encode()
+
+
+def refuse_by_hand(prog: str, what: str) -> None:
+    """For the serving processes no one types (a worker, a load generator): `--help`, or a
+    terminal on stdin, prints one line saying what the module is and exits (0 for --help, else 2)."""
+    asked = bool({"-h", "--help"} & set(sys.argv[1:]))
+    if asked or sys.stdin.isatty():
+        print(f"usage: {prog} is internal: {what}; not a command to run by hand",
+              file=sys.stdout if asked else sys.stderr)
+        sys.exit(0 if asked else 2)

@@ -40,7 +40,7 @@ from export.serve.endpoint import (
     guarded,
     too_large,
 )
-from export.serve.protocol import RequestError
+from export.serve.protocol import RequestError, refuse_by_hand
 
 log = logging.getLogger("export.serve")
 
@@ -251,19 +251,11 @@ def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
 
 
 
-def _refuse_by_hand() -> None:
-    """--help, or a terminal on stdin: this module is no command; one line says what it is."""
-    asked = bool({"-h", "--help"} & set(sys.argv[1:]))
-    if asked or sys.stdin.isatty():
-        print("usage: python -m export.serve.worker is internal: "
-              "a worker process that `python -m export.serve` starts "
-              "(a socket, a state file, models on stdin); not a command to run by hand",
-              file=sys.stdout if asked else sys.stderr)
-        sys.exit(0 if asked else 2)
-
 
 def main() -> int:
-    _refuse_by_hand()
+    refuse_by_hand("python -m export.serve.worker",
+                   "a worker process that `python -m export.serve` starts "
+                   "(a socket, a state file, models on stdin)")
     fd, state_path, index = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     config = pickle.load(sys.stdin.buffer)
     serve_worker(fd, state_path, index, config)
