@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
 
             arm.provision(arm.DEFAULT_CACHE)
         request = resolve_request(args, formats)
-        request.arm = args.arm
         resources.check_memory(request.specs, parameters=(
             request.model.model.count_params() if request.model is not None else None))
         with resources.typed_os_errors(request.output_dir), resources.progress():

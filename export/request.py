@@ -80,6 +80,7 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
         opset=getattr(args, "opset", None),
         calibration=getattr(args, "calibration", None),
         sign_key=getattr(args, "sign_key", None), arena_limit=getattr(args, "arena_limit", None),
+        arm=bool(getattr(args, "arm", False)),
     )
 
 
@@ -135,4 +136,5 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
         max_rel_error=getattr(args, "max_rel_error", None), opset=getattr(args, "opset", None),
         model=reference, weights_source=os.path.basename(args.model),
         sign_key=getattr(args, "sign_key", None), arena_limit=getattr(args, "arena_limit", None),
+        arm=bool(getattr(args, "arm", False)),
     )
