@@ -35,6 +35,7 @@ from export.model_rewrites import (
     _plain_dense,
     _unrolled,
 )
+from export.names import check_name
 from export.publish import sha256_path
 from export.reference import GOLDEN_SEED
 from export.spec import ArtifactNames, TensorInfo
@@ -61,6 +62,7 @@ class ModelSpec(ArtifactNames):
     named: bool = False  # --name given: used as it is, no batch suffix
 
     def __post_init__(self):
+        check_name(self.stem)  # --name or the model file's stem: the same rule as the layer's
         if self.batch is not None and (isinstance(self.batch, bool) or self.batch <= 0):
             raise SpecError(f"`batch` must be a positive integer or None. Received: {self.batch!r}")
         if self.int8_io and self.quantize != "int8":

@@ -14,7 +14,8 @@ import keras
 import numpy as np
 
 from export.errors import SpecError, WeightsError, first_line
-from export.spec import _NAME_RE, TensorInfo
+from export.names import is_valid_name
+from export.spec import TensorInfo
 
 # Dtypes a model input may have in an artifact, by what Keras reports.
 _INPUT_DTYPES = {"float32": "float32", "bool": "bool", "int32": "int32", "int64": "int64"}
@@ -196,4 +197,4 @@ def default_stem(path: str) -> str:
     """An artifact base name from the model file's name (letters, digits, _ - .)."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(path)[: -len(".keras")]).strip("._-")
     stem = stem or "model"
-    return stem if _NAME_RE.match(stem) else "model"
+    return stem if is_valid_name(stem) else "model"

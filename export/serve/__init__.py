@@ -33,7 +33,8 @@ log = logging.getLogger("export")
 
 SERVED_FORMATS = ("onnx", "tflite")
 ROOT_APP = "xattn_v2"
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# fullmatch: `$` would also match before a final newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,159}")
 
 
 class ServeError(ExportError):
@@ -148,7 +149,7 @@ def _read_verified(manifest_path: str, shown: str) -> ServedModel:
     if hashlib.sha256(data).hexdigest() != manifest["sha256"].lower():
         raise ManifestError(f"refusing to serve {shown}: it changed after verification")
     name = model_name(manifest)
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise UsageError(f"cannot serve {shown}: {name!r} is not a usable model name")
     return ServedModel(name, manifest["format"], manifest["artifact"], manifest, data)
 
