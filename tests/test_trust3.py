@@ -1,0 +1,185 @@
+"""Trust, third round (issue 27): one regression test per hole a hostile user found.
+
+Library functions are tested directly; a subprocess runs once per entry point where the command
+line itself is the point. Artifacts come from the session `artifact_factory`; shapes are small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+import numpy as np
+import pytest
+from conftest import run_module
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from export import flags
+from export.errors import SpecError
+from export.formats import FORMAT_NAMES
+from export.names import MAX_NAME_LENGTH, check_name, is_valid_name
+from export.spec import QUANTIZE_MODES, ArtifactSpec
+from export.tflm.cpp import c_identifier, file_names
+
+SMALL = dict(units=8, heads=2, query_features=6, kv_features=7)
+
+# -- 1, 2: one name rule, checked by the parser of every entry point ------------------------------
+
+HOSTILE_NAMES = ["../escaped", "../../x", "/some/dir/x", "a/b", "nl\n", "\nnl", "", " ", ".hidden",
+                 "-flag", "..", ".", "x" * (MAX_NAME_LENGTH + 1), "tab\tname", "nul\0x", "é",
+                 "a\\b", "x\r"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=[repr(n)[:20] for n in HOSTILE_NAMES])
+def test_the_name_rule_refuses_names_that_leave_the_folder_or_hold_a_newline(name):
+    assert not is_valid_name(name)
+    with pytest.raises(SpecError, match=r"`name` must be 1-128 characters .* Received: name="):
+        check_name(name)
+    if name:  # an empty name in a spec means "derive it"; the parser refuses `--name ''`
+        with pytest.raises(SpecError):
+            ArtifactSpec(name=name)
+
+
+def test_every_entry_points_parser_refuses_a_bad_name_with_exit_2(capsys):
+    """One argparse type on `--name` for every format tuple (each `python -m export.<fmt>`)."""
+    for formats in [FORMAT_NAMES, *[(f,) for f in FORMAT_NAMES]]:
+        parser = flags.build_parser(formats, prog="x")
+        for name in ("../escaped", "nl\n", "/tmp/x", ""):
+            with pytest.raises(SystemExit) as exit_:
+                parser.parse_args(["--name", name])
+            assert exit_.value.code == 2
+            err = capsys.readouterr().err
+            assert "argument --name: must be 1-128 characters" in err and repr(name) in err
+            assert len(err.strip().splitlines()) == 1
+        assert parser.parse_args(["--name", "9lives-A__b.v2"]).name == "9lives-A__b.v2"
+
+
+def test_model_specs_check_the_name_too():
+    """`--model`'s ModelSpec took any stem: `/some/dir/x` led build_tflite to rmtree /some/dir."""
+    from export.model import ModelSpec
+    from export.model_load import default_stem
+    from export.spec import TensorInfo
+
+    tensors = dict(model_inputs=(TensorInfo("x", (3,), "float32"),),
+                   model_outputs=(TensorInfo("output", (3,), "float32"),))
+    for name in ("/some/dir/x", "../escaped", "nl\n"):
+        with pytest.raises(SpecError, match="Received: name="):
+            ModelSpec(**tensors, stem=name, named=True)
+    assert ModelSpec(**tensors, stem="9lives", named=True).name == "9lives"
+    # A model file's own name becomes a stem that follows the rule, whatever it is.
+    for path in ("dir/../x.keras", "-.keras", "a\n.keras", "ü.keras", "/x/.hidden.keras"):
+        assert is_valid_name(default_stem(path)), path
+
+
+@pytest.mark.parametrize("module", ["export.tflite", "export.tflm"])
+def test_cli_with_a_path_as_name_exits_2_and_touches_nothing(module, tmp_path):
+    """`--model m.keras --name <victim>/x` deleted <victim> (exit 4); `--name ../escaped` wrote
+    above --output-dir. Now the parser refuses both: exit 2, one line, nothing written."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    out = tmp_path / "deep" / "out"
+    for name in (str(victim / "x"), "../escaped", "nl\n"):
+        ran = run_module(module, "--model", str(tmp_path / "m.keras"), "--name", name,
+                         "--output-dir", str(out), timeout=120)
+        assert ran.returncode == 2, ran.stderr
+        assert len(ran.stderr.strip().splitlines()) == 1, ran.stderr
+        assert "argument --name: must be 1-128 characters" in ran.stderr
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]
+
+
+def test_tflite_build_removes_only_the_folder_it_created(tmp_path):
+    """The SavedModel it converts from is staged in a folder the build creates; it used to remove
+    `dirname(<workdir>/tflite-src/<name>.savedmodel)`, a path made from the name."""
+    from export.reference import LayerReference, random_weights
+    from export.tflite.build import build_tflite
+
+    spec = ArtifactSpec(**SMALL, query_len=3, kv_len=4, batch=1, name="kept")
+    neighbour = tmp_path / "tflite-src"
+    neighbour.mkdir()
+    (neighbour / "mine.txt").write_text("not the build's")
+    fn, _ = LayerReference(spec, random_weights(spec, 1), "seed 1").inference_function(
+        spec, fallback_layout="per-head")
+    built = build_tflite(spec, fn, str(tmp_path))
+    assert (neighbour / "mine.txt").read_text() == "not the build's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tflite-src",
+                                                                 os.path.basename(built.path)])
+
+
+_IDENT = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*")
+_names = st.one_of(
+    st.from_regex(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME_LENGTH - 1}}}", fullmatch=True),
+    st.text(alphabet=st.sampled_from("aZ09_.-/\\\n\r\t \0é:~"), max_size=12),
+    st.sampled_from(HOSTILE_NAMES),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=_names, other=_names)
+def test_no_accepted_name_leaves_the_folder_or_breaks_cpp(name, other, tmp_path_factory):
+    """Property: a name the rule accepts gives, for every format and variant, file names that are
+    one component inside --output-dir, and C++ prefixes (symbols, guards) that are valid,
+    unreserved identifiers, different for different names. A name it refuses is refused by the
+    parser's type as well."""
+    try:
+        flags.artifact_name(name)
+        parsed = True
+    except argparse.ArgumentTypeError:
+        parsed = False
+    assert parsed == is_valid_name(name)
+    if not parsed:
+        with pytest.raises(SpecError):
+            check_name(name)
+        return
+    out = os.path.realpath("/srv/out")
+    for quantize in QUANTIZE_MODES:
+        spec = ArtifactSpec(name=name, quantize=quantize, int8_io=quantize == "int8")
+        stem = spec.artifact_name("tflm")[: -len(".tflm.tflite")]
+        files = [spec.reference_name, spec.golden_name, *file_names(stem)]
+        for fmt in FORMAT_NAMES:
+            files += [spec.artifact_name(fmt), spec.manifest_name(fmt)]
+        for file in files:
+            assert os.sep not in file and file not in (".", "..") and "\n" not in file
+            assert os.path.dirname(os.path.realpath(os.path.join(out, file))) == out
+            assert len(file.encode()) <= 255
+        ident = c_identifier(stem)
+        assert _IDENT.fullmatch(ident), ident  # no `__`, no leading `_` or digit
+        for suffix in ("_model_data", "_model_data_len", "_arena_bytes", "_op_resolver",
+                       "_register_ops", "_MODEL_DATA_H_", "_OP_RESOLVER_H_"):
+            assert "__" not in ident + suffix
+        if is_valid_name(other) and other != name:
+            other_stem = ArtifactSpec(name=other, quantize=quantize,
+                                      int8_io=quantize == "int8").artifact_name("tflm")[:-12]
+            assert c_identifier(other_stem) != ident
+
+
+# -- 5: --causal with every static/dynamic combination of lengths ---------------------------------
+
+@pytest.mark.parametrize("query_len,kv_len", [(3, None), (None, 5), (None, None)],
+                         ids=["q3-kvdyn", "qdyn-kv5", "qdyn-kvdyn"])
+def test_causal_exports_and_verifies_with_any_dynamic_length(query_len, kv_len, artifact_factory):
+    """`--kv-len dynamic --causal` failed (int64 vs int32 in `Less`); each combination now builds,
+    verifies (export_artifacts raises otherwise), and the ONNX file matches the Keras layer with
+    its causal mask at lengths it was not built at."""
+    import keras
+    import onnxruntime as ort
+
+    out, results = artifact_factory(formats=("savedmodel", "onnx"), query_len=query_len,
+                                    kv_len=kv_len, causal=True, **SMALL)
+    assert set(results) == {"savedmodel", "onnx"}
+    onnx = results["onnx"]
+    layer = keras.saving.load_model(os.path.join(out, onnx.spec.reference_name))
+    if not isinstance(layer, keras.layers.Layer) or hasattr(layer, "layers"):
+        layer = next(x for x in layer.layers if type(x).__name__ == "CrossAttention")
+    session = ort.InferenceSession(onnx.path, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    for tq, tkv in ((2, 7), (6, 2)):
+        tq, tkv = query_len or tq, kv_len or tkv
+        s1 = rng.standard_normal((2, tq, 6), dtype=np.float32)
+        s2 = rng.standard_normal((2, tkv, 7), dtype=np.float32)
+        expected = np.asarray(layer([s1, s2], use_causal_mask=True))
+        got = session.run(["output"], {"source1": s1, "source2": s2})[0]
+        np.testing.assert_allclose(got, expected, atol=1e-4)
