@@ -183,3 +183,74 @@ def test_causal_exports_and_verifies_with_any_dynamic_length(query_len, kv_len, 
         expected = np.asarray(layer([s1, s2], use_causal_mask=True))
         got = session.run(["output"], {"source1": s1, "source2": s2})[0]
         np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+# -- 7 (and 6's Embedding): --sample-inputs values that do not fit ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_model(tmp_path_factory):
+    """ids (int32) -> Embedding(20) and a float context -> CrossAttention; random weights."""
+    import keras
+    from layer_zoo import randomize_weights
+
+    import xattn
+
+    ids = keras.Input((6,), dtype="int32", name="ids")
+    ctx = keras.Input((5, 4), name="ctx")
+    embedded = keras.layers.Embedding(20, 4, name="embedding")(ids)
+    model = randomize_weights(keras.Model([ids, ctx], xattn.CrossAttention(4, 2)([embedded, ctx])), 4)
+    path = str(tmp_path_factory.mktemp("token") / "tokens.keras")
+    model.save(path)
+    return path
+
+
+def _samples(folder, ids, ctx=None) -> str:
+    rng = np.random.default_rng(0)
+    path = os.path.join(folder, "s.npz")
+    np.savez(path, ids=ids, ctx=rng.standard_normal((len(ids), 5, 4)) if ctx is None else ctx)
+    return path
+
+
+@pytest.mark.parametrize("ids, ctx, needle", [
+    (np.full((4, 6), 2 ** 40, np.int64), None, r"ids holds 1099511627776, which does not fit the "
+                                               r"model input's int32 \(-2147483648..2147483647\)"),
+    (np.full((4, 6), 3, np.uint64), np.full((4, 5, 4), 1e39), r"ctx holds 1e\+39, which does not "
+                                                              r"fit the model input's float32"),
+    (np.full((4, 6), 25, np.int32), None, r"ids holds 25, outside \[0, 20\) of Embedding 'embedding'"),
+    (np.full((4, 6), -1, np.int32), None, r"ids holds -1, outside \[0, 20\) of Embedding"),
+], ids=["int64-2**40", "float64-1e39", "id-past-embedding", "negative-id"])
+def test_sample_inputs_that_do_not_fit_exit_2_naming_input_and_value(ids, ctx, needle, token_model,
+                                                                     tmp_path, capsys):
+    from export import cli
+
+    samples = _samples(str(tmp_path), ids, ctx)
+    rc = cli.main(["--model", token_model, "--sample-inputs", samples, "--output-dir",
+                   str(tmp_path / "o")], formats=("onnx",))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert re.search(needle, err[0]), err[0]
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_ids_past_an_embedding_deeper_inside_are_one_line_too(tmp_path):
+    """An Embedding behind another layer escapes the direct check: the reference run's TensorFlow
+    error becomes one SpecError line naming the value, not a page of InvalidArgumentError."""
+    import keras
+
+    from export.model import ModelReference, ModelSpec
+    from export.model_load import model_tensors
+
+    ids = keras.Input((6,), dtype="int32", name="ids")
+    shifted = keras.layers.Identity(name="before")(ids)
+    out = keras.layers.Dense(3)(keras.layers.Embedding(20, 4, name="emb")(shifted))
+    model = keras.Model(ids, out)
+    path = str(tmp_path / "deep.keras")
+    model.save(path)
+    inputs, outputs = model_tensors(model, {})
+    spec = ModelSpec(model_inputs=inputs, model_outputs=outputs, stem="deep")
+    ref = ModelReference(path, model, {"ids": np.full((2, 6), 99, np.int32)}, "s.npz")
+    with pytest.raises(SpecError, match=r"the model refuses --sample-inputs s\.npz: .*"
+                                        r"indices\[0,0\] = 99 is not in \[0, 20\)") as raised:
+        ref.run(spec, ref.make_inputs(spec, 2, 0))
+    assert "\n" not in str(raised.value) and "function_node" not in str(raised.value)
