@@ -254,3 +254,110 @@ def test_ids_past_an_embedding_deeper_inside_are_one_line_too(tmp_path):
                                         r"indices\[0,0\] = 99 is not in \[0, 20\)") as raised:
         ref.run(spec, ref.make_inputs(spec, 2, 0))
     assert "\n" not in str(raised.value) and "function_node" not in str(raised.value)
+
+
+# -- 4, 10 and the protocol's nitpicks: decoding is shared by both engines and gRPC --------------
+
+
+@pytest.fixture(scope="module")
+def masked_endpoints(artifact_factory):
+    """A served ModelEndpoint per runtime (ONNX, TFLite) of a small masked artifact."""
+    from export.serve import load_models
+    from export.serve.endpoint import ModelEndpoint
+
+    out, _ = artifact_factory(formats=("onnx", "tflite"), query_len=4, kv_len=5, query_mask=True,
+                              value_mask=True, **SMALL)
+    models, _ = load_models(out)
+    return {m.format: ModelEndpoint(m, max_body=1 << 20, max_batch=8) for m in models}
+
+
+def _binary_body(feeds: dict, raw: dict) -> tuple[bytes, str]:
+    import json
+
+    inputs = [{"name": n, "datatype": "BOOL" if a.dtype == bool else "FP32", "shape": list(a.shape),
+               "parameters": {"binary_data_size": len(raw[n])}} for n, a in feeds.items()]
+    header = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
+    return header + b"".join(raw[n] for n in feeds), str(len(header))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_bool_bytes_other_than_1_mean_true(fmt, masked_endpoints):
+    """A query_mask whose true bytes are 0x02 (or 0xff) gave another answer from the ONNX file
+    (its Cast made 2.0); every non-zero byte is now true, in the decoder both engines and gRPC's
+    raw contents go through."""
+    endpoint = masked_endpoints[fmt]
+    rng = np.random.default_rng(7)
+    feeds = {"source1": rng.standard_normal((2, 4, 6), dtype=np.float32),
+             "source2": rng.standard_normal((2, 5, 7), dtype=np.float32),
+             "query_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0]], bool),
+             "value_mask": np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], bool)}
+    answers = []
+    for true_byte in (1, 2, 0xFF):
+        raw = {n: (a.view(np.uint8) * true_byte).astype(np.uint8).tobytes() if a.dtype == bool
+               else a.tobytes() for n, a in feeds.items()}
+        body, length = _binary_body(feeds, raw)
+        decoded, checked = endpoint.decode(body, length, None)
+        assert checked["query_mask"].dtype == bool
+        assert set(np.unique(checked["query_mask"].view(np.uint8))) <= {0, 1}
+        answers.append(endpoint.run(checked)["output"])
+    np.testing.assert_array_equal(answers[1], answers[0])
+    np.testing.assert_array_equal(answers[2], answers[0])
+
+
+def test_a_true_among_fp32_data_is_refused():
+    from export.serve.protocol import RequestError, TensorSpec, decode_infer_request
+
+    spec = [TensorSpec("x", "FP32", (-1, 2))]
+    ok = decode_infer_request(b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],'
+                              b'"data":[1.5,2]}]}', None, spec, [])
+    np.testing.assert_array_equal(ok.feeds["x"], [[1.5, 2.0]])
+    for data in (b"[1.5,true]", b"[[false],[2]]"):
+        shape = b"[1,2]" if data.startswith(b"[1") else b"[2,1]"
+        body = (b'{"inputs":[{"name":"x","datatype":"FP32","shape":' + shape + b',"data":'
+                + data + b'}]}')
+        with pytest.raises(RequestError, match=r"input `x` data must be numbers; received a "
+                                               r"true/false among them"):
+            decode_infer_request(body, None, [TensorSpec("x", "FP32", (-1, -1))], [])
+
+
+def test_nan_outputs_are_refused_in_json_and_carried_in_binary():
+    """NaN/inf became JSON null without a word: now a JSON output holding them is refused with a
+    line saying so; binary outputs carry them exactly."""
+    from export.serve.protocol import (
+        HEADER_LENGTH,
+        InferRequest,
+        RequestError,
+        TensorSpec,
+        encode_infer_response,
+    )
+
+    outputs = [TensorSpec("output", "FP32", (-1, 3))]
+    results = {"output": np.array([[1.0, np.nan, np.inf]], np.float32)}
+    with pytest.raises(RequestError, match=r"output `output` holds 2 NaN/inf value\(s\), which "
+                                           r"JSON cannot carry; ask for it as binary data"):
+        encode_infer_response("m", InferRequest(None, {}), results, outputs)
+    body, headers = encode_infer_response("m", InferRequest(None, {}, binary_default=True),
+                                          results, outputs)
+    carried = np.frombuffer(body[int(headers[HEADER_LENGTH]):], np.float32)
+    np.testing.assert_array_equal(carried, results["output"].reshape(-1))
+
+
+def test_grpc_nan_in_fp32_contents_names_the_tensor_and_value():
+    """It answered "request body is not JSON ... line 1 column 84" to a protobuf request."""
+    from tritonclient.grpc import service_pb2
+
+    from export.errors import InputError
+    from export.serve.grpc_service import to_http_body
+
+    request = service_pb2.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="source1", datatype="FP32", shape=[1, 3])
+    tensor.contents.fp32_contents.extend([1.0, float("nan"), 2.0])
+    with pytest.raises(InputError, match=r"input `source1` fp32_contents holds nan; typed "
+                                         r"contents take finite numbers"):
+        to_http_body(request)
+    tensor.contents.fp32_contents[1] = float("-inf")
+    with pytest.raises(InputError, match=r"fp32_contents holds -inf"):
+        to_http_body(request)
+    tensor.contents.fp32_contents[1] = 0.5
+    body, length = to_http_body(request)
+    assert b'"data": [1.0, 0.5, 2.0]' in body[:int(length)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from concurrent import futures
 
 import numpy as np
@@ -46,6 +47,12 @@ def to_http_body(request) -> tuple[bytes, str]:
         else:
             field = _CONTENTS.get(tensor.datatype)
             entry["data"] = list(getattr(tensor.contents, field)) if field else []
+            if field in ("fp32_contents", "fp64_contents"):
+                bad = next((v for v in entry["data"] if not math.isfinite(v)), None)
+                if bad is not None:  # JSON (the form decoded next) has no NaN or inf
+                    raise InputError(
+                        f"input `{tensor.name[:80]}` {field} holds {bad}; typed contents take "
+                        "finite numbers (send NaN/inf in raw_input_contents)")
         inputs.append(entry)
     header = {"inputs": inputs}
     if request.id:
