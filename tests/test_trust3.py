@@ -361,3 +361,67 @@ def test_grpc_nan_in_fp32_contents_names_the_tensor_and_value():
     tensor.contents.fp32_contents[1] = 0.5
     body, length = to_http_body(request)
     assert b'"data": [1.0, 0.5, 2.0]' in body[:int(length)]
+
+
+# -- 6: serve options and the Triton writer: one line, exit 2, instead of tracebacks ---------------
+
+
+@pytest.mark.parametrize("changes, needle", [
+    (dict(port=8123, grpc_port=8123), r"--grpc-port must differ from --port .* Received: --port "
+                                      r"8123 --grpc-port 8123"),
+    (dict(grpc_port=8124, max_body_bytes=2048 << 20), r"--max-body-mb with --grpc-port must be "
+                                                      r"below 2048 .* Received: 2048 MiB"),
+    (dict(drain_seconds=1e300), r"--drain-seconds must be in \(0, 86400\]. Received: 1e\+300"),
+    (dict(batch_wait_ms=1e300), r"--batch-wait-ms must be in \(0, 60000\]. Received: 1e\+300"),
+], ids=["grpc-port=port", "grpc-2048mb", "drain-1e300", "batch-wait-1e300"])
+def test_serve_options_that_cannot_work_are_usage_errors(changes, needle):
+    from export.errors import UsageError
+    from export.serve import ServeOptions, check_options, start
+
+    options = ServeOptions(**changes)
+    with pytest.raises(UsageError, match=needle):
+        check_options(options)
+    with pytest.raises(UsageError, match=needle):  # the library's start checks them too
+        start([], options)
+    check_options(ServeOptions(grpc_port=8124, max_body_bytes=2047 << 20, drain_seconds=86400))
+
+
+def test_serve_cli_refuses_grpc_on_the_http_port_before_verifying(tmp_path):
+    ran = run_module("export.serve", str(tmp_path / "nothing-here"), "--port", "8125",
+                     "--grpc-port", "8125", timeout=120)
+    assert ran.returncode == 2, ran.stderr
+    assert ran.stderr.strip().splitlines() == [
+        "python -m export.serve: error: --grpc-port must differ from --port (HTTP listens there). "
+        "Received: --port 8125 --grpc-port 8125"]
+
+
+def test_triton_repository_in_the_way_is_one_line(masked_endpoints, artifact_factory, tmp_path):
+    from export.errors import UsageError
+    from export.serve import load_models
+    from export.serve.triton import write_repository
+
+    out, _ = artifact_factory(formats=("onnx", "tflite"), query_len=4, kv_len=5, query_mask=True,
+                              value_mask=True, **SMALL)
+    models, _ = load_models(out)
+    onnx = next(m for m in models if m.format == "onnx")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file")
+    with pytest.raises(UsageError, match=r"--triton-repository .*file/repo cannot be created: Not "
+                                         r"a directory"):
+        write_repository(models, str(blocker / "repo"))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / onnx.name).write_text("someone's file")
+    with pytest.raises(UsageError, match=rf"{onnx.name} exists and is not a model folder"):
+        write_repository(models, str(repo))
+    assert (repo / onnx.name).read_text() == "someone's file"
+    assert sorted(p.name for p in repo.iterdir()) == [onnx.name]  # no staging left behind
+    # A folder there is replaced; a neighbour named `<model>.old` is not someone else's to delete.
+    (repo / onnx.name).unlink()
+    (repo / f"{onnx.name}.old").mkdir()
+    (repo / f"{onnx.name}.old" / "keep.txt").write_text("mine")
+    write_repository(models, str(repo))
+    write_repository(models, str(repo))
+    assert (repo / f"{onnx.name}.old" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in repo.iterdir()) == [onnx.name, f"{onnx.name}.old"]
+    assert (repo / onnx.name / "1" / "model.onnx").read_bytes() == onnx.data

@@ -26,7 +26,7 @@ from export.verify import find_manifests, verify_path
 
 __all__ = [
     "ENGINES", "SERVED_FORMATS", "ServeError", "ServeOptions", "ServedModel", "Server", "deploy",
-    "load_models", "model_name", "start", "stop",
+    "check_options", "load_models", "model_name", "start", "stop",
 ]
 
 log = logging.getLogger("export")
@@ -154,8 +154,33 @@ def _read_verified(manifest_path: str, shown: str) -> ServedModel:
     return ServedModel(name, manifest["format"], manifest["artifact"], manifest, data)
 
 
+# gRPC's message size limits are C ints: a body limit past them raised OverflowError in a worker.
+GRPC_MAX_BODY_BYTES = (1 << 31) - 1
+# Past these a timer overflows (threading, asyncio: OverflowError in a thread on SIGTERM).
+MAX_DRAIN_SECONDS = 24 * 3600.0
+MAX_BATCH_WAIT_MS = 60_000.0
+
+
+def check_options(options: ServeOptions) -> None:
+    """UsageError (exit 2) naming the option when `options` cannot be served as given; run
+    before anything is verified, bound or started."""
+    if options.grpc_port and options.grpc_port == options.port:
+        raise UsageError(f"--grpc-port must differ from --port (HTTP listens there). Received: "
+                         f"--port {options.port} --grpc-port {options.grpc_port}")
+    if options.grpc_port and options.max_body_bytes > GRPC_MAX_BODY_BYTES:
+        raise UsageError(f"--max-body-mb with --grpc-port must be below 2048 (gRPC's message size "
+                         f"is a 32-bit int). Received: {options.max_body_bytes / (1 << 20):g} MiB")
+    if not 0 < options.drain_seconds <= MAX_DRAIN_SECONDS:
+        raise UsageError(f"--drain-seconds must be in (0, {MAX_DRAIN_SECONDS:g}]. Received: "
+                         f"{options.drain_seconds:g}")
+    if not 0 < options.batch_wait_ms <= MAX_BATCH_WAIT_MS:
+        raise UsageError(f"--batch-wait-ms must be in (0, {MAX_BATCH_WAIT_MS:g}]. Received: "
+                         f"{options.batch_wait_ms:g}")
+
+
 def start(models: list[ServedModel], options: ServeOptions) -> Server:
     """Start the engine `options.engine`; returns when every model is warm and answering."""
+    check_options(options)
     if options.engine not in ENGINES:
         raise UsageError(f"unknown engine {options.engine!r}; choose {' or '.join(ENGINES)}")
     if options.engine == "embedded":
