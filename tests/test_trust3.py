@@ -425,3 +425,12 @@ def test_triton_repository_in_the_way_is_one_line(masked_endpoints, artifact_fac
     assert (repo / f"{onnx.name}.old" / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in repo.iterdir()) == [onnx.name, f"{onnx.name}.old"]
     assert (repo / onnx.name / "1" / "model.onnx").read_bytes() == onnx.data
+
+
+@pytest.mark.parametrize("text", ["16,,64", "16,64,", ",16", "1_6", "+16", "\u0661\u0666", " "])
+def test_lengths_with_an_empty_part_or_odd_digits_are_refused(text, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        flags.build_parser(("onnx",), prog="x").parse_args(["--lengths", text])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --lengths: `--lengths` takes positive lengths" in err[0]
