@@ -434,3 +434,155 @@ def test_lengths_with_an_empty_part_or_odd_digits_are_refused(text, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "argument --lengths: `--lengths` takes positive lengths" in err[0]
+
+
+# -- 9 and the HTTP nitpicks: one real embedded server (1 worker, --read-timeout 1) ---------------
+
+
+@pytest.fixture(scope="module")
+def guarded_server(artifact_factory, tmp_path_factory):
+    """`python -m export.serve` on small ONNX/TFLite files: one worker, a 1 s read timeout."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    out, _ = artifact_factory(formats=("onnx", "tflite"), query_len=4, kv_len=5, query_mask=True,
+                              value_mask=True, **SMALL)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = tmp_path_factory.mktemp("serve-logs")
+    err = open(logs / "stderr", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "export.serve", out, "--port", str(port),
+                             "--workers", "1", "--read-timeout", "1"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 240
+    while _status(port, "GET", "/v2/health/ready") != 200:
+        assert proc.poll() is None, (logs / "stderr").read_text()
+        assert time.monotonic() < deadline, "server not ready"
+        time.sleep(0.2)
+    yield port
+    proc.send_signal(2)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    err.close()
+
+
+def _status(port: int, method: str, path: str) -> int | None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path)
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def _closed_within(sock, seconds: float) -> float | None:
+    """Seconds until the server closed `sock` (reads b"" or a reset), or None if it stayed open."""
+    import time
+
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - start < seconds:
+        try:
+            if sock.recv(65536) == b"":
+                return time.monotonic() - start
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - start
+    return None
+
+
+def test_stalled_connections_are_dropped_while_others_are_answered(guarded_server):
+    """Half a head, 1 byte of a 100-byte body, and a silent connection: each is closed about
+    --read-timeout (1 s) after it stalls; meanwhile the server keeps answering."""
+    import socket
+    import time
+
+    port = guarded_server
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    socks[0].sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    socks[1].sendall(b"POST /v2/models/x/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    started = time.monotonic()
+    for _ in range(3):  # answered while the three stall
+        assert _status(port, "GET", "/v2/health/ready") == 200
+    assert time.monotonic() - started < 1.0
+    for sock in socks:
+        closed = _closed_within(sock, 6.0)
+        assert closed is not None, "a stalled connection stayed open"
+        sock.close()
+    assert time.monotonic() - started < 6.0
+    assert _status(port, "GET", "/v2/health/ready") == 200
+
+
+def test_a_header_block_over_the_limit_gets_431_and_the_server_stays_small(guarded_server):
+    import socket
+
+    port = guarded_server
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\n")
+        sent = 0
+        try:  # 8 MB of one header: refused long before it is all sent
+            while sent < 8 << 20:
+                sock.sendall(b"X-Big: " + b"a" * 65536 + b"\r\n")
+                sent += 65545
+        except OSError:
+            pass
+        sock.settimeout(5)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"request line and headers over 65536 bytes" in answer
+    assert sent < 8 << 20  # refused before it was all sent (the worker did not read it all)
+    # 60 KiB of headers is under the limit and answered.
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Ok: " + b"a" * 60_000 + b"\r\n\r\n")
+        sock.settimeout(5)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    assert _status(port, "GET", "/v2/health/ready") == 200
+
+
+def test_head_health_is_200_and_an_encoded_slash_is_not_routed(guarded_server):
+    port = guarded_server
+    assert _status(port, "HEAD", "/v2/health/ready") == 200
+    assert _status(port, "HEAD", "/v2/health/live") == 200
+    assert _status(port, "HEAD", "/v2") == 200
+    name = "xattn_u8_h2_q4x6_kv5x7_qmask_vmask_onnx"
+    assert _status(port, "GET", f"/v2/models/{name}/ready") == 200
+    assert _status(port, "HEAD", f"/v2/models/{name}") == 200
+    assert _status(port, "GET", f"/v2/models/{name}%2Fready") == 404
+    assert _status(port, "GET", f"/v2/models/{name}%2fready") == 404
+
+
+def test_worker_configuration_is_json_not_pickle(masked_endpoints, artifact_factory):
+    import json
+
+    from export.serve import ServeOptions, load_models
+    from export.serve.worker import decode_config, encode_config
+
+    out, _ = artifact_factory(formats=("onnx", "tflite"), query_len=4, kv_len=5, query_mask=True,
+                              value_mask=True, **SMALL)
+    models, _ = load_models(out)
+    options = ServeOptions(workers=3, read_timeout_s=2.5, max_header_bytes=4096)
+    data = encode_config(models, options, "1.2.3")
+    assert json.loads(data)["version"] == "1.2.3"  # plain JSON; pickle's b"\x80" never leads
+    config = decode_config(data)
+    assert config["options"] == options and config["workers"] == 3
+    assert [(m.name, m.format, m.manifest, m.data) for m in config["models"]] == \
+        [(m.name, m.format, m.manifest, m.data) for m in models]
+    source = open(os.path.join(os.path.dirname(flags.__file__), "serve", "worker.py")).read()
+    assert "pickle" not in source.replace("no pickle", "").replace("not pickle", "")

@@ -21,7 +21,11 @@ import socket
 from dataclasses import dataclass, field
 
 from export.errors import ExportError, ManifestError, UsageError, first_line
-from export.serve.protocol import DEFAULT_MAX_BODY_BYTES
+from export.serve.protocol import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+)
 from export.verify import find_manifests, verify_path
 
 __all__ = [
@@ -69,6 +73,11 @@ class ServeOptions:
     address: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     replica_cpus: float = 0.0
+    # Embedded engine: a request line and headers larger than this get 431 and a close; a
+    # connection that has not sent its whole head within `read_timeout_s` of starting it (or of
+    # connecting), or sends no body byte for that long, is closed.
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -173,6 +182,12 @@ def check_options(options: ServeOptions) -> None:
     if not 0 < options.drain_seconds <= MAX_DRAIN_SECONDS:
         raise UsageError(f"--drain-seconds must be in (0, {MAX_DRAIN_SECONDS:g}]. Received: "
                          f"{options.drain_seconds:g}")
+    if not 0 < options.read_timeout_s <= MAX_DRAIN_SECONDS:
+        raise UsageError(f"--read-timeout must be in (0, {MAX_DRAIN_SECONDS:g}]. Received: "
+                         f"{options.read_timeout_s:g}")
+    if not 1024 <= options.max_header_bytes <= GRPC_MAX_BODY_BYTES:
+        raise UsageError(f"--max-header-kb must be at least 1 and below 2 GiB. Received: "
+                         f"{options.max_header_bytes / 1024:g} KiB")
     if not 0 < options.batch_wait_ms <= MAX_BATCH_WAIT_MS:
         raise UsageError(f"--batch-wait-ms must be in (0, {MAX_BATCH_WAIT_MS:g}]. Received: "
                          f"{options.batch_wait_ms:g}")

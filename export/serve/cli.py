@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-mb", type=_positive_float, default=32.0,
                         help="largest request body accepted; larger ones get 413 "
                              "(default 32 MiB; below 2048 with --grpc-port)")
+    parser.add_argument("--max-header-kb", type=_positive_float, default=64.0,
+                        help="embedded: largest request line + headers; larger ones get 431 and "
+                             "the connection is closed (default 64 KiB)")
+    parser.add_argument("--read-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
+                        help="embedded: close a connection whose request head is not complete "
+                             "this long after it started, or whose body sends nothing for this "
+                             "long (default 15 s)")
     parser.add_argument("--drain-seconds", type=_positive_float, default=10.0,
                         help="on Ctrl-C or SIGTERM, longest wait for requests in flight "
                              "(default 10 s, at most 86400)")
@@ -94,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         replicas=args.replicas, threads=args.threads, max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms, host=args.host, port=args.port, address=args.address,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_header_bytes=int(args.max_header_kb * 1024), read_timeout_s=args.read_timeout,
     )
     _, code = report_failures(PROG, lambda: check_options(options))
     if code:

@@ -140,6 +140,7 @@ class ModelEndpoint:
 
     def route(self, method: str, path: str) -> str | Reply:
         """'infer' for an inference request, else the Reply (metadata, ready, or an error)."""
+        method = "GET" if method == "HEAD" else method  # HEAD: GET's status and headers
         rest = path.rstrip("/")[len(self.prefix):]
         if rest.startswith("/versions/"):
             version, _, tail = rest[len("/versions/"):].partition("/")
@@ -194,6 +195,7 @@ class RootEndpoint:
 
     def reply(self, method: str, path: str, ready: bool = True) -> Reply:
         path = path.rstrip("/")
+        method = "GET" if method == "HEAD" else method  # HEAD: GET's status and headers
         if path == "/v2" and method == "GET":
             return json_reply(self.metadata)
         if path == "/v2/health/live" and method == "GET":

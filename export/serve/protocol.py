@@ -48,6 +48,10 @@ DATATYPES = {
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Request bodies larger than this are refused before they are read (CLI: --max-body-mb).
 DEFAULT_MAX_BODY_BYTES = 32 << 20
+# The embedded engine's bounds on a request's head (request line + headers: 431 past it) and on
+# a connection that stalls while sending its head or body (closed; CLI: --read-timeout).
+DEFAULT_MAX_HEADER_BYTES = 64 << 10
+DEFAULT_READ_TIMEOUT_S = 15.0
 
 
 class RequestError(InputError):
