@@ -586,3 +586,55 @@ def test_worker_configuration_is_json_not_pickle(masked_endpoints, artifact_fact
         [(m.name, m.format, m.manifest, m.data) for m in models]
     source = open(os.path.join(os.path.dirname(flags.__file__), "serve", "worker.py")).read()
     assert "pickle" not in source.replace("no pickle", "").replace("not pickle", "")
+
+
+# -- 8: .ort bytes the same from a cold and a warm bytecode cache -----------------------------------
+
+
+def _bytecode_caches() -> list[str]:
+    """The __pycache__ folders of what the ORT child imports (onnxruntime, numpy)."""
+    import glob
+
+    import numpy
+    import onnxruntime
+
+    return sorted(p for pkg in (onnxruntime, numpy) for p in glob.glob(
+        os.path.join(os.path.dirname(pkg.__file__), "**", "__pycache__"), recursive=True))
+
+
+def test_ort_bytes_do_not_depend_on_the_bytecode_cache(artifact_factory, tmp_path):
+    """A fresh clone's first `make artifacts` (no .pyc yet) gave another .ort sha256 than every
+    later build: the serializing child compiled and wrote bytecode. It now reads and writes none.
+    Cold: the packages' __pycache__ folders moved aside for one run (then put back)."""
+    import hashlib
+    import shutil
+
+    from export.ort.serialize import serialize_ort
+
+    out, results = artifact_factory(formats=("onnx",), query_len=4, kv_len=5, **SMALL)
+
+    def ort_sha(tag: str) -> str:
+        scratch = tmp_path / tag
+        scratch.mkdir()
+        done = serialize_ort(results["onnx"].path, str(tmp_path / f"{tag}.ort"), str(scratch))
+        assert done.returncode == 0, done.stderr
+        assert not any((scratch / "no-pycache").rglob("*")), "the child wrote bytecode"
+        return hashlib.sha256((tmp_path / f"{tag}.ort").read_bytes()).hexdigest()
+
+    warm = ort_sha("warm")
+    aside = tmp_path / "aside"
+    moved = []
+    try:
+        for i, cache in enumerate(_bytecode_caches()):
+            aside.mkdir(exist_ok=True)
+            shutil.move(cache, aside / str(i))
+            moved.append((cache, aside / str(i)))
+        cold = ort_sha("cold")
+        written = [c for c, _ in moved if os.path.exists(c)]
+    finally:
+        for cache, kept in moved:
+            if not os.path.exists(cache):
+                shutil.move(kept, cache)
+    assert cold == warm
+    assert not written, f"the child wrote {written[0]}"
+    assert ort_sha("warm-again") == warm
