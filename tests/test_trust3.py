@@ -638,3 +638,21 @@ def test_ort_bytes_do_not_depend_on_the_bytecode_cache(artifact_factory, tmp_pat
     assert cold == warm
     assert not written, f"the child wrote {written[0]}"
     assert ort_sha("warm-again") == warm
+
+
+@pytest.mark.parametrize("length", ["1_0", "+10", "\u0661\u0660", "0x0a", ""])
+def test_header_length_takes_ascii_digits_only(length):
+    from export.serve.protocol import RequestError, TensorSpec, decode_infer_request
+
+    with pytest.raises(RequestError, match=r"Inference-Header-Content-Length must be an integer"):
+        decode_infer_request(b'{"inputs":[]}' + b"\0" * 8, length, [TensorSpec("x", "FP32", (-1,))],
+                             [])
+
+
+def test_a_body_limit_below_1_kib_is_a_usage_error():
+    from export.errors import UsageError
+    from export.serve import ServeOptions, check_options
+
+    with pytest.raises(UsageError, match=r"--max-body-mb must allow at least 1 KiB. Received: 1 "
+                                         r"bytes"):
+        check_options(ServeOptions(max_body_bytes=int(1e-6 * (1 << 20))))

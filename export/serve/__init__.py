@@ -176,6 +176,9 @@ def check_options(options: ServeOptions) -> None:
     if options.grpc_port and options.grpc_port == options.port:
         raise UsageError(f"--grpc-port must differ from --port (HTTP listens there). Received: "
                          f"--port {options.port} --grpc-port {options.grpc_port}")
+    if options.max_body_bytes < 1024:
+        raise UsageError(f"--max-body-mb must allow at least 1 KiB. Received: "
+                         f"{options.max_body_bytes} bytes")
     if options.grpc_port and options.max_body_bytes > GRPC_MAX_BODY_BYTES:
         raise UsageError(f"--max-body-mb with --grpc-port must be below 2048 (gRPC's message size "
                          f"is a 32-bit int). Received: {options.max_body_bytes / (1 << 20):g} MiB")

@@ -142,12 +142,12 @@ def decode_infer_request(body: bytes, header_length: str | None,
     if header_length is None:
         header, binary = body, b""
     else:
-        try:
-            size = int(header_length)
-        except ValueError:
+        text = header_length.strip()
+        # ASCII digits only: int() also takes `1_0`, `+5` and other scripts' digits.
+        if not (text.isascii() and text.isdigit()):
             raise RequestError(
-                f"{HEADER_LENGTH} must be an integer; received {header_length[:40]!r}"
-            ) from None
+                f"{HEADER_LENGTH} must be an integer; received {header_length[:40]!r}")
+        size = int(text)
         if not 0 < size <= len(body):
             raise RequestError(
                 f"{HEADER_LENGTH} is {size}, but the body holds {len(body)} bytes"
