@@ -39,6 +39,7 @@ from export.serve.endpoint import (
     Reply,
     RootEndpoint,
     check_declared_size,
+    encoded_slash,
     error_reply,
     guarded,
     too_large,
@@ -110,11 +111,9 @@ class App:
 
     async def _handle(self, scope, receive) -> Reply | None:
         path, method = scope["path"], scope["method"]
-        raw = scope.get("raw_path") or b""
-        if b"%2f" in raw.lower() or b"%5c" in raw.lower():
-            # uvicorn decodes the path: `x%2Finfer` would be routed as `x/infer`.
-            return error_reply(f"no route {method} {raw[:80].decode('latin-1')}: an encoded "
-                               "slash is not part of any path here", 404)
+        refused = encoded_slash(scope.get("raw_path"), method)
+        if refused is not None:
+            return refused
         if path.startswith("/v2/models/"):
             name = path[11:].split("/", 1)[0]
             endpoint = self.endpoints.get(name)
