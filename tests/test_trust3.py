@@ -656,3 +656,19 @@ def test_a_body_limit_below_1_kib_is_a_usage_error():
     with pytest.raises(UsageError, match=r"--max-body-mb must allow at least 1 KiB. Received: 1 "
                                          r"bytes"):
         check_options(ServeOptions(max_body_bytes=int(1e-6 * (1 << 20))))
+
+
+def test_a_grpc_port_taken_after_the_check_is_one_oserror_line():
+    """The worker died with grpcio's `Failed to bind` traceback; build_server now raises one
+    OSError line, which the worker prints and exits 2 with."""
+    import socket
+
+    from export.serve.grpc_service import build_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=rf"cannot listen for gRPC on 127.0.0.1:{port}: ") as e:
+            build_server(object(), port, "127.0.0.1", 1 << 20)
+        assert "\n" not in str(e.value)

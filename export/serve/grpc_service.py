@@ -142,7 +142,13 @@ def build_server(app, port: int, host: str, max_body: int):
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Service(), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if not server.add_insecure_port(address):
-        raise OSError(f"cannot listen for gRPC on {address}")
+    reason = "the port is taken"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpcio raises "Failed to bind to address ..." where it used to return 0
+        bound, reason = 0, first_line(e)
+    if not bound:
+        server.stop(None)
+        raise OSError(f"cannot listen for gRPC on {address}: {reason}")
     server.start()
     return server

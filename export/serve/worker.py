@@ -329,7 +329,13 @@ def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
     if options.grpc_port:
         from export.serve.grpc_service import build_server  # lazy: only with --grpc-port
 
-        server.grpc = build_server(app, options.grpc_port, options.host, options.max_body_bytes)
+        try:
+            server.grpc = build_server(app, options.grpc_port, options.host,
+                                       options.max_body_bytes)
+        except OSError as e:  # taken since the supervisor's check: one line, not a traceback
+            print(f"python -m export.serve: error: --grpc-port {options.grpc_port}: {e}",
+                  file=sys.stderr)
+            sys.exit(2)
     threading.Thread(target=_warm_up, args=(endpoints, state, index), daemon=True).start()
     server.run(sockets=[sock])
 
