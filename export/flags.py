@@ -126,6 +126,8 @@ def artifact_name(text: str) -> str:
     """`--name`: the one name rule (export.names), for every entry point and every path (the
     layer, --model, --lengths, tflm): a name that could leave --output-dir, or break a file name
     or generated C++, stops here with exit 2, before anything is written."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
     if not is_valid_name(text):
         raise argparse.ArgumentTypeError(f"must be {NAME_RULE}, got {text!r}")
     return text
