@@ -672,3 +672,20 @@ def test_a_grpc_port_taken_after_the_check_is_one_oserror_line():
         with pytest.raises(OSError, match=rf"cannot listen for gRPC on 127.0.0.1:{port}: ") as e:
             build_server(object(), port, "127.0.0.1", 1 << 20)
         assert "\n" not in str(e.value)
+
+
+def test_a_tflm_set_named_with_a_digit_and_a_dash_builds_and_verifies(artifact_factory):
+    """`--name 9lives` gave `#ifndef 9LIVES_INT8_MODEL_DATA_H_`. The whole TFLM path with such a
+    name: the manifest names the symbol prefix, the header uses it, export.verify passes."""
+    from export.verify import verify_path
+
+    out, results = artifact_factory(formats=("tflm",), quantize="int8", query_len=4, kv_len=5,
+                                    name="9lives-x", **SMALL)
+    deployment = results["tflm"].manifest["deployment"]
+    assert deployment["symbol_prefix"] == c_identifier("9lives-x_int8")
+    assert deployment["symbol_prefix"].startswith("m_9lives_x_int8_")
+    header = open(os.path.join(out, deployment["files"]["model_data_h"])).read()
+    guard = f"{deployment['symbol_prefix']}_MODEL_DATA_H_"
+    assert f"#ifndef {guard}\n#define {guard}\n" in header
+    assert f"{deployment['symbol_prefix']}_model_data[];" in header
+    assert [r.status for r in verify_path(out)] == ["passed"]
