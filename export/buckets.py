@@ -8,6 +8,7 @@ numpy-free and TensorFlow-free: the parser and `export.verify` read it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from export.errors import SpecError
@@ -27,21 +28,16 @@ def parse_lengths(text: str) -> tuple[tuple[int, int], ...]:
     pairs = []
     for part in str(text).split(","):
         part = part.strip().lower()
-        if not part:
-            continue
-        fields = part.split("x")
-        try:
-            values = [int(f) for f in fields]
-        except ValueError:
-            values = []
+        # ASCII digits only: int() also takes `1_6`, `+16` and other scripts' digits. An empty
+        # part (`16,,64`, a trailing comma) is a typo, not a length to skip.
+        values = ([int(f) for f in part.split("x")]
+                  if re.fullmatch(r"[0-9]+(?:x[0-9]+)?", part) else [])
         if len(values) not in (1, 2) or any(v <= 0 for v in values):
             raise SpecError(
                 f"`--lengths` takes positive lengths L (query and key/value) or TqxTkv, comma "
                 f"separated, e.g. 16,64,256 or 16x32,64x128. Received: {part!r} in {text!r}"
             )
         pairs.append((values[0], values[-1]))
-    if not pairs:
-        raise SpecError(f"`--lengths` lists no length. Received: {text!r}")
     return tuple(sorted(set(pairs), key=lambda p: (p[0] * p[1], p)))
 
 

@@ -100,8 +100,6 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
     if getattr(args, "max_rel_error", None) is not None and getattr(args, "quantize", "none") == "none":
         parser.error("--max-rel-error gates a --quantize variant (float32 artifacts gate on "
                      "--atol). Received: --max-rel-error without --quantize")
-    if args.name is not None and not args.name.strip():
-        parser.error(f"--name must not be empty. Received: --name {args.name!r}")
 
     def export():
         from export.pipeline import export_artifacts  # lazy: TensorFlow, after parsing

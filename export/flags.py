@@ -11,6 +11,7 @@ import argparse
 from export.buckets import parse_lengths
 from export.errors import SpecError
 from export.formats import FORMAT_NAMES, get_format
+from export.names import NAME_RULE, is_valid_name
 from export.spec import QUANTIZE_MODES
 
 SHAPE_DEFAULTS = {
@@ -118,6 +119,17 @@ def _path(text: str) -> str:
     mean no weights at all, `--public-key ""` no signature check)."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"must name a file or folder, got {text!r}")
+    return text
+
+
+def artifact_name(text: str) -> str:
+    """`--name`: the one name rule (export.names), for every entry point and every path (the
+    layer, --model, --lengths, tflm): a name that could leave --output-dir, or break a file name
+    or generated C++, stops here with exit 2, before anything is written."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    if not is_valid_name(text):
+        raise argparse.ArgumentTypeError(f"must be {NAME_RULE}, got {text!r}")
     return text
 
 
@@ -251,8 +263,10 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
     out = parser.add_argument_group("output and verification")
     out.add_argument("--output-dir", type=_path, default="artifacts", metavar="DIR",
                      help="where artifacts are published (default artifacts/)")
-    out.add_argument("--name", help="base file name (default derived from the configuration, "
-                                    "e.g. xattn_u64_h4_q10x64_kv10x64)")
+    out.add_argument("--name", type=artifact_name, metavar="NAME",
+                     help="base file name: 1-128 letters, digits, _ - . starting with a letter or "
+                          "digit (default derived from the configuration, e.g. "
+                          "xattn_u64_h4_q10x64_kv10x64)")
     out.add_argument("--sign-key", type=_path, metavar="KEY.pem",
                      help="sign each published set (artifact, manifest, golden, reference) with "
                           "this elliptic-curve private key into <artifact>.sig (model-signing)")

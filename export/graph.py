@@ -378,7 +378,10 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
     if causal and isinstance(tq, int) and isinstance(tkv, int):
         causal_const = tf.constant(causal_bias(tq, tkv) * np.float32(mask_bias / MASK_BIAS))
     elif causal:
-        hidden = tf.range(tq)[:, None] < tf.range(tkv)[None, :]  # key j after query i
+        # One length may be static (a Python int: int32 range) and the other read at run time
+        # (int64): both int64, or `Less` gets mismatched types.
+        rows, cols = tf.range(tf.cast(tq, tf.int64)), tf.range(tf.cast(tkv, tf.int64))
+        hidden = rows[:, None] < cols[None, :]  # key j after query i
         causal_const = tf.cast(hidden, tf.float32) * mask_bias
     x1 = tf.reshape(source1, [-1, fq])  # (B*Tq, Fq)
     bias, keep = attention_bias(causal_const)

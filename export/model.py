@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from export.errors import ConversionError, ExportError, SpecError, first_line
+from export.errors import ConversionError, ExportError, SpecError, first_line, one_line
 from export.graph import FoldedWeights, fold_weights
 from export.model_load import _flat_outputs, _shape_text, _structured
 from export.model_rewrites import (
@@ -35,6 +35,7 @@ from export.model_rewrites import (
     _plain_dense,
     _unrolled,
 )
+from export.names import check_name
 from export.publish import sha256_path
 from export.reference import GOLDEN_SEED
 from export.spec import ArtifactNames, TensorInfo
@@ -61,6 +62,7 @@ class ModelSpec(ArtifactNames):
     named: bool = False  # --name given: used as it is, no batch suffix
 
     def __post_init__(self):
+        check_name(self.stem)  # --name or the model file's stem: the same rule as the layer's
         if self.batch is not None and (isinstance(self.batch, bool) or self.batch <= 0):
             raise SpecError(f"`batch` must be a positive integer or None. Received: {self.batch!r}")
         if self.int8_io and self.quantize != "int8":
@@ -170,7 +172,16 @@ class ModelReference:
 
     def run(self, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = [feeds[t.name] for t in spec.model_inputs]
-        out = self.model(_structured(self.model, tensors), training=False)
+        try:
+            out = self.model(_structured(self.model, tensors), training=False)
+        except tf.errors.InvalidArgumentError as e:
+            # Values the model cannot take (an id past an Embedding deeper inside, an index out of
+            # range): the inputs are at fault, not the converter; one line naming the layer.
+            source = (f"--sample-inputs {self.sample_path}" if self.sample_path
+                      else "the seeded inputs")
+            text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\x1b\[[0-9;]*m", "", str(e))
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            raise SpecError(f"the model refuses {source}: {one_line(' '.join(lines[:2]))}") from e
         names = [t.name for t in spec.model_outputs]
         return {n: np.asarray(o, dtype=np.float32) for n, o in zip(names, _flat_outputs(self.model, out))}
 

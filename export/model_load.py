@@ -14,7 +14,8 @@ import keras
 import numpy as np
 
 from export.errors import SpecError, WeightsError, first_line
-from export.spec import _NAME_RE, TensorInfo
+from export.names import is_valid_name
+from export.spec import TensorInfo
 
 # Dtypes a model input may have in an artifact, by what Keras reports.
 _INPUT_DTYPES = {"float32": "float32", "bool": "bool", "int32": "int32", "int64": "int64"}
@@ -185,15 +186,55 @@ def load_sample_inputs(path: str, inputs: tuple[TensorInfo, ...]) -> dict[str, n
             raise SpecError(f"{label}: {t.name} has dtype {array.dtype}, the model takes {t.dtype}")
         if kind == "f" and not np.isfinite(array).all():
             raise SpecError(f"{label}: {t.name} holds NaN or inf")
+        out[t.name] = _cast_exactly(array, t, label)
         rows.add(array.shape[0])
-        out[t.name] = array.astype(t.dtype)
     if len(rows) != 1 or 0 in rows:
         raise SpecError(f"{label}: arrays disagree on the number of rows (or have none): {sorted(rows)}")
     return out
+
+
+def _cast_exactly(array: np.ndarray, t: TensorInfo, label: str) -> np.ndarray:
+    """`array` as the input's dtype, or SpecError naming a value that does not fit it (int64 ids
+    of 2**40 wrapped to 0 in int32; float64 1e39 became inf in float32)."""
+    target = np.dtype(t.dtype)
+    if target.kind in "iu" and array.size:
+        info = np.iinfo(target)
+        outside = (array < info.min) | (array > info.max)
+        if outside.any():
+            value = array[outside].flat[0]
+            raise SpecError(f"{label}: {t.name} holds {value}, which does not fit the model "
+                            f"input's {t.dtype} ({info.min}..{info.max})")
+    with np.errstate(over="ignore"):  # an overflow is found just below and named
+        cast = array.astype(target)
+    if target.kind == "f" and not np.isfinite(cast).all():
+        value = array[~np.isfinite(cast)].flat[0]
+        raise SpecError(f"{label}: {t.name} holds {value}, which does not fit the model input's "
+                        f"{t.dtype} (it would become inf)")
+    return cast
+
+
+def check_embedding_ranges(model: keras.Model, samples: dict[str, np.ndarray], path: str) -> None:
+    """SpecError naming the input, the value and the layer when ids fed straight into an
+    `Embedding` fall outside [0, input_dim): TensorFlow's own error was a page, exit 1."""
+    by_tensor = {id(t): t.name for t in model.inputs}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if not isinstance(layer, keras.layers.Embedding):
+            continue
+        for node in layer._inbound_nodes:
+            for tensor in node.input_tensors:
+                name = by_tensor.get(id(tensor))
+                if name is None or name not in samples:
+                    continue
+                ids = samples[name]
+                outside = (ids < 0) | (ids >= layer.input_dim)
+                if outside.any():
+                    raise SpecError(
+                        f"--sample-inputs file {path}: {name} holds {ids[outside].flat[0]}, "
+                        f"outside [0, {layer.input_dim}) of Embedding {layer.name!r}")
 
 
 def default_stem(path: str) -> str:
     """An artifact base name from the model file's name (letters, digits, _ - .)."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(path)[: -len(".keras")]).strip("._-")
     stem = stem or "model"
-    return stem if _NAME_RE.match(stem) else "model"
+    return stem if is_valid_name(stem) else "model"

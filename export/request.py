@@ -113,6 +113,8 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
     inputs, outputs = model_load.model_tensors(keras_model, shapes)
     samples = (model_load.load_sample_inputs(args.sample_inputs, inputs)
                if args.sample_inputs else None)
+    if samples is not None:
+        model_load.check_embedding_ranges(keras_model, samples, args.sample_inputs)
     if samples is None:
         ints = [t.name for t in inputs if t.dtype not in ("float32", "bool")]
         if ints:

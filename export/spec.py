@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 
 from export.errors import SpecError
 from export.formats import get_format
+from export.names import check_name
 
 QUANTIZE_MODES = ("none", "float16", "dynamic-int8", "int8")
 VARIANT_SUFFIX = {"none": "", "float16": "_fp16", "dynamic-int8": "_dynint8", "int8": "_int8"}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -108,11 +107,8 @@ class ArtifactSpec(ArtifactNames):
             )
         if not self.name:
             object.__setattr__(self, "name", self.default_name())
-        elif not _NAME_RE.match(self.name):
-            raise SpecError(
-                "`name` must be 1-128 characters of letters, digits, '_', '-' or '.', starting "
-                f"with a letter or digit. Received: name={self.name!r}"
-            )
+        else:
+            check_name(self.name)
 
     def replace(self, **changes) -> ArtifactSpec:
         """A copy with some fields changed; a derived default name is derived again."""

@@ -151,6 +151,26 @@ def test_health_and_server_metadata(client, server):
     assert "not served: SavedModel" in printed
 
 
+def test_head_answers_as_get_and_an_encoded_slash_is_404(server):
+    """Issue 27: `HEAD /v2/health/ready` answered 400; `/v2/models/<name>%2Fready` was decoded
+    and routed. Both engines."""
+    _, port, _ = server
+
+    def status(method: str, path: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request(method, path)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    assert status("HEAD", "/v2/health/ready") == 200
+    assert status("HEAD", "/v2/health/live") == 200
+    assert status("GET", f"/v2/models/{ONNX}/ready") == 200
+    assert status("GET", f"/v2/models/{ONNX}%2Fready") == 404
+    assert status("GET", f"/v2/models/{ONNX}%2fready") == 404
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_model_metadata_is_the_manifest(client, artifacts, fmt):
     manifest = _manifest(artifacts, fmt)

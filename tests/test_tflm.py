@@ -219,6 +219,53 @@ def test_generated_cpp_compiles_links_and_holds_the_file(variant, request, tmp_p
     assert (tmp_path / "dumped.bin").read_bytes() == _bytes(result.path)
 
 
+# Names the name rule accepts that are no C++ identifier as they are (issue 27): a digit first,
+# `-`, `.`, `__`, a trailing `_`, 128 characters, and two that differ only in `-`/`_` or in case.
+HOSTILE_STEMS = ["9lives_int8", "a-b_int8", "a_b_int8", "A__B_int8", "v1.2_int8", "trail__int8",
+                 "Foo_int8", "foo_int8", "7" + "-x" * 63 + "_int8"]
+
+
+def test_generated_cpp_compiles_for_every_kind_of_name_in_one_program(plain, tmp_path):
+    """The three files of the real int8 file, written under each hostile stem, all included and
+    linked into one g++ -Wall -Werror program: guards and symbols valid, unreserved, and apart
+    (one program holding them all would fail on a shared guard or symbol), each array the file."""
+    from export.tflm.cpp import c_identifier, write_cpp
+
+    _, result = plain
+    data = _bytes(result.path)
+    ops = result.manifest["deployment"]["ops"]
+    stub = tmp_path / "tensorflow" / "lite" / "micro"
+    stub.mkdir(parents=True)
+    (stub / "micro_mutable_op_resolver.h").write_text(STUB_RESOLVER)
+    includes, body, sources = [], [], []
+    for i, stem in enumerate(HOSTILE_STEMS):
+        write_cpp(str(tmp_path), stem, data, ops, artifact=f"{stem}.tflm.tflite", sha256="0" * 64,
+                  arena_bytes=1000 + i)
+        ident = c_identifier(stem)
+        assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]*(_[A-Za-z0-9]+)*", ident), ident
+        includes += [f'#include "{stem}_model_data.h"', f'#include "{stem}_op_resolver.h"',
+                     f'#include "{stem}_model_data.h"']  # twice: the guard must hold
+        body.append(f"""  {{
+    {ident}_op_resolver r;
+    if ({ident}_register_ops(r) != kTfLiteOk) return 4;
+    if ({ident}_arena_bytes != {1000 + i}u) return 5;
+    std::FILE* f = std::fopen("dumped{i}.bin", "wb");
+    std::fwrite({ident}_model_data, 1, {ident}_model_data_len, f);
+    std::fclose(f);
+  }}""")
+        sources.append(f"{stem}_model_data.cc")
+    assert len({c_identifier(s) for s in HOSTILE_STEMS}) == len(HOSTILE_STEMS)
+    (tmp_path / "main.cc").write_text("#include <cstdio>\n" + "\n".join(includes)
+                                      + "\nint main() {\n" + "\n".join(body) + "\n  return 0;\n}\n")
+    built = subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", "-I.", "-o", "dump", *sources,
+                            "main.cc"], cwd=tmp_path, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    ran = subprocess.run(["./dump"], cwd=tmp_path, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    for i in range(len(HOSTILE_STEMS)):
+        assert (tmp_path / f"dumped{i}.bin").read_bytes() == data
+
+
 def test_verify_runs_tflm_files_on_tflm_and_checks_the_cpp(plain, tmp_path):
     out, result = plain
     copy = tmp_path / "set"

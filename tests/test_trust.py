@@ -373,7 +373,7 @@ def test_usage_errors_that_were_ignored(tmp_path, capsys):
     one_line_error(capsys.readouterr().err, 2, e.value.code, "--max-rel-error", "--quantize")
     with pytest.raises(SystemExit) as e:
         cli.main([*SMALL_FLAGS, "--name", "", "--output-dir", str(tmp_path)], formats=("onnx",))
-    one_line_error(capsys.readouterr().err, 2, e.value.code, "--name must not be empty")
+    one_line_error(capsys.readouterr().err, 2, e.value.code, "--name: must not be empty")
     assert os.listdir(tmp_path) == []
 
 

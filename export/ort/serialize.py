@@ -10,6 +10,9 @@ address), so the same graph gives other bytes in every process, and even twice i
 serialization therefore runs in a child whose addresses repeat: address space randomization off
 (personality(2)), an isolated interpreter (`-I`), a fixed environment, and fixed relative file
 names in the scratch folder, so that nothing the child allocates depends on where it runs.
+Nor on Python's bytecode caches: a child that compiled onnxruntime's and numpy's modules from
+source (a fresh clone's first build) wrote other bytes than one that read their `.pyc` files, so
+the child reads none and writes none (`-B`, and `-X pycache_prefix=` an empty folder of its own).
 """
 
 from __future__ import annotations
@@ -37,9 +40,12 @@ _ADDR_NO_RANDOMIZE = 0x0040000  # personality(2) flag
 def serialize_ort(src: str, dst: str, scratch: str) -> subprocess.CompletedProcess:
     """Write `src` (ONNX) as `dst` (ORT) through a child process working in `scratch`."""
     shutil.copyfile(src, os.path.join(scratch, "model.onnx"))
+    # Bytecode is looked up under this (empty) folder only, so every run compiles from source.
+    os.makedirs(os.path.join(scratch, "no-pycache"), exist_ok=True)
     done = subprocess.run(
-        [sys.executable, "-I", "-c", CHILD_SOURCE], cwd=scratch, env={"LC_ALL": "C"},
-        capture_output=True, text=True, preexec_fn=_no_address_randomization,
+        [sys.executable, "-I", "-B", "-X", "pycache_prefix=no-pycache", "-c", CHILD_SOURCE],
+        cwd=scratch, env={"LC_ALL": "C"}, capture_output=True, text=True,
+        preexec_fn=_no_address_randomization,
     )
     if done.returncode == 0:
         os.replace(os.path.join(scratch, "model.ort"), dst)

@@ -21,19 +21,24 @@ import socket
 from dataclasses import dataclass, field
 
 from export.errors import ExportError, ManifestError, UsageError, first_line
-from export.serve.protocol import DEFAULT_MAX_BODY_BYTES
+from export.serve.protocol import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+)
 from export.verify import find_manifests, verify_path
 
 __all__ = [
     "ENGINES", "SERVED_FORMATS", "ServeError", "ServeOptions", "ServedModel", "Server", "deploy",
-    "load_models", "model_name", "start", "stop",
+    "check_options", "load_models", "model_name", "start", "stop",
 ]
 
 log = logging.getLogger("export")
 
 SERVED_FORMATS = ("onnx", "tflite")
 ROOT_APP = "xattn_v2"
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# fullmatch: `$` would also match before a final newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,159}")
 
 
 class ServeError(ExportError):
@@ -68,6 +73,11 @@ class ServeOptions:
     address: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     replica_cpus: float = 0.0
+    # Embedded engine: a request line and headers larger than this get 431 and a close; a
+    # connection that has not sent its whole head within `read_timeout_s` of starting it (or of
+    # connecting), or sends no body byte for that long, is closed.
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -148,13 +158,47 @@ def _read_verified(manifest_path: str, shown: str) -> ServedModel:
     if hashlib.sha256(data).hexdigest() != manifest["sha256"].lower():
         raise ManifestError(f"refusing to serve {shown}: it changed after verification")
     name = model_name(manifest)
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise UsageError(f"cannot serve {shown}: {name!r} is not a usable model name")
     return ServedModel(name, manifest["format"], manifest["artifact"], manifest, data)
 
 
+# gRPC's message size limits are C ints: a body limit past them raised OverflowError in a worker.
+GRPC_MAX_BODY_BYTES = (1 << 31) - 1
+# Past these a timer overflows (threading, asyncio: OverflowError in a thread on SIGTERM).
+MAX_DRAIN_SECONDS = 24 * 3600.0
+MAX_BATCH_WAIT_MS = 60_000.0
+
+
+def check_options(options: ServeOptions) -> None:
+    """UsageError (exit 2) naming the option when `options` cannot be served as given; run
+    before anything is verified, bound or started."""
+    if options.grpc_port and options.grpc_port == options.port:
+        raise UsageError(f"--grpc-port must differ from --port (HTTP listens there). Received: "
+                         f"--port {options.port} --grpc-port {options.grpc_port}")
+    if options.max_body_bytes < 1024:
+        raise UsageError(f"--max-body-mb must allow at least 1 KiB. Received: "
+                         f"{options.max_body_bytes} bytes")
+    if options.grpc_port and options.max_body_bytes > GRPC_MAX_BODY_BYTES:
+        raise UsageError(f"--max-body-mb with --grpc-port must be below 2048 (gRPC's message size "
+                         f"is a 32-bit int). Received: {options.max_body_bytes / (1 << 20):g} MiB")
+    if not 0 < options.drain_seconds <= MAX_DRAIN_SECONDS:
+        raise UsageError(f"--drain-seconds must be in (0, {MAX_DRAIN_SECONDS:g}]. Received: "
+                         f"{options.drain_seconds:g}")
+    if not 0 < options.read_timeout_s <= MAX_DRAIN_SECONDS:
+        raise UsageError(f"--read-timeout must be in (0, {MAX_DRAIN_SECONDS:g}]. Received: "
+                         f"{options.read_timeout_s:g}")
+    if not 1024 <= options.max_header_bytes <= GRPC_MAX_BODY_BYTES:
+        raise UsageError(f"--max-header-kb must be at least 1 and below 2 GiB. Received: "
+                         f"{options.max_header_bytes / 1024:g} KiB")
+    if not 0 < options.batch_wait_ms <= MAX_BATCH_WAIT_MS:
+        raise UsageError(f"--batch-wait-ms must be in (0, {MAX_BATCH_WAIT_MS:g}]. Received: "
+                         f"{options.batch_wait_ms:g}")
+
+
 def start(models: list[ServedModel], options: ServeOptions) -> Server:
     """Start the engine `options.engine`; returns when every model is warm and answering."""
+    check_options(options)
     if options.engine not in ENGINES:
         raise UsageError(f"unknown engine {options.engine!r}; choose {' or '.join(ENGINES)}")
     if options.engine == "embedded":

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ray: dynamic batching, rows per batch at most; 1 turns it off "
                              "(default 32)")
     parser.add_argument("--batch-wait-ms", type=_positive_float, default=2.0,
-                        help="how long a batch waits to fill (default 2 ms)")
+                        help="how long a batch waits to fill (default 2 ms, at most 60000)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; "
                              "0.0.0.0 for every interface)")
@@ -68,10 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "starting a local one")
     parser.add_argument("--max-body-mb", type=_positive_float, default=32.0,
                         help="largest request body accepted; larger ones get 413 "
-                             "(default 32 MiB)")
+                             "(default 32 MiB; below 2048 with --grpc-port)")
+    parser.add_argument("--max-header-kb", type=_positive_float, default=64.0,
+                        help="embedded: largest request line + headers; larger ones get 431 and "
+                             "the connection is closed (default 64 KiB)")
+    parser.add_argument("--read-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
+                        help="embedded: close a connection whose request head is not complete "
+                             "this long after it started, or whose body sends nothing for this "
+                             "long (default 15 s)")
     parser.add_argument("--drain-seconds", type=_positive_float, default=10.0,
                         help="on Ctrl-C or SIGTERM, longest wait for requests in flight "
-                             "(default 10 s)")
+                             "(default 10 s, at most 86400)")
     parser.add_argument("--triton-repository", type=_path, metavar="DIR",
                         help="write a Triton model repository of the ONNX artifacts to DIR "
                              "instead of serving")
@@ -80,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.serve import ServeOptions, load_models, start, stop  # lazy: imports Ray (see export.serve)
+    from export.serve import (  # lazy: imports Ray (see export.serve)
+        ServeOptions,
+        check_options,
+        load_models,
+        start,
+        stop,
+    )
 
     options = ServeOptions(
         engine=args.engine, workers=args.workers, drain_seconds=args.drain_seconds,
@@ -88,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         replicas=args.replicas, threads=args.threads, max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms, host=args.host, port=args.port, address=args.address,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_header_bytes=int(args.max_header_kb * 1024), read_timeout_s=args.read_timeout,
     )
+    _, code = report_failures(PROG, lambda: check_options(options))
+    if code:
+        return code
     loaded, code = report_failures(PROG, lambda: load_models(args.path))
     if code:
         return code

@@ -25,6 +25,7 @@ from export.serve.endpoint import (
     Reply,
     RootEndpoint,
     check_declared_size,
+    encoded_slash,
     error_reply,
     too_large,
 )
@@ -64,6 +65,9 @@ class ModelServer:
 
     async def __call__(self, request: Request) -> Response:
         try:
+            refused = encoded_slash(request.scope.get("raw_path"), request.method)
+            if refused is not None:
+                return _response(refused)
             what = self.endpoint.route(request.method, request.url.path)
             if isinstance(what, Reply):
                 return _response(what)
@@ -112,6 +116,9 @@ class ServerRoot:
 
     async def __call__(self, request: Request) -> Response:
         try:
+            refused = encoded_slash(request.scope.get("raw_path"), request.method)
+            if refused is not None:
+                return _response(refused)
             return _response(self.endpoint.reply(request.method, request.url.path))
         except Exception as e:  # noqa: BLE001 - the server never dies of a request
             return _response(error_reply(f"internal error: {type(e).__name__}: {e}", 500))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from export.errors import UsageError
-from export.serve.worker import WARM, SharedState
+from export.serve.worker import WARM, SharedState, encode_config
 
 log = logging.getLogger("export")
 
@@ -72,8 +71,7 @@ def start(models, options, version: str, *, timeout: float = 120.0) -> EmbeddedS
     port = sock.getsockname()[1]
     host = "127.0.0.1" if options.host in ("0.0.0.0", "") else options.host
     host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
-    config = pickle.dumps({"models": models, "options": options, "workers": options.workers,
-                           "version": version})
+    config = encode_config(models, options, version)
     server = EmbeddedServer([m.name for m in models], f"http://{host}:{port}/v2", sock,
                             state_path, SharedState(state_path, options.workers), config,
                             drain_seconds=options.drain_seconds)

@@ -54,6 +54,16 @@ def error_reply(error, status: int | None = None) -> Reply:
     return json_reply(error_body(error), status)
 
 
+def encoded_slash(raw_path: bytes | None, method: str) -> Reply | None:
+    """404 for a path holding an encoded slash (`%2F`, or `%5C`): servers decode the path first,
+    and `/v2/models/x%2Finfer` would be routed as `/v2/models/x/infer`. None for any other."""
+    raw = (raw_path or b"").lower()
+    if b"%2f" in raw or b"%5c" in raw:
+        return error_reply(f"no route {method} {raw_path[:80].decode('latin-1')}: an encoded "
+                           "slash is not part of any path here", 404)
+    return None
+
+
 def check_declared_size(declared: str | None, limit: int) -> None:
     """A Content-Length above `limit` is refused before the body is read (413)."""
     if declared is None:
@@ -140,6 +150,7 @@ class ModelEndpoint:
 
     def route(self, method: str, path: str) -> str | Reply:
         """'infer' for an inference request, else the Reply (metadata, ready, or an error)."""
+        method = "GET" if method == "HEAD" else method  # HEAD: GET's status and headers
         rest = path.rstrip("/")[len(self.prefix):]
         if rest.startswith("/versions/"):
             version, _, tail = rest[len("/versions/"):].partition("/")
@@ -194,6 +205,7 @@ class RootEndpoint:
 
     def reply(self, method: str, path: str, ready: bool = True) -> Reply:
         path = path.rstrip("/")
+        method = "GET" if method == "HEAD" else method  # HEAD: GET's status and headers
         if path == "/v2" and method == "GET":
             return json_reply(self.metadata)
         if path == "/v2/health/live" and method == "GET":
@@ -221,4 +233,5 @@ def guarded(fn, log, what: str):
 
 
 __all__ = ["HEADER_LENGTH", "ModelEndpoint", "Reply", "RootEndpoint", "check_declared_size",
+           "encoded_slash",
            "error_reply", "guarded", "json_reply", "load_runner", "too_large"]

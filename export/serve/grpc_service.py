@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from concurrent import futures
 
 import numpy as np
@@ -46,6 +47,12 @@ def to_http_body(request) -> tuple[bytes, str]:
         else:
             field = _CONTENTS.get(tensor.datatype)
             entry["data"] = list(getattr(tensor.contents, field)) if field else []
+            if field in ("fp32_contents", "fp64_contents"):
+                bad = next((v for v in entry["data"] if not math.isfinite(v)), None)
+                if bad is not None:  # JSON (the form decoded next) has no NaN or inf
+                    raise InputError(
+                        f"input `{tensor.name[:80]}` {field} holds {bad}; typed contents take "
+                        "finite numbers (send NaN/inf in raw_input_contents)")
         inputs.append(entry)
     header = {"inputs": inputs}
     if request.id:
@@ -135,7 +142,13 @@ def build_server(app, port: int, host: str, max_body: int):
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Service(), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if not server.add_insecure_port(address):
-        raise OSError(f"cannot listen for gRPC on {address}")
+    reason = "the port is taken"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpcio raises "Failed to bind to address ..." where it used to return 0
+        bound, reason = 0, first_line(e)
+    if not bound:
+        server.stop(None)
+        raise OSError(f"cannot listen for gRPC on {address}: {reason}")
     server.start()
     return server

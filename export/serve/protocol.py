@@ -48,6 +48,10 @@ DATATYPES = {
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Request bodies larger than this are refused before they are read (CLI: --max-body-mb).
 DEFAULT_MAX_BODY_BYTES = 32 << 20
+# The embedded engine's bounds on a request's head (request line + headers: 431 past it) and on
+# a connection that stalls while sending its head or body (closed; CLI: --read-timeout).
+DEFAULT_MAX_HEADER_BYTES = 64 << 10
+DEFAULT_READ_TIMEOUT_S = 15.0
 
 
 class RequestError(InputError):
@@ -138,12 +142,12 @@ def decode_infer_request(body: bytes, header_length: str | None,
     if header_length is None:
         header, binary = body, b""
     else:
-        try:
-            size = int(header_length)
-        except ValueError:
+        text = header_length.strip()
+        # ASCII digits only: int() also takes `1_0`, `+5` and other scripts' digits.
+        if not (text.isascii() and text.isdigit()):
             raise RequestError(
-                f"{HEADER_LENGTH} must be an integer; received {header_length[:40]!r}"
-            ) from None
+                f"{HEADER_LENGTH} must be an integer; received {header_length[:40]!r}")
+        size = int(text)
         if not 0 < size <= len(body):
             raise RequestError(
                 f"{HEADER_LENGTH} is {size}, but the body holds {len(body)} bytes"
@@ -170,6 +174,10 @@ def decode_infer_request(body: bytes, header_length: str | None,
         raise RequestError("request must hold a non-empty `inputs` list")
 
     expected = {t.name: t for t in inputs}
+    # Only a header that spells true/false can hold one inside a number list: the (slower) scan
+    # for them runs then only.
+    maybe_bools = (not isinstance(header, (bytes, bytearray))
+                   or b"true" in header or b"false" in header)
     feeds: dict[str, np.ndarray] = {}
     offset = 0
     for entry in entries:
@@ -215,11 +223,15 @@ def decode_infer_request(body: bytes, header_length: str | None,
                     f"{len(binary) - offset} after the previous inputs"
                 )
             array = np.frombuffer(binary[offset:offset + binary_size], dtype=dtype)
+            if dtype.kind == "b":
+                # Any non-zero byte is true: numpy keeps a 0x02 "true" byte as it is, and a graph
+                # that casts the mask to float would compute with 2.0.
+                array = array.view(np.uint8) != 0
             offset += binary_size
         else:
             if "data" not in entry:
                 raise RequestError(f"input `{name}` has neither `data` nor binary_data_size")
-            array = _json_data(name, entry["data"], count, dtype)
+            array = _json_data(name, entry["data"], count, dtype, maybe_bools)
         feeds[name] = array.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
     if offset != len(binary):
         raise RequestError(
@@ -277,9 +289,13 @@ def _check_shape(name: str, shape: list, spec: TensorSpec) -> None:
         )
 
 
-def _json_data(name: str, data, count: int, dtype: np.dtype) -> np.ndarray:
+def _json_data(name: str, data, count: int, dtype: np.dtype, maybe_bools: bool = True) -> np.ndarray:
     if not isinstance(data, list):
         raise RequestError(f"input `{name}` data must be a JSON list")
+    if maybe_bools and dtype.kind != "b" and _holds_bool(data):
+        # numpy takes [1.5, true] as [1.5, 1.0]: a true/false among numbers is refused.
+        raise RequestError(f"input `{name}` data must be {_kind_word(dtype.kind)}; received a "
+                           "true/false among them")
     try:
         # Without a dtype first: strings, nulls and ragged nesting must not be coerced.
         array = np.asarray(data)
@@ -304,6 +320,17 @@ def _json_data(name: str, data, count: int, dtype: np.dtype) -> np.ndarray:
     if dtype.kind in "iu" and not np.array_equal(converted, array):
         raise RequestError(f"input `{name}` data does not fit {dtype.name}")
     return converted.reshape(-1)
+
+
+def _holds_bool(data: list) -> bool:
+    stack = [data]
+    while stack:
+        for item in stack.pop():
+            if isinstance(item, bool):
+                return True
+            if isinstance(item, list):
+                stack.append(item)
+    return False
 
 
 def _kind_word(kind: str) -> str:
@@ -337,6 +364,12 @@ def encode_infer_response(model_name: str, request: InferRequest, results: dict[
             tensor["parameters"] = {"binary_data_size": len(data)}
             blobs.append(data)
         else:
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                # JSON has no NaN or inf (orjson would write null): refused, not hidden.
+                bad = int(array.size - np.isfinite(array).sum())
+                raise RequestError(
+                    f"output `{spec.name}` holds {bad} NaN/inf value(s), which JSON cannot carry; "
+                    "ask for it as binary data (parameters.binary_data_output: true)")
             # orjson writes the array itself; float32 in its own shortest form.
             tensor["data"] = array.reshape(-1)
         tensors.append(tensor)

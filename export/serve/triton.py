@@ -84,7 +84,16 @@ def write_repository(models, directory: str, **config) -> tuple[list[str], list[
         raise UsageError("no ONNX artifact to put in a Triton model repository")
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise UsageError(f"--triton-repository {directory} exists and is not a folder")
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:  # a file on the way (DIR under a file), no permission, read-only
+        raise UsageError(f"--triton-repository {directory} cannot be created: "
+                         f"{e.strerror or e}") from None
+    for model in onnx_models:
+        final = os.path.join(directory, model.name)
+        if os.path.islink(final) or (os.path.lexists(final) and not os.path.isdir(final)):
+            raise UsageError(f"--triton-repository {directory}: {final} exists and is not a model "
+                             "folder (a file or a link); move it away or pick another folder")
     written = []
     for model in onnx_models:
         final = os.path.join(directory, model.name)
@@ -97,11 +106,12 @@ def write_repository(models, directory: str, **config) -> tuple[list[str], list[
                 f.write(model_config(model, **config))
             os.chmod(staging, 0o755)
             if os.path.isdir(final):
-                old = final + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
+                # The old folder goes into a trash folder this run created, then that goes:
+                # nothing is removed by a name built from the model's (no `<name>.old`).
+                trash = tempfile.mkdtemp(prefix=f".{model.name}.old.", dir=directory)
+                os.rename(final, os.path.join(trash, "model"))
                 os.rename(staging, final)
-                shutil.rmtree(old)
+                shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.rename(staging, final)
         except BaseException:

@@ -1,7 +1,8 @@
 """One worker process of the embedded engine: uvicorn (httptools, uvloop) on an inherited socket.
 
 Started by `export.serve.embedded` as `python -m export.serve.worker FD STATE INDEX` with the
-models and options pickled on stdin. It answers the Open Inference Protocol through
+models and options as JSON on stdin (`encode_config`; no pickle). It answers the Open Inference
+Protocol through
 `export.serve.endpoint` (the code the Ray engine runs too) from a raw ASGI callable (no router
 framework: a request is one dict lookup away from its model), one runtime session per model,
 inference in the event loop for small requests (the layer runs in ~0.06 ms; a thread hop costs
@@ -18,12 +19,14 @@ are done: no accepted request is dropped.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import mmap
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -36,11 +39,12 @@ from export.serve.endpoint import (
     Reply,
     RootEndpoint,
     check_declared_size,
+    encoded_slash,
     error_reply,
     guarded,
     too_large,
 )
-from export.serve.protocol import RequestError, refuse_by_hand
+from export.serve.protocol import RequestError, error_body, refuse_by_hand
 
 log = logging.getLogger("export.serve")
 
@@ -107,6 +111,9 @@ class App:
 
     async def _handle(self, scope, receive) -> Reply | None:
         path, method = scope["path"], scope["method"]
+        refused = encoded_slash(scope.get("raw_path"), method)
+        if refused is not None:
+            return refused
         if path.startswith("/v2/models/"):
             name = path[11:].split("/", 1)[0]
             endpoint = self.endpoints.get(name)
@@ -169,6 +176,82 @@ class App:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": reply.body})
+
+
+def _protocol_class(max_header_bytes: int, read_timeout_s: float):
+    """uvicorn's httptools protocol with two bounds it lacks (a 300 MB header grew a worker by
+    300 MB; a client sending half a head, or 1 byte of a 100-byte body, held its connection for
+    minutes): a request head over `max_header_bytes` is answered 431 and closed; a connection is
+    closed when its head is not complete `read_timeout_s` after it started (or after connecting),
+    or when its body makes no progress for that long. The event loop keeps serving the others."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # lazy: worker only
+
+    too_large = error_body(f"request line and headers over {max_header_bytes} bytes (the "
+                           "server's limit)")
+    answer_431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                  b"content-type: application/json\r\ncontent-length: "
+                  + str(len(too_large)).encode() + b"\r\nconnection: close\r\n\r\n" + too_large)
+
+    class GuardedProtocol(HttpToolsProtocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._in_head = True
+            self._head_bytes = 0
+            self._completed = False
+            self._timer = None
+            self._arm()  # a connection that sends nothing at all is a stalled head too
+
+        def _arm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(read_timeout_s, self._stalled)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _stalled(self) -> None:
+            self._timer = None
+            if not self.transport.is_closing():
+                self.transport.close()  # the app, if it waits for the body, sees a disconnect
+
+        def data_received(self, data: bytes) -> None:
+            was_in_head, self._completed = self._in_head, False
+            super().data_received(data)
+            if self.transport.is_closing():
+                return
+            if self._in_head:
+                # Counted by whole chunks (the parser keeps a partial header in memory): only a
+                # chunk spent entirely on one request's head, so a body never counts.
+                if was_in_head and not self._completed:
+                    self._head_bytes += len(data)
+                if self._head_bytes > max_header_bytes:
+                    self._disarm()
+                    self.transport.write(answer_431)
+                    self.transport.close()
+            elif self._timer is not None:
+                self._arm()  # the body made progress: its stall is counted from here
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head, self._head_bytes, self._completed = True, 0, True
+            self._disarm()  # the request is read; keep-alive idling is uvicorn's own timeout
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedProtocol
 
 
 def _server_class():
@@ -236,8 +319,9 @@ def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
     app = App(endpoints, RootEndpoint(list(endpoints), config["version"]), state, index,
               options.max_body_bytes)
     sock = socket.socket(fileno=fd)
+    http = _protocol_class(options.max_header_bytes, options.read_timeout_s)
     server = _server_class()(uvicorn.Config(
-        app, loop="uvloop", http="httptools", lifespan="off", access_log=False,
+        app, loop="uvloop", http=http, lifespan="off", access_log=False,
         log_level="warning", server_header=False, date_header=False, proxy_headers=False,
     ))
     server.app = app
@@ -245,11 +329,40 @@ def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
     if options.grpc_port:
         from export.serve.grpc_service import build_server  # lazy: only with --grpc-port
 
-        server.grpc = build_server(app, options.grpc_port, options.host, options.max_body_bytes)
+        try:
+            server.grpc = build_server(app, options.grpc_port, options.host,
+                                       options.max_body_bytes)
+        except OSError as e:  # taken since the supervisor's check: one line, not a traceback
+            print(f"python -m export.serve: error: --grpc-port {options.grpc_port}: {e}",
+                  file=sys.stderr)
+            sys.exit(2)
     threading.Thread(target=_warm_up, args=(endpoints, state, index), daemon=True).start()
     server.run(sockets=[sock])
 
 
+
+
+def encode_config(models, options, version: str) -> bytes:
+    """The worker's configuration as JSON (the artifact bytes base64): what `decode_config`
+    reads on the worker's stdin. JSON, not pickle: nothing a worker reads can run code."""
+    return json.dumps({
+        "models": [{"name": m.name, "format": m.format, "artifact": m.artifact,
+                    "manifest": m.manifest, "data": base64.b64encode(m.data).decode("ascii")}
+                   for m in models],
+        "options": dataclasses.asdict(options), "workers": options.workers, "version": version,
+    }).encode()
+
+
+def decode_config(data: bytes) -> dict:
+    """`encode_config`'s JSON -> {"models": [ServedModel], "options": ServeOptions, ...}."""
+    from export.serve import ServedModel, ServeOptions  # lazy: the package imports this module's users
+
+    config = json.loads(data)
+    config["models"] = [ServedModel(m["name"], m["format"], m["artifact"], m["manifest"],
+                                    base64.b64decode(m["data"], validate=True))
+                        for m in config["models"]]
+    config["options"] = ServeOptions(**config["options"])
+    return config
 
 
 def main() -> int:
@@ -257,7 +370,7 @@ def main() -> int:
                    "a worker process that `python -m export.serve` starts "
                    "(a socket, a state file, models on stdin)")
     fd, state_path, index = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    config = pickle.load(sys.stdin.buffer)
+    config = decode_config(sys.stdin.buffer.read())
     serve_worker(fd, state_path, index, config)
     return 0
 

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -59,7 +60,19 @@ def build_tflite(
                         "use --lengths 16,64,256 (one signature per length)")
     # From a SavedModel (not from concrete functions): only this path keeps the signatures
     # (`serving_default`, and `len_16` ... for length buckets) with their input and output names.
-    saved = build_savedmodel(spec, fn, os.path.join(workdir, "tflite-src")).path
+    source = tempfile.mkdtemp(prefix=".tflite-src-", dir=workdir)
+    try:
+        path = _convert(spec, fn, workdir, source, configure, calibration, metadata)
+    finally:
+        # The folder this call created, never one derived from the name.
+        shutil.rmtree(source, ignore_errors=True)
+    facts = {"io_quantization": tflite_io_quantization(path)} if spec.int8_io else {}
+    return Built(path, facts)
+
+
+def _convert(spec, fn, workdir: str, source: str, configure, calibration, metadata) -> str:
+    """The SavedModel in `source`, converted into the `.tflite` file in `workdir`; its path."""
+    saved = build_savedmodel(spec, fn, source).path
     keys = list(fn) if isinstance(fn, dict) else ["serving_default"]
     converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=keys)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -79,9 +92,7 @@ def build_tflite(
         f.write(flatbuffer)
     if spec.lengths:
         alias_signature(path, "serving_default", bucket_key(spec.query_len, spec.kv_len))
-    shutil.rmtree(os.path.dirname(saved), ignore_errors=True)
-    facts = {"io_quantization": tflite_io_quantization(path)} if spec.int8_io else {}
-    return Built(path, facts)
+    return path
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from export.publish import sha256_path, versions
 from export.spec import ArtifactSpec
 from export.tflite.build import build_tflite
 from export.tflm.check import check_tflm_ops
-from export.tflm.cpp import file_names, write_cpp
+from export.tflm.cpp import c_identifier, file_names, write_cpp
 from export.tflm.runtime import smallest_arena
 
 log = logging.getLogger("export")
@@ -81,6 +81,7 @@ def build_tflm(spec, fn, workdir: str, *, calibration=None, metadata: dict | Non
         "flash_bytes": len(data),
         "ops": sorted(ops),
         "op_resolver": f"tflite::MicroMutableOpResolver<{len(ops)}>",
+        "symbol_prefix": c_identifier(stem),
         "fits_256k_ram": arena <= REFERENCE_RAM_BYTES,
         "files": dict(zip(("model_data_h", "model_data_cc", "op_resolver_h"), file_names(stem))),
     }
