@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
             arm.provision(arm.DEFAULT_CACHE)
         request = resolve_request(args, formats)
         resources.check_memory(request.specs, parameters=(
-            request.model.model.count_params() if request.model is not None else None))
+            request.model.parameters if request.model is not None else None))
         with resources.typed_os_errors(request.output_dir), resources.progress():
             return export_artifacts(request)
 

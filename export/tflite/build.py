@@ -67,11 +67,7 @@ def build_tflite(
         configure = configure_tflite(spec, calibration)
     if configure is not None:
         configure(converter)
-    try:
-        with _calibration_chatter_dropped(converter):
-            flatbuffer = converter.convert()
-    except Exception as e:
-        raise ConversionError(f"TFLite conversion failed: {first_line(e)}") from e
+    flatbuffer, fallbacks = _convert(converter)
     if metadata:
         flatbuffer = add_tflite_metadata(flatbuffer, metadata)
     path = os.path.join(workdir, spec.artifact_name("tflite"))
@@ -81,7 +77,41 @@ def build_tflite(
         alias_signature(path, "serving_default", bucket_key(spec.query_len, spec.kv_len))
     shutil.rmtree(os.path.dirname(saved), ignore_errors=True)
     facts = {"io_quantization": tflite_io_quantization(path)} if spec.int8_io else {}
+    if fallbacks:
+        facts["converter_fallbacks"] = fallbacks
     return Built(path, facts)
+
+
+# Converter options tried, in order, when a conversion fails with the error they address:
+# (option, what in the error calls for it, why). A user's SavedModel (export.saved_model_reference)
+# needs them; the lone layer and --model graphs convert without.
+FALLBACKS = (
+    ("_experimental_default_to_single_batch_in_tensor_list_ops",
+     ("TensorListReserve", "element_shape to be static"),
+     "an LSTM/RNN loop's tensor lists need a static element shape: batch 1 in them"),
+    ("_experimental_disable_fuse_mul_and_fc",
+     ("num_elements % ", "tfl.fully_connected"),
+     "fusing a Mul into a FULLY_CONNECTED gave a kernel of an impossible shape"),
+)
+
+
+def _convert(converter) -> tuple[bytes, list[dict]]:
+    """The flatbuffer, and the fallback options it took ([] when none was needed)."""
+    taken: list[dict] = []
+    while True:
+        try:
+            with _calibration_chatter_dropped(converter):
+                return converter.convert(), taken
+        except Exception as e:
+            text = str(e)
+            fallback = next((f for f in FALLBACKS if not getattr(converter, f[0], False)
+                             and any(m in text for m in f[1])), None)
+            if fallback is None:
+                raise ConversionError(f"TFLite conversion failed: {first_line(e)}") from e
+            option, _, why = fallback
+            log.info("fallback tflite     %s=True (%s)", option, why)
+            setattr(converter, option, True)
+            taken.append({"option": option, "value": True, "reason": why})
 
 
 @contextlib.contextmanager
