@@ -125,6 +125,7 @@ def signature_tensors(concrete, input_shapes: dict[str, tuple[int, ...]]
 def default_stem(path: str) -> str:
     """An artifact base name from the SavedModel folder's name."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(path))).strip("._-")
+    stem = re.sub(r"[_.-]?saved_?model$", "", stem, flags=re.IGNORECASE) or stem
     return stem if stem and _NAME_RE.match(stem) else "saved_model"
 
 
@@ -211,8 +212,19 @@ class SavedModelReference:
         outputs = [(t.name, t.shape) for t in spec.model_outputs]
         concrete, batch = self.signature, -1 if spec.batch is None else spec.batch
 
+        constants = [None if c.dtype == tf.resource else c.numpy() for c in concrete.captured_inputs]
+
         def call(*tensors):
-            out = concrete(**dict(zip(names, tensors)))
+            # Captured tensors that are not variables (a positional-encoding table) become
+            # constants of this graph: tf2onnx would otherwise make each one a graph input.
+            captured = [c if value is None else tf.constant(value)
+                        for c, value in zip(concrete.captured_inputs, constants)]
+            flat = tf.nest.flatten(concrete.structured_input_signature[1])
+            by_name = dict(zip(names, tensors))
+            args = [by_name[spec.name] for spec in flat]
+            out = concrete._call_flat(args, captured_inputs=captured)
+            if not isinstance(out, dict):  # a TensorFlow whose _call_flat returns flat outputs
+                out = tf.nest.pack_sequence_as(concrete.structured_outputs, out)
             return {n: tf.identity(tf.reshape(out[n], [batch, *shape]), name=n) for n, shape in outputs}
 
         fn = tf.function(call, input_signature=signature, autograph=False)
