@@ -75,6 +75,9 @@ def signature_tensors(concrete, input_shapes: dict[str, tuple[int, ...]]
     if args:
         raise SpecError("the signature takes positional inputs; export one with named inputs "
                         "(tf.function(input_signature=[tf.TensorSpec(..., name=...)]))")
+    # Sorted by name: a loaded signature's order comes from a protobuf map (it may change from
+    # one load to the next); TensorFlow flattens its inputs in this order too.
+    specs = dict(sorted(specs.items()))
     names = list(specs)
     unknown = sorted(set(input_shapes) - set(names))
     if unknown:
@@ -103,22 +106,29 @@ def signature_tensors(concrete, input_shapes: dict[str, tuple[int, ...]]
                 f" with unknown axes besides the batch; fix them with --input-shape {name}="
                 + ",".join("D" if d is None else str(d) for d in shape))
         inputs.append(TensorInfo(name, shape, dtype))
-    zeros = {t.name: tf.zeros((1, *t.shape), tf.as_dtype(t.dtype)) for t in inputs}
+    # The outputs' shapes at these input shapes, from a trace (nothing runs).
+    names = [t.name for t in inputs]
+    traced = tf.function(
+        lambda *tensors: concrete(**dict(zip(names, tensors))),
+        input_signature=[tf.TensorSpec((1, *t.shape), tf.as_dtype(t.dtype), name=t.name)
+                         for t in inputs], autograph=False)
     try:
-        result = concrete(**zeros)
+        result = traced.get_concrete_function().structured_outputs
     except Exception as e:  # noqa: BLE001 - whatever the user's graph raises: one line
-        raise SpecError(f"the signature does not run on inputs of shapes "
+        raise SpecError(f"the signature cannot be traced at input shapes "
                         f"{ {t.name: (1, *t.shape) for t in inputs} }: {first_line(e)}") from e
-    if not isinstance(result, dict):
-        raise SpecError("the signature returns no dict of named outputs")
     outputs = []
-    for name, value in result.items():
+    for name, value in sorted(result.items()):
         if value.dtype != tf.float32:
             raise SpecError(f"signature output {name!r} is {value.dtype.name}; artifacts return "
                             "float32 outputs")
-        if value.shape.rank is None or value.shape.rank == 0 or value.shape[0] != 1:
+        if value.shape.rank is None or value.shape.rank == 0 or value.shape[0] not in (1, None):
             raise SpecError(f"signature output {name!r} has no batch axis (shape {value.shape})")
-        outputs.append(TensorInfo(name, tuple(value.shape.as_list()[1:]), "float32"))
+        shape = tuple(value.shape.as_list()[1:])
+        if any(d is None for d in shape):
+            raise SpecError(f"signature output {name!r} has an unknown axis besides the batch: "
+                            f"{_shape_text((None, *shape))}")
+        outputs.append(TensorInfo(name, shape, "float32"))
     return tuple(inputs), tuple(outputs)
 
 
