@@ -110,8 +110,8 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
     from export.pipeline import ExportRequest
 
     model_load.import_modules(args.imports)
-    keras_model = model_load.load_model(args.model)
     shapes = dict(args.input_shapes)
+    keras_model = model_load.functional_view(model_load.load_model(args.model), shapes)
     inputs, outputs = model_load.model_tensors(keras_model, shapes)
     samples = (model_load.load_sample_inputs(args.sample_inputs, inputs)
                if args.sample_inputs else None)
