@@ -144,7 +144,7 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
 
 def _saved_model_request(args: argparse.Namespace, formats: tuple[str, ...]):
     """--saved-model flags -> ExportRequest with SavedModelSpecs and the loaded signature."""
-    from export import model_load
+    from export import model_load  # lazy: Keras, after parsing
     from export import saved_model_reference as saved  # lazy: TensorFlow, after parsing
     from export.pipeline import ExportRequest
 

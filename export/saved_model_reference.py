@@ -16,6 +16,7 @@ import zipfile
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
 from export.errors import ConversionError, ExportError, SpecError, WeightsError, first_line
 from export.model import ModelSpec, model_inputs
@@ -141,8 +142,6 @@ def default_stem(path: str) -> str:
 
 def saved_by(path: str) -> str | None:
     """The TensorFlow version that wrote the SavedModel (its meta graph says), or None."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
     try:
         with open(os.path.join(path, "saved_model.pb"), "rb") as f:
             proto = saved_model_pb2.SavedModel.FromString(f.read())

@@ -393,3 +393,22 @@ def test_subclassed_model_shapes_from_its_build_config(subclassed, tmp_path):
     # Without --import the class is unknown: exit 3, pointing at the flag.
     done = run_module("export.onnx", "--model", path, "--output-dir", str(tmp_path / "o"))
     assert done.returncode == 3 and "--import" in done.stderr, done.stderr
+
+
+def test_parity_script_reports_fusionlab_figures(xtft_exported, tmp_path):
+    """The docs' figures: `python -m examples.fusionlab_parity` on the published XTFT files."""
+    out, _ = xtft_exported
+    done = run_module("examples.fusionlab_parity", out, os.path.join(FIXTURES, "xtft_inputs.npz"),
+                      os.path.join(FIXTURES, "xtft_outputs.npz"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("✓")]
+    assert len(lines) == len(FORMAT_NAMES), done.stdout
+    drift = [line for line in done.stdout.splitlines() if "without" in line]
+    assert len(drift) == 1 and float(drift[0].split()[-1]) > 1e-3, done.stdout
+    # A wrong expectation fails it.
+    wrong = str(tmp_path / "wrong_outputs.npz")
+    want = _npz(os.path.join(FIXTURES, "xtft_outputs.npz"))
+    np.savez(wrong, forecast=want["forecast"] + 1e-3)
+    done = run_module("examples.fusionlab_parity", out, os.path.join(FIXTURES, "xtft_inputs.npz"),
+                      wrong)
+    assert done.returncode == 1 and "✗" in done.stdout, done.stdout
