@@ -412,3 +412,30 @@ def test_parity_script_reports_fusionlab_figures(xtft_exported, tmp_path):
     done = run_module("examples.fusionlab_parity", out, os.path.join(FIXTURES, "xtft_inputs.npz"),
                       wrong)
     assert done.returncode == 1 and "✗" in done.stdout, done.stdout
+
+
+def test_signed_variant_set_verifies_with_the_key(own_saved_model, tmp_path):
+    """Signing and a --quantize variant work as for --model; export.verify checks the signature."""
+    pytest.importorskip("model_signing")
+    from test_trust import write_key_pair
+
+    private, public = write_key_pair(tmp_path, "key")
+    path, _ = own_saved_model
+    out = tmp_path / "signed"
+    rc = main(["--saved-model", path, "--quantize", "float16", "--sign-key", private,
+               "--output-dir", str(out), "--quiet"], formats=("tflite", "onnx"))
+    assert rc == 0
+    manifest = _manifest(out, "lstm_fp16.tflite")
+    assert manifest["quantization"]["mode"] == "float16" and manifest["parity"]["passed"]
+    assert os.path.isfile(out / "lstm_fp16.tflite.sig")
+    done = run_module("export.verify", "--public-key", public, str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("[signature ok]") == 2, done.stdout
+    # The reference in the signed set is the SavedModel zipped: a changed byte fails it.
+    with open(out / "lstm.savedmodel.zip", "r+b") as f:
+        f.seek(40)
+        byte = f.read(1)
+        f.seek(40)
+        f.write(bytes([byte[0] ^ 1]))
+    done = run_module("export.verify", "--public-key", public, str(out))
+    assert done.returncode == 1, done.stdout + done.stderr
