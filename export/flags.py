@@ -189,16 +189,15 @@ def check_model_flags(args: argparse.Namespace) -> str | None:
     return None
 
 
-def add_model_flags(group) -> None:
-    """`--model` and the flags that go with it (shared with `python -m export.bench`)."""
+def add_model_flags(group, *, saved_model: bool = True) -> None:
+    """`--model` and the flags that go with it (shared with `python -m export.bench`, which
+    compares with Keras' own export and so takes no `--saved-model`)."""
     group.add_argument("--model", type=_path, metavar="PATH.keras",
-                       help="a functional or Sequential model saved with model.save(); loaded "
-                            "with safe_mode on; its inputs and outputs name the artifact's")
-    group.add_argument("--saved-model", type=_path, metavar="DIR",
-                       help="a TensorFlow SavedModel folder (TF 2.15 ones included): its signature "
-                            "is the reference; its inputs and outputs name the artifact's")
-    group.add_argument("--signature", metavar="NAME",
-                       help="the --saved-model signature to export (default serving_default)")
+                       help="a functional, Sequential or subclassed (with --import) model saved "
+                            "with model.save(); loaded with safe_mode on; its inputs and outputs "
+                            "name the artifact's")
+    if saved_model:
+        _add_saved_model_flags(group)
     group.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                        help="import MODULE first (it registers your custom layers); repeatable")
     group.add_argument("--input-shape", dest="input_shapes", action="append", default=[],
@@ -208,6 +207,14 @@ def add_model_flags(group) -> None:
                        help="real inputs, one array per model input (N, ...): the golden vectors, "
                             "the verification rows and the int8 calibration data; needed for "
                             "integer inputs")
+
+
+def _add_saved_model_flags(group) -> None:
+    group.add_argument("--saved-model", type=_path, metavar="DIR",
+                       help="a TensorFlow SavedModel folder (TF 2.15 ones included): its signature "
+                            "is the reference; its inputs and outputs name the artifact's")
+    group.add_argument("--signature", metavar="NAME",
+                       help="the --saved-model signature to export (default serving_default)")
 
 
 def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m export"):
