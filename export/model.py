@@ -37,7 +37,7 @@ from export.model_rewrites import (
 )
 from export.publish import sha256_path
 from export.reference import GOLDEN_SEED
-from export.spec import ArtifactNames, TensorInfo
+from export.spec import _NAME_RE, ArtifactNames, TensorInfo
 from xattn import CrossAttention
 
 log = logging.getLogger("export")
@@ -65,6 +65,10 @@ class ModelSpec(ArtifactNames):
             raise SpecError(f"`batch` must be a positive integer or None. Received: {self.batch!r}")
         if self.int8_io and self.quantize != "int8":
             raise SpecError(f"`int8_io` needs quantize='int8'. Received: quantize={self.quantize!r}")
+        if not _NAME_RE.match(self.stem):  # a --name with a path in it would leave the folder
+            raise SpecError(
+                "`name` must be 1-128 characters of letters, digits, '_', '-' or '.', starting "
+                f"with a letter or digit. Received: name={self.stem!r}")
         name = self.stem if self.named or self.batch in (None, 1) else f"{self.stem}_b{self.batch}"
         object.__setattr__(self, "name", name)
 
