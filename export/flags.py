@@ -160,10 +160,15 @@ def _reference_flag(args: argparse.Namespace) -> str | None:
     return "--model" if args.model is not None else None
 
 
-def check_model_flags(args: argparse.Namespace) -> str | None:
-    """The usage error of a command line mixing --model/--saved-model with the layer's flags, or
-    None."""
+def check_model_flags(args: argparse.Namespace, formats: tuple[str, ...] = ()) -> str | None:
+    """The usage error of a command line mixing --model/--saved-model with the layer's flags (or
+    --saved-model with a format that cannot take it), or None."""
     saved_model = getattr(args, "saved_model", None)
+    refused = [f for f in formats if not get_format(f).saved_model]
+    if saved_model is not None and refused:
+        return (f"--saved-model cannot build {get_format(refused[0]).title} files: its graph is "
+                "the user's (loops, state), which a microcontroller interpreter's int8 file "
+                "cannot take; export tflite, onnx, ort or savedmodel")
     if args.model is not None and saved_model is not None:
         return (f"--model and --saved-model cannot be combined: each is the reference. Received: "
                 f"--model {args.model} --saved-model {saved_model}")

@@ -7,7 +7,7 @@ import logging
 import os
 
 from export.errors import SpecError, WeightsError
-from export.flags import SHAPE_DEFAULTS
+from export.flags import SHAPE_DEFAULTS, check_model_flags
 from export.formats import get_format
 from export.spec import ArtifactSpec
 
@@ -148,11 +148,9 @@ def _saved_model_request(args: argparse.Namespace, formats: tuple[str, ...]):
     from export import saved_model_reference as saved  # lazy: TensorFlow, after parsing
     from export.pipeline import ExportRequest
 
-    refused = [f for f in formats if not get_format(f).saved_model]
+    refused = check_model_flags(args, formats)  # the CLI's parser said so already
     if refused:
-        raise SpecError(f"--saved-model cannot build {get_format(refused[0]).title} files: "
-                        "its graph is the user's (loops, state), which a microcontroller "
-                        "interpreter's int8 file cannot take; export tflite, onnx, ort or savedmodel")
+        raise SpecError(refused)
     key = args.signature or "serving_default"
     loaded, concrete = saved.load_signature(args.saved_model, key)
     inputs, outputs = saved.signature_tensors(concrete, dict(args.input_shapes))
