@@ -448,3 +448,24 @@ def test_name_with_a_path_is_refused(own_saved_model, tmp_path, capsys):
     err = _errors(capsys.readouterr().err)
     assert rc == 2 and len(err) == 1 and "'../escaped'" in err[0], err
     assert not (tmp_path / "escaped.onnx").exists() and not (tmp_path / "escaped.onnx.json").exists()
+
+
+def test_js_verifier_reads_the_state_fact(xtft_exported):
+    """web/lib/artifacts.mjs hands the manifest's state to the LiteRT.js runner (which compiles
+    the model afresh for each call after the first: LiteRT.js has no reset_all_variables)."""
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    out, _ = xtft_exported
+    script = ("import { loadArtifact } from './lib/artifacts.mjs';"
+              "for (const m of process.argv.slice(1)) {"
+              " const a = loadArtifact(m); console.log(a.name, a.stateful); }")
+    done = subprocess.run(
+        [node, "--input-type=module", "-e", script, os.path.join(out, "xtft.tflite.json"),
+         os.path.join(out, "xtft.onnx.json")],
+        cwd=os.path.join(REPO, "web"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["xtft.tflite true", "xtft.onnx false"], done.stdout
