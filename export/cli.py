@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
     if getattr(args, "int8_io", False) and not any(get_format(f).int8_io for f in formats):
         # ONNX int8 is weight-only: float32 inputs and outputs; only TFLite files take int8 ones.
         parser.error("--int8-io applies to TFLite only; ONNX int8 files take and return float32")
-    mixed = check_length_flags(args, formats) or check_model_flags(args)
+    mixed = check_length_flags(args, formats) or check_model_flags(args, formats)
     if mixed:
         parser.error(mixed)
     if getattr(args, "max_rel_error", None) is not None and getattr(args, "quantize", "none") == "none":
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
             arm.provision(arm.DEFAULT_CACHE)
         request = resolve_request(args, formats)
         resources.check_memory(request.specs, parameters=(
-            request.model.model.count_params() if request.model is not None else None))
+            request.model.parameters if request.model is not None else None))
         with resources.typed_os_errors(request.output_dir), resources.progress():
             return export_artifacts(request)
 

@@ -95,7 +95,7 @@ def check_length_flags(args: argparse.Namespace, formats: tuple[str, ...]) -> st
         given = "--query-len" if args.query_len is not None else "--kv-len"
         return (f"--lengths replaces --query-len and --kv-len; give one or the other. "
                 f"Received: --lengths and {given}")
-    if lengths and args.model is not None:
+    if lengths and (args.model is not None or getattr(args, "saved_model", None) is not None):
         return ("--lengths is for the lone layer: the length axes of a --model's inputs cannot "
                 "be told apart from its other axes yet; export one file per length with "
                 "--input-shape")
@@ -165,28 +165,56 @@ def _flag(dest: str) -> str:
     return "--" + {"imports": "import", "input_shapes": "input-shape"}.get(dest, dest.replace("_", "-"))
 
 
-def check_model_flags(args: argparse.Namespace) -> str | None:
-    """The usage error of a command line mixing --model with the layer's flags, or None."""
-    if args.model is None:
+def _reference_flag(args: argparse.Namespace) -> str | None:
+    """`--model` or `--saved-model`, whichever names the reference; None for the lone layer."""
+    if getattr(args, "saved_model", None) is not None:
+        return "--saved-model"
+    return "--model" if args.model is not None else None
+
+
+def check_model_flags(args: argparse.Namespace, formats: tuple[str, ...] = ()) -> str | None:
+    """The usage error of a command line mixing --model/--saved-model with the layer's flags (or
+    --saved-model with a format that cannot take it), or None."""
+    saved_model = getattr(args, "saved_model", None)
+    refused = [f for f in formats if not get_format(f).saved_model]
+    if saved_model is not None and refused:
+        return (f"--saved-model cannot build {get_format(refused[0]).title} files: its graph is "
+                "the user's (loops, state), which a microcontroller interpreter's int8 file "
+                "cannot take; export tflite, onnx, ort or savedmodel")
+    if args.model is not None and saved_model is not None:
+        return (f"--model and --saved-model cannot be combined: each is the reference. Received: "
+                f"--model {args.model} --saved-model {saved_model}")
+    if getattr(args, "signature", None) is not None and saved_model is None:
+        return "--signature applies to --saved-model only. Received: --signature without --saved-model"
+    reference = _reference_flag(args)
+    if reference is None:
         given = [d for d in MODEL_FLAGS if getattr(args, d)]
         if given:
             return f"{_flag(given[0])} applies to --model only. Received: {_flag(given[0])} without --model"
         return None
+    path = args.model if saved_model is None else saved_model
     layer = [d for d in LAYER_FLAGS if getattr(args, d, None) not in (None, False)]
     if layer:
-        return (f"--model and {_flag(layer[0])} cannot be combined: the model's inputs give the "
-                f"shapes and it holds its weights. Received: --model {args.model} {_flag(layer[0])}")
+        return (f"{reference} and {_flag(layer[0])} cannot be combined: the model's inputs give the "
+                f"shapes and it holds its weights. Received: {reference} {path} {_flag(layer[0])}")
+    if saved_model is not None and args.imports:
+        return ("--saved-model and --import cannot be combined: a SavedModel needs no Python "
+                f"classes. Received: --saved-model {saved_model} --import {args.imports[0]}")
     if getattr(args, "calibration", None):
-        return ("--model and --calibration cannot be combined: pass calibration rows with "
+        return (f"{reference} and --calibration cannot be combined: pass calibration rows with "
                 "--sample-inputs (one array per model input)")
     return None
 
 
-def add_model_flags(group) -> None:
-    """`--model` and the flags that go with it (shared with `python -m export.bench`)."""
+def add_model_flags(group, *, saved_model: bool = True) -> None:
+    """`--model` and the flags that go with it (shared with `python -m export.bench`, which
+    compares with Keras' own export and so takes no `--saved-model`)."""
     group.add_argument("--model", type=_path, metavar="PATH.keras",
-                       help="a functional or Sequential model saved with model.save(); loaded "
-                            "with safe_mode on; its inputs and outputs name the artifact's")
+                       help="a functional, Sequential or subclassed (with --import) model saved "
+                            "with model.save(); loaded with safe_mode on; its inputs and outputs "
+                            "name the artifact's")
+    if saved_model:
+        _add_saved_model_flags(group)
     group.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                        help="import MODULE first (it registers your custom layers); repeatable")
     group.add_argument("--input-shape", dest="input_shapes", action="append", default=[],
@@ -196,6 +224,14 @@ def add_model_flags(group) -> None:
                        help="real inputs, one array per model input (N, ...): the golden vectors, "
                             "the verification rows and the int8 calibration data; needed for "
                             "integer inputs")
+
+
+def _add_saved_model_flags(group) -> None:
+    group.add_argument("--saved-model", type=_path, metavar="DIR",
+                       help="a TensorFlow SavedModel folder (TF 2.15 ones included): its signature "
+                            "is the reference; its inputs and outputs name the artifact's")
+    group.add_argument("--signature", metavar="NAME",
+                       help="the --saved-model signature to export (default serving_default)")
 
 
 def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m export"):

@@ -73,6 +73,8 @@ class Format:
         verify_check: "module:function" that `export.verify` calls as `check(path, manifest,
             folder)` after the golden vectors pass (TFLM: the manifest's arena runs the file, the
             generated C++ holds its bytes), raising ManifestError; or None.
+        saved_model: whether `--saved-model` (a user's own graph, loops and state included)
+            can build it (TFLM: no).
     """
 
     name: str
@@ -98,6 +100,7 @@ class Format:
     variants: tuple[str, ...] | None = None
     default_run: bool = True
     verify_check: str | None = None
+    saved_model: bool = True  # whether `--saved-model` (a user's own graph) can build it
 
     def variant_for(self, quantize: str) -> str:
         """The variant this format builds when `--quantize` says `quantize`: savedmodel stays
@@ -195,7 +198,7 @@ REGISTRY: dict[str, Format] = {
             build_options=("calibration", "metadata", "arena_limit"),
             graph_check="export.tflm.check:check_tflm_file",
             runner="export.tflm.runtime:tflm_function", variants=("int8",), default_run=False,
-            verify_check="export.tflm.check:check_published_set",
+            verify_check="export.tflm.check:check_published_set", saved_model=False,
         ),
     )
 }

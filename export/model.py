@@ -147,28 +147,11 @@ class ModelReference:
         shutil.copyfile(self.path, path)
 
     def make_inputs(self, spec: ModelSpec, rows: int, seed: int) -> dict[str, np.ndarray]:
-        """Inputs for `rows` samples: rows of `--sample-inputs` (the first ones for the golden
-        vectors), else seeded N(0, 1) floats and padding masks."""
-        if self.sample_inputs is not None:
-            n = len(next(iter(self.sample_inputs.values())))
-            if seed == GOLDEN_SEED:
-                index = np.arange(rows) % n
-            else:
-                index = np.random.default_rng(seed).integers(0, n, size=rows)
-            return {k: np.ascontiguousarray(v[index]) for k, v in self.sample_inputs.items()}
-        rng = np.random.default_rng(seed)
-        feeds = {}
-        for t in spec.model_inputs:
-            if t.dtype == "bool":
-                length = t.shape[-1]
-                lengths = rng.integers(1, length + 1, size=(rows, *t.shape[:-1], 1))
-                feeds[t.name] = np.arange(length) < lengths
-            elif np.dtype(t.dtype).kind in "iu":
-                raise SpecError(f"model input {t.name!r} is {t.dtype} (ids, categories): pass real "
-                                "inputs with --sample-inputs data.npz (one array per model input)")
-            else:
-                feeds[t.name] = rng.standard_normal((rows, *t.shape), dtype=np.float32)
-        return feeds
+        return model_inputs(self.sample_inputs, spec, rows, seed)
+
+    @property
+    def parameters(self) -> int:
+        return int(self.model.count_params())
 
     def run(self, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = [feeds[t.name] for t in spec.model_inputs]
@@ -250,6 +233,32 @@ class ModelReference:
             return tolerance
         scale = max(1.0, max(float(np.max(np.abs(v))) for v in outputs.values()))
         return {"atol": tolerance["atol"] * scale}
+
+
+def model_inputs(sample_inputs: dict | None, spec: ModelSpec, rows: int,
+                 seed: int) -> dict[str, np.ndarray]:
+    """Inputs for `rows` samples: rows of `--sample-inputs` (the first ones for the golden
+    vectors), else seeded N(0, 1) floats and padding masks."""
+    if sample_inputs is not None:
+        n = len(next(iter(sample_inputs.values())))
+        if seed == GOLDEN_SEED:
+            index = np.arange(rows) % n
+        else:
+            index = np.random.default_rng(seed).integers(0, n, size=rows)
+        return {k: np.ascontiguousarray(v[index]) for k, v in sample_inputs.items()}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in spec.model_inputs:
+        if t.dtype == "bool":
+            length = t.shape[-1]
+            lengths = rng.integers(1, length + 1, size=(rows, *t.shape[:-1], 1))
+            feeds[t.name] = np.arange(length) < lengths
+        elif np.dtype(t.dtype).kind in "iu":
+            raise SpecError(f"model input {t.name!r} is {t.dtype} (ids, categories): pass real "
+                            "inputs with --sample-inputs data.npz (one array per model input)")
+        else:
+            feeds[t.name] = rng.standard_normal((rows, *t.shape), dtype=np.float32)
+    return feeds
 
 
 def _sublayers(model: keras.Model) -> list:

@@ -56,12 +56,52 @@ def load_model(path: str) -> keras.Model:
         elif "Could not locate" in text or "Unknown layer" in text or "unknown" in text.lower():
             reason += " (a custom layer? pass the module that registers it with --import)"
         raise WeightsError(f"--model file {path} could not be loaded safely: {reason}") from e
-    if not isinstance(model, keras.Model) or not getattr(model, "inputs", None):
-        raise WeightsError(
-            f"--model file {path} holds a {type(model).__name__} without symbolic inputs; export "
-            "a functional or Sequential model built on keras.Input"
-        )
+    if not isinstance(model, keras.Model):
+        raise WeightsError(f"--model file {path} holds a {type(model).__name__}, not a keras.Model")
     return model
+
+
+def functional_view(model: keras.Model, input_shapes: dict[str, tuple[int, ...]]) -> keras.Model:
+    """A subclassed model (no symbolic inputs) as a functional model calling it, traced through
+    its `call`; a functional or Sequential model as it is.
+
+    The inputs are named and shaped by `--input-shape NAME=D1,...` (in the order given: one is
+    passed as a tensor, several as a list), else by the model's build config (`input`, or
+    `input_0`, `input_1` ... for a list).
+    """
+    if getattr(model, "inputs", None):
+        return model
+    if input_shapes:
+        shapes = dict(input_shapes)
+    else:
+        built = (getattr(model, "_build_shapes_dict", None) or {})
+        found = next(iter(built.values()), None) if len(built) == 1 else None
+        if found is None or (isinstance(found, (list, tuple)) and found
+                             and not isinstance(found[0], (list, tuple, type(None), int))):
+            raise SpecError(
+                f"model {model.name!r} is a subclassed {type(model).__name__} without symbolic "
+                "inputs or a build config: give each input's shape (without the batch) with "
+                "--input-shape NAME=D1,D2,... in the order its call takes them")
+        several = isinstance(found, (list, tuple)) and found and isinstance(found[0], (list, tuple))
+        listed = [tuple(s) for s in found] if several else [tuple(found)]
+        names = [f"input_{i}" for i in range(len(listed))] if several else ["input"]
+        shapes = {}
+        for name, shape in zip(names, listed):
+            if any(d is None for d in shape[1:]):
+                raise SpecError(
+                    f"model {model.name!r} was built with input shape {_shape_text(shape)}: fix its "
+                    f"unknown axes with --input-shape {name}="
+                    + ",".join("D" if d is None else str(d) for d in shape[1:]))
+            shapes[name] = tuple(shape[1:])
+    inputs = [keras.Input(shape, name=name) for name, shape in shapes.items()]
+    try:
+        outputs = model(inputs[0] if len(inputs) == 1 else inputs)
+        view = keras.Model(inputs, outputs, name=model.name)
+    except Exception as e:  # noqa: BLE001 - the user's call on these shapes: one line
+        given = ", ".join(f"{n}={','.join(map(str, s))}" for n, s in shapes.items())
+        raise SpecError(f"model {model.name!r} ({type(model).__name__}) cannot be called on "
+                        f"inputs {given}: {type(e).__name__}: {first_line(e)}") from e
+    return view
 
 
 def model_tensors(model: keras.Model, input_shapes: dict[str, tuple[int, ...]]

@@ -23,7 +23,7 @@ from export.calibration import (
     reference_calibration,
 )
 from export.deployment import summary as deployment_summary
-from export.errors import ConversionError, ExportError, GraphCheckError, SpecError
+from export.errors import ConversionError, ExportError, GraphCheckError, ParityError, SpecError
 from export.formats import get_format
 from export.golden_raw import write_golden_raw
 from export.manifest import build_manifest, quantization_entry, write_manifest
@@ -287,6 +287,11 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
     else:
         runner = runtimes.load_runner(fmt, built.path, batch=spec.batch, inputs=spec.inputs())
         metrics, n_samples, tolerance = _verify_artifact(runner, spec, ref, tolerance, name)
+        state = _check_state(runner, spec, ref, name)
+        if state is not None:
+            facts = {**facts, "state": state}
+            log.info("state    %-10s keeps state in %s: every runner resets it (%s)", fmt,
+                     ", ".join(state["ops"]), state["reset"])
         # The golden vectors must pass too: that is what `export.verify` will check later.
         golden_name = spec.golden_name
         check.gate(check.parity_metrics(goldens[golden_name].outputs,
@@ -365,6 +370,22 @@ def _verify_points(fmt: str, path: str, spec, points: list, ref, tolerance: dict
         tolerance = applied
     worst = {k: (min if k == "cosine" else max)(m[k] for m in every) for k in every[0]}
     return entries, worst, n_total, tolerance
+
+
+def _check_state(runner, spec, ref, name: str) -> dict | None:
+    """Run the same rows twice in sequence on one runner: a file whose outputs depend on earlier
+    calls (a converted LSTM keeping its state) fails here unless its runner resets it.
+
+    Returns the runner's `state` (what it resets, for the manifest), or None for a stateless file.
+    """
+    step = spec.batch or 1
+    feeds = ref.make_inputs(spec, 2 * step, reference.VERIFY_SEED + 100)
+    first, again = runner.run(feeds), runner.run(feeds)
+    diff = max(float(np.max(np.abs(first[k] - again[k]))) for k in first)
+    if diff > 0:
+        raise ParityError(f"{name}: the same rows run twice give outputs {diff:.3g} apart: the file "
+                          "keeps state between calls that its runner does not reset")
+    return getattr(runner, "state", None)
 
 
 def _verify_artifact(runner, spec, ref, tolerance: dict, name: str) -> tuple[dict, int, dict]:

@@ -7,7 +7,7 @@ import logging
 import os
 
 from export.errors import SpecError, WeightsError
-from export.flags import SHAPE_DEFAULTS
+from export.flags import SHAPE_DEFAULTS, check_model_flags
 from export.formats import get_format
 from export.spec import ArtifactSpec
 
@@ -20,6 +20,8 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
     from export import reference
     from export.pipeline import ExportRequest
 
+    if getattr(args, "saved_model", None) is not None:
+        return _saved_model_request(args, formats)
     if args.model is not None:
         return _model_request(args, formats)
     given = {k: getattr(args, k) for k in SHAPE_DEFAULTS if getattr(args, k) is not None}
@@ -108,8 +110,8 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
     from export.pipeline import ExportRequest
 
     model_load.import_modules(args.imports)
-    keras_model = model_load.load_model(args.model)
     shapes = dict(args.input_shapes)
+    keras_model = model_load.functional_view(model_load.load_model(args.model), shapes)
     inputs, outputs = model_load.model_tensors(keras_model, shapes)
     samples = (model_load.load_sample_inputs(args.sample_inputs, inputs)
                if args.sample_inputs else None)
@@ -137,6 +139,47 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
         specs=specs, output_dir=args.output_dir, atol=args.atol,
         max_rel_error=getattr(args, "max_rel_error", None), opset=getattr(args, "opset", None),
         model=reference, weights_source=os.path.basename(args.model),
+        sign_key=getattr(args, "sign_key", None), arena_limit=getattr(args, "arena_limit", None),
+        arm=bool(getattr(args, "arm", False)),
+    )
+
+
+def _saved_model_request(args: argparse.Namespace, formats: tuple[str, ...]):
+    """--saved-model flags -> ExportRequest with SavedModelSpecs and the loaded signature."""
+    from export import model_load  # lazy: Keras, after parsing
+    from export import saved_model_reference as saved  # lazy: TensorFlow, after parsing
+    from export.pipeline import ExportRequest
+
+    refused = check_model_flags(args, formats)  # the CLI's parser said so already
+    if refused:
+        raise SpecError(refused)
+    key = args.signature or "serving_default"
+    loaded, concrete = saved.load_signature(args.saved_model, key)
+    inputs, outputs = saved.signature_tensors(concrete, dict(args.input_shapes))
+    samples = (model_load.load_sample_inputs(args.sample_inputs, inputs)
+               if args.sample_inputs else None)
+    if samples is None:
+        ints = [t for t in inputs if t.dtype not in ("float32", "bool")]
+        if ints:
+            raise SpecError(f"signature input {ints[0].name!r} is {ints[0].dtype} (ids, "
+                            "categories): pass real inputs with --sample-inputs data.npz (one "
+                            "array per input)")
+    quantize = getattr(args, "quantize", "none")
+    stem = args.name or saved.default_stem(args.saved_model)
+    specs = {}
+    for fmt in formats:
+        record = get_format(fmt)
+        specs[fmt] = saved.SavedModelSpec(
+            model_inputs=inputs, model_outputs=outputs, stem=stem, named=bool(args.name),
+            batch=_batch_for(args, fmt, formats), quantize=record.variant_for(quantize),
+            int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
+        )
+    reference = saved.SavedModelReference(args.saved_model, key, loaded, concrete, samples,
+                                          args.sample_inputs)
+    return ExportRequest(
+        specs=specs, output_dir=args.output_dir, atol=args.atol,
+        max_rel_error=getattr(args, "max_rel_error", None), opset=getattr(args, "opset", None),
+        model=reference, weights_source=reference.source,
         sign_key=getattr(args, "sign_key", None), arena_limit=getattr(args, "arena_limit", None),
         arm=bool(getattr(args, "arm", False)),
     )

@@ -210,6 +210,8 @@ def load_runner(fmt: str, path: str, *, batch: int | None = None, threads: int |
         ]
     runner = Runner(fn, batch, expected)
     runner.runtime_inputs = reported
+    # A file that keeps state between calls, and how the runner resets it before each (or None).
+    runner.state = getattr(fn, "state", None)
     return runner
 
 
@@ -266,17 +268,39 @@ def tflite_function(path: str, threads: int | None, signature: str = "serving_de
     runner = interpreter.get_signature_runner(signature)
     input_details = runner.get_input_details()
     output_details = runner.get_output_details()
+    stateful = stateful_ops(interpreter)
 
     def run(feeds):
         quantized = {
             name: quantize(np.asarray(feeds[name]), detail)
             for name, detail in input_details.items()
         }
+        if stateful:
+            # A converted LSTM keeps its state in variable tensors between invokes: each call
+            # starts from zero state, as the reference does.
+            interpreter.reset_all_variables()
         outputs = runner(**quantized)
         return {name: dequantize(outputs[name], output_details[name]) for name in outputs}
 
+    if stateful:
+        run.state = {"stateful": True, "ops": stateful, "reset": TFLITE_RESET}
+
     reported = [_tflite_input(name, detail) for name, detail in input_details.items()]
     return run, reported
+
+
+# Builtin ops whose tensors keep values from one invoke() to the next (variable tensors).
+TFLITE_STATEFUL_OPS = frozenset({
+    "UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM", "UNIDIRECTIONAL_SEQUENCE_RNN",
+    "BIDIRECTIONAL_SEQUENCE_RNN", "SVDF", "VAR_HANDLE", "ASSIGN_VARIABLE", "READ_VARIABLE",
+})
+# What a device must call, as the manifest's `state.reset` says it.
+TFLITE_RESET = "interpreter.reset_all_variables() before each invoke()"
+
+
+def stateful_ops(interpreter) -> list[str]:
+    """The ops of a loaded LiteRT interpreter that keep state between invokes (sorted, once)."""
+    return sorted({op["op_name"] for op in interpreter._get_ops_details()} & TFLITE_STATEFUL_OPS)
 
 
 def _tflite_input(name: str, detail: dict) -> InputInfo:

@@ -80,7 +80,7 @@ def _argv(command: Command) -> list[str]:
     argv = command.argv
     if argv[:2] == ["python", "-m"]:
         module, args = argv[2], argv[3:]
-        if module in BUILDERS and "--model" not in args:
+        if module in BUILDERS and "--model" not in args and "--saved-model" not in args:
             given = set(args) | ({"--query-len", "--kv-len"} if "--lengths" in args else set())
             args = args + [part for flag, value in SMALL if flag not in given for part in (flag, value)]
         return [sys.executable, "-m", module, *args]

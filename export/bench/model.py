@@ -82,7 +82,7 @@ def _keras(model, inputs, args, workdir: str, quiet: bool) -> list[Artifact]:
 def run_model(args) -> dict:
     """Build both sides for `args.model`, time them, and return the report."""
     model_load.import_modules(args.imports)
-    model = model_load.load_model(args.model)
+    model = model_load.functional_view(model_load.load_model(args.model), dict(args.input_shapes))
     inputs, outputs = model_load.model_tensors(model, dict(args.input_shapes))
     samples = (model_load.load_sample_inputs(args.sample_inputs, inputs)
                if args.sample_inputs else None)

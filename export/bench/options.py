@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     whole = parser.add_argument_group(
         "a whole model (as python -m export --model): ours against Keras's model.export of it; "
         "the layer's shape and sweep flags do not apply")
-    add_model_flags(whole)
+    add_model_flags(whole, saved_model=False)
     out = parser.add_argument_group("output")
     out.add_argument("--json", type=_path, metavar="PATH", help="write every figure to PATH as JSON")
     out.add_argument("--keep-dir", type=_path, metavar="DIR",

@@ -40,11 +40,14 @@ def check_onnx_file(path: str, spec: ArtifactSpec) -> None:
         input_names=[i.name for i in spec.inputs()],
         output_names=[o.name for o in spec.outputs()],
         symbolic_axes={t.name: [i for i, d in enumerate(t.shape) if d is None] for t in tensors},
+        # A user's own graph (`--saved-model`) may loop and read shapes: it is theirs.
+        shape_ops_allowed=getattr(spec, "user_graph", False),
     )
 
 
 def check_onnx_graph(path: str, *, fixed_batch: bool, input_names: list[str],
-                     output_names: list[str], symbolic_axes: dict | None = None) -> None:
+                     output_names: list[str], symbolic_axes: dict | None = None,
+                     shape_ops_allowed: bool = False) -> None:
     """Checker with full_check; names; at a fixed batch no shape arithmetic and static inputs.
 
     Raises:
@@ -78,7 +81,7 @@ def check_onnx_graph(path: str, *, fixed_batch: bool, input_names: list[str],
                 f"{path}: {value.name} has symbolic axes {symbolic}, expected {allowed}"
             )
     dynamic = any(symbolic_axes.values()) if symbolic_axes is not None else not fixed_batch
-    if not dynamic:
+    if not dynamic and not shape_ops_allowed:
         bad = sorted(set(onnx_op_types(path)) & ONNX_SHAPE_OPS)
         if bad:
             raise GraphCheckError(f"{path}: run-time shape ops in a fixed-batch graph: {bad}")

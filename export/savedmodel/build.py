@@ -31,6 +31,10 @@ def build_savedmodel(spec: ArtifactSpec, fn, workdir: str, *, share_weights: boo
     # The signature alone: attaching `fn` to the module as well saves a second trace of it,
     # with a second copy of every weight constant (twice the file size).
     module = tf.Module()
+    # Variables `fn` reads (a --saved-model signature's, export.saved_model_reference): saved
+    # with it, or the file would reference variables it does not hold.
+    fns = fn.values() if isinstance(fn, dict) else [fn]
+    module.captured = [v for f in fns for v in getattr(f, "trackables", ())]
     try:
         if isinstance(fn, dict) and share_weights:
             # Several signatures (length buckets): each weight once, in the checkpoint.

@@ -62,16 +62,20 @@ def build_tflite(
     # (`serving_default`, and `len_16` ... for length buckets) with their input and output names.
     source = tempfile.mkdtemp(prefix=".tflite-src-", dir=workdir)
     try:
-        path = _convert(spec, fn, workdir, source, configure, calibration, metadata)
+        path, fallbacks = _convert(spec, fn, workdir, source, configure, calibration, metadata)
     finally:
         # The folder this call created, never one derived from the name.
         shutil.rmtree(source, ignore_errors=True)
     facts = {"io_quantization": tflite_io_quantization(path)} if spec.int8_io else {}
+    if fallbacks:
+        facts["converter_fallbacks"] = fallbacks
     return Built(path, facts)
 
 
-def _convert(spec, fn, workdir: str, source: str, configure, calibration, metadata) -> str:
-    """The SavedModel in `source`, converted into the `.tflite` file in `workdir`; its path."""
+def _convert(spec, fn, workdir: str, source: str, configure, calibration, metadata
+             ) -> tuple[str, list[dict]]:
+    """The SavedModel in `source`, converted into the `.tflite` file in `workdir`: its path and
+    the converter fallbacks it took."""
     saved = build_savedmodel(spec, fn, source).path
     keys = list(fn) if isinstance(fn, dict) else ["serving_default"]
     converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=keys)
@@ -80,11 +84,7 @@ def _convert(spec, fn, workdir: str, source: str, configure, calibration, metada
         configure = configure_tflite(spec, calibration)
     if configure is not None:
         configure(converter)
-    try:
-        with _calibration_chatter_dropped(converter):
-            flatbuffer = converter.convert()
-    except Exception as e:
-        raise ConversionError(f"TFLite conversion failed: {first_line(e)}") from e
+    flatbuffer, fallbacks = _convert_with_fallbacks(converter)
     if metadata:
         flatbuffer = add_tflite_metadata(flatbuffer, metadata)
     path = os.path.join(workdir, spec.artifact_name("tflite"))
@@ -92,7 +92,39 @@ def _convert(spec, fn, workdir: str, source: str, configure, calibration, metada
         f.write(flatbuffer)
     if spec.lengths:
         alias_signature(path, "serving_default", bucket_key(spec.query_len, spec.kv_len))
-    return path
+    return path, fallbacks
+
+
+# Converter options tried, in order, when a conversion fails with the error they address:
+# (option, what in the error calls for it, why). A user's SavedModel (export.saved_model_reference)
+# needs them; the lone layer and --model graphs convert without.
+FALLBACKS = (
+    ("_experimental_default_to_single_batch_in_tensor_list_ops",
+     ("TensorListReserve", "element_shape to be static"),
+     "an LSTM/RNN loop's tensor lists need a static element shape: batch 1 in them"),
+    ("_experimental_disable_fuse_mul_and_fc",
+     ("num_elements % ", "tfl.fully_connected"),
+     "fusing a Mul into a FULLY_CONNECTED gave a kernel of an impossible shape"),
+)
+
+
+def _convert_with_fallbacks(converter) -> tuple[bytes, list[dict]]:
+    """The flatbuffer, and the fallback options it took ([] when none was needed)."""
+    taken: list[dict] = []
+    while True:
+        try:
+            with _calibration_chatter_dropped(converter):
+                return converter.convert(), taken
+        except Exception as e:
+            text = str(e)
+            fallback = next((f for f in FALLBACKS if not getattr(converter, f[0], False)
+                             and any(m in text for m in f[1])), None)
+            if fallback is None:
+                raise ConversionError(f"TFLite conversion failed: {first_line(e)}") from e
+            option, _, why = fallback
+            log.info("fallback tflite     %s=True (%s)", option, why)
+            setattr(converter, option, True)
+            taken.append({"option": option, "value": True, "reason": why})
 
 
 @contextlib.contextmanager

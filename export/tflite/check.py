@@ -28,12 +28,17 @@ def tflite_op_names(path: str) -> list[str]:
     return [op["op_name"] for op in interpreter._get_ops_details()]
 
 
+# A user's own graph (`--saved-model`) may loop (an LSTM's WHILE) and read shapes inside the loop;
+# its tensors must still be static and its ops builtin.
+USER_GRAPH_OPS = frozenset({"WHILE", "IF", "SHAPE", "REDUCE_PROD"})
+
+
 def check_tflite_file(path: str, spec: ArtifactSpec | None = None) -> None:
-    """The registry's graph check (the rules do not depend on the spec)."""
-    check_tflite_graph(path)
+    """The registry's graph check; a spec with `user_graph` (a SavedModel's) may loop."""
+    check_tflite_graph(path, allowed=USER_GRAPH_OPS if getattr(spec, "user_graph", False) else ())
 
 
-def check_tflite_graph(path: str) -> None:
+def check_tflite_graph(path: str, allowed=()) -> None:
     """Builtin ops only, no shape/variable ops, every tensor static.
 
     Raises:
@@ -43,12 +48,16 @@ def check_tflite_graph(path: str) -> None:
         ops = tflite_op_names(path)
     except Exception as e:
         raise GraphCheckError(f"{path}: LiteRT cannot load it with builtin ops only: {e}") from e
-    bad = sorted({op for op in ops if op in TFLITE_FORBIDDEN_OPS or op.startswith("Flex")})
+    bad = sorted({op for op in ops if (op in TFLITE_FORBIDDEN_OPS and op not in allowed)
+                  or op.startswith("Flex")})
     if bad:
         raise GraphCheckError(f"{path}: non-builtin or dynamic ops {bad}")
     interpreter = Interpreter(model_path=path)
+    tensors = interpreter.get_tensor_details()
+    if allowed:  # a loop's tensors inside a user's graph: its inputs and outputs stay static
+        tensors = interpreter.get_input_details() + interpreter.get_output_details()
     dynamic = [
-        t["name"] for t in interpreter.get_tensor_details()
+        t["name"] for t in tensors
         if len(t.get("shape_signature", [])) and (np.asarray(t["shape_signature"]) < 0).any()
     ]
     if dynamic:

@@ -156,6 +156,8 @@ export function loadArtifact(manifestPath) {
     tolerance: tol,
     golden,
     fixedBatch: Number.isInteger(inputs[0].shape[0]) ? inputs[0].shape[0] : null,
+    // A file that keeps state between invokes (a converted LSTM: the manifest's `state`).
+    stateful: manifest.state?.stateful === true,
     files: { artifact: manifest.artifact, index: raw.index, data: raw.data },
     sha: { artifact: manifest.sha256, data: raw.sha256 },
   };

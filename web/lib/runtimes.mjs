@@ -140,6 +140,7 @@ export class BrowserRuntimes {
       inputs: artifact.inputs,
       outputs: artifact.outputs,
       fixedBatch: artifact.fixedBatch,
+      stateful: artifact.stateful,
     };
     const result = await withTimeout(
       this.page.evaluate(([name, j]) => window.xattn[name](j), [fn, job]),

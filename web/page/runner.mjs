@@ -104,6 +104,12 @@ export async function runLiteRt(job) {
         const data = t.quantization ? quantize(a.data, t.quantization) : a.data;
         feeds[t.name] = new litert.Tensor(data, a.shape);
       }
+      if (job.stateful && chunks.length) {
+        // LiteRT.js has no reset_all_variables(): a converted LSTM's state is reset by a freshly
+        // compiled model for each call after the first (the manifest's `state`).
+        model.delete();
+        model = await litert.loadAndCompile(modelBytes, { accelerator: 'wasm' });
+      }
       let result;
       try {
         result = await model.run(feeds);
