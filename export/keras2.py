@@ -159,6 +159,9 @@ def _translate_layer(layer: dict, heads: dict, path: str, found: list) -> None:
             f"Keras 3 cannot rebuild: use a Keras layer (Add, Multiply, ...) for it, or "
             f"{SAVED_MODEL_HINT}"
         )
+    elif class_name == "BatchNormalization" and isinstance(cfg.get("axis"), list) \
+            and len(cfg["axis"]) == 1:
+        cfg["axis"] = cfg["axis"][0]  # Keras 2 writes [2]; Keras 3 takes one int
     for key in ("batch_input_shape",) if class_name != "InputLayer" else ():
         cfg.pop(key, None)
     cfg.pop("time_major", None)  # Keras 2 RNNs; Keras 3 always takes batch-major sequences

@@ -101,12 +101,20 @@ def load_failure_reason(error: BaseException) -> str:
     """
     text = str(error)
     total = re.search(r"A total of (\d+) objects could not be loaded", text)
-    shapes = re.search(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))", text)
-    if total and shapes:
-        variable = re.search(r"<Variable path=([^,>\s]+)", text)
-        where = f" variable {variable.group(1)}" if variable else ""
-        return (f"{total.group(1)} weights do not fit the model, e.g.{where}: the file holds shape "
-                f"{shapes.group(2)} where the model has {shapes.group(1)}")
+    if total:
+        names = re.findall(r"<\w+ name=([^,>\s]+)", text.split("List of objects", 1)[-1])
+        which = f" ({', '.join(dict.fromkeys(names))})" if names else ""
+        shapes = re.search(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))", text)
+        if shapes:
+            variable = re.search(r"<Variable path=([^,>\s]+)", text)
+            cause = (f"{'variable ' + variable.group(1) if variable else 'a variable'}: the file "
+                     f"holds shape {shapes.group(2)} where the model has {shapes.group(1)}")
+        else:
+            example = re.search(r"Example error message for object[^:]*:\s*(.+?)(?:\n\s*\n|$)", text,
+                                re.S)
+            cause = one_line(example.group(1)) if example else ""
+        return (f"{total.group(1)} objects do not fit the model's weights{which}"
+                + (f"; the first: {cause}" if cause else ""))
     if "Exception encountered:" in text:
         text = text.rsplit("Exception encountered:", 1)[1]
     text = re.split(r"\s*(?:Full object config:|config=\{|Target variable:)", text)[0]
