@@ -173,8 +173,10 @@ def check_model_flags(args: argparse.Namespace) -> str | None:
 def add_model_flags(group) -> None:
     """`--model` and the flags that go with it (shared with `python -m export.bench`)."""
     group.add_argument("--model", type=_path, metavar="PATH.keras",
-                       help="a functional or Sequential model saved with model.save(); loaded "
-                            "with safe_mode on; its inputs and outputs name the artifact's")
+                       help="a functional or Sequential model saved with model.save() (.keras, or "
+                            "a legacy .h5; Keras 3 or Keras 2, fusionlab-learn's CrossAttention "
+                            "included); loaded with safe_mode on; its inputs and outputs name the "
+                            "artifact's")
     group.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                        help="import MODULE first (it registers your custom layers); repeatable")
     group.add_argument("--input-shape", dest="input_shapes", action="append", default=[],

@@ -81,7 +81,7 @@ def load_model_file(path: str):
                       "replace it with a registered layer and pass its module with --import")
         elif "Could not locate" in text or "Unknown layer" in text or "unknown" in text.lower():
             reason += " (a custom layer? pass the module that registers it with --import)"
-        saved_by = f" (saved by Keras {version})" if version else ""
+        saved_by = f" (saved by Keras {version})" if keras2.is_keras2(version) else ""
         raise WeightsError(f"--model file {path}{saved_by} could not be loaded safely: {reason}") from e
     if not isinstance(model, keras.Model) or not getattr(model, "inputs", None):
         raise WeightsError(
