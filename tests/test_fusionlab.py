@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import REPO, read_json, run_module
+from doc_pages import block
 
 import xattn
 from export import keras2, model_load, runtimes
@@ -176,7 +177,7 @@ def test_moved_weights_reproduce_fusionlab_layer():
     layer = xattn.CrossAttention(16, 4, name="cross_attention")
     model = keras.Model([source1, source2], layer([source1, source2]))
     with np.load(fixture("cross_attention_weights.npz")) as w:
-        layer.set_weights([w[k] for k in sorted(w.files)])
+        layer.set_weights([w[f"arr_{i}"] for i in range(12)])
     got = np.asarray(model([feeds["source1"], feeds["source2"]]))
     np.testing.assert_allclose(got, expected["output"], atol=1e-5, rtol=0)
     fresh = xattn.CrossAttention(16, 4, name="cross_attention")
@@ -287,3 +288,35 @@ def test_h5_model_file_names_the_artifacts(tmp_path):
     """The stem of a .h5 model file is its name without the suffix."""
     shutil.copy(fixture("sequential.h5"), tmp_path / "my model.h5")
     assert model_load.default_stem(str(tmp_path / "my model.h5")) == "my_model"
+
+
+# -- the docs page (docs/fusionlab.md) ---------------------------------------------------------
+
+
+def test_docs_saved_model_snippet_is_the_fixture_scripts():
+    """The SavedModel code the page tells fusionlab users to run is the code that wrote the
+    XTFT and HALNet fixtures the tests export."""
+    code = block("python", "def serving_module(")
+    start = code.index("def serving_module(")
+    snippet = code[start:code.index("    return module, serve\n", start) + len("    return module, serve\n")]
+    with open(fixture("make_fixtures.py"), encoding="utf-8") as f:
+        assert snippet in f.read()
+    assert 'tf.saved_model.save(module, "xtft_savedmodel", signatures={"serving_default": serve})' \
+        in code
+
+
+def test_docs_weights_example_runs(monkeypatch):
+    """The page's weights example, run as written from the repository's root: both ways give
+    the fusionlab layer's outputs."""
+    monkeypatch.chdir(REPO)
+    code = block("python", "cross_attention_weights.npz")
+    scope: dict = {}
+    exec(compile(code, "docs/fusionlab.md (weights example)", "exec"), scope)
+    feeds, expected = fusionlab_outputs("cross_attention")
+    model = scope["model"]
+    got = np.asarray(model([feeds["source1"], feeds["source2"]]))
+    np.testing.assert_allclose(got, expected["output"], atol=1e-5, rtol=0)
+    # The .weights.h5 line replaced what set_weights loaded: both are the same weights.
+    with np.load(fixture("cross_attention_weights.npz")) as w:
+        for i, loaded in enumerate(scope["layer"].get_weights()):
+            np.testing.assert_array_equal(loaded, w[f"arr_{i}"])
