@@ -122,7 +122,9 @@ def _translate_model(config: dict, heads: dict, path: str, found: list) -> None:
         _translate_layer(layer, heads, path, found)
     if config["class_name"] == "Functional":
         for layer in inner.get("layers", []):
-            layer["inbound_nodes"] = [_translate_node(node) for node in layer.get("inbound_nodes", [])]
+            keep = layer.get("class_name") == "TFOpLambda"
+            layer["inbound_nodes"] = [_translate_node(node, keep)
+                                      for node in layer.get("inbound_nodes", [])]
 
 
 def _translate_layer(layer: dict, heads: dict, path: str, found: list) -> None:
@@ -153,15 +155,24 @@ def _translate_layer(layer: dict, heads: dict, path: str, found: list) -> None:
     if class_name == "MultiHeadAttention":
         _translate_multi_head_attention(layer)
     elif class_name in ("TFOpLambda", "SlicingOpLambda"):
-        raise WeightsError(
-            f"--model file {path} was saved by Keras 2 and holds layer {name!r}, the TensorFlow "
-            f"function {cfg.get('function', '?')} called on a Keras tensor ({class_name}), which "
-            f"Keras 3 cannot rebuild: use a Keras layer (Add, Multiply, ...) for it, or "
-            f"{SAVED_MODEL_HINT}"
-        )
+        function = cfg.get("function")
+        if function not in TF_FUNCTIONS:
+            raise WeightsError(
+                f"--model file {path} was saved by Keras 2 and holds layer {name!r}, the TensorFlow "
+                f"function tf.{function} called on a Keras tensor, which is not one this builder "
+                f"maps to Keras 3 (tf.concat, tf.reshape, x + y, x[:, -1], ...): use a Keras "
+                f"layer for it, or {SAVED_MODEL_HINT}"
+            )
+        layer.update(module="export.keras2", class_name="TFOpLambda",
+                     registered_name=f"{_PACKAGE}>TFOpLambda")
+        layer["config"] = {"name": name, "trainable": cfg.get("trainable", True),
+                           "dtype": cfg.get("dtype", "float32"), "function": function}
     elif class_name == "BatchNormalization" and isinstance(cfg.get("axis"), list) \
             and len(cfg["axis"]) == 1:
         cfg["axis"] = cfg["axis"][0]  # Keras 2 writes [2]; Keras 3 takes one int
+    for key in ("layer", "backward_layer", "cell"):  # wrappers: Bidirectional, TimeDistributed
+        if isinstance(cfg.get(key), dict) and "class_name" in cfg[key]:
+            _translate_layer(cfg[key], heads, path, found)
     for key in ("batch_input_shape",) if class_name != "InputLayer" else ():
         cfg.pop(key, None)
     cfg.pop("time_major", None)  # Keras 2 RNNs; Keras 3 always takes batch-major sequences
@@ -186,16 +197,35 @@ def _translate_multi_head_attention(layer: dict) -> None:
         layer["build_config"] = {"shapes_dict": {k: v for k, v in shapes.items() if v is not None}}
 
 
-def _translate_node(node):
-    """A Keras 2 node (a list of `[layer, node_index, tensor_index, kwargs]`, one per input) as a
-    Keras 3 node (`{"args": ..., "kwargs": ...}`), tensors in the keyword arguments included
-    (Keras 2 writes them as `[layer, node_index, tensor_index]`)."""
+def _is_entry(value) -> bool:
+    return isinstance(value, list) and len(value) in (3, 4) and isinstance(value[0], str)
+
+
+def _translate_node(node, keep_structure: bool = False):
+    """A Keras 2 node as a Keras 3 node (`{"args": ..., "kwargs": ...}`).
+
+    Keras 2 writes a node as its first argument's structure, each tensor an entry
+    `[layer, node_index, tensor_index, kwargs]` (the call's keyword arguments ride on the
+    entries; tensors among them are `[layer, node_index, tensor_index]`). A layer called on a
+    one-tensor list gets the tensor, except TensorFlow functions (`keep_structure`), which
+    Keras 2 called with the structure as it was.
+    """
     if not isinstance(node, list):
         return node
-    tensors = [_tensor_ref(entry[:3]) for entry in node]
-    kwargs = next((entry[3] for entry in node if len(entry) > 3 and entry[3]), {})
-    args = [tensors[0] if len(tensors) == 1 else tensors]
-    return {"args": args, "kwargs": _refs_in(kwargs)}
+    kwargs: dict = {}
+
+    def walk(value):
+        if _is_entry(value):
+            if len(value) == 4 and value[3]:
+                kwargs.update(value[3])
+            return _tensor_ref(value[:3])
+        return [walk(v) for v in value]
+
+    first = walk(node)
+    if isinstance(first, list) and len(first) == 1 and not keep_structure:
+        first = first[0]
+    kwargs.pop("name", None)  # TensorFlow functions' `name=None`: no meaning in Keras 3
+    return {"args": [first], "kwargs": _refs_in(kwargs)}
 
 
 def _tensor_ref(history) -> dict:
@@ -212,6 +242,106 @@ def _refs_in(value):
             return _tensor_ref(value)
         return [_refs_in(v) for v in value]
     return value
+
+
+# -- TensorFlow functions called on Keras 2 tensors ---------------------------------------------
+
+_PACKAGE = "xattn_keras2"
+
+
+def _slice(item):
+    """One element of a Keras 2 `slice_spec` (a dict for a slice, an int, None for tf.newaxis)."""
+    if isinstance(item, dict) and set(item) == {"start", "stop", "step"}:
+        return slice(item["start"], item["stop"], item["step"])
+    if isinstance(item, dict) and item.get("class_name") == "__ellipsis__":
+        return Ellipsis
+    return item
+
+
+def _unary(fn):
+    return lambda x, name=None: fn(x)
+
+
+def _binary(fn):
+    return lambda x, y, name=None: fn(x, y)
+
+
+def _reduce(fn):
+    return lambda input_tensor, axis=None, keepdims=False, name=None: fn(input_tensor, axis=axis,
+                                                                         keepdims=keepdims)
+
+
+# The TensorFlow functions a Keras 2 model may call on its tensors that are mapped, by the name
+# Keras 2 saves (`tf.` dropped), to keras.ops with TensorFlow's argument names. Nothing else is:
+# the file names a function, it never supplies code.
+TF_FUNCTIONS = {
+    "__operators__.add": _binary(keras.ops.add),
+    "math.add": _binary(keras.ops.add),
+    "math.subtract": _binary(keras.ops.subtract),
+    "math.multiply": _binary(keras.ops.multiply),
+    "math.truediv": _binary(keras.ops.true_divide),
+    "math.divide": _binary(keras.ops.divide),
+    "math.maximum": _binary(keras.ops.maximum),
+    "math.minimum": _binary(keras.ops.minimum),
+    "math.pow": _binary(keras.ops.power),
+    "math.negative": _unary(keras.ops.negative),
+    "math.abs": _unary(keras.ops.abs),
+    "math.exp": _unary(keras.ops.exp),
+    "math.log": _unary(keras.ops.log),
+    "math.sqrt": _unary(keras.ops.sqrt),
+    "math.square": _unary(keras.ops.square),
+    "math.tanh": _unary(keras.ops.tanh),
+    "nn.tanh": _unary(keras.ops.tanh),
+    "math.sigmoid": _unary(keras.ops.sigmoid),
+    "nn.sigmoid": _unary(keras.ops.sigmoid),
+    "nn.relu": _unary(keras.ops.relu),
+    "nn.softmax": lambda logits, axis=None, name=None: keras.ops.softmax(
+        logits, axis=-1 if axis is None else axis),
+    "math.reduce_mean": _reduce(keras.ops.mean),
+    "math.reduce_sum": _reduce(keras.ops.sum),
+    "math.reduce_max": _reduce(keras.ops.max),
+    "math.reduce_min": _reduce(keras.ops.min),
+    "concat": lambda values, axis, name=None: keras.ops.concatenate(values, axis=axis),
+    "stack": lambda values, axis=0, name=None: keras.ops.stack(values, axis=axis),
+    "expand_dims": lambda input, axis, name=None: keras.ops.expand_dims(input, axis),
+    "reshape": lambda tensor, shape, name=None: keras.ops.reshape(tensor, shape),
+    "compat.v1.squeeze": lambda input, axis=None, name=None, squeeze_dims=None:
+        keras.ops.squeeze(input, axis=axis if axis is not None else squeeze_dims),
+    "squeeze": lambda input, axis=None, name=None: keras.ops.squeeze(input, axis=axis),
+    "compat.v1.transpose": lambda a, perm=None, name=None, conjugate=False:
+        keras.ops.transpose(a, perm),
+    "transpose": lambda a, perm=None, conjugate=False, name=None: keras.ops.transpose(a, perm),
+    "linalg.matmul": lambda a, b, transpose_a=False, transpose_b=False, name=None:
+        keras.ops.matmul(keras.ops.swapaxes(a, -1, -2) if transpose_a else a,
+                         keras.ops.swapaxes(b, -1, -2) if transpose_b else b),
+    "__operators__.getitem": lambda x, slice_spec, var=None:
+        x[tuple(_slice(item) for item in slice_spec)],
+}
+TF_FUNCTIONS["matmul"] = TF_FUNCTIONS["linalg.matmul"]
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class TFOpLambda(keras.layers.Layer):
+    """A TensorFlow function a Keras 2 model called on a Keras tensor (Keras 2's `TFOpLambda`
+    and `SlicingOpLambda` layers), run with keras.ops.
+
+    Args:
+        function: its name as Keras 2 saved it (`concat`, `math.multiply`,
+            `__operators__.getitem`); one of `TF_FUNCTIONS`.
+    """
+
+    def __init__(self, function, **kwargs):
+        super().__init__(**kwargs)
+        if function not in TF_FUNCTIONS:
+            raise ValueError(f"`function` must be one of the mapped TensorFlow functions. "
+                             f"Received: function={function!r}")
+        self.function = function
+
+    def call(self, x, **kwargs):
+        return TF_FUNCTIONS[self.function](x, **kwargs)
+
+    def get_config(self):
+        return {**super().get_config(), "function": self.function}
 
 
 # -- reading the file --------------------------------------------------------------------------
@@ -285,7 +415,8 @@ def load_keras2_model(path: str, file_format: str, version: str) -> tuple[keras.
     config, found = translate_config(raw, heads, path)
     with _quiet():
         model = keras.saving.deserialize_keras_object(
-            config, custom_objects={"xattn>CrossAttention": CrossAttention}, safe_mode=True)
+            config, custom_objects={"xattn>CrossAttention": CrossAttention,
+                                    f"{_PACKAGE}>TFOpLambda": TFOpLambda}, safe_mode=True)
         if file_format == "keras":
             _load_archive_weights(model, path)
         else:

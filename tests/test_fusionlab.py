@@ -127,8 +127,8 @@ def test_export_verify_passes(fusionlab_exports):
 # -- reading Keras 2 files (library) ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["forecaster.keras", "forecaster.h5",
-                                  "sequential.keras", "sequential.h5"])
+@pytest.mark.parametrize("name", ["forecaster.keras", "forecaster.h5", "sequential.keras",
+                                  "sequential.h5", "tf_ops.keras", "tf_ops.h5"])
 def test_keras2_file_loads_as_fusionlab_ran_it(name):
     model, origin = model_load.load_model_file(fixture(name))
     assert origin is not None and origin.keras_version == "2.15.0"
@@ -139,6 +139,54 @@ def test_keras2_file_loads_as_fusionlab_ran_it(name):
     got = np.asarray(model(inputs, training=False))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert float(np.std(want)) > 1e-2
+
+
+def test_tf_functions_on_keras2_tensors_export(tmp_path):
+    """x + y, x * 0.5, tf.nn.relu, tf.concat, x[:, -2:], tf.reduce_mean, tf.expand_dims,
+    tf.reshape on Keras 2 tensors, a Bidirectional LSTM and a TimeDistributed Dense: every
+    published file reproduces fusionlab's outputs, and the reference reloads in Keras 3."""
+    from examples.fusionlab.compare import compare
+    from export.cli import main
+
+    out = str(tmp_path / "out")
+    assert main(["--model", fixture("tf_ops.h5"), "--sample-inputs", fixture("tf_ops_inputs.npz"),
+                 "--output-dir", out, "--quiet"]) == 0
+    results = compare(out, fixture("tf_ops_inputs.npz"), fixture("tf_ops_outputs.npz"))
+    assert sorted(r["format"] for r in results) == sorted(FORMATS)
+    assert all(r["ok"] and r["rows"] == 64 for r in results), results
+    manifest = read_json(os.path.join(out, "tf_ops.onnx.json"))["model"]
+    # The Bidirectional's two LSTMs (Keras 3 names them), unrolled.
+    assert len(manifest["unrolled"]) == 2 and all("lstm" in n for n in manifest["unrolled"])
+    assert [(f["layer"], f["heads"]) for f in manifest["keras2"]["fusionlab_layers"]] == [
+        ("cross_attention_3", 4)]
+    reference = keras.saving.load_model(os.path.join(out, "tf_ops.keras"), safe_mode=True)
+    feeds, expected = fusionlab_outputs("tf_ops")
+    np.testing.assert_allclose(np.asarray(reference(feeds)), expected["forecast"], atol=1e-5, rtol=0)
+
+
+def test_unmapped_tf_function_is_named(tmp_path):
+    def edit(config):
+        layer = next(x for x in config["config"]["layers"] if x["config"]["name"] == "tf.nn.relu")
+        layer["config"]["function"] = "signal.rfft"
+
+    with pytest.raises(WeightsError) as info:
+        model_load.load_model_file(_edited(fixture("tf_ops.keras"), tmp_path / "fft.keras", edit))
+    text = str(info.value)
+    assert "layer 'tf.nn.relu'" in text and "tf.signal.rfft" in text and "--saved-model" in text
+
+
+def test_keras2_nodes_keep_a_tf_functions_structure():
+    """Keras 2 writes a TensorFlow function's one-tensor call as the entry itself and a list
+    argument (tf.concat) as a list; a layer's one-tensor list is the tensor."""
+    single = keras2._translate_node(["a", 0, 0, {"y": ["b", 0, 0], "name": None}], True)
+    assert single["args"][0]["config"]["keras_history"] == ["a", 0, 0]
+    assert single["kwargs"]["y"]["config"]["keras_history"] == ["b", 0, 0]
+    assert "name" not in single["kwargs"]
+    listed = keras2._translate_node([["a", 0, 0, {"axis": -1}], ["b", 0, 1, {"axis": -1}]], True)
+    assert [t["config"]["keras_history"] for t in listed["args"][0]] == [["a", 0, 0], ["b", 0, 1]]
+    assert listed["kwargs"] == {"axis": -1}
+    layer = keras2._translate_node([["a", 0, 0, {}]])
+    assert layer["args"][0]["config"]["keras_history"] == ["a", 0, 0]
 
 
 def test_keras2_sequential_keeps_its_class():
