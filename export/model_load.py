@@ -13,6 +13,7 @@ import zipfile
 import keras
 import numpy as np
 
+from export import keras2
 from export.errors import ExportError, SpecError, WeightsError, first_line, one_line
 from export.spec import _NAME_RE, TensorInfo
 
@@ -48,8 +49,6 @@ def load_model(path: str) -> keras.Model:
 def load_model_file(path: str):
     """`(model, origin)`: the user's model (safe_mode on) and, for a file saved by Keras 2, what
     it was (`export.keras2.Keras2File`; None for a Keras 3 file). WeightsError (exit 3)."""
-    from export import keras2  # h5py and the config translation, only for --model
-
     if not os.path.exists(path):
         raise WeightsError(f"--model file not found: {path}")
     if not os.path.isfile(path):
