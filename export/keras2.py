@@ -152,6 +152,12 @@ def _translate_layer(layer: dict, heads: dict, path: str, found: list) -> None:
         return
     if not module:
         layer["module"] = "keras.layers"
+    if class_name == "Lambda":
+        raise WeightsError(
+            f"--model file {path} was saved by Keras 2 and holds layer {name!r}, a Lambda layer "
+            "(arbitrary Python code), refused with safe_mode on: replace it with a Keras layer, "
+            f"or {SAVED_MODEL_HINT}"
+        )
     if class_name == "MultiHeadAttention":
         _translate_multi_head_attention(layer)
     elif class_name in ("TFOpLambda", "SlicingOpLambda"):

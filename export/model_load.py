@@ -180,7 +180,9 @@ def output_names(model: keras.Model) -> list[str]:
     struct = getattr(model, "_outputs_struct", model.outputs)
     if isinstance(struct, dict):
         return list(struct)
-    names = list(model.output_names)
+    # A Sequential model has no `output_names` in Keras 3: its outputs' layers name them.
+    names = list(getattr(model, "output_names", None)
+                 or [t._keras_history[0].name for t in model.outputs])
     if len(names) == 1:
         layer = model.outputs[0]._keras_history[0]
         generated = re.sub(r"(?<!^)(?=[A-Z])", "_", type(layer).__name__).lower()

@@ -175,6 +175,21 @@ def test_unmapped_tf_function_is_named(tmp_path):
     assert "layer 'tf.nn.relu'" in text and "tf.signal.rfft" in text and "--saved-model" in text
 
 
+def test_keras2_lambda_is_refused_as_unsafe(tmp_path):
+    """A Keras 2 Lambda (marshalled Python bytecode in the config) is refused before anything
+    reads it, naming the layer."""
+    def edit(config):
+        layer = next(x for x in config["config"]["layers"] if x["config"]["name"] == "tf.nn.relu")
+        layer.update(class_name="Lambda", module="keras.layers", registered_name=None)
+        layer["config"] = {"name": "scale", "function": ["4wEAAAAAAAAA", None, None],
+                           "function_type": "lambda", "module": "__main__", "arguments": {}}
+
+    with pytest.raises(WeightsError) as info:
+        model_load.load_model_file(_edited(fixture("tf_ops.keras"), tmp_path / "lam.keras", edit))
+    text = str(info.value)
+    assert "layer 'scale', a Lambda layer" in text and "safe_mode" in text
+
+
 def test_keras2_nodes_keep_a_tf_functions_structure():
     """Keras 2 writes a TensorFlow function's one-tensor call as the entry itself and a list
     argument (tf.concat) as a list; a layer's one-tensor list is the tensor."""
@@ -189,11 +204,20 @@ def test_keras2_nodes_keep_a_tf_functions_structure():
     assert layer["args"][0]["config"]["keras_history"] == ["a", 0, 0]
 
 
-def test_keras2_sequential_keeps_its_class():
+def test_keras2_sequential_keeps_its_class_and_exports(tmp_path):
+    from examples.fusionlab.compare import compare
+    from export.cli import main
+
     model, origin = model_load.load_model_file(fixture("sequential.h5"))
     assert isinstance(model, keras.Sequential)
     assert [t.name for t in model.inputs] == ["history"]
     assert origin.fusionlab_layers == []
+    out = str(tmp_path / "out")
+    assert main(["--model", fixture("sequential.keras"), "--sample-inputs",
+                 fixture("sequential_inputs.npz"), "--output-dir", out, "--quiet"],
+                formats=("onnx",)) == 0
+    (result,) = compare(out, fixture("sequential_inputs.npz"), fixture("sequential_outputs.npz"))
+    assert result["ok"] and result["format"] == "onnx", result
 
 
 def test_multi_head_attention_config_is_translated():
