@@ -11,6 +11,7 @@ read from its query kernel `(units, heads, units)`. The model is then rebuilt wi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -182,6 +183,46 @@ def _translate_layer(layer: dict, heads: dict, path: str, found: list) -> None:
     for key in ("batch_input_shape",) if class_name != "InputLayer" else ():
         cfg.pop(key, None)
     cfg.pop("time_major", None)  # Keras 2 RNNs; Keras 3 always takes batch-major sequences
+    _drop_inert_keys(class_name, cfg)
+
+
+# Keras 2 config values that change nothing at inference, by key: dropped where the Keras 3
+# layer does not take the key (Conv1DTranspose's `groups`, SpatialDropout1D's `trainable`).
+_INERT_VALUES = {"groups": 1, "trainable": True, "input_length": None, "noise_shape": None}
+# Settings that only matter while training (the weights come from the file): SeparableConv1D
+# in Keras 2 writes the plain convolution's kernel_* settings it never uses.
+_TRAINING_ONLY = re.compile(r"_(initializer|regularizer|constraint)$")
+# What keras.layers.Layer takes besides its named arguments.
+_LAYER_KWARGS = {"input_dim", "input_shape", "batch_input_shape", "batch_size", "weights"}
+
+
+def _accepted_keys(cls) -> set[str] | None:
+    """The config keys the Keras 3 layer class takes: its `__init__` arguments and those of
+    the classes its `**kwargs` reach, up to keras.layers.Layer. None when unknown."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__:
+            continue
+        try:
+            params = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if klass is keras.layers.Layer:
+            return names | _LAYER_KWARGS
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def _drop_inert_keys(class_name: str, cfg: dict) -> None:
+    cls = getattr(keras.layers, class_name, None)
+    accepted = _accepted_keys(cls) if isinstance(cls, type) else None
+    if accepted is None:
+        return
+    for key in [k for k in cfg if k not in accepted]:
+        if _TRAINING_ONLY.search(key) or (key in _INERT_VALUES and cfg[key] == _INERT_VALUES[key]):
+            del cfg[key]
 
 
 def _as_xattn(layer: dict, name: str, heads: dict, path: str) -> None:

@@ -128,7 +128,8 @@ def test_export_verify_passes(fusionlab_exports):
 
 
 @pytest.mark.parametrize("name", ["forecaster.keras", "forecaster.h5", "sequential.keras",
-                                  "sequential.h5", "tf_ops.keras", "tf_ops.h5"])
+                                  "sequential.h5", "tf_ops.keras", "tf_ops.h5",
+                                  "many_layers.keras", "many_layers.h5"])
 def test_keras2_file_loads_as_fusionlab_ran_it(name):
     model, origin = model_load.load_model_file(fixture(name))
     assert origin is not None and origin.keras_version == "2.15.0"
@@ -162,6 +163,35 @@ def test_tf_functions_on_keras2_tensors_export(tmp_path):
     reference = keras.saving.load_model(os.path.join(out, "tf_ops.keras"), safe_mode=True)
     feeds, expected = fusionlab_outputs("tf_ops")
     np.testing.assert_allclose(np.asarray(reference(feeds)), expected["forecast"], atol=1e-5, rtol=0)
+
+
+def test_many_keras2_layers_export(tmp_path):
+    """SeparableConv1D, Conv1DTranspose, SpatialDropout1D, Attention, AdditiveAttention,
+    SimpleRNN, a Bidirectional GRU (reset_after=False), PReLU, ... from a Keras 2 .h5 file:
+    ONNX and TFLite reproduce fusionlab's environment's outputs."""
+    from examples.fusionlab.compare import compare
+    from export.cli import main
+
+    out = str(tmp_path / "out")
+    assert main(["--model", fixture("many_layers.h5"), "--sample-inputs",
+                 fixture("many_layers_inputs.npz"), "--output-dir", out, "--quiet"],
+                formats=("onnx", "tflite")) == 0
+    results = compare(out, fixture("many_layers_inputs.npz"), fixture("many_layers_outputs.npz"))
+    assert sorted(r["format"] for r in results) == ["onnx", "tflite"]
+    assert all(r["ok"] for r in results), results
+
+
+def test_only_inert_keras2_keys_are_dropped():
+    """A key Keras 3 does not take is dropped only when it changes nothing at inference."""
+    cfg = {"filters": 3, "kernel_size": [2], "groups": 1, "kernel_initializer": {}, "time_skew": 1}
+    keras2._drop_inert_keys("Conv1DTranspose", cfg)
+    assert cfg == {"filters": 3, "kernel_size": [2], "kernel_initializer": {}, "time_skew": 1}
+    cfg = {"rate": 0.1, "trainable": True, "noise_shape": None, "seed": None}
+    keras2._drop_inert_keys("SpatialDropout1D", cfg)
+    assert cfg == {"rate": 0.1, "seed": None}
+    cfg = {"filters": 3, "groups": 2}  # a real grouping Keras 3 cannot do: left for Keras to refuse
+    keras2._drop_inert_keys("Conv1DTranspose", cfg)
+    assert cfg == {"filters": 3, "groups": 2}
 
 
 def test_unmapped_tf_function_is_named(tmp_path):
