@@ -2,10 +2,12 @@
 
 `--model` takes a Keras 2 `.keras` archive or legacy `.h5` model file as it takes a Keras 3 one.
 The saved config is translated where Keras 3 differs — class paths (`keras.src.engine.functional`),
-`MultiHeadAttention`'s shapes and keyword `value`, legacy node lists — and fusionlab-learn's
-`CrossAttention`, whose config has no `num_heads`, becomes `xattn.CrossAttention` with the heads
-read from its query kernel `(units, heads, units)`. The model is then rebuilt with Keras'
-`safe_mode` on and its weights loaded from the file. No fusionlab install, no `--import`.
+`MultiHeadAttention`'s shapes and keyword `value`, legacy node lists, keys Keras 3 does not take
+that change nothing at inference — TensorFlow functions called on Keras 2 tensors (`TFOpLambda`)
+run with keras.ops from a fixed list, and fusionlab-learn's `CrossAttention`, whose config has no
+`num_heads`, becomes `xattn.CrossAttention` with the heads read from its query kernel
+`(units, heads, units)`. The model is then rebuilt with Keras' `safe_mode` on and its weights
+loaded from the file. No fusionlab install, no `--import`.
 """
 
 from __future__ import annotations
