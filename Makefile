@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install artifacts test lint bench verify verify-web web-deps chromium clean example serve \
-	coverage mutation cxx verify-arm arm-deps docs
+	coverage mutation cxx verify-arm arm-deps docs fusionlab-fixtures
 
 install: $(STAMP)
 
@@ -57,6 +57,13 @@ mutation: $(MUTATION_STAMP)
 # generates the reference pages (CLI flags, manifest fields, exit codes) from the code.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
+
+# The fusionlab-learn fixtures (tests/fixtures/fusionlab, docs/fusionlab.md), rewritten by
+# fusionlab-learn 0.3.1 itself in its own environment (TF 2.15, numpy < 2), made once in the cache.
+FUSIONLAB_ENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/xattn/fusionlab-0.3.1
+fusionlab-fixtures:
+	PYTHON=$(PYTHON) sh tests/fixtures/fusionlab/make_env.sh $(FUSIONLAB_ENV)
+	$(FUSIONLAB_ENV)/bin/python tests/fixtures/fusionlab/make_fixtures.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check xattn export tests examples docs

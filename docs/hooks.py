@@ -186,7 +186,8 @@ def _type_name(kind) -> str:
 # What the spreads in build_manifest's dict hold; an unknown spread is shown as its source.
 SPREADS = {
     "facts": "what the reference says of itself: `config`, `shapes`, `masks` (the layer) or "
-             "`model` (a whole model: `folded`, `rewritten`, `sha256`, ...)",
+             "`model` (a whole model: `folded`, `rewritten`, `sha256`, ...; `keras2` for a file "
+             "saved by Keras 2: the version, the format, fusionlab's layers and their heads)",
     "format_facts": "the builder's facts about the file, e.g. `opset` (ONNX)",
 }
 

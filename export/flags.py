@@ -211,8 +211,9 @@ def add_model_flags(group, *, saved_model: bool = True) -> None:
     compares with Keras' own export and so takes no `--saved-model`)."""
     group.add_argument("--model", type=_path, metavar="PATH.keras",
                        help="a functional, Sequential or subclassed (with --import) model saved "
-                            "with model.save(); loaded with safe_mode on; its inputs and outputs "
-                            "name the artifact's")
+                            "with model.save() (.keras, or a legacy .h5; Keras 3 or Keras 2, "
+                            "fusionlab-learn's CrossAttention included); loaded with safe_mode "
+                            "on; its inputs and outputs name the artifact's")
     if saved_model:
         _add_saved_model_flags(group)
     group.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",

@@ -29,6 +29,7 @@ from export.graph import FoldedWeights, fold_weights
 from export.model_load import _flat_outputs, _shape_text, _structured
 from export.model_rewrites import (
     _broadcast_dense,
+    _erf_gelu,
     _folded_cross_attention,
     _fusable_layer_norm,
     _fused_layer_norms,
@@ -114,13 +115,15 @@ class ModelReference:
         sample_inputs: `--sample-inputs` arrays, or None (float inputs drawn N(0, 1), bool
             inputs as padding masks; integer inputs need samples).
         sample_path: the file they came from.
+        origin: what a Keras 2 file was (`export.keras2.Keras2File`), or None.
     """
 
     kind = "model"
 
     def __init__(self, path: str, model: keras.Model, sample_inputs: dict | None = None,
-                 sample_path: str | None = None):
+                 sample_path: str | None = None, origin=None):
         self.path = path
+        self.origin = origin
         self.model = model
         self.sample_inputs = sample_inputs
         self.sample_path = sample_path
@@ -143,8 +146,12 @@ class ModelReference:
         return f"model {self.source} ({self.model.count_params()} parameters; folded: {names})"
 
     def save(self, path: str) -> None:
-        """The reference beside the artifacts: the user's file itself, byte for byte."""
-        shutil.copyfile(self.path, path)
+        """The reference beside the artifacts: the user's file itself, byte for byte; a Keras 2
+        file as the Keras 3 model it was read as (Keras 3 cannot reload the original)."""
+        if self.origin is not None:
+            self.model.save(path)
+        else:
+            shutil.copyfile(self.path, path)
 
     def make_inputs(self, spec: ModelSpec, rows: int, seed: int) -> dict[str, np.ndarray]:
         return model_inputs(self.sample_inputs, spec, rows, seed)
@@ -184,7 +191,7 @@ class ModelReference:
             # Created inside the trace, the weights are Const nodes of the graph.
             mapping = [(v, tf.constant(value)) for v, value in values]
             with keras.StatelessScope(state_mapping=mapping), _unrolled(recurrent), \
-                    _fused_layer_norms(layer_norms), _broadcast_dense(dense), \
+                    _fused_layer_norms(layer_norms), _broadcast_dense(dense), _erf_gelu(), \
                     _folded_cross_attention(folded, fallback_layout, mask_margin, layouts):
                 out = model(_structured(model, list(tensors)), training=False)
             # A constant-shape reshape states every non-batch axis: shape arithmetic inside
@@ -217,6 +224,7 @@ class ModelReference:
                     "layer_norm": [layer.name for layer in self.layer_norms],
                     "dense": [layer.name for layer in self.dense],
                 },
+                **({"keras2": self.origin.manifest_facts()} if self.origin is not None else {}),
             },
         }
 

@@ -13,7 +13,8 @@ import zipfile
 import keras
 import numpy as np
 
-from export.errors import SpecError, WeightsError, first_line
+from export import keras2
+from export.errors import ExportError, SpecError, WeightsError, first_line, one_line
 from export.names import is_valid_name
 from export.spec import TensorInfo
 
@@ -37,28 +38,84 @@ def import_modules(names: list[str]) -> None:
             raise SpecError(f"--import {name} failed: {type(e).__name__}: {first_line(e)}") from e
 
 
+# The model files --model reads: Keras 3 or Keras 2 archives, and legacy HDF5 model files.
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
 def load_model(path: str) -> keras.Model:
     """The user's model, loaded with safe_mode on. WeightsError (exit 3) when it cannot be."""
+    return load_model_file(path)[0]
+
+
+def load_model_file(path: str):
+    """`(model, origin)`: the user's model (safe_mode on) and, for a file saved by Keras 2, what
+    it was (`export.keras2.Keras2File`; None for a Keras 3 file). WeightsError (exit 3)."""
     if not os.path.exists(path):
         raise WeightsError(f"--model file not found: {path}")
     if not os.path.isfile(path):
-        raise WeightsError(f"--model must be a .keras file, got a folder: {path}")
-    if not path.endswith(".keras") or not zipfile.is_zipfile(path):
-        raise WeightsError(f"--model must be a .keras archive (model.save('x.keras')). Received: {path}")
+        raise WeightsError(f"--model must be a .keras or .h5 model file, got a folder: {path}")
+    if not path.endswith(MODEL_SUFFIXES):
+        raise WeightsError("--model must be a .keras archive or a .h5 model file (model.save(...)). "
+                           f"Received: {path}")
+    found = keras2.keras_version(path)
+    if found is None:
+        if path.endswith(".keras") or zipfile.is_zipfile(path):
+            raise WeightsError(f"--model must be a .keras archive (model.save('x.keras')). Received: {path}")
+        raise WeightsError(f"--model file {path} is not a Keras model file: a .h5 file from "
+                           "model.save('x.h5') holds a model config (weights alone, from "
+                           "save_weights, go to --weights)")
+    file_format, version = found
+    origin = None
     try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        if keras2.is_keras2(version):
+            model, origin = keras2.load_keras2_model(path, file_format, version)
+        else:
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ExportError:
+        raise
     except Exception as e:  # Keras raises many types; the user needs the file and the reason.
         text = str(e)
-        reason = first_line(e)
+        reason = load_failure_reason(e)
         if "lambda" in text.lower() and "safe_mode" in text.lower():
             reason = ("it holds a Lambda layer (arbitrary Python code), refused with safe_mode on; "
                       "replace it with a registered layer and pass its module with --import")
         elif "Could not locate" in text or "Unknown layer" in text or "unknown" in text.lower():
             reason += " (a custom layer? pass the module that registers it with --import)"
-        raise WeightsError(f"--model file {path} could not be loaded safely: {reason}") from e
+        saved_by = f" (saved by Keras {version})" if keras2.is_keras2(version) else ""
+        raise WeightsError(f"--model file {path}{saved_by} could not be loaded safely: {reason}") from e
     if not isinstance(model, keras.Model):
         raise WeightsError(f"--model file {path} holds a {type(model).__name__}, not a keras.Model")
-    return model
+    return model, origin
+
+
+def load_failure_reason(error: BaseException) -> str:
+    """Keras' reason for a file it could not load, on one line, without the config or the
+    arrays it dumps, and not cut before the cause.
+
+    Keras wraps the cause (`... could not be deserialized properly ... Exception encountered:
+    <cause>`), appends whole configs (`Full object config: {...}`) and, for weights that do not
+    fit, prints the variable's values after the two shapes that say what is wrong.
+    """
+    text = str(error)
+    total = re.search(r"A total of (\d+) objects could not be loaded", text)
+    if total:
+        names = re.findall(r"<\w+ name=([^,>\s]+)", text.split("List of objects", 1)[-1])
+        which = f" ({', '.join(dict.fromkeys(names))})" if names else ""
+        shapes = re.search(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))", text)
+        if shapes:
+            variable = re.search(r"<Variable path=([^,>\s]+)", text)
+            cause = (f"{'variable ' + variable.group(1) if variable else 'a variable'}: the file "
+                     f"holds shape {shapes.group(2)} where the model has {shapes.group(1)}")
+        else:
+            example = re.search(r"Example error message for object[^:]*:\s*(.+?)(?:\n\s*\n|$)", text,
+                                re.S)
+            cause = one_line(example.group(1)) if example else ""
+        return (f"{total.group(1)} objects do not fit the model's weights{which}"
+                + (f"; the first: {cause}" if cause else ""))
+    if "Exception encountered:" in text:
+        text = text.rsplit("Exception encountered:", 1)[1]
+    text = re.split(r"\s*(?:Full object config:|config=\{|Target variable:)", text)[0]
+    return one_line(text) or type(error).__name__
 
 
 def functional_view(model: keras.Model, input_shapes: dict[str, tuple[int, ...]]) -> keras.Model:
@@ -164,7 +221,9 @@ def output_names(model: keras.Model) -> list[str]:
     struct = getattr(model, "_outputs_struct", model.outputs)
     if isinstance(struct, dict):
         return list(struct)
-    names = list(model.output_names)
+    # A Sequential model has no `output_names` in Keras 3: its outputs' layers name them.
+    names = list(getattr(model, "output_names", None)
+                 or [t._keras_history[0].name for t in model.outputs])
     if len(names) == 1:
         layer = model.outputs[0]._keras_history[0]
         generated = re.sub(r"(?<!^)(?=[A-Z])", "_", type(layer).__name__).lower()
@@ -275,6 +334,8 @@ def check_embedding_ranges(model: keras.Model, samples: dict[str, np.ndarray], p
 
 def default_stem(path: str) -> str:
     """An artifact base name from the model file's name (letters, digits, _ - .)."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(path)[: -len(".keras")]).strip("._-")
+    base = os.path.basename(path)
+    base = next((base[: -len(s)] for s in MODEL_SUFFIXES if base.endswith(s)), base)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("._-")
     stem = stem or "model"
     return stem if is_valid_name(stem) else "model"

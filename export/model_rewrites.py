@@ -69,6 +69,30 @@ def _fused_layer_norms(layers: list) -> Iterator[None]:
         keras.layers.LayerNormalization.call = original
 
 
+@contextlib.contextmanager
+def _erf_gelu() -> Iterator[None]:
+    """While tracing, the exact GELU is written with `erf`, not `erfc`.
+
+    TensorFlow's `tf.nn.gelu(approximate=False)` (Keras' `activation="gelu"`, Keras 2's
+    default) computes `0.5 * x * erfc(-x / sqrt(2))`; ONNX has no Erfc and tf2onnx refuses it.
+    `0.5 * x * (1 + erf(x / sqrt(2)))` is the same function: one `Erf` node in ONNX, and the
+    pattern the TFLite converter fuses into its GELU builtin.
+    """
+    original = tf.nn.gelu
+
+    def gelu(features, approximate=False, name=None):
+        if approximate:
+            return original(features, approximate=True, name=name)
+        features = tf.convert_to_tensor(features)
+        return 0.5 * features * (1.0 + tf.math.erf(features * 0.7071067811865476))
+
+    tf.nn.gelu = gelu
+    try:
+        yield
+    finally:
+        tf.nn.gelu = original
+
+
 def _plain_dense(layer) -> bool:
     """A float32 Dense without LoRA or quantization (what `_broadcast_dense` rewrites)."""
     return (type(layer) is keras.layers.Dense and layer.compute_dtype == "float32"

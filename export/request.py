@@ -110,8 +110,9 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
     from export.pipeline import ExportRequest
 
     model_load.import_modules(args.imports)
+    keras_model, origin = model_load.load_model_file(args.model)
     shapes = dict(args.input_shapes)
-    keras_model = model_load.functional_view(model_load.load_model(args.model), shapes)
+    keras_model = model_load.functional_view(keras_model, shapes)
     inputs, outputs = model_load.model_tensors(keras_model, shapes)
     samples = (model_load.load_sample_inputs(args.sample_inputs, inputs)
                if args.sample_inputs else None)
@@ -134,7 +135,8 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
             batch=_batch_for(args, fmt, formats), quantize=record.variant_for(quantize),
             int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
         )
-    reference = user_model.ModelReference(args.model, keras_model, samples, args.sample_inputs)
+    reference = user_model.ModelReference(args.model, keras_model, samples, args.sample_inputs,
+                                          origin=origin)
     return ExportRequest(
         specs=specs, output_dir=args.output_dir, atol=args.atol,
         max_rel_error=getattr(args, "max_rel_error", None), opset=getattr(args, "opset", None),

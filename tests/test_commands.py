@@ -58,6 +58,13 @@ SKIP = {
     "for q in float16 dynamic-int8; do for f in onnx tflite; do python -m export.$f --quantize $q "
     "--query-mask --value-mask --causal --scores --output-dir variants/; done; done":
         "a shell loop of four builds (about 40 s); tests/test_quantize.py builds each variant",
+    "make fusionlab-fixtures":
+        "makes a fusionlab-learn 0.3.1 venv (TF 2.15, ~600 MB from the package index) in the cache, "
+        "then rewrites the committed fixtures; tests/test_fusionlab.py tests what it wrote",
+    "python -m export --saved-model tests/fixtures/fusionlab/xtft_savedmodel --sample-inputs "
+    "tests/fixtures/fusionlab/xtft_inputs.npz":
+        "the same command on the same fixture runs in tests/test_saved_model.py (the XTFT CLI "
+        "fixture, 35-80 s), which also checks each file against fusionlab's own outputs",
 }
 # Builders: they take the layer's shape flags; what the appended small shapes are.
 BUILDERS = ("export", "export.onnx", "export.tflite", "export.savedmodel", "export.ort", "export.tflm")

@@ -346,3 +346,16 @@ def test_recurrent_layers_are_unrolled_into_builtin_ops(tmp_path):
     assert manifest["model"]["unrolled"] == ["lstm"]
     ops = {n.op_type for n in onnx.load(str(tmp_path / "o" / "rnn.onnx")).graph.node}
     assert "Loop" not in ops and "Scan" not in ops
+
+
+def test_sequential_model_has_named_tensors(tmp_path):
+    """Keras 3's Sequential has no `output_names`: its output is named from its last layer
+    (a generated name gives `output`), as for a functional model."""
+    from export import model_load
+
+    model = keras.Sequential([keras.Input((4, 3), name="x"), keras.layers.Dense(2)])
+    path = str(tmp_path / "seq.keras")
+    randomize_weights(model, 3).save(path)
+    inputs, outputs = model_load.model_tensors(model_load.load_model(path), {})
+    assert [(t.name, t.shape) for t in inputs] == [("x", (4, 3))]
+    assert [(t.name, t.shape) for t in outputs] == [("output", (4, 2))]

@@ -21,6 +21,10 @@ TESTED_BLOCKS = {
         "get_modelmeta": "tests/test_edge.py::test_readme_metadata_example_runs",
         "tritonclient.http as httpclient": "tests/test_serve.py::test_readme_example_runs",
         "BucketedRunner(": "tests/test_buckets.py::test_docs_bucketed_runner_example_runs",
+        # Runs in fusionlab-learn's own environment (TF 2.15): checked to be the fixture script's code.
+        "def serving_module(":
+            "tests/test_fusionlab.py::test_docs_saved_model_snippet_is_the_fixture_scripts",
+        "cross_attention_weights.npz": "tests/test_fusionlab.py::test_docs_weights_example_runs",
     },
     "js": {"onnxruntime-web": "web/test/readme.test.mjs"},
 }

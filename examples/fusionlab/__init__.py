@@ -1,0 +1,1 @@
+"""fusionlab-learn's own files through the builder (docs/fusionlab.md)."""
