@@ -396,9 +396,9 @@ def test_subclassed_model_shapes_from_its_build_config(subclassed, tmp_path):
 
 
 def test_parity_script_reports_fusionlab_figures(xtft_exported, tmp_path):
-    """The docs' figures: `python -m examples.fusionlab_parity` on the published XTFT files."""
+    """The docs' figures: `python -m examples.fusionlab.compare` on the published XTFT files."""
     out, _ = xtft_exported
-    done = run_module("examples.fusionlab_parity", out, os.path.join(FIXTURES, "xtft_inputs.npz"),
+    done = run_module("examples.fusionlab.compare", out, os.path.join(FIXTURES, "xtft_inputs.npz"),
                       os.path.join(FIXTURES, "xtft_outputs.npz"))
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("✓")]
@@ -409,7 +409,7 @@ def test_parity_script_reports_fusionlab_figures(xtft_exported, tmp_path):
     wrong = str(tmp_path / "wrong_outputs.npz")
     want = _npz(os.path.join(FIXTURES, "xtft_outputs.npz"))
     np.savez(wrong, forecast=want["forecast"] + 1e-3)
-    done = run_module("examples.fusionlab_parity", out, os.path.join(FIXTURES, "xtft_inputs.npz"),
+    done = run_module("examples.fusionlab.compare", out, os.path.join(FIXTURES, "xtft_inputs.npz"),
                       wrong)
     assert done.returncode == 1 and "✗" in done.stdout, done.stdout
 
