@@ -9,8 +9,17 @@ from dataclasses import dataclass, field
 from export.errors import SpecError
 from export.formats import get_format
 
-QUANTIZE_MODES = ("none", "float16", "dynamic-int8", "int8")
-VARIANT_SUFFIX = {"none": "", "float16": "_fp16", "dynamic-int8": "_dynint8", "int8": "_int8"}
+QUANTIZE_MODES = ("none", "float16", "dynamic-int8", "int8", "int8-cpu")
+VARIANT_SUFFIX = {"none": "", "float16": "_fp16", "dynamic-int8": "_dynint8", "int8": "_int8",
+                  "int8-cpu": "_int8cpu"}
+# Variants that quantize activations with calibrated ranges (where a format's int8 is
+# full-integer): int8 everywhere, int8-cpu everywhere but the attention core (export.tflite.quantize).
+CALIBRATED_MODES = ("int8", "int8-cpu")
+# The TFLite ops int8-cpu keeps in float32: XNNPACK (LiteRT's CPU delegate) has no int8 kernel for
+# a BATCH_MATMUL of two run-time operands, so in int8 the attention core falls back to the
+# builtin kernels (2.8x the float32 file's time at batch 1). Measured with `python -m export.bench`
+# (docs/variants.md): keeping SOFTMAX float too is slower and barely more accurate.
+CPU_FLOAT_OPS = ("BATCH_MATMUL",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 

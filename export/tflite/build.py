@@ -17,7 +17,7 @@ from export.metadata import add_tflite_metadata
 from export.native_output import captured_native_output
 from export.savedmodel.build import build_savedmodel
 from export.spec import ArtifactSpec, bucket_key
-from export.tflite.quantize import configure_tflite, tflite_io_quantization
+from export.tflite.quantize import configure_tflite, convert_tflite, tflite_io_quantization
 from export.tflite.signatures import alias_signature
 
 log = logging.getLogger("export")
@@ -69,7 +69,7 @@ def build_tflite(
         configure(converter)
     try:
         with _calibration_chatter_dropped(converter):
-            flatbuffer = converter.convert()
+            flatbuffer = convert_tflite(converter, spec)
     except Exception as e:
         raise ConversionError(f"TFLite conversion failed: {first_line(e)}") from e
     if metadata:

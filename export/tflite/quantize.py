@@ -1,4 +1,5 @@
-"""TFLite variants: the converter options of float16, dynamic-range int8 and full int8 files."""
+"""TFLite variants: the converter options of float16, dynamic-range int8, full int8 and CPU int8
+(int8 projections, the attention core in float) files, and the conversion call."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 from export.calibration import Calibration, random_calibration
-from export.spec import ArtifactSpec, bucket_key
+from export.spec import CALIBRATED_MODES, CPU_FLOAT_OPS, ArtifactSpec, bucket_key
 
 
 def configure_tflite(spec: ArtifactSpec, calibration: Calibration | None = None) -> Callable | None:
     """A `configure(converter)` for `build_tflite` that sets `spec.quantize`'s converter options."""
     if spec.quantize == "none":
         return None
-    if spec.quantize == "int8" and calibration is None:
+    if spec.quantize in CALIBRATED_MODES and calibration is None:
         calibration = random_calibration(spec)
 
     def configure(converter) -> None:
@@ -25,7 +26,7 @@ def configure_tflite(spec: ArtifactSpec, calibration: Calibration | None = None)
             # float16 weights; the interpreter dequantizes them once and computes in float32
             # on CPUs (XNNPACK), or in float16 on GPUs that have it.
             converter.target_spec.supported_types = [tf.float16]
-        elif spec.quantize == "int8":
+        elif spec.quantize in CALIBRATED_MODES:
             order = [i.name for i in spec.inputs()]
 
             def representative_dataset():
@@ -40,6 +41,10 @@ def configure_tflite(spec: ArtifactSpec, calibration: Calibration | None = None)
             # Integer kernels only: an op without one fails the conversion instead of silently
             # running in float.
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            if spec.quantize == "int8-cpu":
+                # Float kernels allowed: the ops of CPU_FLOAT_OPS stay float32 (convert_tflite).
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
+                                                       tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             # Per-tensor weight scales for FULLY_CONNECTED. Per-channel ones cost a float32
             # scale and an int64 zero point per output channel, for the weights and again for
             # the int32 biases: at the defaults 0.33x of the float32 file instead of 0.28x
@@ -55,6 +60,26 @@ def configure_tflite(spec: ArtifactSpec, calibration: Calibration | None = None)
         # activations quantized on the fly per batch.
 
     return configure
+
+
+def convert_tflite(converter, spec) -> bytes:
+    """The flatbuffer of `converter` (configured by `configure_tflite`) for `spec`'s variant.
+
+    int8-cpu goes through the converter's own selective quantization (the QuantizationDebugger's
+    denylist): calibrated like int8, then quantized with the ops of CPU_FLOAT_OPS left in float32
+    behind DEQUANTIZE/QUANTIZE pairs. fully_quantize=False keeps float32 inputs and outputs. With
+    nothing denylisted this path gives today's int8 file.
+    """
+    if spec.quantize != "int8-cpu":
+        return converter.convert()
+    # The debugger hands mlir_quantize `_experimental_disable_per_channel` only: the dense-layer
+    # flag configure_tflite sets for int8 would be ignored, so say the same thing in this one.
+    converter._experimental_disable_per_channel = True
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_ops=list(CPU_FLOAT_OPS), fully_quantize=False)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=converter.representative_dataset, debug_options=options)
+    return debugger.get_nondebug_quantized_model()
 
 
 def bucket_calibration(spec: ArtifactSpec):
