@@ -226,6 +226,13 @@ def check_variant(fmt: str, spec: ArtifactSpec) -> None:
     record = get_format(fmt)
     if spec.quantize != "none" and not record.quantizable:
         raise SpecError(f"{fmt} artifacts are float32 only. Received: quantize={spec.quantize!r}")
+    built_as = dict(record.same_variant).get(spec.quantize)
+    if built_as is not None:
+        # The command line asks for it by the other name (Format.variant_for); a library caller
+        # names the file it gets.
+        raise SpecError(f"{record.title} builds its {built_as} file for {spec.quantize} (float32 "
+                        f"activations already): pass quantize={built_as!r}. "
+                        f"Received: quantize={spec.quantize!r}")
     if record.variants is not None and spec.quantize not in record.variants:
         raise SpecError(f"{record.title} artifacts are {' or '.join(record.variants)} only. "
                         f"Received: quantize={spec.quantize!r}")
