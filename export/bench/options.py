@@ -25,6 +25,7 @@ RUNTIMES = ("onnx", "tflite")
 VARIANT_LABEL = {"none": "float32", "float16": "float16", "dynamic-int8": "dyn-int8", "int8": "int8",
                  "int8-cpu": "int8-cpu"}
 PEAK_SIZES = (256, 512, 1024)
+PARITY_SEED = 4242
 
 
 def variant_label(variant: str, fmt: str) -> str:
@@ -32,7 +33,6 @@ def variant_label(variant: str, fmt: str) -> str:
     for it (ONNX, ORT: Format.same_variant)."""
     built = get_format(fmt).variant_for(variant)
     return VARIANT_LABEL[variant] if built == variant else f"{VARIANT_LABEL[variant]}={VARIANT_LABEL[built]}"
-PARITY_SEED = 4242
 
 
 def _choice_list(choices: tuple[str, ...]):
