@@ -136,7 +136,7 @@ INT8_SCHEMES = {
     "full-integer": {"weights": "int8", "activations": "int8, calibrated"},
 }
 # int8-cpu in a full-integer format (TFLite): int8 projections, the attention core in float32
-# (export.tflite.quantize.CPU_FLOAT_OPS), for CPU kernels (XNNPACK) that have no int8 core.
+# (export.spec.CPU_FLOAT_OPS), for CPU kernels (XNNPACK) that have no int8 core.
 CPU_INT8_SCHEME = {"scheme": "selective-integer", "weights": "int8",
                    "activations": f"int8, calibrated; {', '.join(CPU_FLOAT_OPS)} float32"}
 

@@ -15,11 +15,13 @@ VARIANT_SUFFIX = {"none": "", "float16": "_fp16", "dynamic-int8": "_dynint8", "i
 # Variants that quantize activations with calibrated ranges (where a format's int8 is
 # full-integer): int8 everywhere, int8-cpu everywhere but the attention core (export.tflite.quantize).
 CALIBRATED_MODES = ("int8", "int8-cpu")
-# The TFLite ops int8-cpu keeps in float32: XNNPACK (LiteRT's CPU delegate) has no int8 kernel for
-# a BATCH_MATMUL of two run-time operands, so in int8 the attention core falls back to the
-# builtin kernels (2.8x the float32 file's time at batch 1). Measured with `python -m export.bench`
-# (docs/variants.md): keeping SOFTMAX float too is slower and barely more accurate.
-CPU_FLOAT_OPS = ("BATCH_MATMUL",)
+# The TFLite ops int8-cpu keeps in float32 (where their operands are all computed at run time):
+# XNNPACK (LiteRT's CPU delegate) has no int8 kernel for a BATCH_MATMUL of two run-time operands
+# nor for SOFTMAX, so in int8 the attention core falls back to the builtin kernels (2.5x the
+# float32 file's time at batch 1). SOFTMAX too, measured with `python -m export.bench --lengths
+# 10,64,256 --variants none,int8-cpu` (docs/variants.md): with BATCH_MATMUL alone in float the
+# int8 SOFTMAX made the file 1.4-2x float32's time from length 64 on (0.70x at length 10).
+CPU_FLOAT_OPS = ("BATCH_MATMUL", "SOFTMAX")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 

@@ -1,7 +1,7 @@
 """The CPU int8 variant (issue 30): `--quantize int8-cpu`.
 
 TFLite files with int8 projections (FULLY_CONNECTED) and the attention core (the BATCH_MATMULs
-of two run-time operands) in float32, made by the converter's own selective quantization,
+of two run-time operands and the SOFTMAX) in float32, made by the converter's own selective quantization,
 calibrated and gated like int8. Each file here is built for real, read back with LiteRT's
 interpreter (op and tensor details) and rerun against the Keras reference on fresh inputs.
 ONNX/ORT build their int8 (weight-only) file for it; TFLM and --int8-io refuse it.
@@ -56,11 +56,13 @@ def all_subgraph_ops(path: str) -> list[tuple[str, str]]:
 
 
 def assert_core_float_projections_int8(path: str, cores: int) -> None:
+    """`cores` attention cores (two BATCH_MATMULs and a SOFTMAX each) all float32, every
+    FULLY_CONNECTED int8 (input, weights, output)."""
     ops = op_dtypes(path)
-    matmuls = [o for o in ops if o[0] == "BATCH_MATMUL"]
+    core = [o for o in ops if o[0] in ("BATCH_MATMUL", "SOFTMAX")]
     fcs = [o for o in ops if o[0] == "FULLY_CONNECTED"]
-    assert len(matmuls) == cores, ops
-    assert all(set(i + o) == {"float32"} for _, i, o in matmuls), matmuls
+    assert sorted(o[0] for o in core) == ["BATCH_MATMUL"] * 2 * cores + ["SOFTMAX"] * cores, ops
+    assert all(set(i + o) == {"float32"} for _, i, o in core), core
     assert fcs and all(i[:2] == ["int8", "int8"] and o == ["int8"] for _, i, o in fcs), fcs
 
 
@@ -100,7 +102,7 @@ def test_cli_publishes_a_verified_int8_cpu_file(cli_build):
     q = manifest["quantization"]
     assert (q["mode"], q["scheme"], q["io_dtype"]) == ("int8-cpu", "selective-integer", "float32")
     assert q["calibration"]["source"] == "random" and q["n_samples"] == 64
-    assert "BATCH_MATMUL float32" in q["activations"]
+    assert "BATCH_MATMUL, SOFTMAX float32" in q["activations"]
     assert manifest["parity"]["max_rel_error"] == GATE
     assert 0 < manifest["parity"]["rel_l2"] <= GATE
     done = run_module("export.verify", cli_build)
@@ -110,7 +112,7 @@ def test_cli_publishes_a_verified_int8_cpu_file(cli_build):
 
 def test_projections_are_int8_and_the_core_float32(cli_build):
     spec = ArtifactSpec(batch=1, quantize="int8-cpu")
-    assert_core_float_projections_int8(os.path.join(cli_build, spec.artifact_name("tflite")), 2)
+    assert_core_float_projections_int8(os.path.join(cli_build, spec.artifact_name("tflite")), 1)
 
 
 def test_fresh_inputs_within_the_int8_gate_and_smaller(cli_build):
@@ -128,21 +130,21 @@ def test_masks_scores_and_buckets_keep_every_core_float(tmp_path, batch):
     BATCH_MATMULs are float32 and the FULLY_CONNECTEDs int8; verified against the reference."""
     specs = {"tflite": ArtifactSpec(**MASKED, batch=batch, quantize="int8-cpu")}
     (masked,) = export_artifacts(ExportRequest(specs=specs, output_dir=str(tmp_path / "m"), seed=5))
-    assert_core_float_projections_int8(masked.path, 2)
+    assert_core_float_projections_int8(masked.path, 1)
     spec = specs["tflite"]
     assert fresh_rel_l2(masked.path, spec, _load_reference(str(tmp_path / "m"), spec)) <= GATE
     bucketed = ArtifactSpec(batch=1, lengths=((8, 8), (16, 16)), quantize="int8-cpu")
     (result,) = export_artifacts(ExportRequest(specs={"tflite": bucketed},
                                                output_dir=str(tmp_path / "b"), seed=5))
     ops = all_subgraph_ops(result.path)
-    assert sorted({t for op, t in ops if op == "BATCH_MATMUL"}) == ["FLOAT32"]
+    assert sorted({t for op, t in ops if op in ("BATCH_MATMUL", "SOFTMAX")}) == ["FLOAT32"]
     assert sorted({t for op, t in ops if op == "FULLY_CONNECTED"}) == ["INT8"]
     assert sum(op == "BATCH_MATMUL" for op, _ in ops) == 4  # two signatures, two each
 
 
 def test_only_run_time_matmuls_are_denylisted(tmp_path):
     """A BATCH_MATMUL with a constant weight stays int8 (as in the int8 file); one of two
-    computed operands is the attention core."""
+    computed operands, and the SOFTMAX, are the attention core."""
     import tensorflow as tf
 
     from export.tflite.quantize import attention_core_nodes
@@ -153,14 +155,15 @@ def test_only_run_time_matmuls_are_denylisted(tmp_path):
     def fn(x):
         projected = tf.matmul(x, tf.constant(weight), name="weighted")  # constant operand
         scores = tf.matmul(projected, x, transpose_b=True, name="scores")  # two computed
-        return {"y": tf.matmul(scores, x, name="mixed")}
+        weights = tf.nn.softmax(scores, name="weights")
+        return {"y": tf.matmul(weights, x, name="mixed")}
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
     flatbuffer = converter.convert()
     ops = [op for op, _ in all_subgraph_ops(_write(tmp_path, flatbuffer))]
     assert ops.count("BATCH_MATMUL") == 3
     nodes = attention_core_nodes(flatbuffer)
-    assert len(nodes) == 2 and "scores" in nodes
+    assert len(nodes) == 3 and {"scores", "weights"} <= set(nodes)
     assert "weighted" not in nodes  # the constant-weight one (its tensor is named so)
 
 
@@ -190,7 +193,7 @@ def test_whole_model_keeps_every_folded_core_float(tmp_path):
     assert cli.main(["--model", path, "--quantize", "int8-cpu", "--output-dir", out, "-q"],
                     formats=("tflite",), prog="python -m export.tflite") == 0
     artifact = os.path.join(out, "two_int8cpu.tflite")
-    assert_core_float_projections_int8(artifact, 4)  # two CrossAttention layers, two each
+    assert_core_float_projections_int8(artifact, 2)  # two CrossAttention layers
     manifest = json.load(open(artifact + ".json"))
     assert manifest["quantization"]["mode"] == "int8-cpu"
     assert manifest["parity"]["rel_l2"] <= GATE

@@ -69,9 +69,9 @@ def convert_tflite(converter, spec) -> bytes:
 
     int8-cpu goes through the converter's own selective quantization (the QuantizationDebugger's
     denylist): calibrated like int8, then quantized with the attention core left in float32
-    behind DEQUANTIZE/QUANTIZE pairs: every op of CPU_FLOAT_OPS whose operands are all computed at
-    run time (`attention_core_nodes`). An op of those types with a constant weight stays int8 as
-    in the int8 file. fully_quantize=False keeps float32 inputs and outputs. With nothing
+    behind DEQUANTIZE/QUANTIZE pairs: every op of CPU_FLOAT_OPS (BATCH_MATMUL, SOFTMAX) whose
+    operands are all computed at run time (`attention_core_nodes`). A BATCH_MATMUL with a constant
+    weight stays int8 as in the int8 file. fully_quantize=False keeps float32 inputs and outputs. With nothing
     denylisted this path gives today's int8 file.
     """
     if spec.quantize != "int8-cpu":
@@ -94,9 +94,10 @@ def attention_core_nodes(flatbuffer: bytes, ops: tuple[str, ...] = CPU_FLOAT_OPS
     """Output tensor names of the ops of type `ops` that take no constant: in every subgraph
     (signature), each operand is a subgraph input or another op's output.
 
-    In our folded CrossAttention these are the two BATCH_MATMULs of the core (scores, weighted
-    sum); in a whole model, the core of every folded CrossAttention, and likewise any other
-    attention core of the model, which XNNPACK cannot run in int8 either.
+    In our folded CrossAttention these are the core: the two BATCH_MATMULs (scores, weighted sum)
+    and the SOFTMAX between them; in a whole model, the core of every folded CrossAttention, and
+    likewise any other attention core or SOFTMAX of the model, which XNNPACK cannot run in int8
+    either.
     """
     model = schema_fb.ModelT.InitFromPackedBuf(flatbuffer, 0)
     codes = [schema_util.get_builtin_code_from_operator_code(c) for c in model.operatorCodes]
