@@ -230,3 +230,15 @@ def test_int8_io_refuses_int8_cpu(capsys, tmp_path):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--int8-io needs the integer-only --quantize int8" in err[0]
+
+
+def test_onnx_entry_point_builds_its_int8_file_for_int8_cpu(tmp_path):
+    done = run_module("export.onnx", "--quantize", "int8-cpu", "--units", "8", "--heads", "2",
+                      "--query-features", "8", "--kv-features", "8", "--output-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "onnx builds its int8 file for --quantize int8-cpu" in done.stderr
+    spec = ArtifactSpec(units=8, heads=2, query_features=8, kv_features=8, quantize="int8")
+    manifest = json.load(open(tmp_path / spec.manifest_name("onnx")))
+    assert (manifest["quantization"]["mode"], manifest["quantization"]["scheme"]) == (
+        "int8", "weight-only")
+    assert not [n for n in os.listdir(tmp_path) if "int8cpu" in n]
