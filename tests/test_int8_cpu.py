@@ -242,3 +242,23 @@ def test_onnx_entry_point_builds_its_int8_file_for_int8_cpu(tmp_path):
     assert (manifest["quantization"]["mode"], manifest["quantization"]["scheme"]) == (
         "int8", "weight-only")
     assert not [n for n in os.listdir(tmp_path) if "int8cpu" in n]
+
+
+def test_calibration_file_calibrates_int8_cpu(tmp_path):
+    """--calibration reaches the selective quantizer: another file, its sha256 in the manifest,
+    still within the gate."""
+    rng = np.random.default_rng(2030)
+    path = tmp_path / "calib.npz"
+    np.savez(path, source1=(2.0 * rng.standard_normal((32, 10, 64))).astype(np.float32),
+             source2=(2.0 * rng.standard_normal((32, 10, 64))).astype(np.float32))
+    spec = ArtifactSpec(batch=1, quantize="int8-cpu")
+    (seeded,) = export_artifacts(ExportRequest(specs={"tflite": spec},
+                                               output_dir=str(tmp_path / "seeded")))
+    (result,) = export_artifacts(ExportRequest(specs={"tflite": spec}, calibration=str(path),
+                                               output_dir=str(tmp_path / "file")))
+    manifest = json.load(open(result.manifest_path))
+    assert manifest["quantization"]["calibration"]["source"] == "file"
+    assert manifest["quantization"]["n_samples"] == 32
+    assert manifest["parity"]["rel_l2"] <= GATE
+    assert open(result.path, "rb").read() != open(seeded.path, "rb").read()  # other ranges
+    assert_core_float_projections_int8(result.path, 1)
