@@ -127,7 +127,7 @@ serve: $(STAMP)
 # emulation, -cpu max / max,sme=off / cortex-a53. qemu-user-static and mmdebstrap from apt-get where
 # missing; the arm64 root file system and the aarch64 wheels are cached in build/arm.
 ARM_DIR ?= build/arm/artifacts
-ARM_SET := $(ARM_DIR)/xattn_u64_h4_q10x64_kv10x64_int8.tflite.json
+ARM_SET := $(ARM_DIR)/xattn_u64_h4_q10x64_kv10x64_int8cpu.tflite.json
 
 arm-deps:
 	@if ! command -v qemu-aarch64-static >/dev/null || ! command -v mmdebstrap >/dev/null; then \
@@ -138,10 +138,12 @@ arm-deps:
 
 # The default configuration in every variant, each manifest's deployment.arm measured before
 # publishing (python -m export --arm); built once, `rm -rf build/arm/artifacts` rebuilds.
+# int8-cpu last, TFLite only (ONNX/ORT build their int8 for it: already there).
 $(ARM_SET): | $(STAMP) arm-deps
 	mkdir -p $(ARM_DIR)
 	for q in none float16 dynamic-int8 int8; do \
 		$(PY) -m export --quantize $$q --arm --output-dir $(ARM_DIR) -q || exit $$?; done
+	$(PY) -m export.tflite --quantize int8-cpu --arm --output-dir $(ARM_DIR) -q
 
 verify-arm: arm-deps $(ARM_SET)
 	$(PY) -m export.arm $(ARM_DIR) --report build/arm/report.json

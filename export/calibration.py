@@ -21,7 +21,7 @@ from export.errors import CalibrationError, SpecError, first_line
 from export.formats import get_format
 from export.publish import sha256_path
 from export.reference import make_inputs
-from export.spec import ArtifactSpec
+from export.spec import CALIBRATED_MODES, ArtifactSpec
 
 log = logging.getLogger("export")
 
@@ -39,7 +39,7 @@ MASK_MARGIN = 8.0
 
 def calibrated(fmt: str, spec) -> bool:
     """Whether `fmt`'s file of `spec` quantizes activations (full-integer int8, calibrated)."""
-    return spec.quantize == "int8" and get_format(fmt).int8_scheme == "full-integer"
+    return spec.quantize in CALIBRATED_MODES and get_format(fmt).int8_scheme == "full-integer"
 
 
 def graph_options(spec, fmt: str) -> dict:
@@ -226,6 +226,13 @@ def check_variant(fmt: str, spec: ArtifactSpec) -> None:
     record = get_format(fmt)
     if spec.quantize != "none" and not record.quantizable:
         raise SpecError(f"{fmt} artifacts are float32 only. Received: quantize={spec.quantize!r}")
+    built_as = dict(record.same_variant).get(spec.quantize)
+    if built_as is not None:
+        # The command line asks for it by the other name (Format.variant_for); a library caller
+        # names the file it gets.
+        raise SpecError(f"{record.title} builds its {built_as} file for {spec.quantize} (float32 "
+                        f"activations already): pass quantize={built_as!r}. "
+                        f"Received: quantize={spec.quantize!r}")
     if record.variants is not None and spec.quantize not in record.variants:
         raise SpecError(f"{record.title} artifacts are {' or '.join(record.variants)} only. "
                         f"Received: quantize={spec.quantize!r}")
@@ -236,11 +243,11 @@ def check_variant(fmt: str, spec: ArtifactSpec) -> None:
 
 def calibrations_for(specs: Mapping[str, ArtifactSpec], path: str | None) -> dict[str, Calibration | None]:
     """format -> the calibration its spec needs (loading and checking `path` once per spec)."""
-    if path and not any(s.quantize == "int8" for s in specs.values()):
+    if path and not any(s.quantize in CALIBRATED_MODES for s in specs.values()):
         modes = ", ".join(sorted({s.quantize for s in specs.values()}))
         raise SpecError(
-            f"--calibration applies to --quantize int8 only (dynamic-int8 and float16 need no "
-            f"calibration data). Received: --quantize {modes}"
+            f"--calibration applies to --quantize int8 and int8-cpu only (dynamic-int8 and "
+            f"float16 need no calibration data). Received: --quantize {modes}"
         )
     found = {fmt: calibration_for(spec, path, fmt) for fmt, spec in specs.items()}
     weight_only = [get_format(f).title for f, s in specs.items()

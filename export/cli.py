@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
     parser = build_parser(formats, prog)
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.quiet)
+    if getattr(args, "int8_io", False) and getattr(args, "quantize", "none") == "int8-cpu":
+        parser.error("--int8-io needs the integer-only --quantize int8; int8-cpu keeps the "
+                     "attention core in float32. Received: --quantize int8-cpu --int8-io")
     if getattr(args, "int8_io", False) and getattr(args, "quantize", "none") != "int8":
         parser.error(f"--int8-io needs --quantize int8. Received: --quantize {args.quantize}")
     if getattr(args, "int8_io", False) and not any(get_format(f).int8_io for f in formats):

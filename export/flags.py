@@ -328,21 +328,46 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         # A lone format with fixed variants (tflm: int8) offers only those, the first by default.
         only = get_format(formats[0]).variants if len(formats) == 1 else None
         quant.add_argument("--quantize", choices=only or QUANTIZE_MODES, default=(only or ("none",))[0],
+                           type=_integer_only(get_format(formats[0]).title) if only else str,
                            help=f"variant to build (default {only[0] if only else 'none = float32'})"
                                 + "".join(f"; {f} stays float32" for f in formats
-                                          if not get_format(f).quantizable))
+                                          if not get_format(f).quantizable)
+                                + ("" if only else f". {VARIANT_PER_DEVICE}"))
         quant.add_argument("--int8-io", action="store_true",
                            help="with --quantize int8 (TFLite): int8 inputs and outputs")
         quant.add_argument("--calibration", type=_path, metavar="PATH.npz",
-                           help="calibration inputs of TFLite --quantize int8: arrays source1, "
+                           help="calibration inputs of TFLite --quantize int8 and int8-cpu: arrays source1, "
                                 "source2 (ONNX/ORT int8 is weight-only and uses none)")
         quant.add_argument("--max-rel-error", type=_positive_float,
                            help="relative L2 gate of a variant (default float16 1e-3, "
-                                "dynamic-int8 2.5e-2, int8 5e-2)")
+                                "dynamic-int8 2.5e-2, int8 and int8-cpu 5e-2)")
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     talk.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     return parser
+
+
+# Which variant for which device (docs/variants.md has the table and the command behind the figures).
+# Figures: `python -m export.bench --batch 1,32 --variants none,float16,dynamic-int8,int8,int8-cpu`.
+VARIANT_PER_DEVICE = (
+    "Which for which device (TFLite time vs float32 at batch 1 / 32 on a CPU, one thread, and rel "
+    "L2 at the defaults): a CPU (LiteRT's XNNPACK, onnxruntime) -> int8-cpu (int8 projections, "
+    "the attention core in float32: 0.73x / 0.73x, 1.9e-2) or dynamic-int8 (0.72x / 0.76x, "
+    "8.4e-3); an NPU, an integer DSP, TFLM -> int8 (integer only; 2.5x / 3.2x on a CPU, 2.5e-2); "
+    "a GPU -> float16 (1.0x on a CPU, 2.4e-4). ONNX/ORT build their int8 (weight-only, float32 "
+    "activations) for int8-cpu. docs/variants.md has the table")
+
+
+def _integer_only(title: str):
+    """`--quantize` of a format whose files are int8 only (TFLM): int8-cpu refused with why."""
+    def parse(text: str) -> str:
+        if text == "int8-cpu":
+            raise argparse.ArgumentTypeError(
+                f"{title} files are integer-only: int8-cpu keeps the attention core in float32 "
+                f"for CPUs (export.tflite); use --quantize int8. Received: --quantize {text}")
+        return text
+
+    return parse
 
 
 def _default_opset_text() -> str:

@@ -69,6 +69,9 @@ class Format:
             `deployment` section: where the file would run on a device), or None.
         variants: the only `--quantize` modes its files come in (TFLM: ("int8",)), or None for
             every mode; a format with one variant builds it whatever `--quantize` says.
+        same_variant: (asked, built) pairs: `--quantize asked` builds this format's `built`
+            variant. ONNX/ORT: int8-cpu (int8 weights, float activations where an integer kernel
+            would be slow) is their int8 file, already weight-only with float32 activations.
         default_run: whether `python -m export` (every format) builds it.
         verify_check: "module:function" that `export.verify` calls as `check(path, manifest,
             folder)` after the golden vectors pass (TFLM: the manifest's arena runs the file, the
@@ -98,13 +101,16 @@ class Format:
     signatures: bool = False
     dynamic_length: bool = False
     variants: tuple[str, ...] | None = None
+    same_variant: tuple[tuple[str, str], ...] = ()
     default_run: bool = True
     verify_check: str | None = None
     saved_model: bool = True  # whether `--saved-model` (a user's own graph) can build it
 
     def variant_for(self, quantize: str) -> str:
         """The variant this format builds when `--quantize` says `quantize`: savedmodel stays
-        float32, tflm stays int8, the others follow the flag."""
+        float32, tflm stays int8, ONNX/ORT build int8 for int8-cpu (`same_variant`), the others
+        follow the flag."""
+        quantize = dict(self.same_variant).get(quantize, quantize)
         if self.variants is not None:
             return quantize if quantize in self.variants else self.variants[0]
         return quantize if self.quantizable else "none"
@@ -178,6 +184,7 @@ REGISTRY: dict[str, Format] = {
             graph_check="export.onnx.check:check_onnx_file",
             runner="export.runtimes:onnx_function", dynamic_length=True,
             deployment="export.deployment:onnx_deployment", int8_scheme="weight-only",
+            same_variant=(("int8-cpu", "int8"),),
         ),
         Format(
             name="ort", title="ORT", suffix=".ort", default_batch=1, atol=1e-4,
@@ -187,6 +194,7 @@ REGISTRY: dict[str, Format] = {
             graph_check="export.ort.check:check_ort_file",
             runner="export.runtimes:onnx_function",
             deployment="export.deployment:ort_deployment", int8_scheme="weight-only",
+            same_variant=(("int8-cpu", "int8"),),
         ),
         # TensorFlow Lite for Microcontrollers: the full-int8 TFLite file, verified on TFLM's
         # own interpreter, with its smallest tensor arena and generated C++ (export.tflm).

@@ -66,7 +66,7 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
         record = get_format(fmt)
         specs[fmt] = ArtifactSpec(
             **common, batch=_batch_for(args, fmt, formats),
-            quantize=record.variant_for(quantize),
+            quantize=_variant_for(fmt, quantize),
             int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
         )
     if weights == "h5":
@@ -84,6 +84,16 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
         sign_key=getattr(args, "sign_key", None), arena_limit=getattr(args, "arena_limit", None),
         arm=bool(getattr(args, "arm", False)),
     )
+
+
+def _variant_for(fmt: str, quantize: str) -> str:
+    """The variant format `fmt` builds for `--quantize`; a note where it is another one's file
+    (ONNX/ORT build their int8 for int8-cpu: Format.same_variant)."""
+    built = get_format(fmt).variant_for(quantize)
+    if quantize in dict(get_format(fmt).same_variant):
+        log.info("note     %s builds its %s file for --quantize %s (float32 activations already)",
+                 fmt, built, quantize)
+    return built
 
 
 def _batch_for(args: argparse.Namespace, fmt: str, formats: tuple[str, ...]):
@@ -132,7 +142,7 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
         record = get_format(fmt)
         specs[fmt] = user_model.ModelSpec(
             model_inputs=inputs, model_outputs=outputs, stem=stem, named=bool(args.name),
-            batch=_batch_for(args, fmt, formats), quantize=record.variant_for(quantize),
+            batch=_batch_for(args, fmt, formats), quantize=_variant_for(fmt, quantize),
             int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
         )
     reference = user_model.ModelReference(args.model, keras_model, samples, args.sample_inputs,

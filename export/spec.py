@@ -9,8 +9,19 @@ from export.errors import SpecError
 from export.formats import get_format
 from export.names import check_name
 
-QUANTIZE_MODES = ("none", "float16", "dynamic-int8", "int8")
-VARIANT_SUFFIX = {"none": "", "float16": "_fp16", "dynamic-int8": "_dynint8", "int8": "_int8"}
+QUANTIZE_MODES = ("none", "float16", "dynamic-int8", "int8", "int8-cpu")
+VARIANT_SUFFIX = {"none": "", "float16": "_fp16", "dynamic-int8": "_dynint8", "int8": "_int8",
+                  "int8-cpu": "_int8cpu"}
+# Variants that quantize activations with calibrated ranges (where a format's int8 is
+# full-integer): int8 everywhere, int8-cpu everywhere but the attention core (export.tflite.quantize).
+CALIBRATED_MODES = ("int8", "int8-cpu")
+# The TFLite ops int8-cpu keeps in float32 (where their operands are all computed at run time):
+# XNNPACK (LiteRT's CPU delegate) has no int8 kernel for a BATCH_MATMUL of two run-time operands
+# nor for SOFTMAX, so in int8 the attention core falls back to the builtin kernels (2.5x the
+# float32 file's time at batch 1). SOFTMAX too, measured with `python -m export.bench --lengths
+# 10,64,256 --variants none,int8-cpu` (docs/variants.md): with BATCH_MATMUL alone in float the
+# int8 SOFTMAX made the file 1.4-2x float32's time from length 64 on (0.70x at length 10).
+CPU_FLOAT_OPS = ("BATCH_MATMUL", "SOFTMAX")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     header = done.stdout.splitlines()
     assert any(line.startswith("runtime") and "Keras µs" in line and "% peak" in line
-               for line in header), done.stdout
+               and "call µs" in line and "x floor" in line for line in header), done.stdout
     assert "SGEMM peak" in done.stdout and "verdicts not judged" in done.stdout
 
     report = json.loads(out.read_text())
@@ -35,6 +35,12 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
     assert sorted((r["format"], r["batch"]) for r in rows) == [
         ("onnx", 1), ("onnx", 2), ("tflite", 1), ("tflite", 2)]
     for row in rows:
+        # The floor: the one-op graph's call and the cell's own SGEMM peak, then time / floor.
+        assert row["overhead_us"]["median"] > 0 and row["cell_peak_gflops"] > 0
+        assert row["floor_us"] == pytest.approx(
+            row["overhead_us"]["median"] + row["executed_mflop"] * 1e6 / (row["cell_peak_gflops"] * 1e3))
+        assert row["floor_distance"] == pytest.approx(row["ours_us"]["median"] / row["floor_us"])
+    for row in rows:
         assert {"ours_us", "keras_us", "speedup", "gflops", "pct_peak", "executed_gflops",
                 "documented_mflop", "ours_bytes", "keras_bytes", "ours_max_abs",
                 "keras_max_abs", "ours_layout"} <= set(row), row
@@ -42,6 +48,80 @@ def test_bench_smoke_prints_table_and_writes_json(tmp_path):
         assert row["ours_max_abs"] <= 1e-4 and row["manifest_parity"]["passed"]
     assert {s["format"] for s in report["sizes"]} == {"onnx", "tflite"}
     assert "verdicts" not in report  # not the issue's configuration
+
+
+def test_bench_times_int8_cpu_beside_float32(tmp_path):
+    """The default layer (int8 needs more than a tiny one to pass its gate): our int8-cpu TFLite
+    file and, for ONNX, its int8 file, each with its floor (no timing asserted)."""
+    out = tmp_path / "bench.json"
+    done = run_module("export.bench", "--batch", "1", "--variants", "none,int8-cpu",
+                      "--iterations", "3", "--warmup", "1", "--max-seconds", "0.05", "--quiet",
+                      "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = [line.split() for line in done.stdout.splitlines()]
+    assert ["LiteRT", "int8-cpu", "10/10", "1"] in [row[:4] for row in table], done.stdout
+    assert ["onnxruntime", "int8-cpu=int8", "10/10", "1"] in [row[:4] for row in table]
+    rows = {(r["format"], r["variant"]): r for r in json.loads(out.read_text())["latency"]}
+    assert set(rows) == {(f, v) for f in ("onnx", "tflite") for v in ("none", "int8-cpu")}
+    for (_, variant), row in rows.items():
+        assert "error" not in row, row
+        assert row["floor_distance"] > 0 and row["overhead_us"]["median"] > 0
+        if variant == "int8-cpu":
+            assert 1e-4 < row["ours_rel_l2"] <= 5e-2 and row["manifest_parity"]["passed"]
+    # The ONNX row times the int8 (weight-only) file: the same bytes as --variants int8 builds.
+    assert rows[("onnx", "int8-cpu")]["ours_bytes"] < 0.35 * rows[("onnx", "none")]["ours_bytes"]
+
+
+# -- the floor column: pure arithmetic, then the one-op graphs it times ----------------------------
+
+
+def test_floor_distance_is_time_over_call_plus_matmuls_at_the_peak():
+    from export.bench.floor import floor_distance, sgemm_gflops
+
+    # 3 MFLOP at 150 GFLOP/s is 20 µs of matmuls; with a 5 µs call the floor is 25 µs.
+    got = floor_distance(20.0, 5.0, 3e6, 150.0)
+    assert got == pytest.approx({"floor_us": 25.0, "matmul_floor_us": 20.0, "floor_distance": 0.8})
+    assert floor_distance(50.0, 5.0, 3e6, 150.0)["floor_distance"] == pytest.approx(2.0)
+    # No FLOPs: the call alone is the floor.
+    assert floor_distance(7.0, 3.5, 0, 100.0)["floor_distance"] == pytest.approx(2.0)
+    assert sgemm_gflops(133.0, 256) == pytest.approx(2 * 256**3 / 133e3)
+    for bad in [(0, 5.0, 3e6, 150.0), (20.0, -1.0, 3e6, 150.0), (20.0, 5.0, 3e6, 0)]:
+        with pytest.raises(ValueError, match="Received: time_us="):
+            floor_distance(*bad)
+
+
+@pytest.mark.parametrize("units", [6, 4, 8], ids=["add", "slice", "pad"])
+@pytest.mark.parametrize("runtime", ["onnx", "tflite"])
+def test_one_op_graph_has_the_artifacts_inputs_and_outputs(tmp_path, runtime, units):
+    from export.bench.build import Artifact
+    from export.bench.floor import one_op_graph
+    from export.bench.timing import make_call
+
+    spec = ArtifactSpec(**{**TINY, "units": units}, query_len=4, kv_len=5, batch=3)
+    path = one_op_graph(runtime, spec, str(tmp_path))
+    feeds = reference.make_inputs(spec, 3, 1)
+    call = make_call(Artifact("floor", runtime, "none", path, 3), feeds, 1)
+    (out,) = call()
+    assert call.output_names == ["output"] and out.shape == (3, 4, units)
+    if runtime == "onnx":
+        import onnx
+
+        graph = onnx.load(path).graph
+        assert len(graph.node) == 1
+        assert [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in graph.input] \
+            == [("source1", [3, 4, 6]), ("source2", [3, 5, 5])]
+    else:
+        from export.runtimes import tflite_interpreter
+        from export.tflite.check import tflite_op_names
+
+        assert len(tflite_op_names(path)) == 1  # before XNNPACK takes it
+        interpreter = tflite_interpreter(path, 1)
+        details = interpreter.get_signature_runner("serving_default").get_input_details()
+        assert {k: list(d["shape"]) for k, d in details.items()} == {
+            "source1": [3, 4, 6], "source2": [3, 5, 5]}
+    first = min(units, 6)
+    expected = feeds["source1"][..., :first] + (1.0 if units == 6 else 0.0)
+    np.testing.assert_allclose(out[..., :first], expected, rtol=0, atol=1e-6)
 
 
 # -- the graph layouts the benchmark compares -----------------------------------------------------

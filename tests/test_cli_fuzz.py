@@ -50,7 +50,7 @@ EXPORT_VALUES = {
     "--sign-key": "key.pem | missing.pem junk.pem ''",
     "--opset": "17 18 | 1 999 x",
     "--atol": "1e-4 0.5 | 0 nan inf -1 x 1e-30",
-    "--quantize": "none float16 dynamic-int8 int8 | bogus",
+    "--quantize": "none float16 dynamic-int8 int8 int8-cpu | bogus",
     "--int8-io": None,
     "--calibration": "calibration.npz | missing.npz junk.npz ''",
     "--max-rel-error": "0.05 0.5 | 0 x",

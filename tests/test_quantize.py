@@ -568,7 +568,7 @@ def test_pickled_calibration_is_never_unpickled(tmp_path, monkeypatch):
 
 def test_calibration_needs_int8(calibration_file):
     # float16 and dynamic-int8 never took calibration data: still a usage error.
-    with pytest.raises(SpecError, match="--calibration applies to --quantize int8 only"):
+    with pytest.raises(SpecError, match="--calibration applies to --quantize int8 and int8-cpu only"):
         calibration.calibrations_for({"onnx": ArtifactSpec(quantize="float16")}, calibration_file)
 
 

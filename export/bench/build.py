@@ -68,9 +68,11 @@ def build_length(spec: ArtifactSpec, weights: list, args, workdir: str, quiet: b
             specs = {}
             if "onnx" in runtimes and (args.onnx_batch == "fixed" or i == 0):
                 specs["onnx"] = spec.replace(
-                    batch=batch if args.onnx_batch == "fixed" else None, quantize=variant)
+                    batch=batch if args.onnx_batch == "fixed" else None,
+                    quantize=get_format("onnx").variant_for(variant))
             if "tflite" in runtimes:
-                specs["tflite"] = spec.replace(batch=batch, quantize=variant)
+                specs["tflite"] = spec.replace(batch=batch,
+                                               quantize=get_format("tflite").variant_for(variant))
             if specs:
                 requests.append((batch, specs))
         for batch, specs in requests:

@@ -21,7 +21,7 @@ import tensorflow as tf
 from export import model as user_model
 from export import model_load, publish
 from export.bench.build import Artifact, _quiet_native
-from export.bench.options import PARITY_SEED, VARIANT_LABEL
+from export.bench.options import PARITY_SEED, variant_label
 from export.bench.report import _table, machine
 from export.bench.timing import _stats, make_call, time_interleaved
 from export.check import parity_metrics
@@ -44,7 +44,8 @@ def _ours(ref, inputs, outputs, stem, args, workdir: str, quiet: bool) -> list[A
             if not specs:
                 continue
             specs = {fmt: user_model.ModelSpec(model_inputs=inputs, model_outputs=outputs, stem=stem,
-                                               batch=b, quantize=variant) for fmt, b in specs.items()}
+                                               batch=b, quantize=get_format(fmt).variant_for(variant))
+                     for fmt, b in specs.items()}
             folder = os.path.join(workdir, f"ours_{variant}_b{batch}")
             with _quiet_native(quiet):
                 results = export_artifacts(ExportRequest(specs=specs, output_dir=folder, model=ref))
@@ -151,7 +152,7 @@ def render_model(report: dict) -> str:
              f"{c['model']} ({c['parameters']} parameters)"]
     header = ["runtime", "variant", "batch", "ours µs (p90)", "Keras µs (p90)", "speedup",
               "ours size", "Keras size", "ours max|diff|", "ours rel L2", "Keras max|diff|"]
-    rows = [[r["runtime"], VARIANT_LABEL[r["variant"]], str(r["batch"]),
+    rows = [[r["runtime"], variant_label(r["variant"], r["format"]), str(r["batch"]),
              f"{r['ours_us']['median']:.1f} ({r['ours_us']['p90']:.1f})",
              f"{r['keras_us']['median']:.1f} ({r['keras_us']['p90']:.1f})",
              f"{r['speedup']:.2f}x", f"{r['ours_bytes'] / 1024:.1f} KB",

@@ -15,15 +15,24 @@ from export.flags import (
     _positive_int_list,
     add_model_flags,
 )
+from export.formats import get_format
 from export.spec import QUANTIZE_MODES
 
 log = logging.getLogger("export")
 
 
 RUNTIMES = ("onnx", "tflite")
-VARIANT_LABEL = {"none": "float32", "float16": "float16", "dynamic-int8": "dyn-int8", "int8": "int8"}
+VARIANT_LABEL = {"none": "float32", "float16": "float16", "dynamic-int8": "dyn-int8", "int8": "int8",
+                 "int8-cpu": "int8-cpu"}
 PEAK_SIZES = (256, 512, 1024)
 PARITY_SEED = 4242
+
+
+def variant_label(variant: str, fmt: str) -> str:
+    """How tables name `variant` in `fmt`: `int8-cpu=int8` where the format builds its int8 file
+    for it (ONNX, ORT: Format.same_variant)."""
+    built = get_format(fmt).variant_for(variant)
+    return VARIANT_LABEL[variant] if built == variant else f"{VARIANT_LABEL[variant]}={VARIANT_LABEL[built]}"
 
 
 def _choice_list(choices: tuple[str, ...]):

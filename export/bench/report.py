@@ -7,7 +7,7 @@ import logging
 import os
 import platform
 
-from export.bench.options import VARIANT_LABEL
+from export.bench.options import variant_label
 from export.formats import get_format
 
 log = logging.getLogger("export")
@@ -63,24 +63,29 @@ def render(report: dict) -> str:
         f"{peak['numpy']['gflops']:.0f} GFLOP/s (n={peak['numpy']['size']}), onnxruntime MLAS "
         f"{peak['onnxruntime']['gflops']:.0f} GFLOP/s (n={peak['onnxruntime']['size']})")
     header = ["runtime", "variant", "Tq/Tkv", "batch", "ours µs (p90)", "Keras µs (p90)",
-              "speedup", "GFLOP/s", "% peak", "exec GFLOP/s", "exec % peak"]
+              "speedup", "GFLOP/s", "% peak", "exec GFLOP/s", "exec % peak", "call µs",
+              "floor µs", "x floor"]
     rows = []
     for r in report["latency"]:
-        common = [r["runtime"], VARIANT_LABEL[r["variant"]], f"{r['query_len']}/{r['kv_len']}",
+        common = [r["runtime"], variant_label(r["variant"], r["format"]), f"{r['query_len']}/{r['kv_len']}",
                   str(r["batch"])]
         if "error" in r:
-            rows.append(common + ["failed", _fmt_us(r["keras_us"]), "", "", "", "", ""])
+            rows.append(common + ["failed", _fmt_us(r["keras_us"]), "", "", "", "", "", "", "",
+                                  ""])
             continue
         rows.append(common + [
             _fmt_us(r["ours_us"]), _fmt_us(r["keras_us"]), f"{r['speedup']:.2f}x",
             f"{r['gflops']:.0f}", f"{r['pct_peak']:.0f}%", f"{r['executed_gflops']:.0f}",
-            f"{r['executed_pct_peak']:.0f}%",
+            f"{r['executed_pct_peak']:.0f}%", f"{r['overhead_us']['median']:.1f}",
+            f"{r['floor_us']:.1f}", f"{r['floor_distance']:.2f}x",
         ])
     parts.append(_table(header, rows))
     parts.append(
         "GFLOP/s and % peak count the layer's documented FLOPs (50.5 MFLOP at batch 32 and the "
-        "defaults); exec counts what our folded graph runs (export.graph.executed_flops).")
-    size_rows = [[s["runtime"], VARIANT_LABEL[s["variant"]], f"{s['query_len']}/{s['kv_len']}",
+        "defaults); exec counts what our folded graph runs (export.graph.executed_flops). call µs: "
+        "a one-op graph with the same inputs and outputs in the same runtime; floor = call + exec "
+        "FLOPs at the SGEMM peak timed in the same cell; x floor = ours / floor.")
+    size_rows = [[s["runtime"], variant_label(s["variant"], s["format"]), f"{s['query_len']}/{s['kv_len']}",
                   str(s["batch"]), f"{s['ours_bytes'] / 1024:.1f} KB",
                   f"{s['keras_bytes'] / 1024:.1f} KB", f"{s['ratio']:.2f}x",
                   f"{s['ours_max_abs']:.1e}", f"{s['ours_rel_l2']:.1e}",

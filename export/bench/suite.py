@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
         rows: list[dict] = []
         for spec in specs:
             ls = build_length(spec, weights, args, workdir, quiet_native)
-            rows += bench_length(ls, args, peaks[0]["gflops"])
+            rows += bench_length(ls, args, peaks[0]["gflops"], workdir)
             peaks.append(measure_peak(args.threads, blas_pinned=args.blas_pinned))
         peak = _merge_peaks(peaks)
         for r in rows:  # against the highest peak seen in the whole run

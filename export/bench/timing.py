@@ -12,6 +12,7 @@ import numpy as np
 
 from export import check, reference
 from export.bench.build import Artifact, LengthSet
+from export.bench.floor import floor_distance, one_op_graph, sgemm_call, sgemm_gflops
 from export.bench.options import PARITY_SEED, VARIANT_LABEL
 from export.bench.peak import documented_flops
 from export.errors import ExportError
@@ -117,22 +118,31 @@ def _parity(model, call, feeds) -> dict:
     return {"max_abs": metrics["max_abs"], "rel_l2": metrics["rel_l2"]}
 
 
-def bench_length(ls: LengthSet, args, peak_gflops: float) -> list[dict]:
+def bench_length(ls: LengthSet, args, peak_gflops: float, workdir: str) -> list[dict]:
+    """One row per (batch, runtime, variant) of this length: ours, Keras's, and the cell's floor
+    (a one-op graph's call overhead and an SGEMM, timed in the same interleaved rounds)."""
     rows = []
+    sgemm = sgemm_call(workdir, args.threads)
     for batch in args.batch:
         spec_b = ls.spec.replace(batch=batch)
         feeds = reference.make_inputs(spec_b, batch, PARITY_SEED)
         for runtime in args.runtimes:
             keras = ls.find("keras", runtime, "none", batch)
             ours = {v: ls.find("ours", runtime, v, batch) for v in args.variants}
-            calls = {"keras": make_call(keras, feeds, args.threads)}
+            overhead = Artifact("floor", runtime, "none", one_op_graph(runtime, spec_b, workdir),
+                                batch)
+            calls = {"keras": make_call(keras, feeds, args.threads),
+                     "overhead": make_call(overhead, feeds, args.threads), "sgemm": sgemm}
             for v, a in ours.items():
                 if a is not None and a.error is None:
                     calls[v] = make_call(a, feeds, args.threads)
-            parity = {k: _parity(ls.model, fn, feeds) for k, fn in calls.items()}
+            parity = {k: _parity(ls.model, fn, feeds) for k, fn in calls.items()
+                      if k not in ("overhead", "sgemm")}
             timings = time_interleaved(calls, iterations=args.iterations, warmup=args.warmup,
                                        max_seconds=args.max_seconds)
             keras_stats = _stats(timings["keras"])
+            overhead_stats = _stats(timings["overhead"])
+            cell_peak = sgemm_gflops(float(np.median(timings["sgemm"])))
             doc = documented_flops(ls.spec, batch)
             for v, a in ours.items():
                 row = {
@@ -163,10 +173,13 @@ def bench_length(ls: LengthSet, args, peak_gflops: float) -> list[dict]:
                     keras_gflops=doc / keras_stats["median"] / 1e3,
                     pct_peak=100 * gflops / peak_gflops,
                     executed_pct_peak=100 * executed / stats["median"] / 1e3 / peak_gflops,
+                    overhead_us=overhead_stats, cell_peak_gflops=cell_peak,
+                    **floor_distance(stats["median"], overhead_stats["median"], executed,
+                                     cell_peak),
                 )
                 rows.append(row)
-                log.info("bench    %s %s L=%d/%d b=%d: ours %.1f µs, Keras %.1f µs (%.2fx)",
-                         get_format(runtime).runtime_label, VARIANT_LABEL[v], ls.spec.query_len,
-                         ls.spec.kv_len, batch, stats["median"], keras_stats["median"],
-                         row["speedup"])
+                log.info("bench    %s %s L=%d/%d b=%d: ours %.1f µs, Keras %.1f µs (%.2fx); "
+                         "%.2fx the floor", get_format(runtime).runtime_label, VARIANT_LABEL[v],
+                         ls.spec.query_len, ls.spec.kv_len, batch, stats["median"],
+                         keras_stats["median"], row["speedup"], row["floor_distance"])
     return rows

@@ -18,7 +18,7 @@ from export.metadata import add_tflite_metadata
 from export.native_output import captured_native_output
 from export.savedmodel.build import build_savedmodel
 from export.spec import ArtifactSpec, bucket_key
-from export.tflite.quantize import configure_tflite, tflite_io_quantization
+from export.tflite.quantize import configure_tflite, convert_tflite, tflite_io_quantization
 from export.tflite.signatures import alias_signature
 
 log = logging.getLogger("export")
@@ -84,7 +84,7 @@ def _convert(spec, fn, workdir: str, source: str, configure, calibration, metada
         configure = configure_tflite(spec, calibration)
     if configure is not None:
         configure(converter)
-    flatbuffer, fallbacks = _convert_with_fallbacks(converter)
+    flatbuffer, fallbacks = _convert_with_fallbacks(converter, spec)
     if metadata:
         flatbuffer = add_tflite_metadata(flatbuffer, metadata)
     path = os.path.join(workdir, spec.artifact_name("tflite"))
@@ -108,13 +108,13 @@ FALLBACKS = (
 )
 
 
-def _convert_with_fallbacks(converter) -> tuple[bytes, list[dict]]:
+def _convert_with_fallbacks(converter, spec) -> tuple[bytes, list[dict]]:
     """The flatbuffer, and the fallback options it took ([] when none was needed)."""
     taken: list[dict] = []
     while True:
         try:
             with _calibration_chatter_dropped(converter):
-                return converter.convert(), taken
+                return convert_tflite(converter, spec), taken
         except Exception as e:
             text = str(e)
             fallback = next((f for f in FALLBACKS if not getattr(converter, f[0], False)
