@@ -283,9 +283,8 @@ def manifest_page() -> str:
 def exit_codes_page() -> str:
     from export import errors
 
-    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass)
-               if issubclass(c, errors.ExportError) and c is not errors.ExportError]
-    classes.sort(key=lambda c: (c.exit_code, inspect.getsourcelines(c)[1]))
+    classes = [c for c in errors.error_classes() if c is not errors.ExportError]
+    classes.sort(key=lambda c: c.exit_code)  # stable: in the order errors.py defines them
     out = [
         "# Exit codes",
         "",
@@ -300,8 +299,6 @@ def exit_codes_page() -> str:
     for cls in classes:
         out.append(f"| {cls.exit_code} | `{cls.__name__}` | {_cell(inspect.getdoc(cls) or '')} |")
     out += [
-        f"| {errors.INTERRUPTED_EXIT_CODE} | (Ctrl-C, SIGINT) | interrupted: 128 + SIGINT, as "
-        "shells report it |",
         "",
         "## Per command",
         "",

@@ -8,7 +8,7 @@ import sys
 
 from export.arm import DEFAULT_CACHE, DEFAULT_CPUS, check_path
 from export.cli import report_failures
-from export.errors import printable, reader_may_leave
+from export.errors import exit_codes_epilog, printable, reader_may_leave
 from export.flags import OneLineParser
 
 PROG = "python -m export.arm"
@@ -24,9 +24,10 @@ def build_parser() -> OneLineParser:
             "an ARM model passes only if its manifest declares it (deployment.arm, written by "
             "python -m export --arm)."
         ),
-        epilog="exit codes: 0 every file passed (or failed only where its manifest says so); "
-               "1 a file failed; 2 usage error; 8 qemu/mmdebstrap missing or a download failed; "
-               "9 the emulated verifier crashed or gave no result",
+        epilog=exit_codes_epilog((0, 1, 2, 8, 9, 130), {
+            0: "every file passed (or failed only where its manifest says so)", 1: "a file failed",
+            2: "usage error", 8: "qemu/mmdebstrap missing or a download failed",
+            9: "the emulated verifier crashed or gave no result"}),
     )
     parser.add_argument("path", metavar="PATH", nargs="?", default="artifacts",
                         help="an output folder or one manifest (default artifacts)")
