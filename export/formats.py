@@ -73,6 +73,11 @@ class Format:
         verify_check: "module:function" that `export.verify` calls as `check(path, manifest,
             folder)` after the golden vectors pass (TFLM: the manifest's arena runs the file, the
             generated C++ holds its bytes), raising ManifestError; or None.
+        several_lengths: whether one file can hold several lengths (`--lengths`: a signature per
+            bucket, or symbolic lengths); TFLM runs one subgraph of one length.
+
+    What a format can take (`dynamic_batch`, `dynamic_length`, `several_lengths`, `variants`,
+    `int8_io`) is what the parser checks (`refusal`), before any model is built.
     """
 
     name: str
@@ -98,6 +103,30 @@ class Format:
     variants: tuple[str, ...] | None = None
     default_run: bool = True
     verify_check: str | None = None
+    several_lengths: bool = True
+
+    def refusal(self, *, lengths: bool = False, dynamic_batch: bool = False,
+                dynamic_length: str | None = None, quantize: str | None = None) -> str | None:
+        """Why this format cannot take what a command line asks, or None.
+
+        Args:
+            lengths: `--lengths` was given. dynamic_batch: `--batch dynamic`.
+            dynamic_length: the flag that asked for a symbolic length (`--kv-len`), or None.
+            quantize: the `--quantize` mode asked of this format alone.
+        """
+        if lengths and not self.several_lengths:
+            return (f"{self.title} artifacts have one static length; export one file per length "
+                    f"with --query-len/--kv-len. Received: --lengths")
+        if dynamic_batch and not self.dynamic_batch:
+            return (f"{self.title} artifacts have a static batch; --batch dynamic is not possible "
+                    f"for {self.name}. Received: --batch dynamic")
+        if dynamic_length and not self.dynamic_length:
+            return (f"{self.title} artifacts have static lengths ({dynamic_length} dynamic); for "
+                    f"several lengths in one file use --lengths 16,64,256 (one signature each)")
+        if quantize is not None and self.variant_for(quantize) != quantize:
+            kinds = " or ".join(self.variants or ("none",))
+            return f"{self.title} artifacts are {kinds} only. Received: --quantize {quantize}"
+        return None
 
     def variant_for(self, quantize: str) -> str:
         """The variant this format builds when `--quantize` says `quantize`: savedmodel stays
@@ -195,7 +224,7 @@ REGISTRY: dict[str, Format] = {
             build_options=("calibration", "metadata", "arena_limit"),
             graph_check="export.tflm.check:check_tflm_file",
             runner="export.tflm.runtime:tflm_function", variants=("int8",), default_run=False,
-            verify_check="export.tflm.check:check_published_set",
+            verify_check="export.tflm.check:check_published_set", several_lengths=False,
         ),
     )
 }
