@@ -19,7 +19,7 @@ from typing import TypeVar
 from export import resources, signing
 from export.deployment import summary as deployment_summary
 from export.errors import INTERRUPTED_EXIT_CODE, ExportError, reader_may_leave
-from export.flags import SHAPE_DEFAULTS, build_parser, check_length_flags, check_model_flags
+from export.flags import SHAPE_DEFAULTS, build_parser, check_length_flags, check_model_flags, display_prog
 from export.formats import FORMAT_NAMES, get_format
 from export.request import resolve_request
 
@@ -71,6 +71,7 @@ def report_failures(prog: str, call: Callable[[], T], *,
 
     Returns `(result, 0)`, or `(None, exit code)`; every entry point's main() reports this way.
     """
+    prog = display_prog(prog)
     # From here on Ctrl-C raises KeyboardInterrupt, so staging folders are removed on the way out
     # (before, export/__init__ exits at once: nothing has been written yet).
     signal.signal(signal.SIGINT, signal.default_int_handler)
