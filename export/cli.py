@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
         resources.check_output_dir(args.output_dir)
         if args.sign_key:  # a bad key fails before anything is built
             signing.load_signer(args.sign_key)
-        if args.arm:  # so does a missing qemu or a failed download (cached in build/arm)
+        if args.arm:  # so does a missing qemu or a failed download (cached: export.caches)
             from export import arm  # lazy: qemu's cache and the verifier, with --arm only
 
             arm.provision(arm.DEFAULT_CACHE)

@@ -7,7 +7,7 @@ import os
 import sys
 
 from export.arm import DEFAULT_CACHE, DEFAULT_CPUS, check_path
-from export.cli import report_failures
+from export.cli import configure_logging, report_failures
 from export.errors import exit_codes_epilog, printable, reader_may_leave
 from export.flags import OneLineParser
 
@@ -35,7 +35,8 @@ def build_parser() -> OneLineParser:
                         help="a qemu CPU model, with properties if any (max,sme=off); repeat for "
                              f"several (default: {' '.join(DEFAULT_CPUS)})")
     parser.add_argument("--cache", default=DEFAULT_CACHE, metavar="DIR",
-                        help=f"root file system and wheels (default {DEFAULT_CACHE})")
+                        help="root file system and wheels (default $XATTN_CACHE_DIR/arm, else "
+                             f"${{XDG_CACHE_HOME:-~/.cache}}/xattn/arm: here {DEFAULT_CACHE})")
     parser.add_argument("--mirror", metavar="URL",
                         help="Debian mirror for mmdebstrap (default $XATTN_ARM_MIRROR or "
                              "http://deb.debian.org/debian)")
@@ -102,6 +103,7 @@ def print_report(report: dict, quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(False, args.quiet)  # the cache folder, when provisioning uses it
     cpus = tuple(args.cpu) if args.cpu else DEFAULT_CPUS
     report, code = report_failures(PROG, lambda: check_path(
         args.path, cpus=cpus, cache=args.cache, mirror=args.mirror, index_url=args.index_url))
