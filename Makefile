@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install artifacts test test-fast lint bench verify verify-web web-deps chromium clean example serve \
-	coverage mutation cxx verify-arm arm-deps docs clean-cache
+	coverage mutation cxx verify-arm arm-deps docs clean-cache install-sizes
 
 install: $(STAMP)
 
@@ -94,6 +94,11 @@ clean:
 XATTN_CACHE := $(or $(XATTN_CACHE_DIR),$(if $(filter /%,$(XDG_CACHE_HOME)),$(XDG_CACHE_HOME),$(HOME)/.cache)/xattn)
 clean-cache:
 	rm -rf $(XATTN_CACHE)
+
+# README, Install: a fresh venv per extra (runtime, build, test) under the cache folder, with the
+# install's time and size (pip's cache warm or not: say which when quoting the figures).
+install-sizes:
+	$(PYTHON) .ci/install-sizes
 
 verify: $(STAMP)
 	$(PY) -m export.verify artifacts/

@@ -76,7 +76,7 @@ def published(artifact_factory):
 def test_runtime_venv_holds_no_build_half_and_fits_300_mb(runtime_venv, tmp_path):
     python, seconds = runtime_venv
     listed = _run(python, "-m", "pip", "list", "--format", "json", cwd=str(tmp_path))
-    names = {p["name"].lower() for p in json.loads(listed.stdout)}
+    names = {p["name"].lower().replace("_", "-") for p in json.loads(listed.stdout)}
     assert {"numpy", "onnxruntime", "ai-edge-litert", "uvicorn", "xattn"} <= names, names
     assert not names & set(BUILD_ONLY), names & set(BUILD_ONLY)
     size = _site_bytes(os.path.dirname(os.path.dirname(python)))
