@@ -42,6 +42,7 @@ def _one_error_line(done: subprocess.CompletedProcess, code: int, *needles: str)
 # -- exit codes: the error classes define them; the epilogs and the docs are generated -------------
 
 
+@pytest.mark.fast
 def test_every_error_class_code_is_in_the_table_and_named_by_the_first_class():
     table = errors.exit_codes()
     assert table[0] == "ok"
@@ -53,6 +54,7 @@ def test_every_error_class_code_is_in_the_table_and_named_by_the_first_class():
     assert list(table) == sorted(table)
 
 
+@pytest.mark.fast
 def test_epilogs_are_generated_from_the_classes():
     assert export_parser().epilog == errors.exit_codes_epilog()
     assert build_parser().epilog == errors.exit_codes_epilog()
@@ -64,6 +66,7 @@ def test_epilogs_are_generated_from_the_classes():
         errors.exit_codes_epilog((0,), {43: "made up"})
 
 
+@pytest.mark.fast
 def test_docs_exit_code_page_lists_each_code_from_the_classes():
     sys.path.insert(0, os.path.join(REPO, "docs"))
     try:
@@ -90,6 +93,7 @@ REFUSALS = (
 )
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("fmt, argv, words", REFUSALS,
                          ids=[f"{f}-{a[0].lstrip('-')}" for f, a, _ in REFUSALS])
 def test_parser_refuses_what_the_format_cannot_take_before_importing_tensorflow(fmt, argv, words,
@@ -111,6 +115,7 @@ def test_parser_refuses_what_the_format_cannot_take_before_importing_tensorflow(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.fast
 def test_refusals_cover_tflm_lengths_the_case_that_took_seconds():
     assert ("tflm", ["--lengths", "8,16"], "one static length") in REFUSALS
     assert REGISTRY["tflm"].refusal(lengths=True) is not None
@@ -119,6 +124,7 @@ def test_refusals_cover_tflm_lengths_the_case_that_took_seconds():
     assert REGISTRY["tflm"].refusal(quantize="int8") is None
 
 
+@pytest.mark.fast
 def test_a_static_batch_among_several_formats_is_no_refusal():
     from export.flags import check_format_flags
 
@@ -130,6 +136,7 @@ def test_a_static_batch_among_several_formats_is_no_refusal():
 # -- `xattn` ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_xattn_help_lists_every_command_and_its_alias():
     done = xattn("--help")
     assert done.returncode == 0, done.stderr
@@ -139,6 +146,7 @@ def test_xattn_help_lists_every_command_and_its_alias():
     assert errors.exit_codes_epilog() in text
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("argv, words", [
     ([], "a command is required"),
     (["nope"], "unknown command 'nope'"),
@@ -147,22 +155,33 @@ def test_xattn_usage_errors(argv, words):
     _one_error_line(xattn(*argv), 2, "xattn: error:", words)
 
 
-@pytest.mark.parametrize("command, argv, words", [
-    ("export", ["export", "--units", "0"], "xattn export: error: argument --units"),
-    ("export tflm", ["export", "tflm", "--lengths", "8,16"], "xattn export tflm: error: TFLM"),
-    ("verify", ["verify", "/no/such/folder"], "xattn verify: error: no such file or folder"),
-    ("serve", ["serve", "/no/such/folder"], "xattn serve: error: no such file or folder"),
-    ("bench", ["bench", "--iterations", "0"], "xattn bench: error: argument --iterations"),
-    ("bench serve", ["bench", "serve", "--bogus"], "xattn bench serve: error: unrecognized"),
-    ("arm", ["arm", "/no/such/folder"], "xattn arm: error: no such file or folder"),
-], ids=lambda v: v if isinstance(v, str) and " " not in v or v in ("export tflm", "bench serve")
-   else None)
-def test_each_command_runs_its_entry_under_its_own_name(command, argv, words):
+FAST = pytest.mark.fast  # no TensorFlow in the process (bench imports it before parsing)
+
+
+@pytest.mark.parametrize("argv, words", [
+    pytest.param(["export", "--units", "0"], "xattn export: error: argument --units", marks=FAST,
+                 id="export"),
+    pytest.param(["export", "tflm", "--lengths", "8,16"], "xattn export tflm: error: TFLM",
+                 marks=FAST, id="export-tflm"),
+    pytest.param(["verify", "/no/such/folder"], "xattn verify: error: no such file or folder",
+                 marks=FAST, id="verify"),
+    pytest.param(["serve", "/no/such/folder"], "xattn serve: error: no such file or folder",
+                 marks=FAST, id="serve"),
+    pytest.param(["bench", "--iterations", "0"], "xattn bench: error: argument --iterations",
+                 id="bench"),
+    pytest.param(["bench", "serve", "--bogus"], "xattn bench serve: error: unrecognized",
+                 id="bench-serve"),
+    pytest.param(["arm", "/no/such/folder"], "xattn arm: error: no such file or folder",
+                 marks=FAST, id="arm"),
+])
+def test_each_command_runs_its_entry_under_its_own_name(argv, words):
     _one_error_line(xattn(*argv), 2, words)
 
 
-@pytest.mark.parametrize("command", ["export", "export onnx", "verify", "serve", "bench",
-                                     "bench serve", "arm"])
+@pytest.mark.parametrize("command", [
+    "export", "export onnx",  # --help computes the ONNX opset's default: tf2onnx, TensorFlow
+    pytest.param("verify", marks=FAST), pytest.param("serve", marks=FAST), "bench", "bench serve",
+    pytest.param("arm", marks=FAST)])
 def test_each_command_help_is_its_entry_points(command):
     done = xattn(*command.split(), "--help")
     assert done.returncode == 0, done.stderr
