@@ -42,6 +42,7 @@ def entry_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
     from export import cli
     from export.arm.cli import build_parser as arm_parser
     from export.bench.options import build_parser as bench_parser
+    from export.command import build_parser as xattn_parser
     from export.formats import REGISTRY
     from export.serve.cli import build_parser as serve_parser
     from export.serve.loadbench import build_parser as loadbench_parser
@@ -52,6 +53,7 @@ def entry_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
         prog = FORMAT_ENTRY.format(fmt=fmt)
         parsers.append((prog, cli.build_parser((fmt,), prog=prog)))
     parsers += [
+        ("xattn", xattn_parser()),  # every command below, as `xattn COMMAND` (export.command)
         ("python -m export.verify", verify_parser()),
         ("python -m export.arm", arm_parser()),
         ("python -m export.serve", serve_parser()),

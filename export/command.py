@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=exit_codes_epilog(),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", title="commands",
+        help="one of " + ", ".join(c.name for c in COMMANDS) + "; `xattn export FORMAT` for one "
+             "format (" + ", ".join(REGISTRY) + ")")
     for command in COMMANDS:
         sub = commands.add_parser(command.name, help=f"{command.help} [{command.alias}]",
                                   add_help=False)

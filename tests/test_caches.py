@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO, run_module
@@ -38,12 +40,15 @@ def test_explicit_cache_dir_is_made_absolute(monkeypatch, tmp_path):
     assert caches.cache_root() == str(tmp_path / "here")
 
 
-def test_arm_cache_defaults_outside_the_work_tree_and_help_says_where():
-    # A short path: argparse breaks a word longer than the help's width (nothing is created).
-    done = run_module("export.arm", "--help", env={"XATTN_CACHE_DIR": "/nonexistent/xc"},
-                      timeout=120)
+def test_arm_cache_defaults_outside_the_work_tree_and_help_says_where(tmp_path):
+    done = run_module("export.arm", "--help", timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "here /nonexistent/xc/arm)" in " ".join(done.stdout.split())
+    assert ("default $XATTN_CACHE_DIR/arm, else ${XDG_CACHE_HOME:-~/.cache}/xattn/arm; printed "
+            "when used" in " ".join(done.stdout.split()))
+    moved = subprocess.run([sys.executable, "-c", "import export.arm; print(export.arm.DEFAULT_CACHE)"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "XATTN_CACHE_DIR": str(tmp_path / "c")})
+    assert moved.stdout.strip() == str(tmp_path / "c" / "arm"), moved.stderr
     from export import arm
 
     assert not os.path.abspath(arm.DEFAULT_CACHE).startswith(REPO + os.sep)

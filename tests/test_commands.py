@@ -34,6 +34,9 @@ ARM = ("aarch64 emulation: an arm64 root file system and wheels downloaded, minu
        "runs make verify-arm as its own step, tests/test_arm.py the failure paths")
 SKIP = {
     "make test": "the suite itself: it would run this test again",
+    "make test-fast": "the suite's fast tier: it would run this test's neighbours again",
+    "make install-sizes": "three fresh venvs (minutes): tests/test_runtime_install.py installs the "
+                          "runtime one and runs it",
     "make example": "trains the forecaster (about a minute on 2 cores); tests/test_example_forecast.py "
                     "runs its steps on a short training",
     "make verify-web": "npm ci and Chromium (network, minutes): .ci/run runs it as its own step",
@@ -75,14 +78,35 @@ def _skip_reason(command: Command) -> str | None:
     return SKIP.get(f"{command.text} # {command.comment}") or SKIP.get(command.text)
 
 
+def _module_form(argv: list[str]) -> list[str]:
+    """`xattn CMD ...` as the `python -m MODULE ...` it is an alias of (export.command); else argv."""
+    if argv[:1] != ["xattn"] or len(argv) < 2:
+        return argv
+    from export.command import BY_NAME
+    from export.formats import REGISTRY
+
+    command, rest = argv[1], argv[2:]
+    if command == "export" and rest[:1] and rest[0] in REGISTRY:
+        return ["python", "-m", f"export.{rest[0]}", *rest[1:]]
+    if command == "bench" and rest[:1] == ["serve"]:
+        return ["python", "-m", "export.serve.loadbench", *rest[1:]]
+    return ["python", "-m", BY_NAME[command].module, *rest]
+
+
 def _argv(command: Command) -> list[str]:
-    """The command as run: `python` is this interpreter; builders get SMALL where not given."""
-    argv = command.argv
+    """The command as run: `python` is this interpreter, `xattn` the console script beside it;
+    builders get SMALL where not given."""
+    argv = _module_form(command.argv)
     if argv[:2] == ["python", "-m"]:
         module, args = argv[2], argv[3:]
         if module in BUILDERS and "--model" not in args:
             given = set(args) | ({"--query-len", "--kv-len"} if "--lengths" in args else set())
-            args = args + [part for flag, value in SMALL if flag not in given for part in (flag, value)]
+            added = [part for flag, value in SMALL if flag not in given for part in (flag, value)]
+            if command.argv[:1] == ["xattn"]:
+                return [os.path.join(os.path.dirname(sys.executable), "xattn"), *command.argv[1:], *added]
+            args = args + added
+        elif command.argv[:1] == ["xattn"]:
+            return [os.path.join(os.path.dirname(sys.executable), "xattn"), *command.argv[1:]]
         return [sys.executable, "-m", module, *args]
     if argv[:1] == ["make"]:
         # the venv the repository's tests run in: never reinstalled by this test
@@ -92,7 +116,7 @@ def _argv(command: Command) -> list[str]:
 
 def _touches_artifacts(command: Command) -> str | None:
     """'writes' or 'reads' when the command uses the folder artifacts/, else None."""
-    argv = command.argv
+    argv = _module_form(command.argv)
     if argv[:1] == ["make"]:
         return {"artifacts": "writes", "verify": "reads"}.get(argv[1] if len(argv) > 1 else "")
     if argv[:2] != ["python", "-m"]:

@@ -34,9 +34,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--cpu", action="append", metavar="MODEL",
                         help="a qemu CPU model, with properties if any (max,sme=off); repeat for "
                              f"several (default: {' '.join(DEFAULT_CPUS)})")
-    parser.add_argument("--cache", default=DEFAULT_CACHE, metavar="DIR",
+    parser.add_argument("--cache", metavar="DIR",
                         help="root file system and wheels (default $XATTN_CACHE_DIR/arm, else "
-                             f"${{XDG_CACHE_HOME:-~/.cache}}/xattn/arm: here {DEFAULT_CACHE})")
+                             "${XDG_CACHE_HOME:-~/.cache}/xattn/arm; printed when used)")
     parser.add_argument("--mirror", metavar="URL",
                         help="Debian mirror for mmdebstrap (default $XATTN_ARM_MIRROR or "
                              "http://deb.debian.org/debian)")
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(False, args.quiet)  # the cache folder, when provisioning uses it
     cpus = tuple(args.cpu) if args.cpu else DEFAULT_CPUS
     report, code = report_failures(PROG, lambda: check_path(
-        args.path, cpus=cpus, cache=args.cache, mirror=args.mirror, index_url=args.index_url))
+        args.path, cpus=cpus, cache=args.cache or DEFAULT_CACHE, mirror=args.mirror,
+        index_url=args.index_url))
     if code:
         return code
     if args.report:
