@@ -40,6 +40,20 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class LazyHelp(str):
+    """A help text computed when `--help` prints it, not when the parser is built: the ONNX
+    opset's default comes from tf2onnx, which imports TensorFlow (seconds), and a parser that
+    refuses a command line must answer before that (export.formats, Format.refusal)."""
+
+    def __new__(cls, make):
+        text = super().__new__(cls, "(computed when --help prints it)")
+        text._make = make
+        return text
+
+    def __mod__(self, params):  # argparse's HelpFormatter._expand_help: `help % params`
+        return self._make() % params
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -315,20 +329,6 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
     talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     talk.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     return parser
-
-
-class LazyHelp(str):
-    """A help text computed when `--help` prints it, not when the parser is built: the ONNX
-    opset's default comes from tf2onnx, which imports TensorFlow (seconds), and a parser that
-    refuses a command line must answer before that (export.formats, Format.refusal)."""
-
-    def __new__(cls, make):
-        text = super().__new__(cls, "(computed when --help prints it)")
-        text._make = make
-        return text
-
-    def __mod__(self, params):  # argparse's HelpFormatter._expand_help: `help % params`
-        return self._make() % params
 
 
 def _default_opset_text() -> str:

@@ -122,6 +122,8 @@ def test_refusals_cover_tflm_lengths_the_case_that_took_seconds():
     assert REGISTRY["onnx"].refusal(lengths=True, dynamic_batch=True, dynamic_length="--kv-len") is None
     assert "int8 only" in REGISTRY["tflm"].refusal(quantize="float16")
     assert REGISTRY["tflm"].refusal(quantize="int8") is None
+    assert "float32 only" in REGISTRY["savedmodel"].refusal(quantize="int8")
+    assert REGISTRY["onnx"].refusal(quantize="dynamic-int8") is None
 
 
 @pytest.mark.fast

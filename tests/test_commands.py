@@ -16,9 +16,11 @@ test follows it.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import glob
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -78,6 +80,16 @@ def _skip_reason(command: Command) -> str | None:
     return SKIP.get(f"{command.text} # {command.comment}") or SKIP.get(command.text)
 
 
+def _command_argv(command: Command) -> list[str]:
+    """`_argv`, and `xattn ...` as the console script beside this interpreter, given what `_argv`
+    gives the `python -m` command it is an alias of."""
+    if command.argv[:1] != ["xattn"]:
+        return _argv(command)
+    alias = _module_form(command.argv)
+    added = _argv(dataclasses.replace(command, text=shlex.join(alias)))[len(alias):]
+    return [os.path.join(os.path.dirname(sys.executable), "xattn"), *command.argv[1:], *added]
+
+
 def _module_form(argv: list[str]) -> list[str]:
     """`xattn CMD ...` as the `python -m MODULE ...` it is an alias of (export.command); else argv."""
     if argv[:1] != ["xattn"] or len(argv) < 2:
@@ -94,23 +106,18 @@ def _module_form(argv: list[str]) -> list[str]:
 
 
 def _argv(command: Command) -> list[str]:
-    """The command as run: `python` is this interpreter, `xattn` the console script beside it;
-    builders get SMALL where not given."""
-    argv = _module_form(command.argv)
+    """The command as run: `python` is this interpreter; builders get SMALL where not given."""
+    argv = command.argv
     if argv[:2] == ["python", "-m"]:
         module, args = argv[2], argv[3:]
         if module in BUILDERS and "--model" not in args:
             given = set(args) | ({"--query-len", "--kv-len"} if "--lengths" in args else set())
-            added = [part for flag, value in SMALL if flag not in given for part in (flag, value)]
-            if command.argv[:1] == ["xattn"]:
-                return [os.path.join(os.path.dirname(sys.executable), "xattn"), *command.argv[1:], *added]
-            args = args + added
-        elif command.argv[:1] == ["xattn"]:
-            return [os.path.join(os.path.dirname(sys.executable), "xattn"), *command.argv[1:]]
+            args = args + [part for flag, value in SMALL if flag not in given for part in (flag, value)]
         return [sys.executable, "-m", module, *args]
     if argv[:1] == ["make"]:
         # the venv the repository's tests run in: never reinstalled by this test
-        return ["make", "--no-print-directory", "-o", ".venv/.installed", *argv[1:]]
+        return ["make", "--no-print-directory", "-o", ".venv/.installed", "-o", ".venv/.installed-test",
+                *argv[1:]]
     raise AssertionError(f"{command.where}: no way to run {command.text!r}; add it to SKIP with a reason")
 
 
@@ -237,7 +244,7 @@ def command_results(tmp_path_factory) -> dict:
             shutil.copytree(os.path.join(base, "artifacts"), os.path.join(folder, "artifacts"),
                             symlinks=True)
         for command in listed[: last + 1]:
-            results[command.where] = _run(_argv(command), folder)
+            results[command.where] = _run(_command_argv(command), folder)
 
     runs = {block: listed for block, listed in blocks.items()
             if any(first[keys[c.where]] == c.where for c in listed)}
