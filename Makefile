@@ -10,7 +10,6 @@ TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install artifacts test lint bench verify verify-web web-deps chromium clean example serve \
 	coverage mutation cxx verify-arm arm-deps docs
-.PHONY: test-fast clean-cache install-sizes
 
 install: $(STAMP)
 
@@ -37,6 +36,7 @@ test: $(TEST_STAMP) cxx chromium
 
 # The fast tier (pytest -m fast): the pure logic (flags, the registry's refusals, exit codes,
 # the manifest schema, the gate, the serving protocol's decoding): no TensorFlow, no server.
+.PHONY: test-fast
 test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -m fast
 
@@ -96,6 +96,7 @@ clean:
 # Downloads and caches live outside the work tree (export/caches.py): the arm64 root file system
 # and the aarch64 wheels (make verify-arm), the runtime-only venv of tests/test_runtime_install.py.
 XATTN_CACHE := $(or $(XATTN_CACHE_DIR),$(if $(filter /%,$(XDG_CACHE_HOME)),$(XDG_CACHE_HOME),$(HOME)/.cache)/xattn)
+.PHONY: clean-cache install-sizes
 clean-cache:
 	rm -rf $(XATTN_CACHE)
 
