@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from export.errors import exit_codes_epilog
-from export.flags import PROG_NAMES, OneLineParser
+from export.flags import OneLineParser
 from export.formats import FORMAT_NAMES, REGISTRY
+from export.reporting import PROG_NAMES
 
 PROG = "xattn"
 

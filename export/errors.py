@@ -1,4 +1,4 @@
-"""Typed errors of the artifact builder; only `export.cli` turns them into exit codes."""
+"""Typed errors of the artifact builder; only the command lines (export.reporting) make exit codes."""
 
 from __future__ import annotations
 

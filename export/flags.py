@@ -11,21 +11,12 @@ import argparse
 from export.buckets import parse_lengths
 from export.errors import SpecError, exit_codes_epilog
 from export.formats import FORMAT_NAMES, get_format
+from export.reporting import display_prog
 from export.spec import QUANTIZE_MODES
 
 SHAPE_DEFAULTS = {
     "units": 64, "heads": 4, "query_len": 10, "kv_len": 10, "query_features": 64, "kv_features": 64,
 }
-
-
-# `xattn <command>` runs an entry point's main() under the name the user typed (export.command,
-# `running_as`): a parser built meanwhile with one of these `python -m` names takes the other.
-PROG_NAMES: dict[str, str] = {}
-
-
-def display_prog(prog: str) -> str:
-    """The name a command runs under: `prog`, or what `xattn` calls it while it runs it."""
-    return PROG_NAMES.get(prog, prog)
 
 
 class OneLineParser(argparse.ArgumentParser):

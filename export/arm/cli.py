@@ -7,9 +7,9 @@ import os
 import sys
 
 from export.arm import DEFAULT_CACHE, DEFAULT_CPUS, check_path
-from export.cli import configure_logging, report_failures
 from export.errors import exit_codes_epilog, printable, reader_may_leave
 from export.flags import OneLineParser
+from export.reporting import configure_logging, report_failures
 
 PROG = "python -m export.arm"
 

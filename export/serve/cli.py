@@ -14,9 +14,9 @@ import signal
 import sys
 import threading
 
-from export.cli import report_failures
 from export.errors import exit_codes_epilog
 from export.flags import OneLineParser, _path, _positive_float, _positive_int
+from export.reporting import report_failures
 from export.verify import MARKS
 
 PROG = "python -m export.serve"

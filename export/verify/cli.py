@@ -8,7 +8,8 @@ import os
 import sys
 
 from export.errors import SigningError, UsageError, exit_codes_epilog, printable, reader_may_leave
-from export.flags import OneLineParser, _path, display_prog
+from export.flags import OneLineParser, _path
+from export.reporting import display_prog
 from export.verify import ASCII_MARKS, MARKS, verify_path
 
 PROG = "python -m export.verify"
