@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from export import reporting
 from export.buckets import parse_lengths
 from export.errors import SpecError, exit_codes_epilog
 from export.formats import FORMAT_NAMES, get_format
-from export.reporting import display_prog
 from export.spec import QUANTIZE_MODES
 
 SHAPE_DEFAULTS = {
@@ -24,7 +24,7 @@ class OneLineParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         if kwargs.get("prog") is not None:
-            kwargs["prog"] = display_prog(kwargs["prog"])
+            kwargs["prog"] = reporting.display_prog(kwargs["prog"])
         super().__init__(*args, **kwargs)
 
     def error(self, message):
