@@ -14,7 +14,7 @@ from export.deployment import summary as deployment_summary
 from export.errors import reader_may_leave
 from export.flags import SHAPE_DEFAULTS, build_parser, check_length_flags, check_model_flags
 from export.formats import FORMAT_NAMES, get_format
-from export.reporting import configure_logging, report_failures
+from export.reporting import check_build_half, configure_logging, report_failures
 from export.request import resolve_request
 
 __all__ = ["SHAPE_DEFAULTS", "build_parser", "configure_logging", "main", "print_table",
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
         parser.error(f"--name must not be empty. Received: --name {args.name!r}")
 
     def export():
+        check_build_half(prog)  # the runtime half alone: one line naming the extra, exit 2
         from export.pipeline import export_artifacts  # lazy: TensorFlow, after parsing
 
         resources.check_output_dir(args.output_dir)

@@ -7,19 +7,33 @@ without importing the build half's command line (export.cli).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from export.errors import INTERRUPTED_EXIT_CODE, ExportError
+from export.errors import INTERRUPTED_EXIT_CODE, ExportError, UsageError
 
 T = TypeVar("T")
 
 # `xattn <command>` runs an entry point's main() under the name the user typed (export.command,
 # `running_as`): a parser built meanwhile with one of these `python -m` names takes the other.
 PROG_NAMES: dict[str, str] = {}
+
+
+# What exporting imports that the runtime half (pip install ".[runtime]") does not install.
+BUILD_HALF_PACKAGES = ("tensorflow", "keras", "tf2onnx", "onnx")
+
+
+def check_build_half(prog: str) -> None:
+    """UsageError (exit 2) naming the extra to install when a command of the build half runs
+    where only the runtime half is installed: one line instead of an ImportError's traceback."""
+    missing = [p for p in BUILD_HALF_PACKAGES if importlib.util.find_spec(p) is None]
+    if missing:
+        raise UsageError(f"{display_prog(prog)} exports, which needs the build half: "
+                         f"{', '.join(missing)} not installed here (pip install 'xattn[build]')")
 
 
 def display_prog(prog: str) -> str:

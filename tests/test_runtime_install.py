@@ -104,6 +104,23 @@ def test_runtime_venv_verifies_what_the_build_venv_published(runtime_venv, publi
         assert "tensorflow is not importable here" in done.stdout
 
 
+@pytest.mark.parametrize("argv", [
+    ["-m", "export.onnx", "--units", "8"], ["XATTN", "export", "tflite"], ["XATTN", "bench"],
+], ids=["python-m-export-onnx", "xattn-export", "xattn-bench"])
+def test_runtime_venv_refuses_to_export_in_one_line(runtime_venv, argv, tmp_path):
+    python, _ = runtime_venv
+    xattn = os.path.join(os.path.dirname(python), "xattn")
+    command = [xattn, *argv[1:]] if argv[0] == "XATTN" else [python, *argv]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(command, cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
+                          env=env)
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "exports, which needs the build half: tensorflow, keras, tf2onnx, onnx not installed here "\
+           "(pip install 'xattn[build]')" in lines[0], lines[0]
+    assert not os.listdir(tmp_path)  # nothing written (no artifacts/ folder)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,17 +140,18 @@ def _request(port: int, method: str, path: str, body: bytes | None = None) -> tu
 def test_runtime_venv_serves_on_the_embedded_engine(runtime_venv, published, tmp_path):
     python, _ = runtime_venv
     port = _free_port()
-    logs = open(tmp_path / "stderr", "w")
+    logs, out = open(tmp_path / "stderr", "w"), open(tmp_path / "stdout", "w")
     proc = subprocess.Popen([python, "-m", "export.serve", published, "--port", str(port),
-                             "--workers", "1"], cwd=str(tmp_path), stdout=subprocess.PIPE,
-                            stderr=logs, text=True,
+                             "--workers", "1"], cwd=str(tmp_path), stdout=out, stderr=logs,
                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             assert proc.poll() is None, (tmp_path / "stderr").read_text()
             try:
-                if _request(port, "GET", "/v2/health/ready")[0] == 200:
+                # The CLI prints `ready` once it is serving (a Ctrl-C before is a startup's: 130).
+                if ("ready " in (tmp_path / "stdout").read_text()
+                        and _request(port, "GET", "/v2/health/ready")[0] == 200):
                     break
             except OSError:
                 pass
@@ -162,4 +180,5 @@ def test_runtime_venv_serves_on_the_embedded_engine(runtime_venv, published, tmp
         except subprocess.TimeoutExpired:
             proc.kill()
         logs.close()
+        out.close()
     assert proc.returncode == 0, (tmp_path / "stderr").read_text()
