@@ -1,8 +1,12 @@
-# One venv for everything: `make artifacts` and `make test` both create it on first use.
+# One venv, installed in two steps (README, Install): `make install` / `make artifacts` install
+# what exporting needs (the [build] extra: TensorFlow, Keras, tf2onnx, onnx and the runtime half);
+# `make test` adds the rest ([test]: serving past the embedded engine, signing, TFLM, the example,
+# the docs site, the test tools).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install artifacts test lint bench verify verify-web web-deps chromium clean example serve \
 	coverage mutation cxx verify-arm arm-deps docs fusionlab-fixtures
@@ -12,16 +16,29 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[build]'
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(TEST_STAMP)
+
+# What needs more than exporting: the docs site (mkdocs), ruff, the example (statsmodels).
+docs lint example: $(TEST_STAMP)
 
 artifacts: $(STAMP)
 	$(PY) -m export
 
 # Chromium first (apt-get where missing): tests/test_docs_site.py opens the docs site in it, and
 # fails rather than skips without it.
-test: $(STAMP) cxx chromium
+test: $(TEST_STAMP) cxx chromium
 	CHROMIUM=$(CHROMIUM) $(PY) -m pytest
+
+# The fast tier (pytest -m fast): the pure logic (flags, the registry's refusals, exit codes,
+# the manifest schema, the gate, the serving protocol's decoding): no TensorFlow, no server.
+.PHONY: test-fast
+test-fast: $(TEST_STAMP)
+	$(PY) -m pytest -q -m fast
 
 # g++ compiles the C++ python -m export.tflm generates (tests/test_tflm.py); apt-get where missing.
 cxx:
@@ -35,7 +52,7 @@ MUTATION_STAMP := $(VENV)/.installed-mutation
 MUTATE ?= export.onnx.check* export.tflite.check* export.publish* export.manifest* export.verify* \
 	xattn.layer.x__*mask*
 
-$(MUTATION_STAMP): $(STAMP)
+$(MUTATION_STAMP): $(TEST_STAMP)
 	$(PY) -m pip install --quiet -e '.[mutation]'
 	touch $(MUTATION_STAMP)
 
@@ -83,6 +100,18 @@ clean:
 		artifacts/*.npz artifacts/*.golden.bin artifacts/*_savedmodel/ artifacts/*.sig artifacts/.xattn.lock \
 		artifacts/.xattn-staging-* artifacts/.xattn-trash-* mutants .coverage .coverage.* build/mutation-artifacts build/arm
 
+# Downloads and caches live outside the work tree (export/caches.py): the arm64 root file system
+# and the aarch64 wheels (make verify-arm), the runtime-only venv of tests/test_runtime_install.py.
+XATTN_CACHE := $(or $(XATTN_CACHE_DIR),$(if $(filter /%,$(XDG_CACHE_HOME)),$(XDG_CACHE_HOME),$(HOME)/.cache)/xattn)
+.PHONY: clean-cache install-sizes
+clean-cache:
+	rm -rf $(XATTN_CACHE)
+
+# README, Install: a fresh venv per extra (runtime, build, test) under the cache folder, with the
+# install's time and size (pip's cache warm or not: say which when quoting the figures).
+install-sizes:
+	$(PYTHON) .ci/install-sizes
+
 verify: $(STAMP)
 	$(PY) -m export.verify artifacts/
 
@@ -125,7 +154,9 @@ serve: $(STAMP)
 
 # -- ARM without hardware (README, On devices): the artifacts verified under aarch64 user-mode
 # emulation, -cpu max / max,sme=off / cortex-a53. qemu-user-static and mmdebstrap from apt-get where
-# missing; the arm64 root file system and the aarch64 wheels are cached in build/arm.
+# missing; the arm64 root file system and the aarch64 wheels are cached under
+# ${XDG_CACHE_HOME:-~/.cache}/xattn/arm (XATTN_CACHE_DIR moves it; printed when used), the
+# artifacts and the report in build/arm.
 ARM_DIR ?= build/arm/artifacts
 ARM_SET := $(ARM_DIR)/xattn_u64_h4_q10x64_kv10x64_int8cpu.tflite.json
 

@@ -42,6 +42,7 @@ def entry_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
     from export import cli
     from export.arm.cli import build_parser as arm_parser
     from export.bench.options import build_parser as bench_parser
+    from export.command import build_parser as xattn_parser
     from export.formats import REGISTRY
     from export.serve.cli import build_parser as serve_parser
     from export.serve.loadbench import build_parser as loadbench_parser
@@ -52,6 +53,7 @@ def entry_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
         prog = FORMAT_ENTRY.format(fmt=fmt)
         parsers.append((prog, cli.build_parser((fmt,), prog=prog)))
     parsers += [
+        ("xattn", xattn_parser()),  # every command below, as `xattn COMMAND` (export.command)
         ("python -m export.verify", verify_parser()),
         ("python -m export.arm", arm_parser()),
         ("python -m export.serve", serve_parser()),
@@ -284,9 +286,8 @@ def manifest_page() -> str:
 def exit_codes_page() -> str:
     from export import errors
 
-    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass)
-               if issubclass(c, errors.ExportError) and c is not errors.ExportError]
-    classes.sort(key=lambda c: (c.exit_code, inspect.getsourcelines(c)[1]))
+    classes = [c for c in errors.error_classes() if c is not errors.ExportError]
+    classes.sort(key=lambda c: c.exit_code)  # stable: in the order errors.py defines them
     out = [
         "# Exit codes",
         "",
@@ -301,8 +302,6 @@ def exit_codes_page() -> str:
     for cls in classes:
         out.append(f"| {cls.exit_code} | `{cls.__name__}` | {_cell(inspect.getdoc(cls) or '')} |")
     out += [
-        f"| {errors.INTERRUPTED_EXIT_CODE} | (Ctrl-C, SIGINT) | interrupted: 128 + SIGINT, as "
-        "shells report it |",
         "",
         "## Per command",
         "",

@@ -19,7 +19,7 @@ def _interrupted_early(signum, frame):  # pragma: no cover - exercised in a subp
 
 
 # `python -m export.<entry>` imports this package while sys.argv[0] is still "-m": an entry of
-# ours is starting. Until export.cli.report_failures takes over, Ctrl-C ends it in one line
+# ours is starting. Until export.reporting.report_failures takes over, Ctrl-C ends it in one line
 # instead of a KeyboardInterrupt traceback from deep inside an import.
 if sys.argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_early)

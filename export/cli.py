@@ -1,44 +1,26 @@
 """The command line of `python -m export` and its per-format entry points: parse (export.flags),
 resolve (export.request), export, print the table; typed errors become one line and an exit code.
 
-Exit codes: 0 success; 1 an artifact failed verification (nothing published); 2 usage error
-(bad flag, impossible configuration, bad calibration file, bad signing key); 3 a `--weights` file
-that is missing, unsafe or does not fit; 4 a converter failed; 5 `--output-dir` cannot be written;
-6 no space left on the device; 7 not enough memory; 8 `--arm`: qemu/mmdebstrap missing or a
-download failed; 9 `--arm`: the emulated verifier crashed; 130 interrupted.
+Exit codes: the error classes define them (export.errors.exit_codes; `--help` lists them);
+export.reporting turns a typed error into one line and its code.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import sys
-from collections.abc import Callable
-from typing import TypeVar
 
 from export import resources, signing
 from export.deployment import summary as deployment_summary
-from export.errors import INTERRUPTED_EXIT_CODE, ExportError, reader_may_leave
+from export.errors import reader_may_leave
 from export.flags import SHAPE_DEFAULTS, build_parser, check_length_flags, check_model_flags
 from export.formats import FORMAT_NAMES, get_format
+from export.reporting import check_build_half, configure_logging, report_failures
 from export.request import resolve_request
 
 __all__ = ["SHAPE_DEFAULTS", "build_parser", "configure_logging", "main", "print_table",
            "report_failures", "resolve_request"]
 
 log = logging.getLogger("export")
-T = TypeVar("T")
-
-
-def configure_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
-    logger = logging.getLogger("export")
-    logger.handlers.clear()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
 
 
 def print_table(results) -> None:
@@ -65,25 +47,6 @@ def _human_size(n: int) -> str:
     return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MB"
 
 
-def report_failures(prog: str, call: Callable[[], T], *,
-                    interrupted: str = "interrupted") -> tuple[T | None, int]:
-    """Run `call()`: a typed error or Ctrl-C becomes one line on stderr and its exit code.
-
-    Returns `(result, 0)`, or `(None, exit code)`; every entry point's main() reports this way.
-    """
-    # From here on Ctrl-C raises KeyboardInterrupt, so staging folders are removed on the way out
-    # (before, export/__init__ exits at once: nothing has been written yet).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return call(), 0
-    except ExportError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return None, e.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: {interrupted}", file=sys.stderr)
-        return None, INTERRUPTED_EXIT_CODE
-
-
 def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAMES,
          prog: str = "python -m export") -> int:
     parser = build_parser(formats, prog)
@@ -105,12 +68,13 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
                      "--atol). Received: --max-rel-error without --quantize")
 
     def export():
+        check_build_half(prog)  # the runtime half alone: one line naming the extra, exit 2
         from export.pipeline import export_artifacts  # lazy: TensorFlow, after parsing
 
         resources.check_output_dir(args.output_dir)
         if args.sign_key:  # a bad key fails before anything is built
             signing.load_signer(args.sign_key)
-        if args.arm:  # so does a missing qemu or a failed download (cached in build/arm)
+        if args.arm:  # so does a missing qemu or a failed download (cached: export.caches)
             from export import arm  # lazy: qemu's cache and the verifier, with --arm only
 
             arm.provision(arm.DEFAULT_CACHE)

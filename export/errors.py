@@ -1,4 +1,4 @@
-"""Typed errors of the artifact builder; only `export.cli` turns them into exit codes."""
+"""Typed errors of the artifact builder; only the command lines (export.reporting) make exit codes."""
 
 from __future__ import annotations
 
@@ -12,18 +12,23 @@ class ExportError(ValueError):
     """Base class of every failure the builder reports to a user."""
 
     exit_code = 1
+    # How a `--help` epilog names this kind of failure (export.errors.exit_codes_epilog): the first
+    # class defined with an exit code names it.
+    brief = "an artifact failed verification (nothing published)"
 
 
 class SpecError(ExportError):
     """An impossible configuration: sizes, batch, names, flags that contradict each other."""
 
     exit_code = 2
+    brief = "usage error (a bad flag, an impossible configuration)"
 
 
 class WeightsError(ExportError):
     """A `--weights` file that is missing, unreadable, unsafe or does not fit the shapes."""
 
     exit_code = 3
+    brief = "a bad --weights file"
 
 
 class CalibrationError(ExportError):
@@ -36,6 +41,7 @@ class ConversionError(ExportError):
     """A converter (TensorFlow, tf2onnx, the TFLite converter) failed."""
 
     exit_code = 4
+    brief = "a converter failed"
 
 
 class ParityError(ExportError):
@@ -86,12 +92,14 @@ class OutputDirError(ExportError):
     """`--output-dir` cannot be written: a regular file, a read-only file system, no permission."""
 
     exit_code = 5
+    brief = "--output-dir cannot be written (a file, read-only)"
 
 
 class DiskFullError(ExportError):
     """No space left on the device (or over quota) while writing into `--output-dir`."""
 
     exit_code = 6
+    brief = "disk full"
 
 
 class OutOfMemoryError(ExportError):
@@ -99,6 +107,7 @@ class OutOfMemoryError(ExportError):
     building, or a failed allocation in numpy or TensorFlow)."""
 
     exit_code = 7
+    brief = "not enough memory"
 
 
 class ProvisionError(ExportError):
@@ -106,16 +115,63 @@ class ProvisionError(ExportError):
     mmdebstrap missing, the arm64 root file system or the aarch64 wheels failing to download."""
 
     exit_code = 8
+    brief = "--arm: qemu or mmdebstrap missing, or a download failed"
 
 
 class EmulatorError(ExportError):
     """The verifier could not run (or said nothing readable) under aarch64 emulation."""
 
     exit_code = 9
+    brief = "--arm: the emulated verifier crashed"
 
 
-# Exit code of an export stopped by Ctrl-C / SIGINT (128 + SIGINT, as shells report it).
-INTERRUPTED_EXIT_CODE = 130
+class Interrupted(ExportError):
+    """Stopped by Ctrl-C or SIGINT (128 + SIGINT, as shells report it); whatever was staged is
+    removed, nothing is published. Never raised: the code Python's KeyboardInterrupt becomes."""
+
+    exit_code = 130
+    brief = "interrupted"
+
+
+INTERRUPTED_EXIT_CODE = Interrupted.exit_code
+
+
+def error_classes() -> list[type[ExportError]]:
+    """Every typed error, in the order this module defines them (the base class first)."""
+    found = [ExportError]
+    pending = [ExportError]
+    while pending:
+        for sub in pending.pop(0).__subclasses__():
+            if sub.__module__ == __name__ and sub not in found:
+                found.append(sub)
+                pending.append(sub)
+    order = {name: i for i, name in enumerate(globals())}
+    return sorted(found, key=lambda c: order.get(c.__name__, len(order)))
+
+
+def exit_codes() -> dict[int, str]:
+    """Exit code -> what it means, from the error classes (the first one defining a code names
+    it), with 0 for success: the one table the `--help` epilogs and the docs are made from."""
+    codes = {0: "ok"}
+    for cls in error_classes():
+        codes.setdefault(cls.exit_code, cls.brief)
+    return dict(sorted(codes.items()))
+
+
+def exit_codes_epilog(codes: tuple[int, ...] | None = None,
+                      meaning: dict[int, str] | None = None) -> str:
+    """`exit codes: 0 ok; 1 ...; 130 interrupted`, for an argparse epilog.
+
+    `codes`: the codes the command can return (default: every one); `meaning`: a command's own
+    wording of some of them, `{1: "a file failed"}`; each code must be one an error class defines.
+    """
+    table = exit_codes()
+    meaning = meaning or {}
+    wanted = tuple(table) if codes is None else tuple(codes)
+    unknown = sorted({c for c in (*wanted, *meaning) if c not in table})
+    if unknown:
+        raise ValueError(f"exit codes no error class defines: {unknown}")
+    return "exit codes: " + "; ".join(f"{c} {meaning.get(c, table[c])}" for c in wanted)
 
 
 @contextlib.contextmanager

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+from export import reporting
 from export.buckets import parse_lengths
-from export.errors import SpecError
+from export.errors import SpecError, exit_codes_epilog
 from export.formats import FORMAT_NAMES, get_format
 from export.names import NAME_RULE, is_valid_name
 from export.spec import QUANTIZE_MODES
@@ -22,8 +23,27 @@ SHAPE_DEFAULTS = {
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line on stderr and exit 2 (argparse prints the whole usage)."""
 
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("prog") is not None:
+            kwargs["prog"] = reporting.display_prog(kwargs["prog"])
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class LazyHelp(str):
+    """A help text computed when `--help` prints it, not when the parser is built: the ONNX
+    opset's default comes from tf2onnx, which imports TensorFlow (seconds), and a parser that
+    refuses a command line must answer before that (export.formats, Format.refusal)."""
+
+    def __new__(cls, make):
+        text = super().__new__(cls, "(computed when --help prints it)")
+        text._make = make
+        return text
+
+    def __mod__(self, params):  # argparse's HelpFormatter._expand_help: `help % params`
+        return self._make() % params
 
 
 def _positive_int(text: str) -> int:
@@ -104,13 +124,26 @@ def check_length_flags(args: argparse.Namespace, formats: tuple[str, ...]) -> st
                 "on seeded inputs of its own lengths")
     if lengths and getattr(args, "int8_io", False):
         return "--lengths and --int8-io cannot be combined: each signature would have its own scales"
+    return check_format_flags(args, formats)
+
+
+def check_format_flags(args: argparse.Namespace, formats: tuple[str, ...]) -> str | None:
+    """The usage error of a command line asking a format for what its registry record says it
+    cannot take (`Format.refusal`), or None: refused here, before any model is built.
+
+    A static batch is refused only when its format is the one asked for: among several formats
+    it keeps its own (a note, export.request)."""
     dynamic = [f for f, v in (("--query-len", args.query_len), ("--kv-len", args.kv_len))
                if v == "dynamic"]
-    static = [f for f in formats if not get_format(f).dynamic_length]
-    if dynamic and static:
-        return (f"{get_format(static[0]).title} artifacts have static lengths ({dynamic[0]} "
-                f"dynamic); for several lengths in one file use --lengths 16,64,256 (one "
-                f"signature each)")
+    lone = len(formats) == 1
+    for fmt in formats:
+        reason = get_format(fmt).refusal(
+            lengths=bool(getattr(args, "lengths", None)),
+            dynamic_batch=lone and getattr(args, "batch", 0) is None,
+            dynamic_length=dynamic[0] if dynamic else None,
+            quantize=getattr(args, "quantize", None) if lone else None)
+        if reason:
+            return reason
     return None
 
 
@@ -245,12 +278,7 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
             "it: --model), verify each in its own runtime against the Keras reference, and "
             "publish it with a manifest and golden vectors into --output-dir."
         ),
-        epilog=(
-            "exit codes: 0 ok; 1 verification failed (nothing published); 2 usage error; "
-            "3 bad --weights file; 4 converter failure; 5 --output-dir not writable (a file, "
-            "read-only); 6 disk full; 7 not enough memory; 8 --arm: qemu or mmdebstrap missing, a "
-            "download failed; 9 --arm: the emulated verifier crashed; 130 interrupted"
-        ),
+        epilog=exit_codes_epilog(),  # every code, from the error classes
     )
     shapes = parser.add_argument_group("layer and shapes")
     shapes.add_argument("--units", type=_positive_int, help="layer units (default 64)")
@@ -309,7 +337,7 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
                           "this elliptic-curve private key into <artifact>.sig (model-signing)")
     if any("opset" in get_format(f).build_options for f in formats):
         out.add_argument("--opset", type=_positive_int,
-                         help=f"ONNX opset (default {_default_opset_text()})")
+                         help=LazyHelp(lambda: f"ONNX opset (default {_default_opset_text()})"))
     if any("arena_limit" in get_format(f).build_options for f in formats):
         out.add_argument("--arena-limit", type=_positive_int, metavar="BYTES",
                          help="TFLM: fail (exit 1, nothing published) when the smallest tensor "

@@ -40,6 +40,9 @@ class Built:
 class Format:
     """One artifact format.
 
+    What it can take (`dynamic_batch`, `dynamic_length`, `several_lengths`, `variants`,
+    `quantizable`) is what the parser checks (`refusal`), before any model is built.
+
     Attributes:
         name: the format's name on the command line and in manifests (`onnx`).
         title: how messages name it (`ONNX`).
@@ -64,6 +67,8 @@ class Format:
         runner: "module:function" returning `(run, reported_inputs)` for `(path, threads)`,
             and for `(path, threads, signature=key)` where the format has signatures.
         signatures: whether one file holds several signatures (`--lengths`: one per bucket).
+        several_lengths: whether one file can hold several lengths (`--lengths`: a signature per
+            bucket, or symbolic lengths); TFLM runs one subgraph of one length.
         dynamic_length: whether length axes may be symbolic (`--query-len dynamic`).
         deployment: "module:function" called as `report(built, spec) -> dict` (the manifest's
             `deployment` section: where the file would run on a device), or None.
@@ -99,6 +104,7 @@ class Format:
     deployment: str | None = None
     int8_scheme: str = "full-integer"
     signatures: bool = False
+    several_lengths: bool = True
     dynamic_length: bool = False
     variants: tuple[str, ...] | None = None
     same_variant: tuple[tuple[str, str], ...] = ()
@@ -149,6 +155,31 @@ class Format:
         if signature is None:
             return _resolve(self.runner)(path, threads)
         return _resolve(self.runner)(path, threads, signature=signature)
+
+    def refusal(self, *, lengths: bool = False, dynamic_batch: bool = False,
+                dynamic_length: str | None = None, quantize: str | None = None) -> str | None:
+        """Why this format cannot take what a command line asks, or None.
+
+        Args:
+            lengths: `--lengths` was given. dynamic_batch: `--batch dynamic`.
+            dynamic_length: the flag that asked for a symbolic length (`--kv-len`), or None.
+            quantize: the `--quantize` mode asked of this format alone.
+        """
+        if lengths and not self.several_lengths:
+            return (f"{self.title} artifacts have one static length; export one file per length "
+                    f"with --query-len/--kv-len. Received: --lengths")
+        if dynamic_batch and not self.dynamic_batch:
+            return (f"{self.title} artifacts have a static batch; --batch dynamic is not possible "
+                    f"for {self.name}. Received: --batch dynamic")
+        if dynamic_length and not self.dynamic_length:
+            return (f"{self.title} artifacts have static lengths ({dynamic_length} dynamic); for "
+                    f"several lengths in one file use --lengths 16,64,256 (one signature each)")
+        if quantize not in (None, "none") and not self.quantizable:
+            return f"{self.title} artifacts are float32 only. Received: --quantize {quantize}"
+        if quantize is not None and self.variants is not None and quantize not in self.variants:
+            return (f"{self.title} artifacts are {' or '.join(self.variants)} only. "
+                    f"Received: --quantize {quantize}")
+        return None
 
 
 def _resolve(target: str) -> Callable:
@@ -202,7 +233,7 @@ REGISTRY: dict[str, Format] = {
             name="tflm", title="TFLM", suffix=".tflm.tflite", default_batch=1, atol=1e-4,
             runtime="tflite-micro", runtime_module="tflite_micro", runtime_label="TFLM",
             layout="per-head", dynamic_batch=False, quantizable=True, int8_io=True,
-            builder="export.tflm.build:build_tflm",
+            builder="export.tflm.build:build_tflm", several_lengths=False,
             build_options=("calibration", "metadata", "arena_limit"),
             graph_check="export.tflm.check:check_tflm_file",
             runner="export.tflm.runtime:tflm_function", variants=("int8",), default_run=False,

@@ -29,6 +29,7 @@ from export.golden_raw import write_golden_raw
 from export.manifest import build_manifest, quantization_entry, write_manifest
 from export.metadata import file_metadata
 from export.model import ModelReference, ModelSpec
+from export.schema import check_manifest_schema
 from export.spec import ArtifactSpec
 from xattn import __version__ as xattn_version
 
@@ -325,6 +326,7 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
                 "bytes": publish.size_bytes(p)} for p in built.companions],
     )
     manifest_path = os.path.join(stage, spec.manifest_name(fmt))
+    check_manifest_schema(manifest)  # what every verifier will hold it to (export/manifest.schema.json)
     write_manifest(manifest_path, manifest)
     return ArtifactResult(
         format=fmt, spec=spec, path=built.path, manifest_path=manifest_path,

@@ -1,5 +1,5 @@
 """What the documentation shows: the fenced blocks of README.md and of every docs/**/*.md page,
-the `python -m ...` and `make ...` commands in them, and their Python blocks (issue 22).
+the `python -m ...`, `xattn ...` and `make ...` commands in them, and their Python blocks (issue 22).
 
 A bash block's lines are commands (a trailing `\\` continues one); in a block that uses a prompt,
 only the `$ ` lines are (a `> ` line continues one) and the rest is output. Comments are dropped
@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*([\w+-]*)")
-# `python -m X` or `make T`, maybe after VAR=value settings, or a shell loop or test running one.
-COMMAND = re.compile(r"^(\w+=\S*\s+)*(python -m \S|make(\s|$))|^(for|while|until|if)\s.*\bpython -m \S")
+# `python -m X`, `xattn CMD` or `make T`, maybe after VAR=value settings, or a shell loop or test
+# running one.
+COMMAND = re.compile(r"^(\w+=\S*\s+)*(python -m \S|xattn\s|make(\s|$))"
+                     r"|^(for|while|until|if)\s.*\bpython -m \S")
 SHELL_LANGS = ("bash", "sh", "shell", "zsh", "console")
 
 

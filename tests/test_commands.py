@@ -16,9 +16,11 @@ test follows it.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import glob
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,6 +36,9 @@ ARM = ("aarch64 emulation: an arm64 root file system and wheels downloaded, minu
        "runs make verify-arm as its own step, tests/test_arm.py the failure paths")
 SKIP = {
     "make test": "the suite itself: it would run this test again",
+    "make test-fast": "the suite's fast tier: it would run this test's neighbours again",
+    "make install-sizes": "three fresh venvs (minutes): tests/test_runtime_install.py installs the "
+                          "runtime one and runs it",
     "make example": "trains the forecaster (about a minute on 2 cores); tests/test_example_forecast.py "
                     "runs its steps on a short training",
     "make verify-web": "npm ci and Chromium (network, minutes): .ci/run runs it as its own step",
@@ -82,6 +87,31 @@ def _skip_reason(command: Command) -> str | None:
     return SKIP.get(f"{command.text} # {command.comment}") or SKIP.get(command.text)
 
 
+def _command_argv(command: Command) -> list[str]:
+    """`_argv`, and `xattn ...` as the console script beside this interpreter, given what `_argv`
+    gives the `python -m` command it is an alias of."""
+    if command.argv[:1] != ["xattn"]:
+        return _argv(command)
+    alias = _module_form(command.argv)
+    added = _argv(dataclasses.replace(command, text=shlex.join(alias)))[len(alias):]
+    return [os.path.join(os.path.dirname(sys.executable), "xattn"), *command.argv[1:], *added]
+
+
+def _module_form(argv: list[str]) -> list[str]:
+    """`xattn CMD ...` as the `python -m MODULE ...` it is an alias of (export.command); else argv."""
+    if argv[:1] != ["xattn"] or len(argv) < 2:
+        return argv
+    from export.command import BY_NAME
+    from export.formats import REGISTRY
+
+    command, rest = argv[1], argv[2:]
+    if command == "export" and rest[:1] and rest[0] in REGISTRY:
+        return ["python", "-m", f"export.{rest[0]}", *rest[1:]]
+    if command == "bench" and rest[:1] == ["serve"]:
+        return ["python", "-m", "export.serve.loadbench", *rest[1:]]
+    return ["python", "-m", BY_NAME[command].module, *rest]
+
+
 def _argv(command: Command) -> list[str]:
     """The command as run: `python` is this interpreter; builders get SMALL where not given."""
     argv = command.argv
@@ -93,13 +123,14 @@ def _argv(command: Command) -> list[str]:
         return [sys.executable, "-m", module, *args]
     if argv[:1] == ["make"]:
         # the venv the repository's tests run in: never reinstalled by this test
-        return ["make", "--no-print-directory", "-o", ".venv/.installed", *argv[1:]]
+        return ["make", "--no-print-directory", "-o", ".venv/.installed", "-o", ".venv/.installed-test",
+                *argv[1:]]
     raise AssertionError(f"{command.where}: no way to run {command.text!r}; add it to SKIP with a reason")
 
 
 def _touches_artifacts(command: Command) -> str | None:
     """'writes' or 'reads' when the command uses the folder artifacts/, else None."""
-    argv = command.argv
+    argv = _module_form(command.argv)
     if argv[:1] == ["make"]:
         return {"artifacts": "writes", "verify": "reads"}.get(argv[1] if len(argv) > 1 else "")
     if argv[:2] != ["python", "-m"]:
@@ -220,7 +251,7 @@ def command_results(tmp_path_factory) -> dict:
             shutil.copytree(os.path.join(base, "artifacts"), os.path.join(folder, "artifacts"),
                             symlinks=True)
         for command in listed[: last + 1]:
-            results[command.where] = _run(_argv(command), folder)
+            results[command.where] = _run(_command_argv(command), folder)
 
     runs = {block: listed for block, listed in blocks.items()
             if any(first[keys[c.where]] == c.where for c in listed)}

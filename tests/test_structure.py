@@ -153,3 +153,70 @@ def test_each_format_entry_is_thin_and_its_builder_knows_no_argparse(fmt):
         if name.endswith(".py") and name != "__main__.py":
             text = open(os.path.join(REPO, "export", fmt, name), encoding="utf-8").read()
             assert "argparse" not in text and "export.cli" not in text, f"export/{fmt}/{name}"
+
+
+# -- the two halves (DESIGN.md): what runs on a device imports nothing of what builds -------------
+
+# What `export.verify` and `export.serve` run, with the code the registry names for them (each
+# format's runner and verify check, resolved at run time from "module:function" strings).
+RUNTIME_ROOTS = ("export.verify.cli", "export.serve.cli", "export.serve.worker",
+                 "export.serve.embedded", "export.schema", "export.caches", "export.reporting")
+# The build half: references, the folded graph, the pipeline, the export command line, the
+# builders and quantizers of every format, the benchmarks, the layer itself.
+BUILD_HALF = ("export.pipeline", "export.request", "export.reference", "export.graph",
+              "export.model", "export.model_load", "export.model_rewrites", "export.calibration",
+              "export.resources", "export.deployment", "export.cli", "export.sets", "export.bench",
+              "export.arm", "xattn") + tuple(
+    f"export.{fmt}.{part}" for fmt in REGISTRY for part in ("build", "quantize", "signatures"))
+HEAVY = ("tensorflow", "keras", "tf2onnx", "onnx")
+# Where the runtime half may still import one of HEAVY, lazily, and why.
+HEAVY_ALLOWED = {
+    ("export.runtimes", "tensorflow"): "the SavedModel runner: TensorFlow is that format's runtime",
+    ("export.flags", "tf2onnx"): "--opset's default, computed when a builder's --help prints it",
+    ("export.flags", "onnx"): "--opset's default, computed when a builder's --help prints it",
+}
+
+
+def _third_party(path: str) -> set[str]:
+    """The top-level names of every non-project module `path` imports (at any depth)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found - set(PACKAGES)
+
+
+def _runtime_closure() -> dict[str, str]:
+    """module -> the module that brought it in, for everything the runtime roots import (lazy
+    imports included; a submodule brings its packages)."""
+    graph, known = _graph(), set(_modules())
+    roots = list(RUNTIME_ROOTS) + [target.partition(":")[0] for f in REGISTRY.values()
+                                   for target in (f.runner, f.verify_check) if target]
+    via = {root: "(root)" for root in roots}
+    stack = list(roots)
+    while stack:
+        module = stack.pop()
+        parts = module.split(".")
+        parents = [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in known]
+        for dep in sorted(graph.get(module, set()) | set(parents)):
+            if dep not in via:
+                via[dep] = module
+                stack.append(dep)
+    return via
+
+
+def test_the_runtime_half_imports_nothing_of_the_build_half():
+    via = _runtime_closure()
+    crossing = {m: via[m] for m in via if m.startswith(tuple(b + "." for b in BUILD_HALF))
+                or m in BUILD_HALF}
+    assert not crossing, f"runtime half -> build half (module: imported by): {crossing}"
+    assert {"export.verify", "export.serve.worker", "export.manifest", "export.runtimes",
+            "export.tflm.runtime"} <= set(via)  # the closure is the real one
+
+
+def test_the_runtime_half_imports_tensorflow_and_co_only_where_said():
+    modules = _modules()
+    heavy = {(m, name) for m in _runtime_closure() for name in _third_party(modules[m]) & set(HEAVY)}
+    assert heavy == set(HEAVY_ALLOWED), heavy ^ set(HEAVY_ALLOWED)

@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 
 from export.arm.cache import Emulator, provision, runtime_versions
 from export.arm.emulate import DEFAULT_CPUS, check_cpu, probe, verify
+from export.caches import cache_dir
 from export.errors import EmulatorError
 from export.manifest import write_manifest
 from export.verify import find_manifests, verify_manifest, verify_path
 
-DEFAULT_CACHE = os.path.join("build", "arm")
+# The root file system and the wheels: under the user's cache folder, never the work tree (the
+# root file system holds absolute symlinks into the host). XATTN_CACHE_DIR moves it.
+DEFAULT_CACHE = cache_dir("arm")
 
 
 @dataclass

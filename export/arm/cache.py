@@ -1,6 +1,7 @@
 """What the emulated ARM check runs on: an arm64 Debian root file system and aarch64 wheels.
 
-Everything is cached under one folder (`build/arm/` by default), one step at a time: a step builds
+Everything is cached under one folder (`export.caches.cache_dir("arm")` by default:
+`~/.cache/xattn/arm`), one step at a time: a step builds
 into `<step>.partial`, renames it into place and only then writes `<step>.stamp` (what it was made
 from). A rerun trusts a step only when its stamp matches; a failed download leaves a `.partial`
 that the next run deletes, never a half-made cache it would trust.
@@ -9,6 +10,7 @@ that the next run deletes, never a half-made cache it would trust.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -17,7 +19,10 @@ import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 
+from export import caches
 from export.errors import ProvisionError, one_line
+
+log = logging.getLogger("export")
 
 QEMU = "qemu-aarch64-static"
 SUITE = "bookworm"
@@ -75,7 +80,7 @@ def provision(cache: str, *, mirror: str | None = None, index_url: str | None = 
     """Make (or reuse) the root file system and the wheels under `cache`.
 
     Args:
-        cache: the cache folder (`build/arm`).
+        cache: the cache folder (`~/.cache/xattn/arm`: export.arm.DEFAULT_CACHE).
         mirror: the Debian mirror for mmdebstrap; None reads XATTN_ARM_MIRROR, else deb.debian.org.
         index_url: pip's index for the wheels; None reads XATTN_ARM_INDEX_URL, else pip's own.
         qemu: the emulator binary; None reads XATTN_ARM_QEMU, else qemu-aarch64-static.
@@ -94,6 +99,9 @@ def provision(cache: str, *, mirror: str | None = None, index_url: str | None = 
                    lambda out: _download_wheels(out, versions, index_url))
     site = _step(cache, "site", {"wheels": sorted(os.listdir(wheels))},
                  lambda out: _unpack(wheels, out))
+    # Once it is there (an error stays one line): where it lives, and how to move it.
+    log.info("cache    %s (arm64 root file system, aarch64 wheels; $%s moves it)",
+             os.path.abspath(cache), caches.ENV)
     return Emulator(rootfs=rootfs, site=site, qemu=qemu_path)
 
 

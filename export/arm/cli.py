@@ -7,9 +7,9 @@ import os
 import sys
 
 from export.arm import DEFAULT_CACHE, DEFAULT_CPUS, check_path
-from export.cli import report_failures
-from export.errors import printable, reader_may_leave
+from export.errors import exit_codes_epilog, printable, reader_may_leave
 from export.flags import OneLineParser
+from export.reporting import configure_logging, report_failures
 
 PROG = "python -m export.arm"
 
@@ -24,17 +24,19 @@ def build_parser() -> OneLineParser:
             "an ARM model passes only if its manifest declares it (deployment.arm, written by "
             "python -m export --arm)."
         ),
-        epilog="exit codes: 0 every file passed (or failed only where its manifest says so); "
-               "1 a file failed; 2 usage error; 8 qemu/mmdebstrap missing or a download failed; "
-               "9 the emulated verifier crashed or gave no result",
+        epilog=exit_codes_epilog((0, 1, 2, 8, 9, 130), {
+            0: "every file passed (or failed only where its manifest says so)", 1: "a file failed",
+            2: "usage error", 8: "qemu/mmdebstrap missing or a download failed",
+            9: "the emulated verifier crashed or gave no result"}),
     )
     parser.add_argument("path", metavar="PATH", nargs="?", default="artifacts",
                         help="an output folder or one manifest (default artifacts)")
     parser.add_argument("--cpu", action="append", metavar="MODEL",
                         help="a qemu CPU model, with properties if any (max,sme=off); repeat for "
                              f"several (default: {' '.join(DEFAULT_CPUS)})")
-    parser.add_argument("--cache", default=DEFAULT_CACHE, metavar="DIR",
-                        help=f"root file system and wheels (default {DEFAULT_CACHE})")
+    parser.add_argument("--cache", metavar="DIR",
+                        help="root file system and wheels (default $XATTN_CACHE_DIR/arm, else "
+                             "${XDG_CACHE_HOME:-~/.cache}/xattn/arm; printed when used)")
     parser.add_argument("--mirror", metavar="URL",
                         help="Debian mirror for mmdebstrap (default $XATTN_ARM_MIRROR or "
                              "http://deb.debian.org/debian)")
@@ -101,9 +103,11 @@ def print_report(report: dict, quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(False, args.quiet)  # the cache folder, when provisioning uses it
     cpus = tuple(args.cpu) if args.cpu else DEFAULT_CPUS
     report, code = report_failures(PROG, lambda: check_path(
-        args.path, cpus=cpus, cache=args.cache, mirror=args.mirror, index_url=args.index_url))
+        args.path, cpus=cpus, cache=args.cache or DEFAULT_CACHE, mirror=args.mirror,
+        index_url=args.index_url))
     if code:
         return code
     if args.report:

@@ -14,8 +14,9 @@ import signal
 import sys
 import threading
 
-from export.cli import report_failures
+from export.errors import exit_codes_epilog
 from export.flags import OneLineParser, _path, _positive_float, _positive_int
+from export.reporting import report_failures
 from export.verify import MARKS
 
 PROG = "python -m export.serve"
@@ -38,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
             "embedded, one machine) or Ray Serve (--engine ray). Ctrl-C or SIGTERM drains and "
             "stops it."
         ),
-        epilog="exit codes: 0 ok; 1 an artifact failed verification (nothing served); 2 usage",
+        epilog=exit_codes_epilog((0, 1, 2), {
+            0: "served, then stopped with Ctrl-C or SIGTERM (drained)",
+            1: "an artifact failed verification (nothing served)", 2: "usage error"}),
     )
     parser.add_argument("path", metavar="PATH",
                         help="an output folder, a manifest (.json) or an artifact")

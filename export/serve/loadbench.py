@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from export.cli import report_failures
 from export.errors import UsageError
 from export.flags import OneLineParser, _path, _positive_float, _positive_int, _positive_int_list
+from export.reporting import report_failures
 from export.serve.loadgen import build_request
 from export.serve.protocol import HEADER_LENGTH
 

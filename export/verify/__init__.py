@@ -25,6 +25,7 @@ from export.errors import ManifestError, ParityError, UsageError, first_line, on
 from export.formats import REGISTRY, Format
 from export.metadata import check_file_metadata
 from export.publish import sha256_path, size_bytes
+from export.schema import check_manifest_schema
 
 MANIFEST_SUFFIXES = tuple(f.manifest_suffix for f in REGISTRY.values())
 
@@ -188,6 +189,8 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
     golden = manifests.load_golden(golden_path, manifest, inputs + outputs)
     manifests.check_golden_raw(folder, manifest, golden)
     manifests.check_reference(folder, manifest)
+    # Whatever else the schema (the one the JavaScript verifier reads) asks of a manifest.
+    check_manifest_schema(manifest)
 
     # Integrity is settled before this point: a runtime never sees bytes whose sha256 is wrong.
     if not runtimes.runtime_available(fmt.name):

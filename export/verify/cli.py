@@ -7,23 +7,27 @@ import json
 import os
 import sys
 
-from export.errors import SigningError, UsageError, printable, reader_may_leave
+from export.errors import SigningError, UsageError, exit_codes_epilog, printable, reader_may_leave
 from export.flags import OneLineParser, _path
+from export.reporting import display_prog
 from export.verify import ASCII_MARKS, MARKS, verify_path
+
+PROG = "python -m export.verify"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="python -m export.verify",
+        prog=PROG,
         description=(
             "Check published artifacts against their manifests: sha256, then the golden inputs "
             "run in the artifact's own runtime and compared with the golden outputs within the "
             "manifest's tolerance. Needs numpy and onnxruntime and/or ai-edge-litert only; "
             "SavedModel runs where TensorFlow is importable."
         ),
-        epilog="exit codes: 0 every artifact passed (or was not run for want of its runtime); "
-               "1 any artifact failed; 2 usage error (no such path, no manifests, bad --public-key, "
-               "an unwritable --json)",
+        epilog=exit_codes_epilog((0, 1, 2), {
+            0: "every artifact passed (or was not run for want of its runtime)",
+            1: "any artifact failed",
+            2: "usage error (no such path, no manifests, bad --public-key, an unwritable --json)"}),
     )
     parser.add_argument("path", metavar="PATH",
                         help="an output folder (every *.onnx.json, *.tflite.json, "
@@ -56,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = verify_path(args.path, public_key=args.public_key)
     except (UsageError, SigningError) as e:
-        print(f"python -m export.verify: error: {printable(str(e))}", file=sys.stderr)
+        print(f"{display_prog(PROG)}: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
     if args.json:
         try:
             _write_json(args.json, results)
         except OSError as e:
-            print(f"python -m export.verify: error: cannot write --json {printable(args.json)}: "
+            print(f"{display_prog(PROG)}: error: cannot write --json {printable(args.json)}: "
                   f"{e.strerror or e}", file=sys.stderr)
             return 2
     marks = _marks()

@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import crypto from 'node:crypto';
 import { viewGolden, GoldenError, DTYPES } from './golden.mjs';
+import { manifestSchema, validate } from './schema.mjs';
 
 export const MANIFEST_SUFFIXES = ['.onnx.json', '.tflite.json'];
 const MAX_MANIFEST_BYTES = 16 << 20;
@@ -108,6 +109,10 @@ export function loadArtifact(manifestPath) {
   const inputs = tensors(manifest.inputs, 'inputs');
   const outputs = tensors(manifest.outputs, 'outputs');
   const tol = tolerance(manifest.parity);
+  // Whatever else the schema export.verify applies asks (export/manifest.schema.json), before
+  // any file is read; the checks above name the common mistakes in their own words.
+  const problem = validate(manifest, manifestSchema());
+  if (problem) throw new ArtifactError(`manifest does not match manifest.schema.json: ${problem}`);
   const raw = manifest.golden_raw;
   if (!raw || typeof raw !== 'object') {
     throw new ArtifactError('manifest has no golden_raw (built before raw golden vectors existed? rebuild it)');
