@@ -77,7 +77,7 @@ docs: $(STAMP)
 
 # The fusionlab-learn fixtures (tests/fixtures/fusionlab, docs/fusionlab.md), rewritten by
 # fusionlab-learn 0.3.1 itself in its own environment (TF 2.15, numpy < 2), made once in the cache.
-FUSIONLAB_ENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/xattn/fusionlab-0.3.1
+FUSIONLAB_ENV ?= $(XATTN_CACHE)/fusionlab-0.3.1
 fusionlab-fixtures:
 	PYTHON=$(PYTHON) sh tests/fixtures/fusionlab/make_env.sh $(FUSIONLAB_ENV)
 	$(FUSIONLAB_ENV)/bin/python tests/fixtures/fusionlab/make_fixtures.py

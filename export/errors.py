@@ -25,10 +25,11 @@ class SpecError(ExportError):
 
 
 class WeightsError(ExportError):
-    """A `--weights` file that is missing, unreadable, unsafe or does not fit the shapes."""
+    """A `--weights`, `--model` or `--saved-model` file that is missing, unreadable, unsafe or does
+    not fit the shapes."""
 
     exit_code = 3
-    brief = "a bad --weights file"
+    brief = "a --weights, --model or --saved-model file that is missing, unsafe or does not fit"
 
 
 class CalibrationError(ExportError):
