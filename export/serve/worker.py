@@ -227,11 +227,14 @@ def _protocol_class(max_header_bytes: int, read_timeout_s: float):
                 if was_in_head and not self._completed:
                     self._head_bytes += len(data)
                 if self._head_bytes > max_header_bytes:
-                    self._disarm()
-                    self.transport.write(answer_431)
-                    self.transport.close()
+                    self._refuse_head()
             elif self._timer is not None:
                 self._arm()  # the body made progress: its stall is counted from here
+
+        def _refuse_head(self) -> None:
+            self._disarm()
+            self.transport.write(answer_431)
+            self.transport.close()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -240,10 +243,23 @@ def _protocol_class(max_header_bytes: int, read_timeout_s: float):
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            if self.transport.is_closing():
+                return
+            # A head that arrived within one chunk (with its body, or pipelined) is not counted
+            # by data_received: count the parsed head itself, with its line ends.
+            head = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+            if head > max_header_bytes:
+                self._refuse_head()  # no request is started: the app never sees it
+                return
             super().on_headers_complete()
 
+        def on_body(self, body: bytes) -> None:
+            if not self.transport.is_closing():
+                super().on_body(body)
+
         def on_message_complete(self) -> None:
-            super().on_message_complete()
+            if not self.transport.is_closing():
+                super().on_message_complete()
             self._in_head, self._head_bytes, self._completed = True, 0, True
             self._disarm()  # the request is read; keep-alive idling is uvicorn's own timeout
 
