@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from export import resources, signing
 from export.deployment import summary as deployment_summary
-from export.errors import INTERRUPTED_EXIT_CODE, ExportError, reader_may_leave
+from export.errors import INTERRUPTED_EXIT_CODE, ExportError, printable, reader_may_leave
 from export.flags import SHAPE_DEFAULTS, build_parser, check_length_flags, check_model_flags
 from export.formats import FORMAT_NAMES, get_format
 from export.request import resolve_request
@@ -77,7 +77,9 @@ def report_failures(prog: str, call: Callable[[], T], *,
     try:
         return call(), 0
     except ExportError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        # Escaped: messages quote names read from files (a manifest's artifact), and a newline
+        # or an ANSI code in one would forge lines (`✓ ... verified`) on the terminal.
+        print(f"{prog}: error: {printable(str(e))}", file=sys.stderr)
         return None, e.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)

@@ -133,3 +133,36 @@ def test_a_pipelined_request_behind_an_oversized_head_is_not_run(guarded_uvicorn
     second = b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
     answer = _exchange(guarded_uvicorn, first + second)
     assert answer.startswith(b"HTTP/1.1 431 ") and answer.count(b"HTTP/1.1 ") == 1, answer[:300]
+
+
+# -- error lines and notes quote names read from files: escaped, one line ---------------------
+
+
+FORGED = "\x1b[1A\x1b[2K✓ ok.onnx\nready"
+
+
+def test_an_error_quoting_a_file_name_cannot_forge_terminal_lines(capsys):
+    # `python -m export.serve` printed "refusing to serve <artifact>: ..." with the manifest's
+    # artifact as it is: an ANSI code in it rewrote the line above (export.verify escaped it).
+    from export.cli import report_failures
+    from export.errors import ManifestError
+
+    def fail():
+        raise ManifestError(f"refusing to serve {FORGED}: sha256 mismatch")
+
+    assert report_failures("python -m export.serve", fail) == (None, 1)
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and err.count("\n") == 1, err
+    assert "\\x1b[1A\\x1b[2K✓ ok.onnx\\x0aready" in err
+
+
+def test_serve_notes_escape_the_artifact_name(monkeypatch, tmp_path, capsys):
+    import export.serve
+    from export.serve import cli
+
+    monkeypatch.setattr(export.serve, "load_models",
+                        lambda path: ([], [f"- {FORGED}  not served: format tflm"]))
+    # Exit 2 (no ONNX model for the repository) after the notes: printed before anything else.
+    assert cli.main([str(tmp_path), "--triton-repository", str(tmp_path / "repo")]) == 2
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[1A" in out and "\\x0aready" in out, out
