@@ -166,3 +166,50 @@ def test_serve_notes_escape_the_artifact_name(monkeypatch, tmp_path, capsys):
     assert cli.main([str(tmp_path), "--triton-repository", str(tmp_path / "repo")]) == 2
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\\x1b[1A" in out and "\\x0aready" in out, out
+
+
+# -- gRPC: data the server would not read is refused, not ignored -----------------------------
+
+
+def _grpc_request(*, raw: bool):
+    service_pb2 = pytest.importorskip("tritonclient.grpc.service_pb2")
+    import numpy as np
+
+    request = service_pb2.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="source1", datatype="FP32", shape=[1, 2])
+    if raw:
+        request.raw_input_contents.append(np.ones(2, "<f4").tobytes())
+    else:
+        tensor.contents.fp32_contents.extend([1.0, 1.0])
+    return request
+
+
+@pytest.mark.parametrize("stray", ["contents-beside-raw", "int-beside-fp32"])
+def test_grpc_contents_that_would_be_ignored_are_refused(stray):
+    # Raw bytes won over typed contents (fp32_contents [9, 9] ignored), and int_contents beside
+    # an FP32 input's fp32_contents were dropped: the request ran on data the client did not
+    # mean. Triton refuses both; so does this server now, with the input named.
+    from export.errors import InputError
+    from export.serve.grpc_service import to_http_body
+
+    request = _grpc_request(raw=stray == "contents-beside-raw")
+    if stray == "contents-beside-raw":
+        request.inputs[0].contents.fp32_contents.extend([9.0, 9.0])
+        match = r"input `source1` has fp32_contents, but raw_input_contents are given"
+    else:
+        request.inputs[0].contents.int_contents.extend([9, 9])
+        match = r"input `source1` has int_contents, but its datatype is FP32"
+    with pytest.raises(InputError, match=match):
+        to_http_body(request)
+    assert to_http_body(_grpc_request(raw=True))[0]  # the plain forms still pass
+    assert to_http_body(_grpc_request(raw=False))[0]
+
+
+def test_grpc_classification_is_refused_as_over_http():
+    from export.errors import InputError
+    from export.serve.grpc_service import to_http_body
+
+    request = _grpc_request(raw=True)
+    request.outputs.add(name="output").parameters["classification"].int64_param = 3
+    with pytest.raises(InputError, match="classification extension is not supported"):
+        to_http_body(request)
