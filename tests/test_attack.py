@@ -213,3 +213,47 @@ def test_grpc_classification_is_refused_as_over_http():
     request.outputs.add(name="output").parameters["classification"].int64_param = 3
     with pytest.raises(InputError, match="classification extension is not supported"):
         to_http_body(request)
+
+
+# -- a header the engines read differently when repeated is refused --------------------------
+
+
+@pytest.mark.parametrize("name", ["Inference-Header-Content-Length", "Content-Encoding"])
+def test_a_repeated_protocol_header_is_a_400(name):
+    # Sent twice, the embedded engine used the last value and Ray's Starlette the first: one
+    # request (`Content-Encoding: gzip` then `identity`) was read two ways.
+    from export.serve.endpoint import single_header
+    from export.serve.protocol import RequestError
+    from export.serve.worker import _values
+
+    scope = {"headers": [(name.lower().encode(), b"gzip"), (b"host", b"x"),
+                         (name.lower().encode(), b"identity")]}
+    with pytest.raises(RequestError, match=rf"header {name} is sent 2 times; send it once"):
+        single_header(_values(scope, name.lower().encode()), name)
+    assert single_header(_values(scope, b"host"), "Host") == "x"
+    assert single_header([], name) is None
+
+
+def test_the_embedded_engine_answers_a_repeated_content_encoding_with_400():
+    import asyncio
+
+    from export.serve.worker import App
+
+    class Endpoint:  # only what App reaches before decoding; decoding is never reached
+        name = "m"
+
+        def route(self, method, path):
+            return "infer"
+
+        def decode(self, body, length, encoding):
+            raise AssertionError(f"decoded with Content-Encoding {encoding!r}")
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    app = App({"m": Endpoint()}, None, None, 0, 1 << 20)
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer",
+             "raw_path": b"/v2/models/m/infer",
+             "headers": [(b"content-encoding", b"gzip"), (b"content-encoding", b"identity")]}
+    reply = asyncio.run(app._handle(scope, receive))
+    assert reply.status == 400 and b"Content-Encoding is sent 2 times" in reply.body, reply

@@ -42,6 +42,7 @@ from export.serve.endpoint import (
     encoded_slash,
     error_reply,
     guarded,
+    single_header,
     too_large,
 )
 from export.serve.protocol import RequestError, error_body, refuse_by_hand
@@ -61,6 +62,11 @@ BARRIER_TIMEOUT_S = 5.0
 HOLD_ENV = "XATTN_SERVE_WARMUP_HOLD"
 
 _HEADER = HEADER_LENGTH.lower().encode()
+
+
+def _values(scope, name: bytes) -> list[str]:
+    """Every value of header `name` (lower case) in an ASGI scope, in order."""
+    return [v.decode("latin-1") for k, v in scope["headers"] if k == name]
 
 
 class SharedState:
@@ -149,12 +155,10 @@ class App:
             return None
         if len(body) > self.max_body:
             return error_reply(too_large(self.max_body))
-        length = headers.get(_HEADER)
-        encoding = headers.get(b"content-encoding")
-        length = None if length is None else length.decode("latin-1")
-        encoding = None if encoding is None else encoding.decode("latin-1")
 
         def decode():
+            length = single_header(_values(scope, _HEADER), HEADER_LENGTH)
+            encoding = single_header(_values(scope, b"content-encoding"), "Content-Encoding")
             return endpoint.decode(body, length, encoding)
 
         decoded = guarded(decode, log, endpoint.name)
