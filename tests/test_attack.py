@@ -68,7 +68,7 @@ def guarded_uvicorn():
 
     import uvicorn
 
-    from export.serve.worker import _protocol_class
+    from export.serve.worker import _protocol_class, _uvicorn_config
 
     async def app(scope, receive, send):
         body, more = b"", True
@@ -81,8 +81,7 @@ def guarded_uvicorn():
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, http=_protocol_class(4096, 1.0), lifespan="off",
-                                           log_level="critical", loop="asyncio"))
+    server = uvicorn.Server(_uvicorn_config(app, _protocol_class(4096, 1.0)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -257,3 +256,13 @@ def test_the_embedded_engine_answers_a_repeated_content_encoding_with_400():
              "headers": [(b"content-encoding", b"gzip"), (b"content-encoding", b"identity")]}
     reply = asyncio.run(app._handle(scope, receive))
     assert reply.status == 400 and b"Content-Encoding is sent 2 times" in reply.body, reply
+
+
+def test_a_websocket_upgrade_is_plain_http_not_a_500(guarded_uvicorn):
+    # With the websockets package installed, uvicorn handed `Upgrade: websocket` to its WebSocket
+    # protocol; the app has no WebSocket route, so every such request was a 500 and an ERROR line.
+    answer = _exchange(guarded_uvicorn, b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n"
+                       b"Upgrade: websocket\r\nConnection: Upgrade, close\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                       b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:120]

@@ -315,6 +315,18 @@ def _server_class():
     return DrainingServer
 
 
+def _uvicorn_config(app, http):
+    """uvicorn's settings for a worker. `ws="none"`: this server has no WebSocket route, and an
+    upgrade handed the connection to uvicorn's WebSocket protocol, which answered 500 (and left
+    the head and stall bounds of `http`); the request is now plain HTTP."""
+    import uvicorn  # lazy: imported in the worker process only
+
+    return uvicorn.Config(
+        app, loop="uvloop", http=http, ws="none", lifespan="off", access_log=False,
+        log_level="warning", server_header=False, date_header=False, proxy_headers=False,
+    )
+
+
 def _warm_up(endpoints: dict[str, ModelEndpoint], state: SharedState, index: int) -> None:
     hold = os.environ.get(HOLD_ENV)
     while hold and not os.path.exists(hold):
@@ -325,7 +337,6 @@ def _warm_up(endpoints: dict[str, ModelEndpoint], state: SharedState, index: int
 
 
 def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
-    import uvicorn  # lazy: imported in the worker process only
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     options = config["options"]
@@ -340,10 +351,7 @@ def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
               options.max_body_bytes)
     sock = socket.socket(fileno=fd)
     http = _protocol_class(options.max_header_bytes, options.read_timeout_s)
-    server = _server_class()(uvicorn.Config(
-        app, loop="uvloop", http=http, lifespan="off", access_log=False,
-        log_level="warning", server_header=False, date_header=False, proxy_headers=False,
-    ))
+    server = _server_class()(_uvicorn_config(app, http))
     server.app = app
     server.drain_seconds = options.drain_seconds
     if options.grpc_port:
