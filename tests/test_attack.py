@@ -266,3 +266,28 @@ def test_a_websocket_upgrade_is_plain_http_not_a_500(guarded_uvicorn):
                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                        b"Sec-WebSocket-Version: 13\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:120]
+
+
+# -- the Triton config.pbtxt quotes every string it writes ------------------------------------
+
+
+def test_a_tensor_name_cannot_write_triton_config_outside_its_string():
+    # A Keras input named `q" ... } ] instance_group [ { count: 64 kind: KIND_GPU } ] ...` exported
+    # and verified; `--triton-repository` wrote it between quotes as it is, and Triton's parser
+    # read 64 GPU instances and a third input from it.
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    from export.serve.triton import model_config
+
+    hostile = ('q" data_type: TYPE_FP32 dims: [ 1 ] } ] instance_group [ { count: 64 kind: '
+               'KIND_GPU } ] input [ { name: "q\\\n\x1b é')
+    manifest = {"artifact": "m.onnx", "sha256": "0" * 64,
+                "inputs": [{"name": hostile, "shape": [None, 4, 6], "dtype": "float32"},
+                           {"name": "kv", "shape": [None, 5, 7], "dtype": "float32"}],
+                "outputs": [{"name": "output", "shape": [None, 4, 8], "dtype": "float32"}]}
+    text = model_config(types.SimpleNamespace(name="m_onnx", manifest=manifest))
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert [t.name for t in config.input] == [hostile, "kv"]
+    assert len(config.instance_group) == 1 and config.instance_group[0].count == 1
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
