@@ -291,3 +291,26 @@ def test_a_tensor_name_cannot_write_triton_config_outside_its_string():
     assert [t.name for t in config.input] == [hostile, "kv"]
     assert len(config.instance_group) == 1 and config.instance_group[0].count == 1
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+
+
+# -- nothing is created outside --output-dir through a link planted in it ---------------------
+
+
+def test_a_link_at_the_lock_name_creates_nothing_outside_the_output_dir(tmp_path):
+    # `out/.xattn.lock -> /elsewhere/file`: the lock was opened with O_CREAT through the link,
+    # so an export created /elsewhere/file (and flocked it). Now: exit 5, nothing created.
+    import errno
+
+    from export import publish, resources
+    from export.errors import OutputDirError
+
+    out, victim = tmp_path / "out", tmp_path / "elsewhere" / "file"
+    out.mkdir()
+    victim.parent.mkdir()
+    (out / publish.LOCK_NAME).symlink_to(victim)
+    with pytest.raises(OSError) as e:
+        with publish.folder_lock(str(out)):
+            pass
+    assert e.value.errno == errno.ELOOP and not victim.exists()
+    error = resources.as_export_error(e.value, str(out))
+    assert isinstance(error, OutputDirError) and error.exit_code == 5
