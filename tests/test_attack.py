@@ -7,6 +7,7 @@ the wire is the point.
 from __future__ import annotations
 
 import json
+import os
 import types
 
 import pytest
@@ -314,3 +315,38 @@ def test_a_link_at_the_lock_name_creates_nothing_outside_the_output_dir(tmp_path
     assert e.value.errno == errno.ELOOP and not victim.exists()
     error = resources.as_export_error(e.value, str(out))
     assert isinstance(error, OutputDirError) and error.exit_code == 5
+
+
+# -- export.verify fails closed, it does not hang ---------------------------------------------
+
+
+def test_a_savedmodel_folder_holding_a_named_pipe_is_refused_before_it_is_hashed(tmp_path):
+    # `mkfifo x_savedmodel/variables/pipe`: the folder's sha256 opened the pipe and waited for a
+    # writer forever (`python -m export.verify` hung; no line, no exit code).
+    from export.errors import ManifestError
+    from export.verify import _check_artifact
+
+    folder = tmp_path / "x_savedmodel"
+    (folder / "variables").mkdir(parents=True)
+    (folder / "saved_model.pb").write_bytes(b"\0")
+    os.mkfifo(folder / "variables" / "pipe")
+    fmt = types.SimpleNamespace(is_folder=True)
+    manifest = {"artifact": "x_savedmodel", "sha256": "0" * 64}
+    outcome = []
+
+    def check():
+        try:
+            _check_artifact(str(folder), fmt, manifest)
+        except ManifestError as e:
+            outcome.append(e)
+
+    import threading
+
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # the old behaviour: blocked in open(); a writer's EOF releases it
+        os.close(os.open(folder / "variables" / "pipe", os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail("hashing the folder blocked on the named pipe")
+    assert outcome and "holds x_savedmodel/variables/pipe, neither a file" in str(outcome[0])
