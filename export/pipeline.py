@@ -220,10 +220,16 @@ def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens
         try:
             with open(os.path.join(output_dir, entry), encoding="utf-8") as f:
                 manifest = json.load(f)
-            golden, golden_sha = manifest.get("golden"), manifest.get("golden_sha256")
-        except (OSError, ValueError, AttributeError):
+            # A file with several lengths relies on one golden file per signature too
+            # (`NAME.len_8.golden.npz`, also the golden file of a set named `NAME.len_8`).
+            entries = [manifest, *(manifest.get("signatures") or [])]
+            relied = [(e.get("golden"), e.get("golden_sha256")) for e in entries]
+        except (OSError, ValueError, AttributeError, TypeError):
             continue  # not one of ours, or damaged: export.verify reports those
-        if golden in new_golden and golden_sha and golden_sha != new_golden[golden]:
+        for golden, golden_sha in relied:
+            if not (isinstance(golden, str) and golden in new_golden and golden_sha
+                    and golden_sha != new_golden[golden]):
+                continue
             name = golden[: -len(".golden.npz")]
             # A whole model's golden inputs are its --sample-inputs rows (or seeded ones without).
             inputs = " or other --sample-inputs" if any(

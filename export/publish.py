@@ -141,7 +141,10 @@ def folder_lock(output_dir: str) -> Iterator[None]:
     """
     import fcntl  # lazy: POSIX only; export.verify imports this module on any system
 
-    fd = os.open(os.path.join(output_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # O_NOFOLLOW: a link planted at the lock's name created its target outside --output-dir
+    # (ELOOP instead: OutputDirError, exit 5).
+    fd = os.open(os.path.join(output_dir, LOCK_NAME),
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

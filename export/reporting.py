@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from export.errors import INTERRUPTED_EXIT_CODE, ExportError, UsageError
+from export.errors import INTERRUPTED_EXIT_CODE, ExportError, UsageError, printable
 
 T = TypeVar("T")
 
@@ -65,7 +65,9 @@ def report_failures(prog: str, call: Callable[[], T], *,
     try:
         return call(), 0
     except ExportError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        # Escaped: messages quote names read from files (a manifest's artifact), and a newline
+        # or an ANSI code in one would forge lines (`✓ ... verified`) on the terminal.
+        print(f"{prog}: error: {printable(str(e))}", file=sys.stderr)
         return None, e.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from export.errors import exit_codes_epilog
+from export.errors import exit_codes_epilog, printable
 from export.flags import OneLineParser, _path, _positive_float, _positive_int
 from export.reporting import report_failures
 from export.verify import MARKS
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         print(f"{MARKS['passed']} {model.artifact}  verified", flush=True)
     for note in notes:
-        print(note, flush=True)
+        print(printable(note), flush=True)  # a note names an artifact as its manifest spells it
 
     if args.triton_repository:
         from export.serve.triton import write_repository  # lazy: only with --triton-repository

@@ -27,6 +27,7 @@ from export.serve.endpoint import (
     check_declared_size,
     encoded_slash,
     error_reply,
+    single_header,
     too_large,
 )
 
@@ -88,8 +89,8 @@ class ModelServer:
                 raise too_large(self.max_body)
             chunks.append(chunk)
         decoded, feeds = self.endpoint.decode(
-            b"".join(chunks), request.headers.get(HEADER_LENGTH),
-            request.headers.get("content-encoding"),
+            b"".join(chunks), single_header(request.headers.getlist(HEADER_LENGTH), HEADER_LENGTH),
+            single_header(request.headers.getlist("content-encoding"), "Content-Encoding"),
         )
         if self.batching and decoded.rows <= self.max_batch:
             results = await self._batched(feeds)

@@ -78,6 +78,15 @@ def check_declared_size(declared: str | None, limit: int) -> None:
         )
 
 
+def single_header(values: list[str], name: str) -> str | None:
+    """The one value of header `name` (None if absent); RequestError if it is sent twice. The
+    engines read a repeated header differently (the embedded one the last, Starlette the first):
+    one request would mean two things."""
+    if len(values) > 1:
+        raise RequestError(f"header {name} is sent {len(values)} times; send it once")
+    return values[0] if values else None
+
+
 def too_large(limit: int) -> BodyTooLarge:
     return BodyTooLarge(f"request body exceeds {limit} bytes, this server's limit (--max-body-mb)")
 
@@ -234,4 +243,4 @@ def guarded(fn, log, what: str):
 
 __all__ = ["HEADER_LENGTH", "ModelEndpoint", "Reply", "RootEndpoint", "check_declared_size",
            "encoded_slash",
-           "error_reply", "guarded", "json_reply", "load_runner", "too_large"]
+           "error_reply", "guarded", "json_reply", "load_runner", "single_header", "too_large"]

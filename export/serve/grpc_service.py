@@ -41,6 +41,13 @@ def to_http_body(request) -> tuple[bytes, str]:
         raise InputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
     for i, tensor in enumerate(request.inputs):
         entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        # Data in a place it is not read from was ignored silently (raw bytes won over contents;
+        # int_contents beside an FP32 input's fp32_contents): refused, as Triton does.
+        given = [f.name for f, _ in tensor.contents.ListFields()]
+        stray = given if raw else [f for f in given if f != _CONTENTS.get(tensor.datatype)]
+        if stray:
+            where = "raw_input_contents are given" if raw else f"its datatype is {tensor.datatype[:20]}"
+            raise InputError(f"input `{tensor.name[:80]}` has {', '.join(stray)}, but {where}")
         if raw:
             entry["parameters"] = {"binary_data_size": len(raw[i])}
             blobs.append(raw[i])
@@ -58,6 +65,8 @@ def to_http_body(request) -> tuple[bytes, str]:
     if request.id:
         header["id"] = request.id
     if request.outputs:
+        if any("classification" in o.parameters for o in request.outputs):
+            raise InputError("the classification extension is not supported")  # as over HTTP
         header["outputs"] = [{"name": o.name, "parameters": {"binary_data": True}}
                              for o in request.outputs]
     else:

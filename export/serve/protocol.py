@@ -287,6 +287,8 @@ def _check_shape(name: str, shape: list, spec: TensorSpec) -> None:
         raise RequestError(
             f"input `{name}` must have shape {list(spec.shape)} (-1: any size); received {shape}"
         )
+    if 0 in shape[1:]:  # an empty sequence: the runtime's own error, answered 500, otherwise
+        raise RequestError(f"input `{name}` has an axis of size 0 past the batch; received {shape}")
 
 
 def _json_data(name: str, data, count: int, dtype: np.dtype, maybe_bools: bool = True) -> np.ndarray:

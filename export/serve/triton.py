@@ -23,6 +23,16 @@ TRITON_TYPES = {
 }
 
 
+def _quoted(text: str) -> str:
+    """`text` as a protobuf text-format string literal: its UTF-8 bytes, each one outside
+    printable ASCII (and `"`, `\\`) as an octal escape. Tensor names come from the manifest (a
+    model's input names): a quote in one wrote config outside its string (`instance_group`)."""
+    return '"' + "".join(
+        chr(b) if 0x20 <= b < 0x7F and b not in b'"\\' else f"\\{b:03o}"
+        for b in str(text).encode("utf-8")
+    ) + '"'
+
+
 def model_config(model, *, max_batch: int = 32, batch_wait_ms: float = 2.0, instances: int = 1,
                  threads: int = 1) -> str:
     """config.pbtxt text for one ONNX `ServedModel`.
@@ -33,7 +43,7 @@ def model_config(model, *, max_batch: int = 32, batch_wait_ms: float = 2.0, inst
     manifest = model.manifest
     dynamic = manifest["inputs"][0]["shape"][0] is None
     lines = [
-        f'name: "{model.name}"',
+        f"name: {_quoted(model.name)}",
         'platform: "onnxruntime_onnx"',
         'backend: "onnxruntime"',
         f"max_batch_size: {max_batch if dynamic else 0}",
@@ -45,7 +55,7 @@ def model_config(model, *, max_batch: int = 32, batch_wait_ms: float = 2.0, inst
             dims = spec.shape[1:] if dynamic else spec.shape
             blocks.append(
                 "  {\n"
-                f'    name: "{spec.name}"\n'
+                f"    name: {_quoted(spec.name)}\n"
                 f"    data_type: {TRITON_TYPES[spec.datatype]}\n"
                 f"    dims: [ {', '.join(str(d) for d in dims)} ]\n"
                 "  }"
@@ -64,7 +74,7 @@ def model_config(model, *, max_batch: int = 32, batch_wait_ms: float = 2.0, inst
     }
     for key, value in params.items():
         lines.append(
-            f'parameters {{\n  key: "{key}"\n  value {{ string_value: "{value}" }}\n}}'
+            f"parameters {{\n  key: {_quoted(key)}\n  value {{ string_value: {_quoted(value)} }}\n}}"
         )
     return "\n".join(lines) + "\n"
 

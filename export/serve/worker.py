@@ -42,6 +42,7 @@ from export.serve.endpoint import (
     encoded_slash,
     error_reply,
     guarded,
+    single_header,
     too_large,
 )
 from export.serve.protocol import RequestError, error_body, refuse_by_hand
@@ -61,6 +62,11 @@ BARRIER_TIMEOUT_S = 5.0
 HOLD_ENV = "XATTN_SERVE_WARMUP_HOLD"
 
 _HEADER = HEADER_LENGTH.lower().encode()
+
+
+def _values(scope, name: bytes) -> list[str]:
+    """Every value of header `name` (lower case) in an ASGI scope, in order."""
+    return [v.decode("latin-1") for k, v in scope["headers"] if k == name]
 
 
 class SharedState:
@@ -149,12 +155,10 @@ class App:
             return None
         if len(body) > self.max_body:
             return error_reply(too_large(self.max_body))
-        length = headers.get(_HEADER)
-        encoding = headers.get(b"content-encoding")
-        length = None if length is None else length.decode("latin-1")
-        encoding = None if encoding is None else encoding.decode("latin-1")
 
         def decode():
+            length = single_header(_values(scope, _HEADER), HEADER_LENGTH)
+            encoding = single_header(_values(scope, b"content-encoding"), "Content-Encoding")
             return endpoint.decode(body, length, encoding)
 
         decoded = guarded(decode, log, endpoint.name)
@@ -227,11 +231,14 @@ def _protocol_class(max_header_bytes: int, read_timeout_s: float):
                 if was_in_head and not self._completed:
                     self._head_bytes += len(data)
                 if self._head_bytes > max_header_bytes:
-                    self._disarm()
-                    self.transport.write(answer_431)
-                    self.transport.close()
+                    self._refuse_head()
             elif self._timer is not None:
                 self._arm()  # the body made progress: its stall is counted from here
+
+        def _refuse_head(self) -> None:
+            self._disarm()
+            self.transport.write(answer_431)
+            self.transport.close()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -240,10 +247,23 @@ def _protocol_class(max_header_bytes: int, read_timeout_s: float):
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            if self.transport.is_closing():
+                return
+            # A head that arrived within one chunk (with its body, or pipelined) is not counted
+            # by data_received: count the parsed head itself, with its line ends.
+            head = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+            if head > max_header_bytes:
+                self._refuse_head()  # no request is started: the app never sees it
+                return
             super().on_headers_complete()
 
+        def on_body(self, body: bytes) -> None:
+            if not self.transport.is_closing():
+                super().on_body(body)
+
         def on_message_complete(self) -> None:
-            super().on_message_complete()
+            if not self.transport.is_closing():
+                super().on_message_complete()
             self._in_head, self._head_bytes, self._completed = True, 0, True
             self._disarm()  # the request is read; keep-alive idling is uvicorn's own timeout
 
@@ -295,6 +315,18 @@ def _server_class():
     return DrainingServer
 
 
+def _uvicorn_config(app, http):
+    """uvicorn's settings for a worker. `ws="none"`: this server has no WebSocket route, and an
+    upgrade handed the connection to uvicorn's WebSocket protocol, which answered 500 (and left
+    the head and stall bounds of `http`); the request is now plain HTTP."""
+    import uvicorn  # lazy: imported in the worker process only
+
+    return uvicorn.Config(
+        app, loop="uvloop", http=http, ws="none", lifespan="off", access_log=False,
+        log_level="warning", server_header=False, date_header=False, proxy_headers=False,
+    )
+
+
 def _warm_up(endpoints: dict[str, ModelEndpoint], state: SharedState, index: int) -> None:
     hold = os.environ.get(HOLD_ENV)
     while hold and not os.path.exists(hold):
@@ -305,7 +337,6 @@ def _warm_up(endpoints: dict[str, ModelEndpoint], state: SharedState, index: int
 
 
 def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
-    import uvicorn  # lazy: imported in the worker process only
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     options = config["options"]
@@ -320,10 +351,7 @@ def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
               options.max_body_bytes)
     sock = socket.socket(fileno=fd)
     http = _protocol_class(options.max_header_bytes, options.read_timeout_s)
-    server = _server_class()(uvicorn.Config(
-        app, loop="uvloop", http=http, lifespan="off", access_log=False,
-        log_level="warning", server_header=False, date_header=False, proxy_headers=False,
-    ))
+    server = _server_class()(_uvicorn_config(app, http))
     server.app = app
     server.drain_seconds = options.drain_seconds
     if options.grpc_port:

@@ -327,7 +327,8 @@ def _check_artifact(path: str, fmt: Format, manifest: dict) -> None:
 
 
 def _no_symlinks(folder: str, root: str, name: str) -> None:
-    """A SavedModel folder holding symlinks: the sha256 would not cover what TensorFlow loads."""
+    """A SavedModel folder holding symlinks: the sha256 would not cover what TensorFlow loads.
+    Nor anything but files and folders: hashing a named pipe waited for a writer forever."""
     for base, dirs, files in os.walk(folder):
         for entry in dirs + files:
             full = os.path.join(base, entry)
@@ -335,4 +336,9 @@ def _no_symlinks(folder: str, root: str, name: str) -> None:
                 raise ManifestError(
                     f"refusing artifact {name}: it holds a symlink "
                     f"({os.path.relpath(full, root)})"
+                )
+            if not (os.path.isdir(full) or os.path.isfile(full)):
+                raise ManifestError(
+                    f"refusing artifact {name}: it holds {os.path.relpath(full, root)}, neither "
+                    "a file nor a folder (a pipe, socket or device)"
                 )
