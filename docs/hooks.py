@@ -117,6 +117,13 @@ def cli_page() -> str:
         "Generated at build time from the argparse parsers the commands use (`docs/hooks.py`):",
         "what `--help` prints, as tables. Exit codes: [Exit codes](exit-codes.md).",
         "",
+        "Both spellings work: every `python -m export...` command below is also an `xattn` "
+        "subcommand (the console script `pip install` puts beside `python`; `xattn --help` lists "
+        "them): `xattn export onnx ...` is `python -m export.onnx ...`, `xattn export ...` "
+        "is `python -m export ...`, `xattn verify` is "
+        "`python -m export.verify`, and so on for `serve`, `bench` (`xattn bench serve`: "
+        "`python -m export.serve.loadbench`) and `arm` ([`xattn`](#xattn) below).",
+        "",
         f"## `{main_prog}` and the format entry points",
         "",
         ", ".join(f"`{prog}`" for prog, _ in formats)

@@ -92,16 +92,21 @@ def _command_argv(command: Command) -> list[str]:
     gives the `python -m` command it is an alias of."""
     if command.argv[:1] != ["xattn"]:
         return _argv(command)
+    xattn = os.path.join(os.path.dirname(sys.executable), "xattn")
     alias = _module_form(command.argv)
+    if alias[:1] == ["xattn"]:  # no module form: `xattn --help`, `xattn --version`
+        return [xattn, *command.argv[1:]]
     added = _argv(dataclasses.replace(command, text=shlex.join(alias)))[len(alias):]
-    return [os.path.join(os.path.dirname(sys.executable), "xattn"), *command.argv[1:], *added]
+    return [xattn, *command.argv[1:], *added]
 
 
 def _module_form(argv: list[str]) -> list[str]:
-    """`xattn CMD ...` as the `python -m MODULE ...` it is an alias of (export.command); else argv."""
-    if argv[:1] != ["xattn"] or len(argv) < 2:
-        return argv
+    """`xattn CMD ...` as the `python -m MODULE ...` it is an alias of (export.command); else argv
+    (`xattn --help` included)."""
     from export.command import BY_NAME
+
+    if argv[:1] != ["xattn"] or len(argv) < 2 or argv[1] not in BY_NAME:
+        return argv
     from export.formats import REGISTRY
 
     command, rest = argv[1], argv[2:]

@@ -75,12 +75,30 @@ def test_layer_example_runs():
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_running_the_files_example_runs(artifact_factory):
+def _assert_printed_as_shown(printed: str, shown: str, atol: float) -> None:
+    """Line by line, word by word: numbers within atol (another CPU rounds its own way), the
+    rest exactly."""
+    printed_lines, shown_lines = printed.strip().splitlines(), shown.strip().splitlines()
+    assert len(printed_lines) == len(shown_lines), (printed, shown)
+    for got, want in zip(printed_lines, shown_lines):
+        assert len(got.split()) == len(want.split()), (got, want)
+        for g, w in zip(got.split(), want.split()):
+            try:
+                assert abs(float(g) - float(w)) <= atol, (got, want)
+            except ValueError:
+                assert g == w, (got, want)
+
+
+def test_running_the_files_example_runs(artifact_factory, capsys):
+    """It runs as written on the default artifacts and prints what the page shows after it."""
     out_dir, _ = artifact_factory(formats=("tflite", "onnx"))
     code = block("python", 'providers=["CPUExecutionProvider"]')
     scope: dict = {}
     code = code.replace('"artifacts/', f'"{out_dir}/')
+    capsys.readouterr()
     exec(compile(code, "docs (running the files)", "exec"), scope)
+    _assert_printed_as_shown(capsys.readouterr().out, block("text", "tflite (1, 10, 64) float32"),
+                             atol=2e-3)
     assert scope["output"].shape == (1, 10, 64)
     # Both files give the published Keras reference's values on the example's inputs.
     import keras

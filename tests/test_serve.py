@@ -250,6 +250,70 @@ def test_readme_example_runs(server, capsys):
     assert "'shape': [-1, 10, 64]" in capsys.readouterr().out
 
 
+
+def _session(lines) -> list[tuple[str, list[str]]]:
+    """(command, the output lines shown after it) of a block showing a shell session: `$ ` starts
+    a command, a line after one ending in `\\` continues it, the rest is output."""
+    found: list[tuple[str, list[str]]] = []
+    for line in lines:
+        if line.startswith("$ "):
+            found.append((line[2:], []))
+        elif found and found[-1][0].endswith("\\") and not found[-1][1]:
+            found[-1] = (found[-1][0] + "\n" + line, [])
+        elif found:
+            found[-1][1].append(line)
+    return found
+
+
+def _assert_as_shown(printed: str, shown: list[str]) -> None:
+    """The lines printed are the lines shown; a line of JSON numbers (`"data":[...`) matches up to
+    its numbers, and they within 1e-4 (another CPU may round the last digits its own way)."""
+    printed_lines = printed.splitlines()
+    assert len(printed_lines) == len(shown), (printed, shown)
+    for got, want in zip(printed_lines, shown):
+        if '"data":[' not in want:
+            assert got == want
+            continue
+        head = want.index('"data":[') + len('"data":[')
+        assert got[:head] == want[:head], (got, want)
+        numbers = [want[head:].split(","), got[head:].split(",")]  # the last ones are cut short
+        count = min(len(n) for n in numbers) - 1
+        assert count >= 1, (got, want)
+        np.testing.assert_allclose(*[[float(n) for n in listed[:count]] for listed in numbers],
+                                   rtol=0, atol=1e-4)
+
+
+def test_docs_curl_requests_answer_as_shown(server, request, tmp_path):
+    """The serving page's curl sessions (a request that succeeds, one that fails), run as written
+    in one folder (`python` the venv's, 8000 the server's port): each prints what the page shows,
+    and the page's request.json gives the same values from the TFLite model within 1e-4."""
+    if request.node.callspec.params["server"] != "embedded":
+        pytest.skip("the page's requests go to the default engine; Ray answers in its own JSON spacing")
+    from doc_commands import all_blocks
+
+    _, port, _ = server
+    blocks = [b for b in all_blocks() if b.page == "docs/serving.md"
+              and any(line.startswith("$ curl") for line in b.lines)]
+    assert len(blocks) == 2, "the page shows a request that succeeds and one that fails"
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    for block in blocks:
+        for command, shown in _session(block.lines):
+            command = command.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+            done = subprocess.run(["bash", "-c", f"set -o pipefail\n{command}"], cwd=tmp_path,
+                                  capture_output=True, text=True, env=env, timeout=60)
+            assert done.returncode == 0 and not done.stderr, (command, done.stderr)
+            _assert_as_shown(done.stdout, shown)
+    body = (tmp_path / "request.json").read_bytes()
+    outputs = {}
+    for fmt, model in MODELS.items():
+        status, content = _send(port, "POST", f"/v2/models/{model}/infer", body,
+                                {"Content-Type": "application/json"})
+        assert status == 200, content
+        (output,) = json.loads(content)["outputs"]
+        assert output["shape"] == [1, 10, 64] and output["datatype"] == "FP32"
+        outputs[fmt] = np.reshape(output["data"], output["shape"])
+    np.testing.assert_allclose(outputs["tflite"], outputs["onnx"], rtol=0, atol=1e-4)
+
 # -- bad requests ---------------------------------------------------------------------------------
 
 ROW = np.zeros((1, 10, 64), np.float32)
