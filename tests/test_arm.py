@@ -219,3 +219,72 @@ def test_export_arm_without_qemu_publishes_nothing(tmp_path):
         "(make verify-arm does: apt-get install qemu-user-static mmdebstrap)"]
     assert not out.exists() or [n for n in os.listdir(out) if not n.startswith(".")] == []
     assert "convert" not in done.stdout + done.stderr  # it stopped before building anything
+
+
+def test_export_arm_writes_each_manifest_once_and_the_signature_covers_it(tmp_path, fake_qemu, monkeypatch):
+    """One pass: the ARM report goes in before any manifest is written; each is written once into
+    the stage, already final (deployment.arm in), then signed and published as it is."""
+    pytest.importorskip("model_signing")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from export import manifest as manifest_module
+    from export import publish
+    from export.pipeline import ExportRequest, export_artifacts
+    from export.spec import ArtifactSpec
+    from export.verify import verify_path
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = tmp_path / "key.pem", tmp_path / "key.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    monkeypatch.setattr(arm, "provision", lambda cache, **kw: emulator_of(tmp_path, fake_qemu))
+    monkeypatch.setattr(arm, "probe", lambda emulator, cpu: {
+        "machine": "aarch64", "heavy_imports": [], "features": []})
+    writes = []  # (folder, name, bytes written)
+    real_write = manifest_module.write_manifest
+
+    def write(path, manifest):
+        real_write(path, manifest)
+        with open(path, "rb") as f:
+            writes.append((os.path.dirname(path), os.path.basename(path), f.read()))
+
+    for module in list(sys.modules.values()):  # every module holding the function by name
+        if getattr(module, "write_manifest", None) is real_write:
+            monkeypatch.setattr(module, "write_manifest", write)
+    handed = {}  # manifest name -> its bytes when handed to the publish step
+    real_publish = publish.publish
+
+    def publish_and_look(stage, output_dir, names):
+        for name in names:
+            if name.endswith((".onnx.json", ".tflite.json", "_savedmodel.json")):
+                with open(os.path.join(stage, name), "rb") as f:
+                    handed[name] = f.read()
+        return real_publish(stage, output_dir, names)
+
+    monkeypatch.setattr(publish, "publish", publish_and_look)
+    out = tmp_path / "out"
+    results = export_artifacts(ExportRequest(
+        specs={"tflite": ArtifactSpec(batch=1, **TINY), "onnx": ArtifactSpec(batch=None, **TINY),
+               "savedmodel": ArtifactSpec(batch=None, **TINY)},
+        output_dir=str(out), arm=True, sign_key=str(private)))
+
+    names = sorted(os.path.basename(r.manifest_path) for r in results)
+    staged = [(name, data) for folder, name, data in writes
+              if os.path.basename(folder).startswith(publish.STAGING_PREFIX)]
+    assert sorted(name for name, _ in staged) == names  # each manifest written once
+    drafts = [name for folder, name, _ in writes if os.path.basename(folder).startswith(".arm-")]
+    assert sorted(drafts) == sorted(n for n in names if not n.endswith("_savedmodel.json"))
+    for name, data in staged:
+        manifest = json.loads(data)
+        assert ("arm" in manifest["deployment"]) if manifest["format"] != "savedmodel" else \
+            "deployment" not in manifest
+        assert handed[name] == data == (out / name).read_bytes()  # published as written
+    for r in results:  # the results describe the published files
+        assert os.path.dirname(r.path) == str(out) and os.path.dirname(r.manifest_path) == str(out)
+        assert r.manifest == read_json(r.manifest_path)
+    checked = verify_path(str(out), public_key=str(public))
+    assert [(v.status, v.signature) for v in checked] == [("passed", "signature ok")] * 3
+    assert sorted(os.listdir(out)) == sorted(n for n in os.listdir(out) if not n.startswith(".arm-"))
