@@ -87,6 +87,10 @@ def run_all(emulator: Emulator, path: str, cpus: tuple[str, ...]) -> tuple[dict,
         if probes[cpu]["machine"] != "aarch64" or probes[cpu]["heavy_imports"]:
             raise EmulatorError(f"-cpu {cpu}: the guest says machine={probes[cpu]['machine']!r}, "
                                 f"heavy imports {probes[cpu]['heavy_imports']} (want aarch64, none)")
+        where = probes[cpu].get("export") or "?"
+        if not os.path.abspath(where).startswith(os.path.abspath(emulator.site) + os.sep):
+            raise EmulatorError(f"-cpu {cpu}: the guest imported export from {where}, not from the "
+                                f"xattn wheel installed in {emulator.site}")
         results[cpu] = verify(emulator, path, cpu)
     return probes, results
 
