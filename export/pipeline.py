@@ -1,7 +1,9 @@
 """The export pipeline as a library call: reference -> convert -> verify -> manifest -> publish.
 
 `export_artifacts` is what every entry point calls; it raises typed errors (export.errors) and
-never exits. Nothing reaches `output_dir` until every requested artifact has passed.
+never exits. Nothing reaches `output_dir` until every requested artifact has passed. One pass:
+each manifest is written once, after every report on its file (deployment, ARM) is in, then
+signed and published as written.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class ExportRequest:
         arena_limit: TFLM files whose smallest tensor arena is larger fail (ArenaError).
         arm: run the staged files under aarch64 emulation (export.arm) and record, per CPU
             model, their max abs diff and whether they stay within their gate in the
-            manifest's `deployment.arm`, before the set is sealed.
+            manifest's `deployment.arm`, before any manifest is written.
     """
 
     specs: dict[str, ArtifactSpec | ModelSpec]
