@@ -121,10 +121,8 @@ def provision(cache: str, *, mirror: str | None = None, index_url: str | None = 
         wheels = _step(cache, "wheels", {"versions": versions, "requirements": requirements,
                                          "platforms": PLATFORMS},
                        lambda out: _download_wheels(out, versions, requirements, index_url))
-        project = _project_wheel(cache)
-        site = _step(cache, "site", {"wheels": sorted(os.listdir(wheels)),
-                                     "project": {"wheel": os.path.basename(project),
-                                                 "sha256": _sha256(project)}},
+        project, key = _project_wheel(cache)
+        site = _step(cache, "site", {"wheels": sorted(os.listdir(wheels)), "project": key},
                      lambda out: _install(out, wheels, project, versions))
     # Once it is there (an error stays one line): where it lives, and how to move it.
     log.info("cache    %s (arm64 root file system, %s and the aarch64 wheels; $%s moves it)",
@@ -213,8 +211,9 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _project_wheel(cache: str) -> str:
-    """The project's wheel under `cache/project`, remade there only when its bytes change."""
+def _project_wheel(cache: str) -> tuple[str, dict]:
+    """The project's wheel under `cache/project`, remade there only when its bytes change; its
+    path and `{"wheel": name, "sha256": digest}` (the key of the steps that use it)."""
     build = os.path.join(cache, "project.build")
     shutil.rmtree(build, ignore_errors=True)
     try:
@@ -225,7 +224,7 @@ def _project_wheel(cache: str) -> str:
             os.makedirs(out)
             shutil.move(made, os.path.join(out, key["wheel"]))
 
-        return os.path.join(_step(cache, "project", key, keep), key["wheel"])
+        return os.path.join(_step(cache, "project", key, keep), key["wheel"]), key
     finally:
         shutil.rmtree(build, ignore_errors=True)
 
