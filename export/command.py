@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from export.errors import exit_codes_epilog
 from export.flags import OneLineParser
 from export.formats import FORMAT_NAMES, REGISTRY
-from export.reporting import PROG_NAMES, check_build_half, report_failures
+from export.reporting import PROG_NAMES
 
 PROG = "xattn"
 
@@ -109,9 +109,6 @@ def entry(name: str, argv: list[str]) -> Callable[[], int]:
             return lambda: export_main(rest, formats=(fmt,), prog=f"{PROG} export {fmt}")
         return lambda: export_main(argv, prog=f"{PROG} export")
     if name == "bench":
-        _, code = report_failures(f"{PROG} bench", lambda: check_build_half(f"{PROG} bench"))
-        if code:  # TensorFlow is imported with the benchmark's modules, before its parser
-            return lambda: code
         # lazy: export.bench's __main__ pins BLAS to one thread before numpy loads; imported, it
         # does that and says whether it could (numpy not yet loaded) in _BLAS_PINNED.
         pinned = importlib.import_module("export.bench.__main__")
@@ -119,7 +116,8 @@ def entry(name: str, argv: list[str]) -> Callable[[], int]:
             from export.serve.loadbench import main as serve_main  # lazy: only `xattn bench serve`
 
             return lambda: serve_main(argv[1:], prog=f"{PROG} bench serve")
-        from export.bench.suite import main as bench_main  # lazy: only for this command
+        # lazy: only for this command; it parses, then checks for the build half (TensorFlow)
+        from export.bench.cli import main as bench_main
 
         return _running_as("python -m export.bench", f"{PROG} bench",
                            lambda: bench_main(argv, blas_pinned=pinned._BLAS_PINNED))

@@ -1,7 +1,9 @@
 """The export pipeline as a library call: reference -> convert -> verify -> manifest -> publish.
 
 `export_artifacts` is what every entry point calls; it raises typed errors (export.errors) and
-never exits. Nothing reaches `output_dir` until every requested artifact has passed.
+never exits. Nothing reaches `output_dir` until every requested artifact has passed. One pass:
+each manifest is written once, after every report on its file (deployment, ARM) is in, then
+signed and published as written.
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ from export.deployment import summary as deployment_summary
 from export.errors import ConversionError, ExportError, GraphCheckError, ParityError, SpecError
 from export.formats import get_format
 from export.golden_raw import write_golden_raw
-from export.manifest import build_manifest, quantization_entry, write_manifest
+from export.manifest import build_manifest, quantization_entry
 from export.metadata import file_metadata
 from export.model import ModelReference, ModelSpec
-from export.schema import check_manifest_schema
 from export.spec import ArtifactSpec
 from xattn import __version__ as xattn_version
 
 log = logging.getLogger("export")
+
+# The key of the one point a file of a single length (or a model) is verified at: never a
+# bucket's (`len_16`, `serving_default`), and never written (such a file has no `signatures`).
+ONE_POINT = "file"
 
 
 @dataclass
@@ -57,7 +62,7 @@ class ExportRequest:
         arena_limit: TFLM files whose smallest tensor arena is larger fail (ArenaError).
         arm: run the staged files under aarch64 emulation (export.arm) and record, per CPU
             model, their max abs diff and whether they stay within their gate in the
-            manifest's `deployment.arm`, before the set is sealed.
+            manifest's `deployment.arm`, before any manifest is written.
     """
 
     specs: dict[str, ArtifactSpec | ModelSpec]
@@ -88,6 +93,30 @@ class ArtifactResult:
     parity: dict
     manifest: dict
     companions: tuple[str, ...] = ()  # files published with the artifact (export.formats.Built)
+
+
+@dataclass(frozen=True)
+class _StagedSet:
+    """One artifact verified in the staging folder, its manifest complete but not yet written."""
+
+    format: str
+    spec: ArtifactSpec | ModelSpec
+    path: str
+    companions: tuple[str, ...]
+    manifest_name: str
+    parity: dict
+    manifest: dict  # export.arm adds deployment.arm, export.sets a kept reference's sha256
+
+    def published(self, output_dir: str) -> ArtifactResult:
+        """What it is once published into `output_dir`."""
+        def there(path: str) -> str:
+            return os.path.join(output_dir, os.path.basename(path))
+
+        return ArtifactResult(
+            format=self.format, spec=self.spec, path=there(self.path),
+            manifest_path=os.path.join(output_dir, self.manifest_name), bytes=self.manifest["bytes"],
+            sha256=self.manifest["sha256"], parity=self.parity, manifest=self.manifest,
+            companions=tuple(there(p) for p in self.companions))
 
 
 @dataclass(frozen=True)
@@ -145,7 +174,6 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
         ref = reference.LayerReference(first, weights, source)
     log.info("build    reference %s", ref.describe())
 
-    results: list[ArtifactResult] = []
     with publish.staging(request.output_dir) as stage:
         staged: list[str] = []
         references = {}  # name -> sha256, hashed once as written (Keras stamps the save time)
@@ -158,10 +186,10 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
         goldens = {}
         for fmt, spec in specs.items():
             # A file with several lengths has golden vectors per signature (or checked length).
-            wanted = [(p.spec, p.golden_name) for p in _points(fmt, spec)] or [(spec, spec.golden_name)]
-            for at, golden_name in wanted:
-                if golden_name in goldens:
+            for point in _points(fmt, spec):
+                if point.golden_name in goldens:
                     continue
+                at, golden_name = point.spec, point.golden_name
                 feeds = ref.make_inputs(at, at.golden_samples, reference.GOLDEN_SEED)
                 outputs = ref.run(at, feeds)
                 golden_path = os.path.join(stage, golden_name)
@@ -171,38 +199,38 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
                 goldens[golden_name] = _Golden(feeds, outputs, publish.sha256_path(golden_path), raw)
                 staged += [golden_name, raw["index"], raw["data"]]
         _guard_shared_files(request.output_dir, specs, goldens)
-        for fmt, spec in specs.items():
-            results.append(_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt),
-                                      references[spec.reference_name]))
+        sets_built = [_build_one(fmt, spec, request, ref, stage, goldens, calibrations.get(fmt),
+                                 references[spec.reference_name]) for fmt, spec in specs.items()]
+        # Every report goes into the manifests before any is written: the ARM runs read the
+        # staged files (export.arm.measure), then each manifest is written once, under the lock.
+        manifests = {s.manifest_name: s.manifest for s in sets_built}
         if request.arm:
             from export import arm  # lazy: qemu and the arm64 root file system, on request only
 
             t0 = time.perf_counter()
-            arm.record(stage, results)
-            log.info("arm      %s (%.1f s)", " | ".join(_arm_summary(r) for r in results
-                                                        if "arm" in (r.manifest.get("deployment") or {})),
-                     time.perf_counter() - t0)
-        manifests = [os.path.basename(r.manifest_path) for r in results]
+            measured = arm.measure(stage, manifests)
+            for name, entry in measured.items():
+                manifests[name]["deployment"]["arm"] = entry
+            log.info("arm      %s (%.1f s)", " | ".join(
+                _arm_summary(s.format, measured[s.manifest_name]) for s in sets_built
+                if s.manifest_name in measured), time.perf_counter() - t0)
         # An artifact's companions (TFLM's C++) go with it, before the manifests.
-        artifacts = [os.path.basename(p) for r in results for p in (r.path, *r.companions)]
-        log.info("publish  %d artifact(s) into %s", len(results), request.output_dir)
-        # One critical section (an OS lock on the folder): the guard again, then the publish.
+        artifacts = [os.path.basename(p) for s in sets_built for p in (s.path, *s.companions)]
+        log.info("publish  %d artifact(s) into %s", len(sets_built), request.output_dir)
+        # One critical section (an OS lock on the folder): the guard again, then the manifests
+        # are written (final: the reference kept if shared), signed and published.
         with publish.folder_lock(request.output_dir):
             _guard_shared_files(request.output_dir, specs, goldens)
-            signatures = sets.seal(stage, request.output_dir, results, sign_key=request.sign_key)
-            publish.publish(stage, request.output_dir, staged + artifacts + signatures + manifests)
-    for r in results:
-        r.path = os.path.join(request.output_dir, os.path.basename(r.path))
-        r.manifest_path = os.path.join(request.output_dir, os.path.basename(r.manifest_path))
-        r.companions = tuple(os.path.join(request.output_dir, os.path.basename(p)) for p in r.companions)
+            signatures = sets.seal(stage, request.output_dir, manifests, sign_key=request.sign_key)
+            publish.publish(stage, request.output_dir, staged + artifacts + signatures + list(manifests))
+    results = [s.published(request.output_dir) for s in sets_built]
     log.info("done in %.1f s", time.perf_counter() - started)
     return results
 
 
-def _arm_summary(r: ArtifactResult) -> str:
-    cpus = r.manifest["deployment"]["arm"]["cpus"]
-    beyond = [cpu for cpu, c in cpus.items() if not c["within_gate"]]
-    return f"{r.format}: " + (f"beyond gate on {', '.join(beyond)}" if beyond else "within gate")
+def _arm_summary(fmt: str, entry: dict) -> str:
+    beyond = [cpu for cpu, c in entry["cpus"].items() if not c["within_gate"]]
+    return f"{fmt}: " + (f"beyond gate on {', '.join(beyond)}" if beyond else "within gate")
 
 
 def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens: dict) -> None:
@@ -242,27 +270,37 @@ def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens
 
 
 def _points(fmt: str, spec) -> list[buckets.Point]:
-    """Where an artifact with several lengths is verified (export.buckets); [] for one length."""
-    if not isinstance(spec, ArtifactSpec):
-        return []
-    return buckets.points(spec, signatures=get_format(fmt).signatures)
+    """Where an artifact is verified (export.buckets): a file with several lengths at each
+    signature or checked length; one of a single length (or a model) at its one graph."""
+    found = buckets.points(spec, signatures=get_format(fmt).signatures) \
+        if isinstance(spec, ArtifactSpec) else []
+    return found or [buckets.Point(key=ONE_POINT, signature=None, spec=spec,
+                                   golden_name=spec.golden_name)]
+
+
+def _several(points: list[buckets.Point]) -> bool:
+    """A file verified at several lengths or signatures (its manifest lists them)."""
+    return points[0].key != ONE_POINT
 
 
 def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens: dict,
-               calibration: Calibration | None, reference_sha: str) -> ArtifactResult:
-    """Convert, check, verify and describe one artifact in the staging folder."""
+               calibration: Calibration | None, reference_sha: str) -> _StagedSet:
+    """Convert, check, verify and describe one artifact in the staging folder.
+
+    Returns the staged set with its manifest as a dict: nothing is written for it yet (the ARM
+    report may still go in; export.sets writes it once)."""
     record = get_format(fmt)
     points = _points(fmt, spec)
+    several = _several(points)
     buckets_given = getattr(spec, "lengths", ())
-    if points:
+    if several:
         # Buckets: one signature each, or symbolic lengths in a format without signatures.
         spec = buckets.file_spec(spec, signatures=record.signatures)
     t0 = time.perf_counter()
     fn, layout = ref.inference_function(spec, fallback_layout=record.layout, **graph_options(spec, fmt))
     # The golden vectors are written before conversion: their sha256 goes inside the file too
     # (those of `serving_default`, or the largest length, in a file with several).
-    golden_name = points[-1].golden_name if points else spec.golden_name
-    golden = goldens[golden_name]
+    golden = goldens[points[-1].golden_name]
     facts = ref.manifest_facts(spec)
     if buckets_given:  # a dynamic-length ONNX file too: the buckets it was verified at
         facts["shapes"]["lengths"] = [list(p) for p in buckets_given]
@@ -286,25 +324,12 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
     t0 = time.perf_counter()
     tolerance = check.tolerance(fmt, spec.quantize, atol=request.atol,
                                 max_rel=request.max_rel_error)
-    signatures = None
-    if points:
-        signatures, metrics, n_samples, tolerance = _verify_points(
-            fmt, built.path, spec, points, ref, tolerance, name, goldens)
-        golden_name = points[-1].golden_name
-    else:
-        runner = runtimes.load_runner(fmt, built.path, batch=spec.batch, inputs=spec.inputs())
-        metrics, n_samples, tolerance = _verify_artifact(runner, spec, ref, tolerance, name)
-        state = _check_state(runner, spec, ref, name)
-        if state is not None:
-            facts = {**facts, "state": state}
-            log.info("state    %-10s keeps state in %s: every runner resets it (%s)", fmt,
-                     ", ".join(state["ops"]), state["reset"])
-        # The golden vectors must pass too: that is what `export.verify` will check later.
-        golden_name = spec.golden_name
-        check.gate(check.parity_metrics(goldens[golden_name].outputs,
-                                        runner.run(goldens[golden_name].feeds)),
-                   artifact=f"{name} (golden vectors)", **tolerance)
-    golden = goldens[golden_name]
+    entries, metrics, n_samples, tolerance, state = _verify_points(
+        fmt, built.path, spec, points, ref, tolerance, name, goldens)
+    if state is not None:
+        facts = {**facts, "state": state}
+        log.info("state    %-10s keeps state in %s: every runner resets it (%s)", fmt,
+                 ", ".join(state["ops"]), state["reset"])
     parity = {"runtime": f"{record.runtime} {publish.versions().get(record.runtime, '?')}",
               "n_samples": n_samples, **metrics, **tolerance, "passed": True}
     if "atol" in tolerance:
@@ -327,42 +352,43 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
         versions=versions, created=publish.utc_now(),
         sha256=publish.sha256_path(built.path), size=publish.size_bytes(built.path),
         deployment=deployment, file_metadata=metadata,
-        golden_name=golden_name, signatures=signatures,
+        golden_name=points[-1].golden_name, signatures=entries if several else None,
         files=[{"file": os.path.basename(p), "sha256": publish.sha256_path(p),
                 "bytes": publish.size_bytes(p)} for p in built.companions],
     )
-    manifest_path = os.path.join(stage, spec.manifest_name(fmt))
-    check_manifest_schema(manifest)  # what every verifier will hold it to (export/manifest.schema.json)
-    write_manifest(manifest_path, manifest)
-    return ArtifactResult(
-        format=fmt, spec=spec, path=built.path, manifest_path=manifest_path,
-        bytes=manifest["bytes"], sha256=manifest["sha256"], parity=parity, manifest=manifest,
-        companions=built.companions,
-    )
+    return _StagedSet(format=fmt, spec=spec, path=built.path, companions=built.companions,
+                      manifest_name=spec.manifest_name(fmt), parity=parity, manifest=manifest)
 
 
 def _verify_points(fmt: str, path: str, spec, points: list, ref, tolerance: dict, name: str,
-                   goldens: dict) -> tuple[list[dict], dict, int, dict]:
-    """Verify every signature (or checked length) of a file with several lengths.
+                   goldens: dict) -> tuple[list[dict], dict, int, dict, dict | None]:
+    """Verify a file at each of its points (export.buckets): seeded batches against the
+    reference, its golden vectors, and that it keeps no state between calls.
 
-    Returns the manifest's `signatures` entries, the worst metrics over all of them, the number
-    of samples, and the gate as applied.
+    Returns the manifest's `signatures` entries (one per point), the worst metrics over all of
+    them, the number of samples, the gate as applied, and the runners' `state` (what they reset
+    between calls, for the manifest) or None for a stateless file.
     """
     record = get_format(fmt)
+    several = _several(points)
     entries, every = [], []
     n_total = 0
+    state = None
     for point in points:
         t0 = time.perf_counter()
-        label = f"{name} [{point.key}]"
+        label = f"{name} [{point.key}]" if several else name
         runner = runtimes.load_runner(fmt, path, batch=spec.batch, inputs=point.spec.inputs(),
                                       signature=point.signature)
         metrics, n_samples, applied = _verify_artifact(runner, point.spec, ref, tolerance, label)
+        state = _check_state(runner, point.spec, ref, label) or state
+        # The golden vectors must pass too: that is what `export.verify` will check later.
         golden = goldens[point.golden_name]
         check.gate(check.parity_metrics(golden.outputs, runner.run(golden.feeds)),
                    artifact=f"{label} (golden vectors)", **applied)
-        log.info("verify   %-10s %-16s max abs diff %.2e, rel L2 %.1e on %d samples (%.1f s)",
-                 fmt, point.key, metrics["max_abs"], metrics["rel_l2"], n_samples,
-                 time.perf_counter() - t0)
+        if several:
+            log.info("verify   %-10s %-16s max abs diff %.2e, rel L2 %.1e on %d samples (%.1f s)",
+                     fmt, point.key, metrics["max_abs"], metrics["rel_l2"], n_samples,
+                     time.perf_counter() - t0)
         n_total += n_samples
         every.append(metrics)
         entries.append({
@@ -377,7 +403,7 @@ def _verify_points(fmt: str, path: str, spec, points: list, ref, tolerance: dict
         })
         tolerance = applied
     worst = {k: (min if k == "cosine" else max)(m[k] for m in every) for k in every[0]}
-    return entries, worst, n_total, tolerance
+    return entries, worst, n_total, tolerance, state
 
 
 def _check_state(runner, spec, ref, name: str) -> dict | None:

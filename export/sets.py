@@ -1,7 +1,8 @@
 """Sealing staged artifact sets (artifact, manifest, golden vectors, reference) for publishing.
 
 Called by the pipeline under the folder lock, right before the atomic publish: the reference is
-shared with the sets already published under the same name, then each set is signed.
+shared with the sets already published under the same name, each manifest is written (the only
+time it is), then each set is signed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 from export import signing
 from export.manifest import write_manifest
 from export.publish import sha256_path
+from export.schema import check_manifest_schema
 
 log = logging.getLogger("export")
 
@@ -44,32 +46,40 @@ def kept_reference(output_dir: str, reference_name: str, rebuilt: set[str]) -> s
     return digest if digest in recorded else None
 
 
-def seal(stage: str, output_dir: str, results: list, *, sign_key: str | None = None) -> list[str]:
-    """Share the references with published sets, sign each set; the signature names to publish.
+def seal(stage: str, output_dir: str, manifests: dict[str, dict], *,
+         sign_key: str | None = None) -> list[str]:
+    """Write each staged set's manifest, once and final, then sign each set; the signature names.
+
+    Called under the folder lock, right before the publish: a reference that published sets
+    still record is kept (its sha256 goes into the new manifests), every manifest is checked
+    against the schema and written into `stage`, and only then is anything signed, so a signature
+    covers the manifest's final bytes.
 
     Args:
         stage: the staging folder. output_dir: where the sets are published.
-        results: the pipeline's ArtifactResults (`manifest_path`, `manifest`) in the stage.
+        manifests: manifest name -> its finished manifest (every report in: deployment, ARM).
         sign_key: a PEM elliptic-curve private key, or None.
     """
-    rebuilt = {os.path.basename(r.manifest_path) for r in results}
-    for reference_name in sorted({r.manifest["reference"] for r in results}):
+    signer = signing.load_signer(sign_key) if sign_key else None  # a bad key: before any write
+    rebuilt = set(manifests)
+    for reference_name in sorted({m["reference"] for m in manifests.values()}):
         kept = kept_reference(output_dir, reference_name, rebuilt)
         if kept is None:
             continue
         # Publish the same bytes again (a no-op rename) and record them in the new manifests.
         shutil.copyfile(os.path.join(output_dir, reference_name), os.path.join(stage, reference_name))
-        for r in results:
-            if r.manifest["reference"] == reference_name:
-                r.manifest["reference_sha256"] = kept
-                write_manifest(r.manifest_path, r.manifest)
+        for manifest in manifests.values():
+            if manifest["reference"] == reference_name:
+                manifest["reference_sha256"] = kept
         log.debug("keep     the published %s (sha256 %s...)", reference_name, kept[:12])
-    if not sign_key:
+    for name, manifest in manifests.items():
+        check_manifest_schema(manifest)  # what every verifier holds it to (export/manifest.schema.json)
+        write_manifest(os.path.join(stage, name), manifest)
+    if signer is None:
         return []
-    signer = signing.load_signer(sign_key)
     names = []
-    for r in results:
-        path = signing.sign_set(signer, stage, os.path.basename(r.manifest_path), r.manifest)
+    for name, manifest in manifests.items():
+        path = signing.sign_set(signer, stage, name, manifest)
         names.append(os.path.basename(path))
     log.info("sign     %d set(s) with %s", len(names), os.path.basename(sign_key))
     return names

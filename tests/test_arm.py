@@ -4,9 +4,12 @@ ARM failure passes only where the manifest declares it. The real run is `make ve
 
 import json
 import os
+import re
 import shutil
 import stat
+import subprocess
 import sys
+import zipfile
 
 import pytest
 from conftest import read_json, run_module, write_json
@@ -57,7 +60,7 @@ def test_rootfs_download_failing_leaves_nothing_trusted(tiny, tmp_path, fake_qem
     assert done.returncode == 8, done.stderr
     assert done.stderr.count("\n") == 1
     assert "mmdebstrap from http://127.0.0.1:9/x) failed (exit 1): E: cannot fetch" in done.stderr
-    assert sorted(os.listdir(cache)) == []  # no stamp, no partial root file system
+    assert sorted(os.listdir(cache)) == [".lock"]  # no stamp, no partial root file system
 
 
 def test_wheel_download_failing_is_one_line(tmp_path, fake_qemu, monkeypatch):
@@ -70,7 +73,7 @@ def test_wheel_download_failing_is_one_line(tmp_path, fake_qemu, monkeypatch):
     with pytest.raises(ProvisionError, match=r"aarch64 wheels \(pip download\) failed \(exit 1\)"):
         provision.provision(cache, qemu=fake_qemu, index_url="http://127.0.0.1:9/simple")
     # The root file system step finished and is trusted; the wheels step left nothing.
-    assert sorted(os.listdir(cache)) == ["rootfs", "rootfs.stamp"]
+    assert sorted(n for n in os.listdir(cache) if n != ".lock") == ["rootfs", "rootfs.stamp"]
     calls = []
     monkeypatch.setattr(provision, "_make_rootfs", lambda out, mirror: calls.append(out))
     with pytest.raises(ProvisionError):
@@ -90,6 +93,122 @@ def test_a_changed_mirror_remakes_the_root_file_system(tmp_path, monkeypatch):
     provision._step(cache, "rootfs", {"mirror": "a"}, make)
     provision._step(cache, "rootfs", {"mirror": "b"}, make)
     assert len(made) == 2
+
+
+# -- the guest runs this project's wheel, installed with [runtime], never the checkout ------------
+
+
+def pip_install_target(target, *args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                           "--no-index", "--no-compile", "--target", str(target), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def installed_site(tmp_path_factory):
+    """This project's wheel (provision.build_project_wheel) installed alone into a folder."""
+    folder = tmp_path_factory.mktemp("guest")
+    wheel = provision.build_project_wheel(str(folder / "wheel"))
+    pip_install_target(folder / "site", "--no-deps", wheel)
+    return str(folder / "site")
+
+
+def test_the_project_wheel_is_whole_and_the_same_bytes_each_time(tmp_path):
+    first = provision.build_project_wheel(str(tmp_path / "a"))
+    again = provision.build_project_wheel(str(tmp_path / "b"))
+    assert os.path.basename(first) == "xattn-0.1.0-py3-none-any.whl"
+    assert provision._sha256(first) == provision._sha256(again)  # the site stamp's key
+    with zipfile.ZipFile(first) as wheel:
+        names = wheel.namelist()
+        metadata_text = wheel.read("xattn-0.1.0.dist-info/METADATA").decode()
+        record = wheel.read("xattn-0.1.0.dist-info/RECORD").decode().splitlines()
+        for line in record[:-1]:  # pip checks these on install too
+            name, digest, size = line.split(",")
+            data = wheel.read(name)
+            assert digest == "sha256=" + provision._urlsafe_digest(data) and int(size) == len(data)
+    assert {"export/verify/__init__.py", "export/manifest.schema.json", "xattn/layer.py",
+            "xattn-0.1.0.dist-info/entry_points.txt"} <= set(names)
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or n.startswith("tests/")]
+    assert 'Requires-Dist: onnxruntime>=1.20; extra == "runtime"' in metadata_text
+    assert sorted(record[:-1]) == record[:-1] and record[-1] == "xattn-0.1.0.dist-info/RECORD,,"
+    assert "uvicorn>=0.30" in provision.runtime_requirements()
+
+
+def test_the_guest_imports_the_installed_wheel_and_refuses_the_checkout(tiny, tmp_path, fake_qemu,
+                                                                       installed_site, monkeypatch):
+    real_probe = emulate.probe  # the stand-in qemu runs this (x86) Python: only its machine differs
+    monkeypatch.setattr(arm, "probe", lambda emulator, cpu: {**real_probe(emulator, cpu),
+                                                             "machine": "aarch64"})
+    argv, env = emulate.guest_command(emulator_of(tmp_path, fake_qemu), "max", ["-c", "pass"])
+    assert env["PYTHONPATH"] == str(tmp_path / "site") and env["PYTHONSAFEPATH"] == "1"
+    assert argv[:3] == [fake_qemu, "-cpu", "max"] and argv[-2:] == ["-c", "pass"]
+    # The stand-in qemu runs this Python: with the wheel installed, export comes from there...
+    emulator = provision.Emulator(rootfs=str(tmp_path / "rootfs"), site=installed_site, qemu=fake_qemu)
+    probes, results = arm.run_all(emulator, tiny[0], ("max",))
+    assert probes["max"]["export"] == os.path.join(installed_site, "export", "__init__.py")
+    assert {r["status"] for r in results["max"].values()} == {"passed"}
+    # ... and with nothing installed there, from the checkout: refused.
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(arm.__file__))), "__init__.py")
+    refused = f"-cpu max: the guest imported export from {re.escape(checkout)}, not from the xattn wheel"
+    with pytest.raises(EmulatorError, match=refused):
+        arm.run_all(emulator_of(tmp_path, fake_qemu), tiny[0], ("max",))
+
+
+def test_provisioning_installs_the_wheel_with_runtime_keyed_by_its_sha256(tmp_path, fake_qemu, monkeypatch):
+    mm = script(tmp_path / "mmdebstrap", '#!/bin/sh\nmkdir -p "$5/usr/bin"\ntouch "$5/usr/bin/python3.11"\n')
+    monkeypatch.setenv("XATTN_ARM_MMDEBSTRAP", mm)
+    calls = []
+    real_run = provision._run
+
+    def run(argv, what):
+        if "download" in argv:  # no network: one stand-in wheel in --dest
+            calls.append(("download", argv))
+            dest = argv[argv.index("--dest") + 1]
+            os.makedirs(dest, exist_ok=True)
+            open(os.path.join(dest, "numpy-2.4.0-cp311-cp311-manylinux_2_27_aarch64.whl"), "w").close()
+        elif "install" in argv:
+            calls.append(("install", argv))
+            os.makedirs(argv[argv.index("--target") + 1])
+        else:
+            real_run(argv, what)
+
+    monkeypatch.setattr(provision, "_run", run)
+    cache = str(tmp_path / "cache")
+    emulator = provision.provision(cache, qemu=fake_qemu)
+    assert [kind for kind, _ in calls] == ["download", "install"]
+    download, install = calls[0][1], calls[1][1]
+    versions = provision.runtime_versions()
+    pins = [f"{k}=={v}" for k, v in versions.items()]
+    assert download[-len(pins) - len(provision.runtime_requirements()):] == [
+        *provision.runtime_requirements(), *pins]
+    assert install[-len(pins) - 1:] == ["xattn[runtime]==0.1.0", *pins]
+    assert "--no-index" in install and "--no-compile" in install
+    assert install[install.index("--target") + 1] == emulator.site + ".partial"
+    links = [install[i + 1] for i, a in enumerate(install) if a == "--find-links"]
+    assert links == [os.path.join(cache, "wheels"), os.path.join(cache, "project")]
+    assert os.listdir(links[1]) == ["xattn-0.1.0-py3-none-any.whl"]
+    assert install[install.index("--platform") + 1] == "manylinux2014_aarch64"
+    assert install[install.index("--python-version") + 1] == "3.11"
+    stamp = read_json(os.path.join(cache, "site.stamp"))
+    assert stamp["project"]["sha256"] == provision._sha256(os.path.join(links[1], os.listdir(links[1])[0]))
+    # The same code again: nothing is redone. Changed code (other wheel bytes): only the install.
+    provision.provision(cache, qemu=fake_qemu)
+    assert len(calls) == 2
+    real_build = provision.build_project_wheel
+
+    def build_changed(folder):
+        path = real_build(folder)
+        with zipfile.ZipFile(path, "a") as wheel:
+            wheel.writestr("export/changed.py", "CHANGED = True\n")
+        return path
+
+    monkeypatch.setattr(provision, "build_project_wheel", build_changed)
+    provision.provision(cache, qemu=fake_qemu)
+    assert [kind for kind, _ in calls] == ["download", "install", "install"]
+    assert read_json(os.path.join(cache, "site.stamp"))["project"]["sha256"] != stamp["project"]["sha256"]
+    assert sorted(n for n in os.listdir(cache) if not n.endswith(".stamp")) == [
+        ".lock", "project", "rootfs", "site", "wheels"]  # no build folder left behind
 
 
 def test_unknown_cpu_model_is_a_usage_error(tiny):
@@ -115,6 +234,12 @@ def emulator_of(tmp_path, qemu: str) -> provision.Emulator:
     return provision.Emulator(rootfs=str(tmp_path / "rootfs"), site=str(tmp_path / "site"), qemu=qemu)
 
 
+def guest_probe(emulator: provision.Emulator, features=()) -> dict:
+    """What `emulate.probe` says of a guest that imported the wheel installed in its site folder."""
+    return {"machine": "aarch64", "heavy_imports": [], "features": list(features),
+            "export": os.path.join(emulator.site, "export", "__init__.py")}
+
+
 def test_guest_runs_the_verifier_and_reads_its_json(tiny, tmp_path, fake_qemu):
     results = emulate.verify(emulator_of(tmp_path, fake_qemu), tiny[0], "cortex-a53")
     assert sorted(results) == sorted(os.path.basename(p) for p in tiny[1].values())
@@ -135,8 +260,7 @@ def test_guest_crash_is_one_line_exit_9(tiny, tmp_path):
 def checked(tiny, tmp_path, fake_qemu, monkeypatch):
     """check_path on the tiny set with the stand-in qemu; the ONNX file fails on `cortex-a53`."""
     monkeypatch.setattr(arm, "provision", lambda cache, **kw: emulator_of(tmp_path, fake_qemu))
-    monkeypatch.setattr(arm, "probe", lambda emulator, cpu: {
-        "machine": "aarch64", "heavy_imports": [], "features": []})
+    monkeypatch.setattr(arm, "probe", lambda emulator, cpu: guest_probe(emulator))
     real_verify = arm.verify
 
     def verify(emulator, path, cpu):
@@ -189,8 +313,8 @@ def test_export_arm_records_deployment_before_publishing(tmp_path, fake_qemu, mo
     from export.verify import verify_path
 
     monkeypatch.setattr(arm, "provision", lambda cache, **kw: emulator_of(tmp_path, fake_qemu))
-    monkeypatch.setattr(arm, "probe", lambda emulator, cpu: {
-        "machine": "aarch64", "heavy_imports": [], "features": ["fphp"] if cpu == "max" else []})
+    monkeypatch.setattr(arm, "probe", lambda emulator, cpu: guest_probe(
+        emulator, ["fphp"] if cpu == "max" else []))
     out = tmp_path / "out"
     out.mkdir()
     results = export_artifacts(ExportRequest(
@@ -219,3 +343,71 @@ def test_export_arm_without_qemu_publishes_nothing(tmp_path):
         "(make verify-arm does: apt-get install qemu-user-static mmdebstrap)"]
     assert not out.exists() or [n for n in os.listdir(out) if not n.startswith(".")] == []
     assert "convert" not in done.stdout + done.stderr  # it stopped before building anything
+
+
+def test_export_arm_writes_each_manifest_once_and_the_signature_covers_it(tmp_path, fake_qemu, monkeypatch):
+    """One pass: the ARM report goes in before any manifest is written; each is written once into
+    the stage, already final (deployment.arm in), then signed and published as it is."""
+    pytest.importorskip("model_signing")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from export import manifest as manifest_module
+    from export import publish
+    from export.pipeline import ExportRequest, export_artifacts
+    from export.spec import ArtifactSpec
+    from export.verify import verify_path
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = tmp_path / "key.pem", tmp_path / "key.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    monkeypatch.setattr(arm, "provision", lambda cache, **kw: emulator_of(tmp_path, fake_qemu))
+    monkeypatch.setattr(arm, "probe", lambda emulator, cpu: guest_probe(emulator))
+    writes = []  # (folder, name, bytes written)
+    real_write = manifest_module.write_manifest
+
+    def write(path, manifest):
+        real_write(path, manifest)
+        with open(path, "rb") as f:
+            writes.append((os.path.dirname(path), os.path.basename(path), f.read()))
+
+    for module in list(sys.modules.values()):  # every module holding the function by name
+        if getattr(module, "write_manifest", None) is real_write:
+            monkeypatch.setattr(module, "write_manifest", write)
+    handed = {}  # manifest name -> its bytes when handed to the publish step
+    real_publish = publish.publish
+
+    def publish_and_look(stage, output_dir, names):
+        for name in names:
+            if name.endswith((".onnx.json", ".tflite.json", "_savedmodel.json")):
+                with open(os.path.join(stage, name), "rb") as f:
+                    handed[name] = f.read()
+        return real_publish(stage, output_dir, names)
+
+    monkeypatch.setattr(publish, "publish", publish_and_look)
+    out = tmp_path / "out"
+    results = export_artifacts(ExportRequest(
+        specs={"tflite": ArtifactSpec(batch=1, **TINY), "onnx": ArtifactSpec(batch=None, **TINY),
+               "savedmodel": ArtifactSpec(batch=None, **TINY)},
+        output_dir=str(out), arm=True, sign_key=str(private)))
+
+    names = sorted(os.path.basename(r.manifest_path) for r in results)
+    staged = [(name, data) for folder, name, data in writes
+              if os.path.basename(folder).startswith(publish.STAGING_PREFIX)]
+    assert sorted(name for name, _ in staged) == names  # each manifest written once
+    drafts = [name for folder, name, _ in writes if os.path.basename(folder).startswith(".arm-")]
+    assert sorted(drafts) == sorted(n for n in names if not n.endswith("_savedmodel.json"))
+    for name, data in staged:
+        manifest = json.loads(data)
+        assert ("arm" in manifest["deployment"]) if manifest["format"] != "savedmodel" else \
+            "deployment" not in manifest
+        assert handed[name] == data == (out / name).read_bytes()  # published as written
+    for r in results:  # the results describe the published files
+        assert os.path.dirname(r.path) == str(out) and os.path.dirname(r.manifest_path) == str(out)
+        assert r.manifest == read_json(r.manifest_path)
+    checked = verify_path(str(out), public_key=str(public))
+    assert [(v.status, v.signature) for v in checked] == [("passed", "signature ok")] * 3
+    assert sorted(os.listdir(out)) == sorted(n for n in os.listdir(out) if not n.startswith(".arm-"))

@@ -65,7 +65,7 @@ def test_arm_provision_prints_the_cache_it_used(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(cache.os, "listdir", lambda path: [])
     with caplog.at_level(logging.INFO, logger="export"):
         emulator = cache.provision(str(tmp_path / "arm"))
-    assert made == ["rootfs", "wheels", "site"]
+    assert made == ["rootfs", "wheels", "project", "site"]
     assert emulator.rootfs == str(tmp_path / "arm" / "rootfs")
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cache ")]
     assert str(tmp_path / "arm") in line and "$XATTN_CACHE_DIR moves it" in line

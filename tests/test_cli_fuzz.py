@@ -326,7 +326,7 @@ BENCH_VALUES = {
 def test_bench_command_lines_with_a_wrong_value(in_world):
     """A benchmark runs for a minute: here every command line has one wrong value, so each ends
     in its one usage line (the full runs: .ci/run's smoke run, tests/test_bench.py)."""
-    from export.bench.suite import main as bench_main
+    from export.bench.cli import main as bench_main
 
     @settings(FUZZ, max_examples=40)
     @given(st.data())

@@ -117,7 +117,7 @@ def test_serve_with_an_empty_triton_repository_does_not_start_a_server(capsys):
 
 def test_bench_with_an_empty_model_is_refused_not_a_layer_benchmark(capsys):
     # `python -m export.bench --model ""` ran the lone layer's benchmark.
-    from export.bench.suite import main as bench_main
+    from export.bench.cli import main as bench_main
 
     with pytest.raises(SystemExit) as ended:
         bench_main(["--model", ""])

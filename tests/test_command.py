@@ -157,7 +157,7 @@ def test_xattn_usage_errors(argv, words):
     _one_error_line(xattn(*argv), 2, "xattn: error:", words)
 
 
-FAST = pytest.mark.fast  # no TensorFlow in the process (bench imports it before parsing)
+FAST = pytest.mark.fast  # no TensorFlow in the process (the bench parses before importing it)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -170,7 +170,7 @@ FAST = pytest.mark.fast  # no TensorFlow in the process (bench imports it before
     pytest.param(["serve", "/no/such/folder"], "xattn serve: error: no such file or folder",
                  marks=FAST, id="serve"),
     pytest.param(["bench", "--iterations", "0"], "xattn bench: error: argument --iterations",
-                 id="bench"),
+                 marks=FAST, id="bench"),
     pytest.param(["bench", "serve", "--bogus"], "xattn bench serve: error: unrecognized",
                  id="bench-serve"),
     pytest.param(["arm", "/no/such/folder"], "xattn arm: error: no such file or folder",
@@ -178,6 +178,31 @@ FAST = pytest.mark.fast  # no TensorFlow in the process (bench imports it before
 ])
 def test_each_command_runs_its_entry_under_its_own_name(argv, words):
     _one_error_line(xattn(*argv), 2, words)
+
+
+# Where the build half is missing (a runtime-only install), as test_runtime_install.py's venv has it.
+_WITHOUT_BUILD_HALF = (
+    "import sys, export.reporting as r\n"
+    "r.BUILD_HALF_PACKAGES = ('no_such_module_xattn',)\n"
+    "from export.bench.cli import main\n"
+    "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+    "print(code, [m for m in ('tensorflow', 'keras', 'export.bench.suite') if m in sys.modules])\n"
+)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("argv, words", [
+    (["--units", "8"], "python -m export.bench exports, which needs the build half: "
+                       "no_such_module_xattn not installed here (pip install 'xattn[build]')"),
+    (["--units", "8", "--runtimes", "onnx,trt"], "argument --runtimes: must be a comma-separated"),
+], ids=["build-half-missing", "bad-flag-first"])
+def test_bench_refuses_before_importing_tensorflow(argv, words):
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_BUILD_HALF, *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[0] == "2 []", done.stdout + done.stderr  # exit 2, nothing heavy
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("python -m export.bench: error: "), done.stderr
+    assert words in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("command", [

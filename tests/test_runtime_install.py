@@ -106,7 +106,8 @@ def test_runtime_venv_verifies_what_the_build_venv_published(runtime_venv, publi
 
 @pytest.mark.parametrize("argv", [
     ["-m", "export.onnx", "--units", "8"], ["XATTN", "export", "tflite"], ["XATTN", "bench"],
-], ids=["python-m-export-onnx", "xattn-export", "xattn-bench"])
+    ["-m", "export.bench", "--units", "8"],
+], ids=["python-m-export-onnx", "xattn-export", "xattn-bench", "python-m-export-bench"])
 def test_runtime_venv_refuses_to_export_in_one_line(runtime_venv, argv, tmp_path):
     python, _ = runtime_venv
     xattn = os.path.join(os.path.dirname(python), "xattn")

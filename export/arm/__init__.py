@@ -3,16 +3,20 @@
 `check_path` runs `export.verify` (TF-free) on x86 and, under qemu, on an arm64 Debian root file
 system with the aarch64 wheels of the same runtime versions, for each CPU model; it compares them
 per file (max abs diff, rel L2, whether the outputs are the same bits). A file failing its gate on
-an ARM model passes only when its manifest says so in `deployment.arm` (written at export time by
-`record`, `python -m export --arm`): the gate is never widened. `python -m export.arm` is the
-command line (`make verify-arm`).
+an ARM model passes only when its manifest says so in `deployment.arm` (measured at export time
+by `measure`, `python -m export --arm`, before the manifest is written): the gate is never
+widened. `python -m export.arm` is the command line (`make verify-arm`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from export.arm.cache import Emulator, provision, runtime_versions
@@ -83,6 +87,10 @@ def run_all(emulator: Emulator, path: str, cpus: tuple[str, ...]) -> tuple[dict,
         if probes[cpu]["machine"] != "aarch64" or probes[cpu]["heavy_imports"]:
             raise EmulatorError(f"-cpu {cpu}: the guest says machine={probes[cpu]['machine']!r}, "
                                 f"heavy imports {probes[cpu]['heavy_imports']} (want aarch64, none)")
+        where = probes[cpu].get("export") or "?"
+        if not os.path.abspath(where).startswith(os.path.abspath(emulator.site) + os.sep):
+            raise EmulatorError(f"-cpu {cpu}: the guest imported export from {where}, not from the "
+                                f"xattn wheel installed in {emulator.site}")
         results[cpu] = verify(emulator, path, cpu)
     return probes, results
 
@@ -141,23 +149,38 @@ def _declared(manifest_path: str) -> dict:
         return {}  # export.verify reports a damaged manifest
 
 
-def record(stage: str, results: list, *, cpus: tuple[str, ...] = DEFAULT_CPUS,
-           cache: str = DEFAULT_CACHE) -> None:
-    """Write `deployment.arm` into the staged manifests of `results` (export.pipeline, `--arm`).
+def measure(stage: str, manifests: dict[str, dict], *, cpus: tuple[str, ...] = DEFAULT_CPUS,
+            cache: str = DEFAULT_CACHE) -> dict[str, dict]:
+    """The `deployment.arm` entry of each staged set with a device runtime (export.pipeline, `--arm`).
 
-    Runs before the set is sealed and published, so a signature covers it. A file beyond its
-    gate on an ARM model is recorded (`within_gate: false`, its max abs diff and rel L2), not
-    refused: the gate stays the gate, and the manifest tells where the file does not meet it.
+    Runs on the staged files before any manifest is written: the verifier reads manifests, so
+    drafts of `manifests` (without the entry) go into a private folder beside hard links to the
+    staged files, removed afterwards. A file beyond its gate on an ARM model is recorded
+    (`within_gate: false`, its max abs diff and rel L2), not refused: the gate stays the gate,
+    and the manifest tells where the file does not meet it.
+
+    Args:
+        stage: the staging folder holding every file the manifests name.
+        manifests: manifest name -> its manifest, complete but for `deployment.arm`; those without
+            `deployment` (SavedModel: no device runtime) are left out.
+
+    Returns:
+        manifest name -> its `deployment.arm` entry.
+
+    Raises:
+        UsageError: an unknown CPU model. ProvisionError, EmulatorError: as `check_path`.
     """
     cpus = tuple(check_cpu(c) for c in cpus)
+    wanted = {name: m for name, m in manifests.items() if m.get("deployment") is not None}
+    if not wanted:
+        return {}
     emulator = provision(cache)
-    probes, emulated = run_all(emulator, stage, cpus)
+    with _drafts(stage, wanted) as folder:
+        probes, emulated = run_all(emulator, folder, cpus)
+        x86 = {name: verify_manifest(os.path.join(folder, name)).as_json() for name in wanted}
     versions = runtime_versions()
-    for r in results:
-        name = os.path.basename(r.manifest_path)
-        if r.manifest.get("deployment") is None:
-            continue  # SavedModel: no device runtime
-        x86 = verify_manifest(r.manifest_path).as_json()
+    entries = {}
+    for name in wanted:
         entry = {"emulator": emulator_version(emulator), "runtimes": versions, "cpus": {}}
         for cpu in cpus:
             got = emulated[cpu].get(name)
@@ -168,10 +191,38 @@ def record(stage: str, results: list, *, cpus: tuple[str, ...] = DEFAULT_CPUS,
                 "max_abs": got["metrics"].get("max_abs"), "rel_l2": got["metrics"].get("rel_l2"),
                 "gate": got["tolerance"], "within_gate": got["status"] == "passed",
                 **({"reason": got["reason"]} if got["status"] != "passed" else {}),
-                "same_bits_as_x86": _same_bits(got, x86),
+                "same_bits_as_x86": _same_bits(got, x86[name]),
             }
-        r.manifest["deployment"]["arm"] = entry
-        write_manifest(r.manifest_path, r.manifest)
+        entries[name] = entry
+    return entries
 
 
-__all__ = ["DEFAULT_CACHE", "DEFAULT_CPUS", "FileReport", "check_path", "record"]
+@contextlib.contextmanager
+def _drafts(stage: str, manifests: dict[str, dict]) -> Iterator[str]:
+    """A private folder inside `stage`: hard links to its files (copies where links fail) and
+    the draft `manifests`; removed on exit. Nothing in it is published."""
+    folder = tempfile.mkdtemp(prefix=".arm-", dir=stage)
+    try:
+        for entry in os.listdir(stage):
+            src, dst = os.path.join(stage, entry), os.path.join(folder, entry)
+            if entry.startswith("."):  # the stage's lock, this folder
+                continue
+            if os.path.isdir(src):
+                shutil.copytree(src, dst, copy_function=_link)
+            else:
+                _link(src, dst)
+        for name, manifest in manifests.items():
+            write_manifest(os.path.join(folder, name), manifest)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _link(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+__all__ = ["DEFAULT_CACHE", "DEFAULT_CPUS", "FileReport", "check_path", "measure"]

@@ -1,7 +1,9 @@
 """Run the project's own verifier under aarch64 user-mode emulation, one CPU model at a time.
 
 `qemu-aarch64-static -cpu MODEL -L ROOTFS ROOTFS/usr/bin/python3.11 -m export.verify --json ...`
-with PYTHONPATH = this repository + the unpacked aarch64 wheels: the same TF-free code as on x86.
+with PYTHONPATH = the folder this project's wheel is installed in with `[runtime]` (export.arm.cache):
+the same TF-free code as on x86, as a device installs it. No source tree is on the guest's path
+(PYTHONSAFEPATH, and it runs in a temporary folder); the probe says where `export` came from.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import tempfile
 
 from export.arm.cache import Emulator
 from export.errors import EmulatorError, UsageError, one_line
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The CPU models runs may name (`-cpu help`), with the MIDR that /proc/cpuinfo reports for them.
 # qemu 7.2's user mode passes the host's (x86) /proc/cpuinfo through; onnxruntime's cpuinfo
@@ -39,13 +39,14 @@ HWCAP2_BITS = {"sve2": 1, "i8mm": 13, "bf16": 14, "sme": 23}
 
 _PROBE = r"""
 import json, platform, struct, sys
-import export.verify.cli
+import export, export.verify.cli
 heavy = sorted(m for m in ("tensorflow", "keras", "tf2onnx", "onnx") if m in sys.modules)
 data = open("/proc/self/auxv", "rb").read()
 aux = dict(struct.iter_unpack("<QQ", data))
 hw, hw2 = aux.get(16, 0), aux.get(26, 0)
 bits, bits2 = %s, %s
 print(json.dumps({"machine": platform.machine(), "heavy_imports": heavy,
+                  "export": export.__file__,
                   "features": [n for n, b in bits.items() if hw >> b & 1]
                   + [n for n, b in bits2.items() if hw2 >> b & 1]}))
 """
@@ -73,20 +74,28 @@ def write_cpuinfo(rootfs: str, cpu: str) -> None:
         f.write(text + "\n")
 
 
-def guest(emulator: Emulator, cpu: str, args: list[str], *,
-          timeout: float = 1800) -> subprocess.CompletedProcess:
-    """Run the guest Python with `args` under `-cpu cpu`; the repository and wheels importable."""
-    write_cpuinfo(emulator.rootfs, cpu)
+def guest_command(emulator: Emulator, cpu: str, args: list[str]) -> tuple[list[str], dict]:
+    """The qemu command line and environment that run the guest Python with `args`."""
     env = {
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.path.abspath(emulator.site)}",
-        "PYTHONDONTWRITEBYTECODE": "1",  # the guest must not write .pyc files into the repo
+        "PYTHONPATH": os.path.abspath(emulator.site),
+        "PYTHONSAFEPATH": "1",  # no current folder (nor script folder) on sys.path: the install only
+        "PYTHONDONTWRITEBYTECODE": "1",  # the cache stays as pip installed it
         "PYTHONIOENCODING": "utf-8", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin",
         "HOME": tempfile.gettempdir(),
     }
     argv = [emulator.qemu, "-cpu", cpu, "-L", os.path.abspath(emulator.rootfs),
             os.path.abspath(emulator.python), *args]
+    return argv, env
+
+
+def guest(emulator: Emulator, cpu: str, args: list[str], *,
+          timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run the guest Python with `args` under `-cpu cpu`; what `emulator.site` holds importable
+    (the installed `xattn[runtime]`), and nothing of the current folder."""
+    write_cpuinfo(emulator.rootfs, cpu)
+    argv, env = guest_command(emulator, cpu, args)
     try:
-        return subprocess.run(argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+        return subprocess.run(argv, env=env, cwd=tempfile.gettempdir(), stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired:
         raise EmulatorError(f"-cpu {cpu}: no answer from the emulated verifier in {timeout:.0f} s") from None
@@ -102,10 +111,12 @@ def _failure(cpu: str, done: subprocess.CompletedProcess) -> EmulatorError:
 
 
 def probe(emulator: Emulator, cpu: str) -> dict:
-    """{"machine": "aarch64", "heavy_imports": [], "features": [HWCAP_BITS/HWCAP2_BITS set]}.
+    """{"machine": "aarch64", "heavy_imports": [], "export": its __init__.py, "features": [...]}.
 
     It imports `export.verify.cli` first: `heavy_imports` lists TensorFlow, Keras, tf2onnx or
-    onnx if that import pulled any in (it must not: none is in the guest).
+    onnx if that import pulled any in (it must not: none is in the guest); `export` is where the
+    package was imported from (the installed wheel, export.arm.run_all checks); `features` the
+    HWCAP_BITS/HWCAP2_BITS set.
     """
     done = guest(emulator, cpu, ["-c", _PROBE % (HWCAP_BITS, HWCAP2_BITS)], timeout=300)
     try:

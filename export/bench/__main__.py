@@ -10,7 +10,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 _BLAS_PINNED = "numpy" not in sys.modules and os.environ.get("OPENBLAS_NUM_THREADS") == "1"
 
-from export.bench.suite import main  # noqa: E402  (after pinning BLAS)
+from export.bench.cli import main  # noqa: E402  (after pinning BLAS; TensorFlow after parsing)
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:

@@ -14,7 +14,6 @@ from export import publish, reference
 from export.bench.buckets import render_buckets, run_buckets
 from export.bench.build import build_length
 from export.bench.model import render_model, run_model
-from export.bench.options import build_parser
 from export.bench.peak import _merge_peaks, measure_peak
 from export.bench.report import _sizes, evaluate_verdicts, machine, render
 from export.bench.startup import measure_startup
@@ -87,13 +86,9 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None, *, blas_pinned: bool = False) -> int:
-    """Run the benchmark; `blas_pinned` says numpy loaded with one BLAS thread (`__main__`)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.blas_pinned = blas_pinned
+def run_parsed(args: argparse.Namespace, prog: str) -> int:
+    """Run the benchmark on parsed flags (export.bench.cli parses them); print, write --json."""
     configure_logging(args.verbose, args.quiet)
-    prog = parser.prog
     if args.model:
         report, code = report_failures(prog, lambda: run_model(args))
     else:
@@ -118,7 +113,3 @@ def main(argv: list[str] | None = None, *, blas_pinned: bool = False) -> int:
                   file=sys.stderr)
             return SpecError.exit_code
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
