@@ -1,0 +1,180 @@
+"""Issue 27 follow-ups: ids outside an Embedding's range at serve time, LiteRT's error text that
+grew across requests, and two configurations that publish the same file name.
+
+One small `--model` export (ids -> Embedding(20), a float context -> CrossAttention), shared by
+the module; decoding is tested through the protocol functions, one request on a live server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+VOCAB = 20
+
+
+@pytest.fixture(scope="module")
+def token_export(tmp_path_factory):
+    """(output folder, model path): the token model exported to ONNX and TFLite via --model."""
+    import keras
+    from layer_zoo import randomize_weights
+
+    import xattn
+    from export import cli
+
+    folder = tmp_path_factory.mktemp("token-export")
+    ids = keras.Input((6,), dtype="int32", name="ids")
+    ctx = keras.Input((5, 4), name="ctx")
+    embedded = keras.layers.Embedding(VOCAB, 4, name="embedding")(ids)
+    model = randomize_weights(keras.Model([ids, ctx], xattn.CrossAttention(4, 2)([embedded, ctx])), 4)
+    path = str(folder / "tokens.keras")
+    model.save(path)
+    rng = np.random.default_rng(0)
+    np.savez(folder / "s.npz", ids=rng.integers(0, VOCAB, (4, 6)).astype("int32"),
+             ctx=rng.standard_normal((4, 5, 4)).astype("float32"))
+    out = folder / "out"
+    rc = cli.main(["--model", path, "--sample-inputs", str(folder / "s.npz"), "--output-dir",
+                   str(out), "--quiet"], formats=("onnx", "tflite"))
+    assert rc == 0
+    return str(out), path
+
+
+@pytest.fixture(scope="module")
+def token_endpoints(token_export):
+    from export.serve import load_models
+    from export.serve.endpoint import ModelEndpoint
+
+    models, _ = load_models(token_export[0])
+    return {m.format: ModelEndpoint(m, max_body=1 << 20, max_batch=8) for m in models}
+
+
+def _json_body(ids, ctx) -> bytes:
+    return json.dumps({"inputs": [
+        {"name": "ids", "datatype": "INT32", "shape": list(ids.shape), "data": ids.ravel().tolist()},
+        {"name": "ctx", "datatype": "FP32", "shape": list(ctx.shape), "data": ctx.ravel().tolist()},
+    ]}).encode()
+
+
+def _binary_body(ids, ctx) -> tuple[bytes, str]:
+    header = json.dumps({"inputs": [
+        {"name": "ids", "datatype": "INT32", "shape": list(ids.shape),
+         "parameters": {"binary_data_size": ids.nbytes}},
+        {"name": "ctx", "datatype": "FP32", "shape": list(ctx.shape),
+         "parameters": {"binary_data_size": ctx.nbytes}},
+    ]}).encode()
+    return header + ids.tobytes() + ctx.tobytes(), str(len(header))
+
+
+def _feeds(bad: int | None = None):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, VOCAB, (2, 6)).astype(np.int32)
+    if bad is not None:
+        ids[1, 3] = bad
+    return ids, rng.standard_normal((2, 5, 4)).astype(np.float32)
+
+
+# -- 1: ids outside [0, input_dim) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_the_manifest_records_the_range_of_ids_that_feed_an_embedding(fmt, token_export):
+    from export.schema import check_manifest_schema
+
+    with open(os.path.join(token_export[0], f"tokens.{fmt}.json")) as f:
+        manifest = json.load(f)
+    ranges = {t["name"]: t.get("range") for t in manifest["inputs"]}
+    assert ranges == {"ids": [0, VOCAB], "ctx": None}
+    check_manifest_schema(manifest)
+
+
+@pytest.mark.parametrize("bad", [VOCAB, 1000, -1], ids=["input_dim", "far-past", "negative"])
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_ids_outside_the_range_are_400_naming_input_value_and_range(fmt, bad, token_endpoints):
+    """An id past input_dim got the runtime's error as a 500; -1 was answered (ONNX Gather wraps
+    it to the last row). Both are now the client's 400, over JSON, binary and gRPC alike."""
+    from export.serve.grpc_service import to_http_body
+    from export.serve.protocol import RequestError
+
+    endpoint = token_endpoints[fmt]
+    ids, ctx = _feeds(bad)
+    needle = rf"input `ids` holds {bad}, outside \[0, {VOCAB}\)"
+    with pytest.raises(RequestError, match=needle) as raised:
+        endpoint.decode(_json_body(ids, ctx), None, None)
+    assert raised.value.status == 400
+    with pytest.raises(RequestError, match=needle):
+        endpoint.decode(*_binary_body(ids, ctx), None)
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=endpoint.name)
+    for name, array, datatype in (("ids", ids, "INT32"), ("ctx", ctx, "FP32")):
+        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        request.raw_input_contents.append(array.tobytes())
+    with pytest.raises(RequestError, match=needle):
+        endpoint.decode(*to_http_body(request), None)
+    # The ids at both ends of the range are answered.
+    ids[0, 0], ids[1, 3] = 0, VOCAB - 1
+    decoded, feeds = endpoint.decode(_json_body(ids, ctx), None, None)
+    assert endpoint.run(feeds)["output"].shape == (2, 6, 4)
+
+
+def test_a_live_server_answers_400_for_an_id_past_the_embedding(token_export):
+    import http.client
+    import socket
+
+    from export.serve import ServeOptions, load_models, start, stop
+
+    models, _ = load_models(token_export[0])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = start(models, ServeOptions(workers=1, port=port))
+    try:
+        for name in ("tokens_onnx", "tokens_tflite"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", f"/v2/models/{name}/infer", _json_body(*_feeds(VOCAB + 5)),
+                         {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            body = json.loads(response.read())
+            conn.close()
+            assert response.status == 400, body
+            assert body["error"] == (f"input `ids` holds {VOCAB + 5}, outside [0, {VOCAB}) (the "
+                                     "ids its Embedding takes)")
+    finally:
+        stop(server)
+
+
+def test_verify_refuses_golden_ids_outside_the_manifest_range():
+    from export.errors import ManifestError
+    from export.manifest import check_golden_ranges, tensors_of
+
+    inputs = tensors_of([{"name": "ids", "shape": [None, 3], "dtype": "int32", "range": [0, 5]}],
+                        "inputs")
+    check_golden_ranges({"ids": np.array([[0, 4, 2]], np.int32)}, inputs)
+    with pytest.raises(ManifestError, match=r"golden input 'ids' holds 5, outside the manifest's "
+                                            r"range \[0, 5\)"):
+        check_golden_ranges({"ids": np.array([[0, 5, 2]], np.int32)}, inputs)
+
+
+@pytest.mark.parametrize("bounds, dtype", [([0], "int32"), ([0, 5, 9], "int32"), ([5, 5], "int32"),
+                                           ([0, 1.5], "int32"), ([0, 5], "float32")],
+                         ids=["one", "three", "empty", "float-bound", "float-input"])
+def test_a_malformed_range_is_a_manifest_error(bounds, dtype):
+    from export.errors import ManifestError
+    from export.manifest import tensors_of
+
+    with pytest.raises(ManifestError, match=r"manifest inputs 'ids': .*range"):
+        tensors_of([{"name": "ids", "shape": [None, 3], "dtype": dtype, "range": bounds}], "inputs")
+
+
+def test_the_schema_takes_a_range_of_two_integers_only():
+    from export.schema import manifest_schema, validate
+
+    schema = manifest_schema()
+    tensors = schema["$defs"]["tensors"]
+    ok = [{"name": "ids", "shape": [None, 3], "dtype": "int32", "range": [0, 5]}]
+    assert validate(ok, tensors, schema, "inputs") is None
+    three = [{**ok[0], "range": [0, 5, 9]}]
+    assert "must hold at most 2 item(s)" in validate(three, tensors, schema, "inputs")
