@@ -178,3 +178,36 @@ def test_the_schema_takes_a_range_of_two_integers_only():
     assert validate(ok, tensors, schema, "inputs") is None
     three = [{**ok[0], "range": [0, 5, 9]}]
     assert "must hold at most 2 item(s)" in validate(three, tensors, schema, "inputs")
+
+
+# -- 2: LiteRT's error text grew across requests ---------------------------------------------------
+
+
+def test_a_litert_error_holds_this_requests_error_only(token_export, token_endpoints):
+    """LiteRT's error reporter keeps every message: the second failed invoke raised both errors,
+    the third all three (on a server, other clients' errors in this one's answer). Ids past the
+    Embedding are refused before the runtime now, so they go to the runner directly here."""
+    import logging
+
+    from export import runtimes
+    from export.serve.endpoint import guarded
+
+    ids, ctx = _feeds(VOCAB + 5)
+    runner = runtimes.load_runner("tflite", os.path.join(token_export[0], "tokens.tflite"))
+    texts = []
+    for _ in range(3):
+        with pytest.raises(RuntimeError) as raised:
+            runner.run({"ids": ids, "ctx": ctx})
+        texts.append(str(raised.value))
+    assert texts[0].count("failed to invoke") == 1, texts[0]
+    assert texts == [texts[0]] * 3
+    ids[1, 3] = 0
+    assert runner.run({"ids": ids, "ctx": ctx})["output"].shape == (2, 6, 4)  # still serves
+    # The server's reply, twice in a row: the same one line, this request's error alone.
+    endpoint = token_endpoints["tflite"]
+    bad = {"ids": _feeds(VOCAB + 5)[0], "ctx": ctx}
+    replies = [guarded(lambda: endpoint.run(bad), logging.getLogger("test"), "tokens")
+               for _ in range(2)]
+    assert [r.status for r in replies] == [500, 500]
+    assert replies[0].body == replies[1].body
+    assert json.loads(replies[1].body)["error"].count("failed to invoke") == 1
