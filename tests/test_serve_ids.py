@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -211,3 +212,40 @@ def test_a_litert_error_holds_this_requests_error_only(token_export, token_endpo
     assert [r.status for r in replies] == [500, 500]
     assert replies[0].body == replies[1].body
     assert json.loads(replies[1].body)["error"].count("failed to invoke") == 1
+
+
+# -- 3: two configurations, one file name ----------------------------------------------------------
+
+LAYER = ["--units", "8", "--heads", "2", "--query-len", "3", "--kv-len", "4", "--query-features",
+         "5", "--kv-features", "6", "--quiet"]
+
+
+def test_a_publish_that_replaces_another_configurations_artifact_is_refused(tmp_path, capsys):
+    """`--name a_int8` (float32) and `--name a --quantize int8` both write a_int8.onnx: the second
+    replaced the first silently. Now it exits 2 with one line and touches nothing; the same
+    configuration again still replaces its own file."""
+    from export import cli
+
+    out = tmp_path / "out"
+    assert cli.main([*LAYER, "--name", "a_int8", "--output-dir", str(out)], formats=("onnx",)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    rc = cli.main([*LAYER, "--name", "a", "--quantize", "int8", "--output-dir", str(out)],
+                  formats=("onnx",))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert re.search(r"a_int8\.onnx in .* was published by another configuration \(--name a_int8 "
+                     r"onnx quantize=none\), and this export \(--name a onnx quantize=int8\) would "
+                     r"replace it under the same file name; pass another --name", err[0]), err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # The same configuration replaces its own artifact, by design.
+    assert cli.main([*LAYER, "--name", "a_int8", "--output-dir", str(out)],
+                    formats=("onnx",)) == 0
+    # And the other order: the quantized one first, then a float32 one named like it.
+    other = tmp_path / "other"
+    assert cli.main([*LAYER, "--name", "a", "--quantize", "int8", "--output-dir", str(other)],
+                    formats=("onnx",)) == 0
+    capsys.readouterr()
+    assert cli.main([*LAYER, "--name", "a_int8", "--output-dir", str(other)],
+                    formats=("onnx",)) == 2
+    assert "(--name a onnx quantize=int8)" in capsys.readouterr().err
