@@ -121,8 +121,10 @@ def test_ids_outside_the_range_are_400_naming_input_value_and_range(fmt, bad, to
     assert endpoint.run(feeds)["output"].shape == (2, 6, 4)
 
 
-def test_a_live_server_answers_400_for_an_id_past_the_embedding(token_export):
-    import http.client
+@pytest.fixture(scope="module")
+def live_server(token_export):
+    """The embedded engine in this process's control: 1 worker, --read-timeout 1,
+    --body-timeout 2; yields its port."""
     import socket
 
     from export.serve import ServeOptions, load_models, start, stop
@@ -131,20 +133,35 @@ def test_a_live_server_answers_400_for_an_id_past_the_embedding(token_export):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = start(models, ServeOptions(workers=1, port=port))
+    server = start(models, ServeOptions(workers=1, port=port, read_timeout_s=1.0,
+                                        body_timeout_s=2.0))
     try:
-        for name in ("tokens_onnx", "tokens_tflite"):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            conn.request("POST", f"/v2/models/{name}/infer", _json_body(*_feeds(VOCAB + 5)),
-                         {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            body = json.loads(response.read())
-            conn.close()
-            assert response.status == 400, body
-            assert body["error"] == (f"input `ids` holds {VOCAB + 5}, outside [0, {VOCAB}) (the "
-                                     "ids its Embedding takes)")
+        yield port
     finally:
         stop(server)
+
+
+def _post(port: int, path: str, body: bytes) -> tuple[int, dict]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def test_a_live_server_answers_400_for_an_id_past_the_embedding(live_server):
+    for name in ("tokens_onnx", "tokens_tflite"):
+        status, body = _post(live_server, f"/v2/models/{name}/infer",
+                             _json_body(*_feeds(VOCAB + 5)))
+        assert status == 400, body
+        assert body["error"] == (f"input `ids` holds {VOCAB + 5}, outside [0, {VOCAB}) (the ids "
+                                 "its Embedding takes)")
+        status, body = _post(live_server, f"/v2/models/{name}/infer", _json_body(*_feeds()))
+        assert status == 200, body
 
 
 def test_verify_refuses_golden_ids_outside_the_manifest_range():
@@ -249,3 +266,52 @@ def test_a_publish_that_replaces_another_configurations_artifact_is_refused(tmp_
     assert cli.main([*LAYER, "--name", "a_int8", "--output-dir", str(other)],
                     formats=("onnx",)) == 2
     assert "(--name a onnx quantize=int8)" in capsys.readouterr().err
+
+
+# -- 4: a body that trickles in forever -------------------------------------------------------------
+
+
+def test_a_body_that_trickles_is_closed_at_the_body_timeout(live_server):
+    """1 byte every 0.4 s never stalls for --read-timeout (1 s), and kept a connection (with 32 MB
+    declared) open as long as it liked. --body-timeout (2 s) bounds the whole body; the server
+    answers others meanwhile."""
+    import socket
+    import time
+
+    port = live_server
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v2/models/tokens_onnx/infer HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Length: 1000\r\n\r\n{")
+    started = time.monotonic()
+    closed_after = None
+    sock.settimeout(0.4)
+    while time.monotonic() - started < 10:
+        try:
+            if sock.recv(4096) == b"":
+                closed_after = time.monotonic() - started
+                break
+        except TimeoutError:
+            pass
+        except OSError:
+            closed_after = time.monotonic() - started
+            break
+        try:
+            sock.sendall(b" ")
+        except OSError:
+            closed_after = time.monotonic() - started
+            break
+        status, _ = _post(port, "/v2/models/tokens_onnx/infer", _json_body(*_feeds()))
+        assert status == 200
+    sock.close()
+    assert closed_after is not None, "a trickling body kept its connection 10 s"
+    assert 1.5 < closed_after < 5, closed_after
+
+
+def test_the_body_timeout_is_checked_like_the_read_timeout():
+    from export.errors import UsageError
+    from export.serve import ServeOptions, check_options
+
+    for value in (0.0, -1.0, 1e300):
+        with pytest.raises(UsageError, match=r"--body-timeout must be in \(0, 86400\]"):
+            check_options(ServeOptions(body_timeout_s=value))
+    assert ServeOptions().body_timeout_s == 60.0

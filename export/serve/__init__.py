@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from export.errors import ExportError, ManifestError, UsageError, first_line
 from export.serve.protocol import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_READ_TIMEOUT_S,
@@ -75,9 +76,11 @@ class ServeOptions:
     replica_cpus: float = 0.0
     # Embedded engine: a request line and headers larger than this get 431 and a close; a
     # connection that has not sent its whole head within `read_timeout_s` of starting it (or of
-    # connecting), or sends no body byte for that long, is closed.
+    # connecting), or sends no body byte for that long, is closed; so is one whose body is not
+    # complete `body_timeout_s` after its head, however steadily it trickles.
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,9 @@ def check_options(options: ServeOptions) -> None:
     if not 0 < options.read_timeout_s <= MAX_DRAIN_SECONDS:
         raise UsageError(f"--read-timeout must be in (0, {MAX_DRAIN_SECONDS:g}]. Received: "
                          f"{options.read_timeout_s:g}")
+    if not 0 < options.body_timeout_s <= MAX_DRAIN_SECONDS:
+        raise UsageError(f"--body-timeout must be in (0, {MAX_DRAIN_SECONDS:g}]. Received: "
+                         f"{options.body_timeout_s:g}")
     if not 1024 <= options.max_header_bytes <= GRPC_MAX_BODY_BYTES:
         raise UsageError(f"--max-header-kb must be at least 1 and below 2 GiB. Received: "
                          f"{options.max_header_bytes / 1024:g} KiB")

@@ -53,6 +53,9 @@ DEFAULT_MAX_BODY_BYTES = 32 << 20
 # a connection that stalls while sending its head or body (closed; CLI: --read-timeout).
 DEFAULT_MAX_HEADER_BYTES = 64 << 10
 DEFAULT_READ_TIMEOUT_S = 15.0
+# ...and on a body that keeps making progress, too slowly: its whole body must arrive within this
+# many seconds of its head (1 byte every 14 s kept a 32 MB body open for months; --body-timeout).
+DEFAULT_BODY_TIMEOUT_S = 60.0
 
 
 class RequestError(InputError):
