@@ -124,7 +124,7 @@ def test_ids_outside_the_range_are_400_naming_input_value_and_range(fmt, bad, to
 @pytest.fixture(scope="module")
 def live_server(token_export):
     """The embedded engine in this process's control: 1 worker, --read-timeout 1,
-    --body-timeout 2; yields its port."""
+    --body-timeout 2, --max-connections 4; yields its port."""
     import socket
 
     from export.serve import ServeOptions, load_models, start, stop
@@ -134,7 +134,7 @@ def live_server(token_export):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = start(models, ServeOptions(workers=1, port=port, read_timeout_s=1.0,
-                                        body_timeout_s=2.0))
+                                        body_timeout_s=2.0, max_connections=4))
     try:
         yield port
     finally:
@@ -307,6 +307,39 @@ def test_a_body_that_trickles_is_closed_at_the_body_timeout(live_server):
     assert 1.5 < closed_after < 5, closed_after
 
 
+def test_connections_past_the_limit_get_503_and_are_closed(live_server):
+    """Connections were unlimited (800 slow ones stayed open). Past --max-connections (4 here)
+    one more is answered 503 in one line and closed; once the idle ones are closed
+    (--read-timeout), requests are answered again."""
+    import socket
+    import time
+
+    port = live_server
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    time.sleep(0.2)
+    with socket.create_connection(("127.0.0.1", port)) as extra:
+        extra.settimeout(5)
+        answer = b""
+        while chunk := extra.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"error": (
+        "this worker holds 4 open connections (the server's limit, --max-connections); retry "
+        "later")}
+    for sock in held:
+        sock.close()
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            status, _ = _post(port, "/v2/models/tokens_onnx/infer", _json_body(*_feeds()))
+        except OSError:
+            status = None
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert status == 200
+
+
 def test_the_body_timeout_is_checked_like_the_read_timeout():
     from export.errors import UsageError
     from export.serve import ServeOptions, check_options
@@ -315,3 +348,6 @@ def test_the_body_timeout_is_checked_like_the_read_timeout():
         with pytest.raises(UsageError, match=r"--body-timeout must be in \(0, 86400\]"):
             check_options(ServeOptions(body_timeout_s=value))
     assert ServeOptions().body_timeout_s == 60.0
+    for value in (0, -3):
+        with pytest.raises(UsageError, match=r"--max-connections must be in \[1, 1048576\]"):
+            check_options(ServeOptions(max_connections=value))

@@ -24,6 +24,7 @@ from export.errors import ExportError, ManifestError, UsageError, first_line
 from export.serve.protocol import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_READ_TIMEOUT_S,
 )
@@ -81,6 +82,8 @@ class ServeOptions:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    # Embedded engine: open connections per worker; one more gets 503 and is closed.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,8 @@ GRPC_MAX_BODY_BYTES = (1 << 31) - 1
 # Past these a timer overflows (threading, asyncio: OverflowError in a thread on SIGTERM).
 MAX_DRAIN_SECONDS = 24 * 3600.0
 MAX_BATCH_WAIT_MS = 60_000.0
+# A worker's file descriptors run out long before this.
+MAX_CONNECTIONS = 1 << 20
 
 
 def check_options(options: ServeOptions) -> None:
@@ -194,6 +199,9 @@ def check_options(options: ServeOptions) -> None:
     if not 0 < options.body_timeout_s <= MAX_DRAIN_SECONDS:
         raise UsageError(f"--body-timeout must be in (0, {MAX_DRAIN_SECONDS:g}]. Received: "
                          f"{options.body_timeout_s:g}")
+    if not 1 <= options.max_connections <= MAX_CONNECTIONS:
+        raise UsageError(f"--max-connections must be in [1, {MAX_CONNECTIONS}]. Received: "
+                         f"{options.max_connections}")
     if not 1024 <= options.max_header_bytes <= GRPC_MAX_BODY_BYTES:
         raise UsageError(f"--max-header-kb must be at least 1 and below 2 GiB. Received: "
                          f"{options.max_header_bytes / 1024:g} KiB")

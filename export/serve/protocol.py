@@ -56,6 +56,8 @@ DEFAULT_READ_TIMEOUT_S = 15.0
 # ...and on a body that keeps making progress, too slowly: its whole body must arrive within this
 # many seconds of its head (1 byte every 14 s kept a 32 MB body open for months; --body-timeout).
 DEFAULT_BODY_TIMEOUT_S = 60.0
+# Open connections one worker holds; one more is answered 503 and closed (--max-connections).
+DEFAULT_MAX_CONNECTIONS = 512
 
 
 class RequestError(InputError):

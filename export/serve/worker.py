@@ -183,14 +183,15 @@ class App:
 
 
 def _protocol_class(max_header_bytes: int, read_timeout_s: float,
-                    body_timeout_s: float = float("inf")):
+                    body_timeout_s: float = float("inf"), max_connections: int | None = None):
     """uvicorn's httptools protocol with two bounds it lacks (a 300 MB header grew a worker by
     300 MB; a client sending half a head, or 1 byte of a 100-byte body, held its connection for
     minutes): a request head over `max_header_bytes` is answered 431 and closed; a connection is
     closed when its head is not complete `read_timeout_s` after it started (or after connecting),
     or when its body makes no progress for that long, or is not complete `body_timeout_s` after
-    its head (1 byte every 14 s kept a 32 MB body open for months). The event loop keeps serving
-    the others."""
+    its head (1 byte every 14 s kept a 32 MB body open for months); a connection past
+    `max_connections` open ones is answered 503 and closed. The event loop keeps serving the
+    others."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # lazy: worker only
 
     too_large = error_body(f"request line and headers over {max_header_bytes} bytes (the "
@@ -198,6 +199,11 @@ def _protocol_class(max_header_bytes: int, read_timeout_s: float,
     answer_431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                   b"content-type: application/json\r\ncontent-length: "
                   + str(len(too_large)).encode() + b"\r\nconnection: close\r\n\r\n" + too_large)
+    full = error_body(f"this worker holds {max_connections} open connections (the server's "
+                      "limit, --max-connections); retry later")
+    answer_503 = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                  b"content-length: " + str(len(full)).encode()
+                  + b"\r\nconnection: close\r\n\r\n" + full)
 
     class GuardedProtocol(HttpToolsProtocol):
         def connection_made(self, transport) -> None:
@@ -207,6 +213,10 @@ def _protocol_class(max_header_bytes: int, read_timeout_s: float,
             self._completed = False
             self._timer = None
             self._body_deadline = None
+            if max_connections is not None and len(self.connections) > max_connections:
+                transport.write(answer_503)
+                transport.close()
+                return
             self._arm()  # a connection that sends nothing at all is a stalled head too
 
         def _arm(self) -> None:
@@ -367,7 +377,7 @@ def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
               options.max_body_bytes)
     sock = socket.socket(fileno=fd)
     http = _protocol_class(options.max_header_bytes, options.read_timeout_s,
-                           options.body_timeout_s)
+                           options.body_timeout_s, options.max_connections)
     server = _server_class()(_uvicorn_config(app, http))
     server.app = app
     server.drain_seconds = options.drain_seconds
