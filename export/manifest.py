@@ -362,8 +362,38 @@ def tensors_of(entries: list, key: str) -> list[dict]:
         if name in seen:
             raise ManifestError(f"manifest {key} names {short(name)} twice")
         seen.add(name)
-        tensors.append({"name": name, "shape": shape, "dtype": dtype})
+        tensor = {"name": name, "shape": shape, "dtype": dtype}
+        if "range" in entry:
+            tensor["range"] = _range_of(entry["range"], dtype, f"manifest {key} {short(name)}")
+        tensors.append(tensor)
     return tensors
+
+
+def _range_of(bounds, dtype, what: str) -> tuple[int, int]:
+    """A tensor's `range` [low, high): two integers, low < high, on an integer input."""
+    fits = (isinstance(bounds, list) and len(bounds) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+            and bounds[0] < bounds[1])
+    if not fits:
+        raise ManifestError(f"{what}: range must be [low, high] integers with low < high, "
+                            f"not {short(bounds)}")
+    if dtype is None or np.dtype(dtype).kind not in "iu":
+        raise ManifestError(f"{what}: a range needs an integer dtype, not {short(dtype)}")
+    return bounds[0], bounds[1]
+
+
+def check_golden_ranges(golden: dict[str, np.ndarray], inputs: list[dict]) -> None:
+    """ManifestError when a golden input holds a value outside its tensor's `range`."""
+    for tensor in inputs:
+        if "range" not in tensor:
+            continue
+        low, high = tensor["range"]
+        array = golden[tensor["name"]]
+        outside = (array < low) | (array >= high)
+        if outside.any():
+            raise ManifestError(f"golden input {short(tensor['name'])} holds "
+                                f"{array[outside].flat[0]}, outside the manifest's range "
+                                f"[{low}, {high})")
 
 
 def load_golden(path: str, manifest: dict, tensors: list[dict]) -> dict[str, np.ndarray]:

@@ -80,7 +80,7 @@ class ModelSpec(ArtifactNames):
         return dataclasses.replace(self, **changes)
 
     def inputs(self) -> list[TensorInfo]:
-        return [TensorInfo(t.name, (self.batch, *t.shape), t.dtype) for t in self.model_inputs]
+        return [TensorInfo(t.name, (self.batch, *t.shape), t.dtype, t.range) for t in self.model_inputs]
 
     def outputs(self) -> list[TensorInfo]:
         return [TensorInfo(t.name, (self.batch, *t.shape), t.dtype) for t in self.model_outputs]

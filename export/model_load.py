@@ -5,6 +5,7 @@ sample inputs read without unpickling. Every failure is one typed line.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import re
@@ -312,9 +313,8 @@ def _cast_exactly(array: np.ndarray, t: TensorInfo, label: str) -> np.ndarray:
     return cast
 
 
-def check_embedding_ranges(model: keras.Model, samples: dict[str, np.ndarray], path: str) -> None:
-    """SpecError naming the input, the value and the layer when ids fed straight into an
-    `Embedding` fall outside [0, input_dim): TensorFlow's own error was a page, exit 1."""
+def _embedding_feeds(model: keras.Model):
+    """(input name, Embedding) for every Embedding that a model input feeds directly."""
     by_tensor = {id(t): t.name for t in model.inputs}
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if not isinstance(layer, keras.layers.Embedding):
@@ -322,14 +322,37 @@ def check_embedding_ranges(model: keras.Model, samples: dict[str, np.ndarray], p
         for node in layer._inbound_nodes:
             for tensor in node.input_tensors:
                 name = by_tensor.get(id(tensor))
-                if name is None or name not in samples:
-                    continue
-                ids = samples[name]
-                outside = (ids < 0) | (ids >= layer.input_dim)
-                if outside.any():
-                    raise SpecError(
-                        f"--sample-inputs file {path}: {name} holds {ids[outside].flat[0]}, "
-                        f"outside [0, {layer.input_dim}) of Embedding {layer.name!r}")
+                if name is not None:
+                    yield name, layer
+
+
+def with_embedding_ranges(model: keras.Model, inputs: tuple[TensorInfo, ...]
+                          ) -> tuple[TensorInfo, ...]:
+    """`inputs`, each integer input that feeds an Embedding carrying the ids it takes,
+    `range` = (0, input_dim) (the smallest input_dim when it feeds several): the manifest records
+    it and the server refuses ids outside it (onnxruntime wrapped -1 to the last row)."""
+    highs: dict[str, int] = {}
+    for name, layer in _embedding_feeds(model):
+        highs[name] = min(highs.get(name, layer.input_dim), int(layer.input_dim))
+    return tuple(
+        dataclasses.replace(t, range=(0, highs[t.name]))
+        if t.name in highs and np.dtype(t.dtype).kind in "iu" else t
+        for t in inputs
+    )
+
+
+def check_embedding_ranges(model: keras.Model, samples: dict[str, np.ndarray], path: str) -> None:
+    """SpecError naming the input, the value and the layer when ids fed straight into an
+    `Embedding` fall outside [0, input_dim): TensorFlow's own error was a page, exit 1."""
+    for name, layer in _embedding_feeds(model):
+        if name not in samples:
+            continue
+        ids = samples[name]
+        outside = (ids < 0) | (ids >= layer.input_dim)
+        if outside.any():
+            raise SpecError(
+                f"--sample-inputs file {path}: {name} holds {ids[outside].flat[0]}, "
+                f"outside [0, {layer.input_dim}) of Embedding {layer.name!r}")
 
 
 def default_stem(path: str) -> str:

@@ -158,6 +158,7 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
         if spec.replace(**same) != first.replace(**same):
             raise SpecError(f"the {fmt} spec differs from the others in more than its batch")
         check_variant(fmt, spec)
+    _guard_replaced_artifacts(request.output_dir, specs)
     started = time.perf_counter()
     if request.model is not None:
         ref = request.model
@@ -220,6 +221,7 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
         # One critical section (an OS lock on the folder): the guard again, then the manifests
         # are written (final: the reference kept if shared), signed and published.
         with publish.folder_lock(request.output_dir):
+            _guard_replaced_artifacts(request.output_dir, specs)
             _guard_shared_files(request.output_dir, specs, goldens)
             signatures = sets.seal(stage, request.output_dir, manifests, sign_key=request.sign_key)
             publish.publish(stage, request.output_dir, staged + artifacts + signatures + list(manifests))
@@ -231,6 +233,39 @@ def export_artifacts(request: ExportRequest) -> list[ArtifactResult]:
 def _arm_summary(fmt: str, entry: dict) -> str:
     beyond = [cpu for cpu, c in entry["cpus"].items() if not c["within_gate"]]
     return f"{fmt}: " + (f"beyond gate on {', '.join(beyond)}" if beyond else "within gate")
+
+
+def _guard_replaced_artifacts(output_dir: str, specs: dict) -> None:
+    """Refuse to replace an artifact that another configuration published under the same file.
+
+    `--name a_int8` (float32) and `--name a --quantize int8` both write `a_int8.onnx`: the second
+    replaced the first without a word. A published artifact is replaced only by the same
+    configuration: the same base name (its reference file), format, quantization mode and io
+    dtype; re-exporting that replaces it, by design.
+    """
+    for fmt, spec in specs.items():
+        path = os.path.join(output_dir, spec.manifest_name(fmt))
+        try:
+            with open(path, encoding="utf-8") as f:
+                existing = json.load(f)
+            quantization = existing.get("quantization") or {}
+            was = {"reference": existing.get("reference"), "format": existing.get("format"),
+                   "quantize": quantization.get("mode"), "io": quantization.get("io_dtype")}
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue  # none there, not one of ours, or damaged: export.verify reports those
+        now = {"reference": spec.reference_name, "format": fmt, "quantize": spec.quantize,
+               "io": "int8" if spec.int8_io else "float32"}
+        differs = [k for k in now if was[k] is not None and was[k] != now[k]]
+        if differs:
+            def describe(c):
+                name = c["reference"][:-len(".keras")] if str(c["reference"]).endswith(".keras") \
+                    else c["reference"]
+                return (f"--name {name} {c['format']} quantize={c['quantize']}"
+                        + (" int8-io" if c["io"] == "int8" else ""))
+            raise SpecError(
+                f"{spec.artifact_name(fmt)} in {output_dir} was published by another "
+                f"configuration ({describe(was)}), and this export ({describe(now)}) would "
+                f"replace it under the same file name; pass another --name or remove it first")
 
 
 def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens: dict) -> None:

@@ -124,6 +124,7 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
     shapes = dict(args.input_shapes)
     keras_model = model_load.functional_view(keras_model, shapes)
     inputs, outputs = model_load.model_tensors(keras_model, shapes)
+    inputs = model_load.with_embedding_ranges(keras_model, inputs)
     samples = (model_load.load_sample_inputs(args.sample_inputs, inputs)
                if args.sample_inputs else None)
     if samples is not None:

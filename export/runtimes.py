@@ -247,11 +247,14 @@ _ONNX_DTYPES = {
 }
 
 
-def tflite_interpreter(path: str, threads: int | None = None):
+def tflite_interpreter(path: str | None, threads: int | None = None, *,
+                       content: bytes | None = None):
+    """A LiteRT interpreter of the file at `path` (or of its bytes, `content`), tensors allocated."""
     from ai_edge_litert.interpreter import Interpreter  # lazy: a server may have onnxruntime only
 
+    source = {"model_path": path} if content is None else {"model_content": content}
     with captured_native_output((2,), keep=without_lines(_LITERT_BANNER)):
-        interpreter = Interpreter(model_path=path, num_threads=threads)
+        interpreter = Interpreter(**source, num_threads=threads)
         # Delegates are applied here (not at the first run), so the banner is too.
         interpreter.allocate_tensors()
     return interpreter
@@ -263,12 +266,25 @@ _LITERT_BANNER = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
 
 
 def tflite_function(path: str, threads: int | None, signature: str = "serving_default"):
-    """The tflite format's runner: (run, reported inputs) of one signature (`serving_default`)."""
-    interpreter = tflite_interpreter(path, threads)
-    runner = interpreter.get_signature_runner(signature)
-    input_details = runner.get_input_details()
-    output_details = runner.get_output_details()
-    stateful = stateful_ops(interpreter)
+    """The tflite format's runner: (run, reported inputs) of one signature (`serving_default`).
+
+    A failed invoke replaces the interpreter: LiteRT's error reporter never empties its buffer,
+    so each later error's text held every earlier one (another client's, on a server), and the
+    buffer grew with each failure. A fresh interpreter's first error is that request's alone.
+    """
+    with open(path, "rb") as f:
+        content = f.read()
+    current = {}
+
+    def load():
+        interpreter = tflite_interpreter(None, threads, content=content)
+        current["interpreter"] = interpreter
+        current["runner"] = interpreter.get_signature_runner(signature)
+
+    load()
+    input_details = current["runner"].get_input_details()
+    output_details = current["runner"].get_output_details()
+    stateful = stateful_ops(current["interpreter"])
 
     def run(feeds):
         quantized = {
@@ -278,8 +294,12 @@ def tflite_function(path: str, threads: int | None, signature: str = "serving_de
         if stateful:
             # A converted LSTM keeps its state in variable tensors between invokes: each call
             # starts from zero state, as the reference does.
-            interpreter.reset_all_variables()
-        outputs = runner(**quantized)
+            current["interpreter"].reset_all_variables()
+        try:
+            outputs = current["runner"](**quantized)
+        except RuntimeError:
+            load()
+            raise
         return {name: dequantize(outputs[name], output_details[name]) for name in outputs}
 
     if stateful:

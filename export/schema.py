@@ -20,7 +20,8 @@ from export.errors import ManifestError, short
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "manifest.schema.json")
 # Annotations (no effect on validity) and the keywords `validate` applies.
 ANNOTATIONS = frozenset({"$schema", "$id", "title", "description", "$defs"})
-KEYWORDS = frozenset({"type", "required", "properties", "items", "minItems", "minLength", "pattern",
+KEYWORDS = frozenset({"type", "required", "properties", "items", "minItems", "maxItems",
+                      "minLength", "pattern",
                       "minimum", "maximum", "exclusiveMinimum", "anyOf", "dependentRequired",
                       "$ref", "enum"})
 
@@ -97,6 +98,8 @@ def validate(value: object, schema: dict, root: dict | None = None, where: str =
     if isinstance(value, list):
         if len(value) < schema.get("minItems", 0):
             return f"{where} must hold at least {schema['minItems']} item(s)"
+        if "maxItems" in schema and len(value) > schema["maxItems"]:
+            return f"{where} must hold at most {schema['maxItems']} item(s)"
         if "items" in schema:
             for i, item in enumerate(value):
                 problem = validate(item, schema["items"], root, f"{where}[{i}]")

@@ -26,14 +26,19 @@ CPU_FLOAT_OPS = ("BATCH_MATMUL", "SOFTMAX")
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """An input or output of an artifact: name, shape (None for a dynamic axis), dtype."""
+    """An input or output of an artifact: name, shape (None for a dynamic axis), dtype, and for
+    integer ids that feed an Embedding the values it takes, `range` = (low, high): [low, high)."""
 
     name: str
     shape: tuple
     dtype: str
+    range: tuple[int, int] | None = None
 
     def as_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        entry = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.range is not None:
+            entry["range"] = [int(self.range[0]), int(self.range[1])]
+        return entry
 
 
 class ArtifactNames:

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 from export.errors import ExportError, ManifestError, UsageError, first_line
 from export.serve.protocol import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_READ_TIMEOUT_S,
 )
@@ -75,9 +77,13 @@ class ServeOptions:
     replica_cpus: float = 0.0
     # Embedded engine: a request line and headers larger than this get 431 and a close; a
     # connection that has not sent its whole head within `read_timeout_s` of starting it (or of
-    # connecting), or sends no body byte for that long, is closed.
+    # connecting), or sends no body byte for that long, is closed; so is one whose body is not
+    # complete `body_timeout_s` after its head, however steadily it trickles.
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    # Embedded engine: open connections per worker; one more gets 503 and is closed.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,8 @@ GRPC_MAX_BODY_BYTES = (1 << 31) - 1
 # Past these a timer overflows (threading, asyncio: OverflowError in a thread on SIGTERM).
 MAX_DRAIN_SECONDS = 24 * 3600.0
 MAX_BATCH_WAIT_MS = 60_000.0
+# A worker's file descriptors run out long before this.
+MAX_CONNECTIONS = 1 << 20
 
 
 def check_options(options: ServeOptions) -> None:
@@ -188,6 +196,12 @@ def check_options(options: ServeOptions) -> None:
     if not 0 < options.read_timeout_s <= MAX_DRAIN_SECONDS:
         raise UsageError(f"--read-timeout must be in (0, {MAX_DRAIN_SECONDS:g}]. Received: "
                          f"{options.read_timeout_s:g}")
+    if not 0 < options.body_timeout_s <= MAX_DRAIN_SECONDS:
+        raise UsageError(f"--body-timeout must be in (0, {MAX_DRAIN_SECONDS:g}]. Received: "
+                         f"{options.body_timeout_s:g}")
+    if not 1 <= options.max_connections <= MAX_CONNECTIONS:
+        raise UsageError(f"--max-connections must be in [1, {MAX_CONNECTIONS}]. Received: "
+                         f"{options.max_connections}")
     if not 1024 <= options.max_header_bytes <= GRPC_MAX_BODY_BYTES:
         raise UsageError(f"--max-header-kb must be at least 1 and below 2 GiB. Received: "
                          f"{options.max_header_bytes / 1024:g} KiB")

@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="embedded: close a connection whose request head is not complete "
                              "this long after it started, or whose body sends nothing for this "
                              "long (default 15 s)")
+    parser.add_argument("--body-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                        help="embedded: close a connection whose request body is not complete "
+                             "this long after its head, however steadily it sends (default 60 s)")
+    parser.add_argument("--max-connections", type=int, default=512, metavar="N",
+                        help="embedded: open connections per worker; one more is answered 503 "
+                             "and closed (default 512)")
     parser.add_argument("--drain-seconds", type=_positive_float, default=10.0,
                         help="on Ctrl-C or SIGTERM, longest wait for requests in flight "
                              "(default 10 s, at most 86400)")
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_wait_ms=args.batch_wait_ms, host=args.host, port=args.port, address=args.address,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         max_header_bytes=int(args.max_header_kb * 1024), read_timeout_s=args.read_timeout,
+        body_timeout_s=args.body_timeout, max_connections=args.max_connections,
     )
     _, code = report_failures(PROG, lambda: check_options(options))
     if code:

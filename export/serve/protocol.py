@@ -4,7 +4,8 @@ numpy and the standard library only (orjson when installed: the same results, fa
 runtime), so every decoding rule is testable on its own. JSON tensors and the binary tensor data
 extension (`Inference-Header-Content-Length`) both ways; a request that does not fit raises
 `RequestError` with a one-line message, which the server answers with 400 `{"error": message}`
-(413 for `BodyTooLarge`).
+(413 for `BodyTooLarge`). An input whose manifest entry holds a `range` (ids that feed an
+Embedding) takes values in [low, high) only.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ DEFAULT_MAX_BODY_BYTES = 32 << 20
 # a connection that stalls while sending its head or body (closed; CLI: --read-timeout).
 DEFAULT_MAX_HEADER_BYTES = 64 << 10
 DEFAULT_READ_TIMEOUT_S = 15.0
+# ...and on a body that keeps making progress, too slowly: its whole body must arrive within this
+# many seconds of its head (1 byte every 14 s kept a 32 MB body open for months; --body-timeout).
+DEFAULT_BODY_TIMEOUT_S = 60.0
+# Open connections one worker holds; one more is answered 503 and closed (--max-connections).
+DEFAULT_MAX_CONNECTIONS = 512
 
 
 class RequestError(InputError):
@@ -77,11 +83,13 @@ def datatype_of(dtype) -> str:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output as served: name, V2 datatype, shape with -1 for a variable axis."""
+    """One input or output as served: name, V2 datatype, shape with -1 for a variable axis, and
+    for ids that feed an Embedding the values taken, `range` = (low, high): [low, high)."""
 
     name: str
     datatype: str
     shape: tuple
+    range: tuple[int, int] | None = None
 
     @classmethod
     def from_manifest(cls, entry: dict, *, batch_axis_variable: bool = True) -> TensorSpec:
@@ -90,7 +98,9 @@ class TensorSpec:
             -1 if d is None or (i == 0 and batch_axis_variable) else int(d)
             for i, d in enumerate(entry["shape"])
         )
-        return cls(entry["name"], datatype_of(entry.get("dtype") or "float32"), shape)
+        bounds = entry.get("range")
+        return cls(entry["name"], datatype_of(entry.get("dtype") or "float32"), shape,
+                   None if bounds is None else (int(bounds[0]), int(bounds[1])))
 
     def metadata(self) -> dict:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
@@ -232,6 +242,8 @@ def decode_infer_request(body: bytes, header_length: str | None,
             if "data" not in entry:
                 raise RequestError(f"input `{name}` has neither `data` nor binary_data_size")
             array = _json_data(name, entry["data"], count, dtype, maybe_bools)
+        if spec.range is not None:
+            _check_range(name, array, spec.range)
         feeds[name] = array.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
     if offset != len(binary):
         raise RequestError(
@@ -289,6 +301,16 @@ def _check_shape(name: str, shape: list, spec: TensorSpec) -> None:
         )
     if 0 in shape[1:]:  # an empty sequence: the runtime's own error, answered 500, otherwise
         raise RequestError(f"input `{name}` has an axis of size 0 past the batch; received {shape}")
+
+
+def _check_range(name: str, array: np.ndarray, bounds: tuple[int, int]) -> None:
+    """Ids outside the manifest's [low, high) are the client's error: the runtimes answered an id
+    past an Embedding with their own error (500) and wrapped -1 to the last row (ONNX Gather)."""
+    low, high = bounds
+    outside = (array < low) | (array >= high)
+    if outside.any():
+        raise RequestError(f"input `{name}` holds {array[outside].flat[0]}, outside "
+                           f"[{low}, {high}) (the ids its Embedding takes)")
 
 
 def _json_data(name: str, data, count: int, dtype: np.dtype, maybe_bools: bool = True) -> np.ndarray:

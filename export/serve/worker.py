@@ -182,12 +182,16 @@ class App:
         await send({"type": "http.response.body", "body": reply.body})
 
 
-def _protocol_class(max_header_bytes: int, read_timeout_s: float):
+def _protocol_class(max_header_bytes: int, read_timeout_s: float,
+                    body_timeout_s: float = float("inf"), max_connections: int | None = None):
     """uvicorn's httptools protocol with two bounds it lacks (a 300 MB header grew a worker by
     300 MB; a client sending half a head, or 1 byte of a 100-byte body, held its connection for
     minutes): a request head over `max_header_bytes` is answered 431 and closed; a connection is
     closed when its head is not complete `read_timeout_s` after it started (or after connecting),
-    or when its body makes no progress for that long. The event loop keeps serving the others."""
+    or when its body makes no progress for that long, or is not complete `body_timeout_s` after
+    its head (1 byte every 14 s kept a 32 MB body open for months); a connection past
+    `max_connections` open ones is answered 503 and closed. The event loop keeps serving the
+    others."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # lazy: worker only
 
     too_large = error_body(f"request line and headers over {max_header_bytes} bytes (the "
@@ -195,6 +199,11 @@ def _protocol_class(max_header_bytes: int, read_timeout_s: float):
     answer_431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                   b"content-type: application/json\r\ncontent-length: "
                   + str(len(too_large)).encode() + b"\r\nconnection: close\r\n\r\n" + too_large)
+    full = error_body(f"this worker holds {max_connections} open connections (the server's "
+                      "limit, --max-connections); retry later")
+    answer_503 = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                  b"content-length: " + str(len(full)).encode()
+                  + b"\r\nconnection: close\r\n\r\n" + full)
 
     class GuardedProtocol(HttpToolsProtocol):
         def connection_made(self, transport) -> None:
@@ -203,6 +212,11 @@ def _protocol_class(max_header_bytes: int, read_timeout_s: float):
             self._head_bytes = 0
             self._completed = False
             self._timer = None
+            self._body_deadline = None
+            if max_connections is not None and len(self.connections) > max_connections:
+                transport.write(answer_503)
+                transport.close()
+                return
             self._arm()  # a connection that sends nothing at all is a stalled head too
 
         def _arm(self) -> None:
@@ -214,11 +228,20 @@ def _protocol_class(max_header_bytes: int, read_timeout_s: float):
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            if self._body_deadline is not None:
+                self._body_deadline.cancel()
+                self._body_deadline = None
 
         def _stalled(self) -> None:
             self._timer = None
             if not self.transport.is_closing():
                 self.transport.close()  # the app, if it waits for the body, sees a disconnect
+
+        def _too_slow(self) -> None:
+            self._body_deadline = None
+            self._disarm()
+            if not self.transport.is_closing():
+                self.transport.close()
 
         def data_received(self, data: bytes) -> None:
             was_in_head, self._completed = self._in_head, False
@@ -255,6 +278,9 @@ def _protocol_class(max_header_bytes: int, read_timeout_s: float):
             if head > max_header_bytes:
                 self._refuse_head()  # no request is started: the app never sees it
                 return
+            if math.isfinite(body_timeout_s):
+                # Progress re-arms the stall timer; this one is not re-armed: the whole body.
+                self._body_deadline = self.loop.call_later(body_timeout_s, self._too_slow)
             super().on_headers_complete()
 
         def on_body(self, body: bytes) -> None:
@@ -350,7 +376,8 @@ def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
     app = App(endpoints, RootEndpoint(list(endpoints), config["version"]), state, index,
               options.max_body_bytes)
     sock = socket.socket(fileno=fd)
-    http = _protocol_class(options.max_header_bytes, options.read_timeout_s)
+    http = _protocol_class(options.max_header_bytes, options.read_timeout_s,
+                           options.body_timeout_s, options.max_connections)
     server = _server_class()(_uvicorn_config(app, http))
     server.app = app
     server.drain_seconds = options.drain_seconds

@@ -188,6 +188,7 @@ def _verify(path: str, result: VerifyResult, verifier=None) -> None:
     golden_path = os.path.join(folder, manifest["golden"])
     golden = manifests.load_golden(golden_path, manifest, inputs + outputs)
     manifests.check_golden_raw(folder, manifest, golden)
+    manifests.check_golden_ranges(golden, inputs)
     manifests.check_reference(folder, manifest)
     # Whatever else the schema (the one the JavaScript verifier reads) asks of a manifest.
     check_manifest_schema(manifest)

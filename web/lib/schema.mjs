@@ -5,7 +5,7 @@ import fs from 'node:fs';
 
 export const SCHEMA_URL = new URL('../../export/manifest.schema.json', import.meta.url);
 const ANNOTATIONS = new Set(['$schema', '$id', 'title', 'description', '$defs']);
-const KEYWORDS = new Set(['type', 'required', 'properties', 'items', 'minItems', 'minLength', 'pattern',
+const KEYWORDS = new Set(['type', 'required', 'properties', 'items', 'minItems', 'maxItems', 'minLength', 'pattern',
   'minimum', 'maximum', 'exclusiveMinimum', 'anyOf', 'dependentRequired', '$ref', 'enum']);
 
 let cached = null;
@@ -81,6 +81,7 @@ export function validate(value, schema, root = schema, where = '$') {
   }
   if (Array.isArray(value)) {
     if (value.length < (schema.minItems ?? 0)) return `${where} must hold at least ${schema.minItems} item(s)`;
+    if (schema.maxItems !== undefined && value.length > schema.maxItems) return `${where} must hold at most ${schema.maxItems} item(s)`;
     if (schema.items) {
       for (let i = 0; i < value.length; i++) {
         const problem = validate(value[i], schema.items, root, `${where}[${i}]`);
