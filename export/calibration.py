@@ -49,11 +49,13 @@ def graph_options(spec, fmt: str) -> dict:
     float32, where the -1e9 bias is exact, so it is made from the float32 graph. A model's masks
     are whatever reaches its CrossAttention layers: its full-int8 graphs always get the margin (it
     changes nothing where no mask is applied).
+
+    Float activations in a format whose record asks for it get `late_softmax` (XNNPACK).
     """
     masked = not isinstance(spec, ArtifactSpec) or spec.query_mask or spec.value_mask or spec.causal
-    if calibrated(fmt, spec) and masked:
-        return {"mask_margin": MASK_MARGIN}
-    return {}
+    if calibrated(fmt, spec):
+        return {"mask_margin": MASK_MARGIN} if masked else {}
+    return {"late_softmax": True} if get_format(fmt).late_softmax else {}
 
 
 def reference_calibration(ref, spec, fmt: str) -> Calibration | None:
