@@ -25,6 +25,21 @@ import tempfile
 
 import numpy as np
 
+from export import reference
+from export.bench.build import Artifact
+from export.bench.floor import floor_distance, one_op_graph, sgemm_call, sgemm_gflops
+from export.bench.timing import make_call, time_interleaved
+from export.graph import (
+    LATE_SOFTMAX_MAX_KEYS,
+    build_inference_function,
+    executed_flops,
+    fold_weights,
+    input_signature,
+    preferred_layout,
+)
+from export.spec import ArtifactSpec
+from export.tflite.build import build_tflite
+
 log = logging.getLogger("export")
 
 STAGES = ("late", "softmax", "no-normalization", "no-core")
@@ -64,9 +79,8 @@ def parts(medians: dict[str, float], flops: dict[str, int], peak_gflops: float) 
 
 def stage_function(spec, folded, stage: str):
     """The `tf.function` of one of STAGES for `spec` (fixed batch, no masks or scores)."""
-    import tensorflow as tf  # lazy: only when building
+    import tensorflow as tf  # lazy: only when building (export.graph has loaded it anyway)
 
-    from export.graph import build_inference_function, input_signature
 
     if stage in ("late", "softmax"):
         # Forced at any length: the published file has it only up to LATE_SOFTMAX_MAX_KEYS.
@@ -105,18 +119,6 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from export import reference
-    from export.bench.build import Artifact
-    from export.bench.floor import floor_distance, one_op_graph, sgemm_call, sgemm_gflops
-    from export.bench.timing import make_call, time_interleaved
-    from export.graph import (
-        LATE_SOFTMAX_MAX_KEYS,
-        executed_flops,
-        fold_weights,
-        preferred_layout,
-    )
-    from export.spec import ArtifactSpec
-    from export.tflite.build import build_tflite
 
     spec = ArtifactSpec(units=args.units, heads=args.heads, query_len=args.query_len,
                         kv_len=args.kv_len, name="breakdown")
