@@ -102,7 +102,7 @@ def test_cli_publishes_a_verified_int8_cpu_file(cli_build):
     q = manifest["quantization"]
     assert (q["mode"], q["scheme"], q["io_dtype"]) == ("int8-cpu", "selective-integer", "float32")
     assert q["calibration"]["source"] == "random" and q["n_samples"] == 64
-    assert "BATCH_MATMUL, SOFTMAX float32" in q["activations"]
+    assert "attention core (BATCH_MATMULs, softmax) float32" in q["activations"]
     assert manifest["parity"]["max_rel_error"] == GATE
     assert 0 < manifest["parity"]["rel_l2"] <= GATE
     done = run_module("export.verify", cli_build)
