@@ -44,7 +44,7 @@ def configure_tflite(spec: ArtifactSpec, calibration: Calibration | None = None)
             # running in float.
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             if spec.quantize == "int8-cpu":
-                # Float kernels allowed: the ops of CPU_FLOAT_OPS stay float32 (convert_tflite).
+                # Float kernels allowed: the attention core stays float32 (convert_tflite).
                 converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
                                                        tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             # Per-tensor weight scales for FULLY_CONNECTED. Per-channel ones cost a float32
