@@ -49,11 +49,17 @@ def graph_options(spec, fmt: str) -> dict:
     float32, where the -1e9 bias is exact, so it is made from the float32 graph. A model's masks
     are whatever reaches its CrossAttention layers: its full-int8 graphs always get the margin (it
     changes nothing where no mask is applied).
+
+    Float activations in a format whose record asks for it get `late_softmax` (XNNPACK); so does
+    int8-cpu, whose attention core, the late softmax included, stays float32
+    (export.tflite.quantize.attention_core_nodes).
     """
     masked = not isinstance(spec, ArtifactSpec) or spec.query_mask or spec.value_mask or spec.causal
-    if calibrated(fmt, spec) and masked:
-        return {"mask_margin": MASK_MARGIN}
-    return {}
+    options = {"mask_margin": MASK_MARGIN} if calibrated(fmt, spec) and masked else {}
+    float_core = not calibrated(fmt, spec) or spec.quantize == "int8-cpu"
+    if float_core and get_format(fmt).late_softmax:
+        options["late_softmax"] = True
+    return options
 
 
 def reference_calibration(ref, spec, fmt: str) -> Calibration | None:

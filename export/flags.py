@@ -380,8 +380,8 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
 VARIANT_PER_DEVICE = (
     "Which for which device (TFLite time vs float32 at batch 1 / 32 on a CPU, one thread, and rel "
     "L2 at the defaults): a CPU (LiteRT's XNNPACK, onnxruntime) -> int8-cpu (int8 projections, "
-    "the attention core in float32: 0.73x / 0.73x, 1.9e-2) or dynamic-int8 (0.72x / 0.76x, "
-    "8.4e-3); an NPU, an integer DSP, TFLM -> int8 (integer only; 2.5x / 3.2x on a CPU, 2.5e-2); "
+    "the attention core in float32: 0.71x / 0.66x, 1.9e-2) or dynamic-int8 (0.69x / 0.70x, "
+    "8.4e-3); an NPU, an integer DSP, TFLM -> int8 (integer only; 2.8x / 4.0x on a CPU, 2.5e-2); "
     "a GPU -> float16 (1.0x on a CPU, 2.4e-4). ONNX/ORT build their int8 (weight-only, float32 "
     "activations) for int8-cpu. docs/variants.md has the table")
 

@@ -53,6 +53,9 @@ class Format:
         runtime_module: its import name, to tell whether it is installed without importing it.
         runtime_label: how tables name the runtime.
         layout: the head layout its graph uses where the "source" layout does not apply.
+        late_softmax: whether its float graphs (no int8 activations) divide by the softmax's
+            row sums after the values' matmul (export.graph.folded_attention: XNNPACK runs the
+            elementwise ops faster than its SOFTMAX).
         dynamic_batch: whether the batch axis may be dynamic (`--batch dynamic`).
         quantizable: whether `--quantize` variants exist in this format.
         int8_io: whether a full-int8 file may take and return int8 (`--int8-io`).
@@ -108,6 +111,7 @@ class Format:
     dynamic_length: bool = False
     variants: tuple[str, ...] | None = None
     same_variant: tuple[tuple[str, str], ...] = ()
+    late_softmax: bool = False
     default_run: bool = True
     verify_check: str | None = None
     saved_model: bool = True  # whether `--saved-model` (a user's own graph) can build it
@@ -205,7 +209,7 @@ REGISTRY: dict[str, Format] = {
             builder="export.tflite.build:build_tflite", build_options=("calibration", "metadata"),
             graph_check="export.tflite.check:check_tflite_file",
             runner="export.runtimes:tflite_function", signatures=True,
-            deployment="export.deployment:tflite_deployment",
+            deployment="export.deployment:tflite_deployment", late_softmax=True,
         ),
         Format(
             name="onnx", title="ONNX", suffix=".onnx", default_batch=None, atol=1e-4,

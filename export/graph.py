@@ -29,6 +29,13 @@ from xattn.layer import MASK_BIAS
 # Head layouts, named by what they do (see build_inference_function).
 LAYOUTS = ("batched-heads", "per-head", "source")
 
+# The longest key rows `late_softmax` applies to. Measured in LiteRT/XNNPACK, one thread, Tq = Tkv,
+# float32 file against the same with one SOFTMAX (python -m export.bench.breakdown): 0.80x the
+# time at length 10 batch 32 (0.89x batch 1), 0.97-1.0x at 16 and 32; at 64 1.0x batch 1 and
+# 1.01x batch 32; at 256 1.05x batch 1 and 1.25x batch 32 (five passes over a large tensor
+# instead of one fused pass per row).
+LATE_SOFTMAX_MAX_KEYS = 32
+
 
 @dataclass(frozen=True)
 class FoldedWeights:
@@ -190,11 +197,12 @@ def input_signature(spec: ArtifactSpec):
 
 def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *,
                              layout: str = "batched-heads",
-                             mask_margin: float | None = None):
+                             mask_margin: float | None = None, late_softmax: bool = False,
+                             late_softmax_max_keys: int = LATE_SOFTMAX_MAX_KEYS):
     """A `tf.function` with named inputs and a dict of named outputs, weights as constants.
 
-    The lone layer's artifact: `folded_attention` on the spec's inputs (see there for `layout`
-    and `mask_margin`).
+    The lone layer's artifact: `folded_attention` on the spec's inputs (see there for `layout`,
+    `mask_margin`, `late_softmax` and `late_softmax_max_keys`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` must be one of {LAYOUTS}. Received: layout={layout!r}")
@@ -207,6 +215,7 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *,
             named["source1"], named["source2"], folded, layout=layout, batch=spec.batch,
             query_mask=named.get("query_mask"), value_mask=named.get("value_mask"),
             causal=spec.causal, return_scores=spec.scores, mask_margin=mask_margin,
+            late_softmax=late_softmax, late_softmax_max_keys=late_softmax_max_keys,
         )
         result = {"output": tf.identity(out, name="output")}
         if spec.scores:
@@ -218,7 +227,9 @@ def build_inference_function(spec: ArtifactSpec, folded: FoldedWeights, *,
 
 def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, batch: int | None,
                      query_mask=None, value_mask=None, attention_mask=None, causal: bool = False,
-                     return_scores: bool = False, mask_margin: float | None = None):
+                     return_scores: bool = False, mask_margin: float | None = None,
+                     late_softmax: bool = False,
+                     late_softmax_max_keys: int = LATE_SOFTMAX_MAX_KEYS):
     """The folded CrossAttention on TensorFlow tensors: `(output, scores or None)`.
 
     The one implementation every artifact runs: the lone layer's (`build_inference_function`)
@@ -333,16 +344,35 @@ def folded_attention(source1, source2, folded: FoldedWeights, *, layout: str, ba
         q = tf.matmul(x1, _weight(folded.qk_kernel)) + _weight(folded.qk_bias)
         q = tf.reshape(q, [b, tq * heads, fkv])  # (B, Tq*H, Fkv)
         logits = tf.matmul(q, source2, transpose_b=True)  # (B, Tq*H, Tkv)
+        late = (late_softmax and not return_scores and isinstance(tkv, int)
+                and tkv <= late_softmax_max_keys)
+        sums = None
+
+        def normalize(x):
+            """softmax(x), or exp(x - row max) with the row sums kept for after (`late`)."""
+            nonlocal sums
+            if not late:
+                return tf.nn.softmax(x, axis=-1)
+            e = tf.exp(x - tf.reduce_max(x, axis=-1, keepdims=True))
+            sums = tf.reduce_sum(e, axis=-1, keepdims=True)
+            return e
+
         if bias is None:
-            probs = tf.nn.softmax(logits, axis=-1)
+            probs = normalize(logits)
         else:
             logits = add_mask(tf.reshape(logits, [b, tq, heads, tkv]),
                               _reshape(bias, [-1, tq, 1, tkv], swap=True))
-            probs = tf.nn.softmax(logits, axis=-1)  # (B, Tq, H, Tkv)
+            probs = normalize(logits)  # (B, Tq, H, Tkv)
             if keep is not None:
                 probs = probs * _reshape(keep, [-1, tq, 1, tkv], swap=True)
             probs = tf.reshape(probs, [b, tq * heads, tkv])
+            if late:
+                sums = tf.reshape(sums, [b, tq * heads, 1])
         context = tf.matmul(probs, source2)  # (B, Tq*H, Fkv)
+        if late:
+            # Masked keys are out of `probs` (keep) but not of the sums: a row with every key
+            # masked has sums >= 1 and a zero context, as with the softmax.
+            context = context / sums
         context = tf.reshape(context, [-1, heads * fkv])  # (B*Tq, H*Fkv)
         vo_bias = folded.vo_bias.astype(np.float64)
         if keep is None:

@@ -22,7 +22,6 @@ from export.errors import ManifestError, first_line, one_line, short
 from export.formats import REGISTRY
 from export.golden_raw import read_golden_raw
 from export.publish import sha256_path
-from export.spec import CPU_FLOAT_OPS
 
 # name -> the JSON type a manifest must hold there (None: any), for the fields `export.verify`
 # relies on. The writer below writes every one of them; the validator checks them.
@@ -136,9 +135,11 @@ INT8_SCHEMES = {
     "full-integer": {"weights": "int8", "activations": "int8, calibrated"},
 }
 # int8-cpu in a full-integer format (TFLite): int8 projections, the attention core in float32
-# (export.spec.CPU_FLOAT_OPS), for CPU kernels (XNNPACK) that have no int8 core.
-CPU_INT8_SCHEME = {"scheme": "selective-integer", "weights": "int8",
-                   "activations": f"int8, calibrated; {', '.join(CPU_FLOAT_OPS)} float32"}
+# (export.tflite.quantize.attention_core_nodes: the late softmax too), for CPU kernels (XNNPACK)
+# that have no int8 core.
+CPU_INT8_SCHEME = {
+    "scheme": "selective-integer", "weights": "int8",
+    "activations": "int8, calibrated; attention core (BATCH_MATMULs, softmax) float32"}
 
 
 def quantization_entry(spec, calibration, int8_scheme: str = "full-integer") -> dict:

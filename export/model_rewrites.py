@@ -129,7 +129,8 @@ def _broadcast_dense(layers: list) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _folded_cross_attention(folded: list, fallback_layout: str, mask_margin,
-                            layouts: dict[str, str]) -> Iterator[None]:
+                            layouts: dict[str, str], *, late_softmax: bool = False
+                            ) -> Iterator[None]:
     """While tracing, the listed CrossAttention layers run `folded_attention` instead of Keras'.
 
     The class's `call` is swapped for the duration (Keras looks `call` up at each call); any
@@ -157,7 +158,7 @@ def _folded_cross_attention(folded: list, fallback_layout: str, mask_margin,
             source1, source2, entry.folded, layout=layout, batch=source1.shape[0],
             query_mask=query_mask, value_mask=value_mask, attention_mask=attention_mask,
             causal=bool(use_causal_mask), return_scores=return_attention_scores,
-            mask_margin=mask_margin,
+            mask_margin=mask_margin, late_softmax=late_softmax,
         )
         return (out, scores) if return_attention_scores else out
 

@@ -166,7 +166,7 @@ class LayerReference:
         return run_reference(self.model, feeds)
 
     def inference_function(self, spec: ArtifactSpec, *, fallback_layout: str,
-                           mask_margin: float | None = None):
+                           mask_margin: float | None = None, late_softmax: bool = False):
         """`(fn, layout)`: the folded graph of the spec and the head layout it uses.
 
         A bucketed spec gives `{signature key: fn}` (export.buckets), every bucket in one layout
@@ -178,10 +178,12 @@ class LayerReference:
             for q, kv in spec.lengths:
                 at = spec.replace(lengths=(), query_len=q, kv_len=kv, name=spec.name)
                 fns[bucket_key(q, kv)] = build_inference_function(
-                    at, self.folded, layout=layout, mask_margin=mask_margin)
+                    at, self.folded, layout=layout, mask_margin=mask_margin,
+                    late_softmax=late_softmax)
             fns["serving_default"] = fns[bucket_key(spec.query_len, spec.kv_len)]
             return fns, layout
-        fn = build_inference_function(spec, self.folded, layout=layout, mask_margin=mask_margin)
+        fn = build_inference_function(spec, self.folded, layout=layout, mask_margin=mask_margin,
+                                      late_softmax=late_softmax)
         return fn, layout
 
     def manifest_facts(self, spec: ArtifactSpec) -> dict:

@@ -209,14 +209,14 @@ class SavedModelReference:
         return {t.name: np.asarray(out[t.name], dtype=np.float32) for t in spec.model_outputs}
 
     def inference_function(self, spec: ModelSpec, *, fallback_layout: str,
-                           mask_margin: float | None = None):
+                           mask_margin: float | None = None, late_softmax: bool = False):
         """`(fn, {})`: a `tf.function` at the spec's batch calling the signature as it is.
 
         The signature's variables stay variables (freezing them into constants loses the
         `tf._implements` marks the TFLite converter turns into its fused LSTM): `fn.trackables`
         lists them, so a builder saving `fn` saves them with it.
         """
-        del fallback_layout, mask_margin  # nothing is folded in a SavedModel's graph
+        del fallback_layout, mask_margin, late_softmax  # nothing is folded in a SavedModel's graph
         signature = [tf.TensorSpec(t.shape, tf.as_dtype(t.dtype), name=t.name) for t in spec.inputs()]
         names = [t.name for t in spec.model_inputs]
         outputs = [(t.name, t.shape) for t in spec.model_outputs]

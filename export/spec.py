@@ -21,6 +21,8 @@ CALIBRATED_MODES = ("int8", "int8-cpu")
 # float32 file's time at batch 1). SOFTMAX too, measured with `python -m export.bench --lengths
 # 10,64,256 --variants none,int8-cpu` (docs/variants.md): with BATCH_MATMUL alone in float the
 # int8 SOFTMAX made the file 1.4-2x float32's time from length 64 on (0.70x at length 10).
+# Since the late softmax (export.graph) the ops between the two BATCH_MATMULs and up to its division
+# stay float32 too: a graph walk (export.tflite.quantize.attention_core_nodes), not these types.
 CPU_FLOAT_OPS = ("BATCH_MATMUL", "SOFTMAX")
 
 

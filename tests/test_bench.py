@@ -160,6 +160,59 @@ def test_layout_matches_keras(reference_cases, case_id, layout):
         np.testing.assert_allclose(got[name], value, atol=1e-5, rtol=0, err_msg=name)
 
 
+@pytest.mark.parametrize("case_id", list(LAYOUT_CASES))
+def test_late_softmax_matches_keras(reference_cases, case_id):
+    """The "source" layout with the row sums divided after the values' matmul (TFLite's float
+    graphs): the layer's numbers, masks and all-masked rows included; scores stay normalized."""
+    from export.graph import build_inference_function, fold_weights
+
+    spec, weights, feeds, expected = reference_cases[case_id]
+    fn = build_inference_function(spec, fold_weights(weights, spec.heads), layout="source",
+                                  late_softmax=True)
+    got = {k: v.numpy() for k, v in fn(*[feeds[i.name] for i in spec.inputs()]).items()}
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_late_softmax_tflite_is_one_xnnpack_partition_without_softmax(tmp_path):
+    """What the TFLite converter keeps of the late softmax: REDUCE_MAX/SUB/EXP/SUM/DIV, not a
+    SOFTMAX (it fuses `e / sum(e)` before the matmul back into one), all in one XNNPACK node."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from export.graph import build_inference_function, fold_weights
+    from export.tflite.build import build_tflite
+    from export.tflite.check import tflite_op_names
+
+    spec = ArtifactSpec(batch=2, name="late")
+    folded = fold_weights(reference.random_weights(spec, 0), spec.heads)
+    path = build_tflite(spec, build_inference_function(spec, folded, layout="source",
+                                                       late_softmax=True), str(tmp_path)).path
+    ops = tflite_op_names(path)
+    assert "SOFTMAX" not in ops and {"REDUCE_MAX", "EXP", "SUM", "DIV"} <= set(ops)
+    interpreter = Interpreter(model_path=path, num_threads=1)
+    interpreter.allocate_tensors()
+    assert [op["op_name"] for op in interpreter._get_ops_details()][len(ops):] == ["DELEGATE"]
+
+
+def test_breakdown_parts_are_differences_of_the_stages():
+    from export.bench.breakdown import part_flops, parts
+    from export.graph import executed_flops
+
+    spec = ArtifactSpec()
+    flops = part_flops(spec, 32)
+    assert sum(flops.values()) == executed_flops(spec, "source", batch=32)
+    medians = {"overhead": 2.0, "no-core": 7.0, "no-normalization": 9.0, "softmax": 12.0,
+               "late": 10.0}
+    got = {r["part"]: r for r in parts(medians, {"projections": 4e6, "core matmuls": 1e6}, 200.0)}
+    assert {k: r["us"] for k, r in got.items()} == pytest.approx(
+        {"call overhead": 2.0, "projections": 5.0, "core matmuls": 2.0, "SOFTMAX op": 3.0,
+         "late softmax": 1.0})
+    assert got["projections"]["floor_us"] == pytest.approx(20.0)  # 4 MFLOP at 200 GFLOP/s
+    assert got["core matmuls"]["floor_us"] == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="Missing: \\['late'\\]"):
+        parts({k: v for k, v in medians.items() if k != "late"}, flops, 200.0)
+
+
 @pytest.mark.parametrize(
     "shape, runtime_layout, expected",
     [(dict(), "batched-heads", "source"), (dict(), "per-head", "source"),

@@ -1,7 +1,8 @@
 """The CPU int8 variant (issue 30): `--quantize int8-cpu`.
 
 TFLite files with int8 projections (FULLY_CONNECTED) and the attention core (the BATCH_MATMULs
-of two run-time operands and the SOFTMAX) in float32, made by the converter's own selective quantization,
+of two run-time operands and the late softmax between and after them: REDUCE_MAX, SUB, EXP, SUM,
+DIV) in float32, made by the converter's own selective quantization,
 calibrated and gated like int8. Each file here is built for real, read back with LiteRT's
 interpreter (op and tensor details) and rerun against the Keras reference on fresh inputs.
 ONNX/ORT build their int8 (weight-only) file for it; TFLM and --int8-io refuse it.
@@ -29,6 +30,14 @@ from export.spec import ArtifactSpec
 GATE = 5e-2  # int8's relative L2 gate, int8-cpu's too
 FRESH_SEED = 626_262
 MASKED = dict(query_mask=True, value_mask=True, causal=True, scores=True)
+# The float32 ops of one unmasked core: the two BATCH_MATMULs and the late softmax.
+LATE_CORE = ["BATCH_MATMUL", "BATCH_MATMUL", "DIV", "EXP", "REDUCE_MAX", "SUB", "SUM"]
+# On the scores' path too, with masks: the masked logits (the margin's REDUCE_MIN, SUB, SELECT_V2),
+# the kept keys' MUL and the reshapes. With scores returned the file has a SOFTMAX instead.
+MASKED_LATE_CORE = (*LATE_CORE, "MUL", "REDUCE_MIN", "RESHAPE", "RESHAPE", "RESHAPE", "SELECT_V2",
+                    "SUB")
+MASKED_SOFTMAX_CORE = ("BATCH_MATMUL", "BATCH_MATMUL", "MUL", "REDUCE_MIN", "RESHAPE", "RESHAPE",
+                       "SELECT_V2", "SOFTMAX", "SUB")
 
 
 def op_dtypes(path: str) -> list[tuple[str, list[str], list[str]]]:
@@ -55,15 +64,26 @@ def all_subgraph_ops(path: str) -> list[tuple[str, str]]:
             for graph in model.subgraphs for op in graph.operators]
 
 
-def assert_core_float_projections_int8(path: str, cores: int) -> None:
-    """`cores` attention cores (two BATCH_MATMULs and a SOFTMAX each) all float32, every
-    FULLY_CONNECTED int8 (input, weights, output)."""
-    ops = op_dtypes(path)
-    core = [o for o in ops if o[0] in ("BATCH_MATMUL", "SOFTMAX")]
-    fcs = [o for o in ops if o[0] == "FULLY_CONNECTED"]
-    assert sorted(o[0] for o in core) == ["BATCH_MATMUL"] * 2 * cores + ["SOFTMAX"] * cores, ops
-    assert all(set(i + o) == {"float32"} for _, i, o in core), core
+CONVERSIONS = ("QUANTIZE", "DEQUANTIZE", "CAST")
+
+
+def float_and_int8_ops(path: str) -> tuple[list[str], list[str]]:
+    """Sorted op names computing in float32 (float32 outputs, no int8 input) and in int8 (int8
+    outputs), the type conversions left out."""
+    ops = [o for o in op_dtypes(path) if o[0] not in CONVERSIONS]
+    floats = [n for n, i, o in ops if o == ["float32"] and "int8" not in i]
+    int8s = [n for n, _, o in ops if o == ["int8"]]
+    return sorted(floats), sorted(int8s)
+
+
+def assert_core_float_projections_int8(path: str, *cores) -> None:
+    """Exactly the attention cores `cores` (op names each; default one LATE_CORE) in float32,
+    nothing else, every FULLY_CONNECTED int8 (input, weights, output)."""
+    floats, int8s = float_and_int8_ops(path)
+    assert floats == sorted(op for core in cores or (LATE_CORE,) for op in core), floats
+    fcs = [o for o in op_dtypes(path) if o[0] == "FULLY_CONNECTED"]
     assert fcs and all(i[:2] == ["int8", "int8"] and o == ["int8"] for _, i, o in fcs), fcs
+    assert "FULLY_CONNECTED" in int8s and "SOFTMAX" not in int8s
 
 
 def fresh_rel_l2(path: str, spec: ArtifactSpec, keras_model) -> float:
@@ -102,7 +122,7 @@ def test_cli_publishes_a_verified_int8_cpu_file(cli_build):
     q = manifest["quantization"]
     assert (q["mode"], q["scheme"], q["io_dtype"]) == ("int8-cpu", "selective-integer", "float32")
     assert q["calibration"]["source"] == "random" and q["n_samples"] == 64
-    assert "BATCH_MATMUL, SOFTMAX float32" in q["activations"]
+    assert "attention core (BATCH_MATMULs, softmax) float32" in q["activations"]
     assert manifest["parity"]["max_rel_error"] == GATE
     assert 0 < manifest["parity"]["rel_l2"] <= GATE
     done = run_module("export.verify", cli_build)
@@ -112,7 +132,7 @@ def test_cli_publishes_a_verified_int8_cpu_file(cli_build):
 
 def test_projections_are_int8_and_the_core_float32(cli_build):
     spec = ArtifactSpec(batch=1, quantize="int8-cpu")
-    assert_core_float_projections_int8(os.path.join(cli_build, spec.artifact_name("tflite")), 1)
+    assert_core_float_projections_int8(os.path.join(cli_build, spec.artifact_name("tflite")))
 
 
 def test_fresh_inputs_within_the_int8_gate_and_smaller(cli_build):
@@ -124,20 +144,27 @@ def test_fresh_inputs_within_the_int8_gate_and_smaller(cli_build):
     assert os.path.getsize(path) < 0.35 * float32  # int8 weights
 
 
-@pytest.mark.parametrize("batch", [2], ids=["b2"])
-def test_masks_scores_and_buckets_keep_every_core_float(tmp_path, batch):
-    """Masks, causal, scores at a batch of 2, and two length buckets: in every signature the
-    BATCH_MATMULs are float32 and the FULLY_CONNECTEDs int8; verified against the reference."""
-    specs = {"tflite": ArtifactSpec(**MASKED, batch=batch, quantize="int8-cpu")}
-    (masked,) = export_artifacts(ExportRequest(specs=specs, output_dir=str(tmp_path / "m"), seed=5))
-    assert_core_float_projections_int8(masked.path, 1)
-    spec = specs["tflite"]
+@pytest.mark.parametrize("scores", [False, True], ids=["late", "scores"])
+def test_masks_scores_and_buckets_keep_every_core_float(tmp_path, scores):
+    """Masks, causal, with and without scores at a batch of 2, and two length buckets: in every
+    signature the core is float32 and the FULLY_CONNECTEDs int8; verified against the reference."""
+    spec = ArtifactSpec(**dict(MASKED, scores=scores), batch=2, quantize="int8-cpu")
+    (masked,) = export_artifacts(ExportRequest(specs={"tflite": spec},
+                                               output_dir=str(tmp_path / "m"), seed=5))
+    assert_core_float_projections_int8(masked.path,
+                                       MASKED_SOFTMAX_CORE if scores else MASKED_LATE_CORE)
+    # The mask's own arithmetic (SUB, MUL, ADD), off the scores' path, stays int8.
+    assert {"SUB", "MUL", "ADD"} <= set(float_and_int8_ops(masked.path)[1])
     assert fresh_rel_l2(masked.path, spec, _load_reference(str(tmp_path / "m"), spec)) <= GATE
+    if scores:
+        return
     bucketed = ArtifactSpec(batch=1, lengths=((8, 8), (16, 16)), quantize="int8-cpu")
     (result,) = export_artifacts(ExportRequest(specs={"tflite": bucketed},
                                                output_dir=str(tmp_path / "b"), seed=5))
     ops = all_subgraph_ops(result.path)
-    assert sorted({t for op, t in ops if op in ("BATCH_MATMUL", "SOFTMAX")}) == ["FLOAT32"]
+    # Length buckets pad with masks: the masked core in each signature, nothing else in float.
+    floats = [op for op, t in ops if t == "FLOAT32" and op not in CONVERSIONS]
+    assert sorted(floats) == sorted(MASKED_LATE_CORE * 2), floats
     assert sorted({t for op, t in ops if op == "FULLY_CONNECTED"}) == ["INT8"]
     assert sum(op == "BATCH_MATMUL" for op, _ in ops) == 4  # two signatures, two each
 
@@ -167,6 +194,58 @@ def test_only_run_time_matmuls_are_denylisted(tmp_path):
     assert "weighted" not in nodes  # the constant-weight one (its tensor is named so)
 
 
+def test_the_late_softmax_is_the_core_and_other_subs_and_exps_are_not(tmp_path):
+    """The walk keeps the ops between the scores and the weighted sum and up to the division;
+    a SUB and an EXP before the query projection and after the output projection, and a
+    REDUCE_MAX of the inputs, are not on those paths."""
+    import tensorflow as tf
+
+    from export.tflite.quantize import attention_core_nodes
+
+    rng = np.random.default_rng(1)
+    w_in, w_out = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
+
+    @tf.function(input_signature=[tf.TensorSpec((2, 4, 8), tf.float32, name="x")])
+    def fn(x):
+        pre = tf.exp(x - tf.reduce_max(x, axis=-1, keepdims=True))  # outside, before
+        q = tf.reshape(tf.matmul(tf.reshape(pre, [8, 8]), w_in), [2, 4, 8])  # FULLY_CONNECTED
+        logits = tf.matmul(q, x, transpose_b=True)
+        e = tf.exp(logits - tf.reduce_max(logits, axis=-1, keepdims=True))
+        context = tf.matmul(e, x) / tf.reduce_sum(e, axis=-1, keepdims=True)
+        out = tf.matmul(tf.reshape(context, [8, 8]), w_out)  # FULLY_CONNECTED
+        return {"y": tf.exp(out - 1.0)}  # outside, after
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+    flatbuffer = converter.convert()
+    ops = _ops_by_output(flatbuffer)
+    assert sorted(ops.values()).count("EXP") == 3 and sorted(ops.values()).count("SUB") == 3
+    assert sorted(ops[n] for n in attention_core_nodes(flatbuffer)) == LATE_CORE
+
+
+def test_int8_cpu_graphs_get_the_late_softmax_int8_ones_do_not():
+    from export.calibration import graph_options
+
+    assert graph_options(ArtifactSpec(quantize="int8-cpu"), "tflite") == {"late_softmax": True}
+    assert graph_options(ArtifactSpec(quantize="none"), "tflite") == {"late_softmax": True}
+    assert graph_options(ArtifactSpec(quantize="int8"), "tflite") == {}
+    assert "late_softmax" not in graph_options(ArtifactSpec(quantize="int8-cpu"), "onnx")
+    masked = ArtifactSpec(quantize="int8-cpu", causal=True)
+    assert set(graph_options(masked, "tflite")) == {"late_softmax", "mask_margin"}
+
+
+def _ops_by_output(flatbuffer: bytes) -> dict[str, str]:
+    """{output tensor name: op name} of the first subgraph."""
+    from tensorflow.lite.python import schema_py_generated as schema_fb
+    from tensorflow.lite.python import schema_util
+
+    model = schema_fb.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    op_name = {v: k for k, v in vars(schema_fb.BuiltinOperator).items() if not k.startswith("_")}
+    codes = [schema_util.get_builtin_code_from_operator_code(c) for c in model.operatorCodes]
+    graph = model.subgraphs[0]
+    return {graph.tensors[t].name.decode(): op_name[codes[op.opcodeIndex]]
+            for op in graph.operators for t in op.outputs.tolist()}
+
+
 def _write(folder, flatbuffer: bytes) -> str:
     path = str(folder / "probe.tflite")
     with open(path, "wb") as f:
@@ -193,7 +272,11 @@ def test_whole_model_keeps_every_folded_core_float(tmp_path):
     assert cli.main(["--model", path, "--quantize", "int8-cpu", "--output-dir", out, "-q"],
                     formats=("tflite",), prog="python -m export.tflite") == 0
     artifact = os.path.join(out, "two_int8cpu.tflite")
-    assert_core_float_projections_int8(artifact, 2)  # two CrossAttention layers
+    # Two CrossAttention layers, the second causal (its margin's ops on the scores' path); the
+    # LayerNormalization between them (MEAN, SUB, RSQRT, MUL) stays int8.
+    causal = (*LATE_CORE, "REDUCE_MIN", "RESHAPE", "RESHAPE", "RESHAPE", "SELECT_V2", "SUB")
+    assert_core_float_projections_int8(artifact, LATE_CORE, causal)
+    assert {"MEAN", "SUB", "RSQRT"} <= set(float_and_int8_ops(artifact)[1])
     manifest = json.load(open(artifact + ".json"))
     assert manifest["quantization"]["mode"] == "int8-cpu"
     assert manifest["parity"]["rel_l2"] <= GATE
@@ -261,4 +344,4 @@ def test_calibration_file_calibrates_int8_cpu(tmp_path):
     assert manifest["quantization"]["n_samples"] == 32
     assert manifest["parity"]["rel_l2"] <= GATE
     assert open(result.path, "rb").read() != open(seeded.path, "rb").read()  # other ranges
-    assert_core_float_projections_int8(result.path, 1)
+    assert_core_float_projections_int8(result.path)

@@ -44,7 +44,7 @@ def configure_tflite(spec: ArtifactSpec, calibration: Calibration | None = None)
             # running in float.
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             if spec.quantize == "int8-cpu":
-                # Float kernels allowed: the ops of CPU_FLOAT_OPS stay float32 (convert_tflite).
+                # Float kernels allowed: the attention core stays float32 (convert_tflite).
                 converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
                                                        tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             # Per-tensor weight scales for FULLY_CONNECTED. Per-channel ones cost a float32
@@ -69,9 +69,10 @@ def convert_tflite(converter, spec) -> bytes:
 
     int8-cpu goes through the converter's own selective quantization (the QuantizationDebugger's
     denylist): calibrated like int8, then quantized with the attention core left in float32
-    behind DEQUANTIZE/QUANTIZE pairs: every op of CPU_FLOAT_OPS (BATCH_MATMUL, SOFTMAX) whose
-    operands are all computed at run time (`attention_core_nodes`). A BATCH_MATMUL with a constant
-    weight stays int8 as in the int8 file. fully_quantize=False keeps float32 inputs and outputs. With nothing
+    behind DEQUANTIZE/QUANTIZE pairs: the BATCH_MATMULs whose operands are all computed at run
+    time and the ops on the paths between them (the softmax, or the late softmax up to its
+    division), found by `attention_core_nodes`. A BATCH_MATMUL with a constant weight stays int8
+    as in the int8 file. fully_quantize=False keeps float32 inputs and outputs. With nothing
     denylisted this path gives today's int8 file.
     """
     if spec.quantize != "int8-cpu":
@@ -91,26 +92,79 @@ def convert_tflite(converter, spec) -> bytes:
 
 
 def attention_core_nodes(flatbuffer: bytes, ops: tuple[str, ...] = CPU_FLOAT_OPS) -> list[str]:
-    """Output tensor names of the ops of type `ops` that take no constant: in every subgraph
-    (signature), each operand is a subgraph input or another op's output.
+    """Output tensor names of the attention core of every subgraph (signature), by a graph walk.
 
-    In our folded CrossAttention these are the core: the two BATCH_MATMULs (scores, weighted sum)
-    and the SOFTMAX between them; in a whole model, the core of every folded CrossAttention, and
-    likewise any other attention core or SOFTMAX of the model, which XNNPACK cannot run in int8
-    either.
+    A core BATCH_MATMUL takes no constant (each operand is a subgraph input or another op's
+    output). From each one the walk goes forward through the ops it feeds, stopping at core
+    BATCH_MATMULs and at projections (ops with a constant weight: FULLY_CONNECTED, CONV_2D,
+    DEPTHWISE_CONV_2D, a BATCH_MATMUL with a constant operand). Its ends are the core
+    BATCH_MATMULs it reaches (the weighted sum after the scores) and the ops it reaches that also
+    take such a BATCH_MATMUL's output (the late softmax's division by the row sums). The core is
+    the core BATCH_MATMULs and every op of the walk on a path to one of its ends: the softmax,
+    or the late softmax's REDUCE_MAX, SUB, EXP, SUM, mask ADD/MUL, reshapes and DIV. An op of the
+    same type elsewhere (a SUB or EXP before or after an attention, across a projection) is not
+    on such a path and stays int8.
+
+    Every other op of type `ops` whose operands are all computed at run time is kept as well
+    (SOFTMAX by default, which XNNPACK cannot run in int8: a model's own softmax included).
     """
     model = schema_fb.ModelT.InitFromPackedBuf(flatbuffer, 0)
     codes = [schema_util.get_builtin_code_from_operator_code(c) for c in model.operatorCodes]
-    wanted = {getattr(schema_fb.BuiltinOperator, op) for op in ops}
+    code = schema_fb.BuiltinOperator
+    wanted = {getattr(code, op) for op in ops if op != "BATCH_MATMUL"}
+    projections = {code.FULLY_CONNECTED, code.CONV_2D, code.DEPTHWISE_CONV_2D}
     names: list[str] = []
     for graph in model.subgraphs:
         computed = set(graph.inputs.tolist() if graph.inputs is not None else [])
         for op in graph.operators:
             computed.update(op.outputs.tolist())
-        for op in graph.operators:
-            operands = [i for i in op.inputs.tolist() if i >= 0]
-            if codes[op.opcodeIndex] in wanted and all(i in computed for i in operands):
-                names += [graph.tensors[i].name.decode() for i in op.outputs.tolist()]
+        operators = list(graph.operators)
+        operands = [[i for i in op.inputs.tolist() if i >= 0] for op in operators]
+        run_time = [all(i in computed for i in ins) for ins in operands]
+        core_mm = {n for n, op in enumerate(operators)
+                   if codes[op.opcodeIndex] == code.BATCH_MATMUL and run_time[n]}
+        stops = core_mm | {n for n, op in enumerate(operators)
+                           if codes[op.opcodeIndex] in projections
+                           or (codes[op.opcodeIndex] == code.BATCH_MATMUL and not run_time[n])}
+        consumers: dict[int, list[int]] = {}
+        for n, ins in enumerate(operands):
+            for i in ins:
+                consumers.setdefault(i, []).append(n)
+        produced_by = {t: n for n, op in enumerate(operators) for t in op.outputs.tolist()}
+        keep: set[int] = set()
+        for start in sorted(core_mm):
+            # Forward walk: projections are not entered, core BATCH_MATMULs not passed.
+            reached: set[int] = set()
+            frontier = [start]
+            while frontier:
+                n = frontier.pop()
+                for t in operators[n].outputs.tolist():
+                    for c in consumers.get(t, []):
+                        if c in reached or (c in stops and c not in core_mm):
+                            continue
+                        reached.add(c)
+                        if c not in core_mm:
+                            frontier.append(c)
+            ends = {n for n in reached if n in core_mm}
+            ends |= {n for n in reached if n not in stops and any(
+                produced_by.get(i) in ends for i in operands[n])}
+            if not ends:
+                continue
+            # Backward from the ends, within the walk: the ops on a path start -> end.
+            on_path = set(ends)
+            frontier = list(ends)
+            while frontier:
+                n = frontier.pop()
+                for i in operands[n]:
+                    p = produced_by.get(i)
+                    if p in reached and p not in on_path and p not in stops:
+                        on_path.add(p)
+                        frontier.append(p)
+            keep |= on_path | {start}
+        keep |= {n for n, op in enumerate(operators)
+                 if codes[op.opcodeIndex] in wanted and run_time[n]}
+        for n in sorted(keep):
+            names += [graph.tensors[i].name.decode() for i in operators[n].outputs.tolist()]
     return list(dict.fromkeys(names))
 
 
