@@ -275,3 +275,91 @@ def test_golden_size_limit_is_inclusive(tmp_path, monkeypatch):
     monkeypatch.setattr(manifests, "MAX_GOLDEN_BYTES", total - 1)
     assert golden_error(path, [tensor()]) == f"golden file g.npz would inflate to {total} bytes; refusing"
 
+
+
+# -- the pure checks export.verify applies: companions, tensors and their id ranges ------------
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_check_files_accepts_companions_with_their_sha256_and_names_each_failure(tmp_path):
+    from export.errors import ManifestError
+    from export.manifest import check_files
+
+    (tmp_path / "m.cc").write_bytes(b"const unsigned char g[] = {1};\n")
+    (tmp_path / "m.h").write_bytes(b"#pragma once\n")
+    good = {"files": [{"file": "m.cc", "sha256": _sha(b"const unsigned char g[] = {1};\n")},
+                      {"file": "m.h", "sha256": _sha(b"#pragma once\n")}]}
+    check_files(str(tmp_path), good)
+    check_files(str(tmp_path), {})  # no companions: nothing to check
+    check_files(str(tmp_path), {"files": []})
+    cases = [
+        ({"files": {"file": "m.cc"}}, r"^manifest files must be a list, not "),
+        ({"files": ["m.cc"]}, r"^manifest files entries must be \{file, sha256\}, not 'm.cc'"),
+        ({"files": [{"file": "m.cc", "sha256": "0" * 63}]}, r"entries must be \{file, sha256\}"),
+        ({"files": [{"file": "m.cc"}]}, r"entries must be \{file, sha256\}"),
+        ({"files": [{"file": "../m.cc", "sha256": "0" * 64}]}, r"refusing files path '\.\./m\.cc'"),
+        ({"files": [{"file": "gone.cc", "sha256": "0" * 64}]}, r"gone\.cc"),
+        ({"files": [good["files"][0], {"file": "m.h", "sha256": "0" * 64}]}, r"file m\.h"),
+    ]
+    for manifest, message in cases:
+        with pytest.raises(ManifestError, match=message):
+            check_files(str(tmp_path), manifest)
+
+
+def test_tensors_of_validates_names_shapes_dtypes_and_ranges():
+    from export.errors import ManifestError
+    from export.manifest import tensors_of
+
+    ok = tensors_of([{"name": "ids", "shape": [None, 8], "dtype": "int32", "range": [0, 20]},
+                     {"name": "x", "shape": [1, 8, 4], "dtype": "float32"}], "inputs")
+    assert ok == [{"name": "ids", "shape": [None, 8], "dtype": "int32", "range": (0, 20)},
+                  {"name": "x", "shape": [1, 8, 4], "dtype": "float32"}]
+    assert tensors_of([{"name": "y", "shape": [1 << 31 - 1]}], "outputs")[0]["dtype"] is None
+    cases = [
+        ([], r"^manifest inputs is empty$"),
+        ([{"shape": [1]}], r"^manifest inputs entries must be objects with a name$"),
+        ([{"name": "", "shape": [1]}], r"objects with a name"),
+        (["x"], r"objects with a name"),
+        ([{"name": "x", "shape": "1,2"}], r"^manifest inputs 'x': shape must be a list of positive"),
+        ([{"name": "x", "shape": [0]}], r"shape must be a list of positive ints or null"),
+        ([{"name": "x", "shape": [True]}], r"shape must be"),
+        ([{"name": "x", "shape": [1 << 31]}], r"shape must be"),
+        ([{"name": "x", "shape": [1], "dtype": "str"}], r"^manifest inputs 'x': dtype 'str' is not"),
+        ([{"name": "x", "shape": [1]}, {"name": "x", "shape": [1]}], r"^manifest inputs names 'x' twice$"),
+        ([{"name": "i", "shape": [1], "dtype": "int32", "range": [5, 5]}],
+         r"^manifest inputs 'i': range must be \[low, high\] integers with low < high, not \[5, 5\]"),
+        ([{"name": "i", "shape": [1], "dtype": "int32", "range": [0, 1, 2]}], r"range must be"),
+        ([{"name": "i", "shape": [1], "dtype": "int32", "range": [0.0, 3]}], r"range must be"),
+        ([{"name": "i", "shape": [1], "dtype": "int32", "range": [False, 3]}], r"range must be"),
+        ([{"name": "i", "shape": [1], "dtype": "int32", "range": "0,3"}], r"range must be"),
+        ([{"name": "f", "shape": [1], "dtype": "float32", "range": [0, 3]}],
+         r"^manifest inputs 'f': a range needs an integer dtype, not 'float32'$"),
+        ([{"name": "f", "shape": [1], "range": [0, 3]}], r"a range needs an integer dtype, not None"),
+    ]
+    for entries, message in cases:
+        with pytest.raises(ManifestError, match=message):
+            tensors_of(entries, "inputs")
+    # uint8 ids take a range too
+    assert tensors_of([{"name": "u", "shape": [2], "dtype": "uint8", "range": [0, 9]}],
+                      "inputs")[0]["range"] == (0, 9)
+
+
+def test_check_golden_ranges_refuses_ids_outside_the_range_at_both_ends():
+    from export.errors import ManifestError
+    from export.manifest import check_golden_ranges
+
+    inputs = [{"name": "ids", "range": (0, 20)}, {"name": "x"}]
+    golden = {"ids": np.array([[0, 19, 7]], np.int32), "x": np.full((1, 3), 1e9, np.float32)}
+    check_golden_ranges(golden, inputs)  # 0 and 19 are inside; x has no range
+    for bad, value in ((20, "20"), (-1, "-1")):
+        ids = golden["ids"].copy()
+        ids[0, 1] = bad
+        with pytest.raises(ManifestError,
+                           match=rf"^golden input 'ids' holds {value}, outside the manifest's "
+                                 r"range \[0, 20\)$"):
+            check_golden_ranges({**golden, "ids": ids}, inputs)
