@@ -420,3 +420,41 @@ def test_check_onnx_file_takes_batch_and_names_from_the_spec(tmp_path):
     check_onnx_file(by_length, free)
     with pytest.raises(GraphCheckError, match=r"source1 has symbolic axes \[0, 1\], expected \[0\]"):
         check_onnx_file(by_length, spec)
+
+
+@pytest.fixture(scope="module")
+def looping_tflite(tmp_path_factory) -> str:
+    """A builtin-only TFLite file holding a WHILE (an LSTM-like loop), static inputs and outputs:
+    what a user's `--saved-model` graph may be, and what our own graphs never are."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((1, 4), tf.float32)])
+    def loop(x):
+        def body(i, acc):
+            return i + 1, acc * 0.5 + tf.cast(i, tf.float32)
+
+        _, out = tf.while_loop(lambda i, acc: i < 3, body, (tf.constant(0), x))
+        return {"y": out}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([loop.get_concrete_function()], loop)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    path = tmp_path_factory.mktemp("loop") / "loop.tflite"
+    path.write_bytes(converter.convert())
+    assert "WHILE" in tflite_check.tflite_op_names(str(path))
+    return str(path)
+
+
+def test_a_loop_passes_only_the_check_of_a_users_graph(looping_tflite):
+    from types import SimpleNamespace
+
+    with pytest.raises(GraphCheckError, match=r"non-builtin or dynamic ops \['WHILE'\]"):
+        tflite_check.check_tflite_file(looping_tflite)
+    with pytest.raises(GraphCheckError, match=r"\['WHILE'\]"):
+        tflite_check.check_tflite_file(looping_tflite, SimpleNamespace(user_graph=False))
+    with pytest.raises(GraphCheckError, match=r"\['WHILE'\]"):
+        check_tflite_graph(looping_tflite)
+    # A --saved-model graph (spec.user_graph) may loop; its inputs and outputs stay static.
+    tflite_check.check_tflite_file(looping_tflite, SimpleNamespace(user_graph=True))
+    check_tflite_graph(looping_tflite, allowed=tflite_check.USER_GRAPH_OPS)
+    with pytest.raises(GraphCheckError, match=r"\['WHILE'\]"):
+        check_tflite_graph(looping_tflite, allowed=tflite_check.USER_GRAPH_OPS - {"WHILE"})
