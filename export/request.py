@@ -184,7 +184,7 @@ def _saved_model_request(args: argparse.Namespace, formats: tuple[str, ...]):
         record = get_format(fmt)
         specs[fmt] = saved.SavedModelSpec(
             model_inputs=inputs, model_outputs=outputs, stem=stem, named=bool(args.name),
-            batch=_batch_for(args, fmt, formats), quantize=record.variant_for(quantize),
+            batch=_batch_for(args, fmt, formats), quantize=_variant_for(fmt, quantize),
             int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
         )
     reference = saved.SavedModelReference(args.saved_model, key, loaded, concrete, samples,
