@@ -117,7 +117,6 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
     """--model flags -> ExportRequest with ModelSpecs and the loaded model."""
     from export import model as user_model  # lazy: Keras and TensorFlow, after parsing
     from export import model_load
-    from export.pipeline import ExportRequest
 
     model_load.import_modules(args.imports)
     keras_model, origin = model_load.load_model_file(args.model)
@@ -125,43 +124,19 @@ def _model_request(args: argparse.Namespace, formats: tuple[str, ...]):
     keras_model = model_load.functional_view(keras_model, shapes)
     inputs, outputs = model_load.model_tensors(keras_model, shapes)
     inputs = model_load.with_embedding_ranges(keras_model, inputs)
-    samples = (model_load.load_sample_inputs(args.sample_inputs, inputs)
-               if args.sample_inputs else None)
+    samples = _sample_inputs(args, inputs, "model input", "model input")
     if samples is not None:
         model_load.check_embedding_ranges(keras_model, samples, args.sample_inputs)
-    if samples is None:
-        ints = [t.name for t in inputs if t.dtype not in ("float32", "bool")]
-        if ints:
-            raise SpecError(
-                f"model input {ints[0]!r} is {next(t.dtype for t in inputs if t.name == ints[0])} "
-                "(ids, categories): pass real inputs with --sample-inputs data.npz (one array per "
-                "model input)")
-    quantize = getattr(args, "quantize", "none")
-    stem = args.name or model_load.default_stem(args.model)
-    specs = {}
-    for fmt in formats:
-        record = get_format(fmt)
-        specs[fmt] = user_model.ModelSpec(
-            model_inputs=inputs, model_outputs=outputs, stem=stem, named=bool(args.name),
-            batch=_batch_for(args, fmt, formats), quantize=_variant_for(fmt, quantize),
-            int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
-        )
+    specs = _whole_model_specs(user_model.ModelSpec, args, formats, inputs, outputs,
+                               args.name or model_load.default_stem(args.model))
     reference = user_model.ModelReference(args.model, keras_model, samples, args.sample_inputs,
                                           origin=origin)
-    return ExportRequest(
-        specs=specs, output_dir=args.output_dir, atol=args.atol,
-        max_rel_error=getattr(args, "max_rel_error", None), opset=getattr(args, "opset", None),
-        model=reference, weights_source=os.path.basename(args.model),
-        sign_key=getattr(args, "sign_key", None), arena_limit=getattr(args, "arena_limit", None),
-        arm=bool(getattr(args, "arm", False)),
-    )
+    return _whole_model_request(args, specs, reference, os.path.basename(args.model))
 
 
 def _saved_model_request(args: argparse.Namespace, formats: tuple[str, ...]):
     """--saved-model flags -> ExportRequest with SavedModelSpecs and the loaded signature."""
-    from export import model_load  # lazy: Keras, after parsing
     from export import saved_model_reference as saved  # lazy: TensorFlow, after parsing
-    from export.pipeline import ExportRequest
 
     refused = check_model_flags(args, formats)  # the CLI's parser said so already
     if refused:
@@ -169,30 +144,49 @@ def _saved_model_request(args: argparse.Namespace, formats: tuple[str, ...]):
     key = args.signature or "serving_default"
     loaded, concrete = saved.load_signature(args.saved_model, key)
     inputs, outputs = saved.signature_tensors(concrete, dict(args.input_shapes))
-    samples = (model_load.load_sample_inputs(args.sample_inputs, inputs)
-               if args.sample_inputs else None)
-    if samples is None:
-        ints = [t for t in inputs if t.dtype not in ("float32", "bool")]
-        if ints:
-            raise SpecError(f"signature input {ints[0].name!r} is {ints[0].dtype} (ids, "
-                            "categories): pass real inputs with --sample-inputs data.npz (one "
-                            "array per input)")
-    quantize = getattr(args, "quantize", "none")
-    stem = args.name or saved.default_stem(args.saved_model)
-    specs = {}
-    for fmt in formats:
-        record = get_format(fmt)
-        specs[fmt] = saved.SavedModelSpec(
-            model_inputs=inputs, model_outputs=outputs, stem=stem, named=bool(args.name),
-            batch=_batch_for(args, fmt, formats), quantize=_variant_for(fmt, quantize),
-            int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
-        )
+    samples = _sample_inputs(args, inputs, "signature input", "input")
+    specs = _whole_model_specs(saved.SavedModelSpec, args, formats, inputs, outputs,
+                               args.name or saved.default_stem(args.saved_model))
     reference = saved.SavedModelReference(args.saved_model, key, loaded, concrete, samples,
                                           args.sample_inputs)
+    return _whole_model_request(args, specs, reference, reference.source)
+
+
+def _sample_inputs(args: argparse.Namespace, inputs, what: str, per: str) -> dict | None:
+    """`--sample-inputs` read against `inputs`; without it, SpecError where an input takes ids
+    (integers cannot be drawn at random)."""
+    from export import model_load  # lazy: Keras, after parsing
+
+    if args.sample_inputs:
+        return model_load.load_sample_inputs(args.sample_inputs, inputs)
+    ints = [t for t in inputs if t.dtype not in ("float32", "bool")]
+    if ints:
+        raise SpecError(f"{what} {ints[0].name!r} is {ints[0].dtype} (ids, categories): pass real "
+                        f"inputs with --sample-inputs data.npz (one array per {per})")
+    return None
+
+
+def _whole_model_specs(spec_cls, args: argparse.Namespace, formats: tuple[str, ...], inputs,
+                       outputs, stem: str) -> dict:
+    """One spec of a whole model (`--model`, `--saved-model`) per format."""
+    quantize = getattr(args, "quantize", "none")
+    return {
+        fmt: spec_cls(
+            model_inputs=inputs, model_outputs=outputs, stem=stem, named=bool(args.name),
+            batch=_batch_for(args, fmt, formats), quantize=_variant_for(fmt, quantize),
+            int8_io=bool(getattr(args, "int8_io", False)) and get_format(fmt).int8_io,
+        )
+        for fmt in formats
+    }
+
+
+def _whole_model_request(args: argparse.Namespace, specs: dict, reference, weights_source: str):
+    from export.pipeline import ExportRequest  # lazy: TensorFlow, after parsing
+
     return ExportRequest(
         specs=specs, output_dir=args.output_dir, atol=args.atol,
         max_rel_error=getattr(args, "max_rel_error", None), opset=getattr(args, "opset", None),
-        model=reference, weights_source=reference.source,
+        model=reference, weights_source=weights_source,
         sign_key=getattr(args, "sign_key", None), arena_limit=getattr(args, "arena_limit", None),
         arm=bool(getattr(args, "arm", False)),
     )
