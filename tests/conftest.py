@@ -11,6 +11,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 # -- export fixtures shared by every test module ------------------------------------------------
 
+import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import pickle  # noqa: E402
@@ -48,20 +49,28 @@ def artifact_factory(tmp_path_factory):
 
     cache = {}
     # `make mutation` runs the tests once per mutant, each time a new session: there the builds
-    # are kept on disk (XATTN_TEST_ARTIFACTS), made once by unmutated code.
+    # are kept on disk (XATTN_TEST_ARTIFACTS), made once by unmutated code. Under pytest-xdist
+    # (`make test`: -n 2) each worker is a session of its own: the workers share one folder of
+    # builds, beside their own temporary folders, each build made once under a file lock.
     keep = os.environ.get("XATTN_TEST_ARTIFACTS")
+    if not keep and os.environ.get("PYTEST_XDIST_WORKER"):
+        keep = str(tmp_path_factory.getbasetemp().parent / "shared-artifacts")
 
     def build(formats=ALL_FORMATS, seed=0, **fields):
         key = (tuple(formats), seed, tuple(sorted(fields.items())))
         if key not in cache and keep:
             kept = os.path.join(keep, hashlib.sha256(repr(key).encode()).hexdigest()[:16])
-            if not os.path.isfile(os.path.join(kept, "results.pickle")):
-                shutil.rmtree(kept, ignore_errors=True)
-                os.makedirs(kept)
-                results = export_artifacts(ExportRequest(specs=specs_of(formats, fields),
-                                                         output_dir=os.path.join(kept, "out"), seed=seed))
-                with open(os.path.join(kept, "results.pickle"), "wb") as f:
-                    pickle.dump({r.format: r for r in results}, f)
+            os.makedirs(keep, exist_ok=True)
+            with open(kept + ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another worker building the same: wait for it
+                if not os.path.isfile(os.path.join(kept, "results.pickle")):
+                    shutil.rmtree(kept, ignore_errors=True)
+                    os.makedirs(kept)
+                    results = export_artifacts(ExportRequest(specs=specs_of(formats, fields),
+                                                             output_dir=os.path.join(kept, "out"),
+                                                             seed=seed))
+                    with open(os.path.join(kept, "results.pickle"), "wb") as f:
+                        pickle.dump({r.format: r for r in results}, f)
             with open(os.path.join(kept, "results.pickle"), "rb") as f:
                 cache[key] = (os.path.join(kept, "out"), pickle.load(f))  # written just above
         if key not in cache:
