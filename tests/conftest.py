@@ -123,6 +123,13 @@ def pytest_configure(config):
 # Whole files of the fast tier (`make test-fast`, `-m fast`): pure logic that builds nothing and
 # starts no server. Other files mark their fast tests themselves (@pytest.mark.fast).
 FAST_FILES = ("test_manifest.py", "test_publish_files.py", "test_structure.py")
+# Under pytest-xdist (`make test`: --dist loadfile) a worker takes the next file when it is free:
+# the longest files first (their build fixtures and subprocesses; the durations `make test
+# PYTEST_ADDOPTS=--durations=0` prints), so that no worker is left alone with one at the end.
+# Only the order of files changes: within a file the tests keep theirs.
+LONGEST_FILES = ("test_commands.py", "test_saved_model.py", "test_serve.py", "test_model.py",
+                 "test_layer_table.py", "test_reproducible.py", "test_fusionlab.py",
+                 "test_runtime_install.py", "test_trust.py", "test_tflm.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -135,6 +142,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in FAST_FILES:
             item.add_marker(pytest.mark.fast)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects: the same order in each
+        rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
     if not os.environ.get("MUTANT_UNDER_TEST"):
         return
     try:
