@@ -266,9 +266,9 @@ def test_concurrent_requests_are_batched_and_split_back(server, client, artifact
         assert after["inference_count"] - before["inference_count"] == rows
         assert answered == len(requests) and runs < len(requests), after  # some requests shared a run
         assert max(sizes) > 3 and max(sizes) <= MAX_BATCH, sizes  # merged, never past --max-batch
-    else:  # each of the --workers processes counts its own requests, one run each, never merged
-        assert runs == answered <= len(requests) and sizes <= {1, 2, 3}, (sizes, after)
-        assert after["inference_count"] - before["inference_count"] <= rows
+    else:  # each of the --workers processes counts its own (before and after may come from two
+        # of them): a process that never merges has run exactly the requests it answered
+        assert after["execution_count"] == after["inference_stats"]["success"]["count"], after
 
 
 def test_statistics_route_answers_get_only(server):
