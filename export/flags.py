@@ -1,6 +1,6 @@
 """The flags every entry point shares: argparse types that reject bad values in one line, the
 checks of flags that do not fit together, and the one parser of `python -m export` and its
-per-format entry points (`build_parser`). No TensorFlow here: `--help` and export.verify's
+per-format entry points (`build_parser`). No TensorFlow here: `--help` and export.runtime.verify's
 parser import this module.
 """
 

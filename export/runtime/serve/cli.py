@@ -17,7 +17,7 @@ import threading
 from export.errors import exit_codes_epilog, printable
 from export.flags import OneLineParser, _path, _positive_float, _positive_int
 from export.reporting import report_failures
-from export.verify import MARKS
+from export.runtime.verify import MARKS
 
 PROG = "python -m export.serve"
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog=PROG,
         description=(
-            "Verify every ONNX and TFLite artifact under PATH with export.verify, then serve "
+            "Verify every ONNX and TFLite artifact under PATH with export.runtime.verify, then serve "
             "each at /v2/models/<artifact stem>_<format> with the Open Inference Protocol "
             "(KServe V2: JSON and binary tensors), on uvicorn worker processes (--engine "
             "embedded, one machine) or Ray Serve (--engine ray). Ctrl-C or SIGTERM drains and "
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.serve import (  # lazy: imports Ray (see export.serve)
+    from export.runtime.serve import (  # lazy: imports Ray (see export.runtime.serve)
         ServeOptions,
         check_options,
         load_models,
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(printable(note), flush=True)  # a note names an artifact as its manifest spells it
 
     if args.triton_repository:
-        from export.serve.triton import write_repository  # lazy: only with --triton-repository
+        from export.runtime.serve.triton import write_repository  # lazy: only with --triton-repository
 
         def write():
             return write_repository(
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ready    {server.url}/health/ready  ({shape}); Ctrl-C stops", flush=True)
         if server.embedded is None:
             threading.Event().wait()
-        from export.serve.embedded import watch  # lazy: the embedded engine only
+        from export.runtime.serve.embedded import watch  # lazy: the embedded engine only
 
         while True:
             watch(server.embedded)

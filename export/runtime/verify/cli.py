@@ -10,7 +10,7 @@ import sys
 from export.errors import SigningError, UsageError, exit_codes_epilog, printable, reader_may_leave
 from export.flags import OneLineParser, _path
 from export.reporting import display_prog
-from export.verify import ASCII_MARKS, MARKS, verify_path
+from export.runtime.verify import ASCII_MARKS, MARKS, verify_path
 
 PROG = "python -m export.verify"
 
