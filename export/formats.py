@@ -153,7 +153,7 @@ class Format:
             _resolve(self.graph_check)(path, spec)
 
     def deployment_report(self, built: Built, spec) -> dict | None:
-        """Where the built file would run on a device (export.deployment), or None."""
+        """Where the built file would run on a device (export.<fmt>.deployment), or None."""
         if built.deployment is not None:
             return built.deployment
         return None if self.deployment is None else _resolve(self.deployment)(built, spec)

@@ -76,7 +76,7 @@ def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha2
         created: a UTC timestamp.
         sha256: of the artifact.
         size: of the artifact, in bytes.
-        deployment: where the file will run (export.deployment), when measured.
+        deployment: where the file will run (each format's export.<fmt>.deployment), when measured.
         file_metadata: the facts written inside the file (export.runtime.metadata), when any.
         golden_name: the golden file when it is not the spec's own (a file with several
             lengths: that of `serving_default` or the largest length).
