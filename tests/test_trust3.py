@@ -596,7 +596,7 @@ def test_worker_configuration_is_json_not_pickle(masked_endpoints, artifact_fact
     assert config["options"] == options and config["workers"] == 3
     assert [(m.name, m.format, m.manifest, m.data) for m in config["models"]] == \
         [(m.name, m.format, m.manifest, m.data) for m in models]
-    source = open(os.path.join(os.path.dirname(flags.__file__), "serve", "worker.py")).read()
+    source = open(os.path.join(os.path.dirname(flags.__file__), "runtime", "serve", "worker.py")).read()
     assert "pickle" not in source.replace("no pickle", "").replace("not pickle", "")
 
 
