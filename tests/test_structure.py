@@ -332,3 +332,29 @@ def test_the_runtime_half_imports_tensorflow_and_co_only_where_said():
     modules = _modules()
     heavy = {(m, name) for m in _runtime_closure() for name in _third_party(modules[m]) & set(HEAVY)}
     assert heavy == set(HEAVY_ALLOWED), heavy ^ set(HEAVY_ALLOWED)
+
+
+# Where a module outside the format packages may still compare with a format's name, and why.
+NAME_BRANCHES_ALLOWED = {
+    "export.bench.*": "the benchmark's tables compare runtimes side by side (ours against Keras's "
+                      "own exports): they are about those runtimes, not a format capability",
+    "export.runtime.serve.loadbench": "the load benchmark is defined on ONNX files: its in-process "
+                                      "ceiling is onnxruntime's session.run",
+}
+
+
+def test_nothing_outside_a_format_package_branches_on_its_name_or_suffix():
+    names = set(REGISTRY) | {f.suffix for f in REGISTRY.values()}
+    formats = tuple(f"export.{name}." for name in REGISTRY)
+    found = []
+    for module, path in sorted(_modules().items()):
+        if module.startswith(formats) or any(fnmatch.fnmatchcase(module, p) for p in NAME_BRANCHES_ALLOWED):
+            continue
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if not isinstance(node, ast.Compare):
+                continue
+            for side in [node.left, *node.comparators]:
+                values = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                hits = [v.value for v in values if isinstance(v, ast.Constant) and v.value in names]
+                found += [f"{module}:{node.lineno} compares with {hit!r}" for hit in hits]
+    assert not found, "use a registry capability (export.formats.Format):\n" + "\n".join(found)
