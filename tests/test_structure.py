@@ -358,3 +358,19 @@ def test_nothing_outside_a_format_package_branches_on_its_name_or_suffix():
                 hits = [v.value for v in values if isinstance(v, ast.Constant) and v.value in names]
                 found += [f"{module}:{node.lineno} compares with {hit!r}" for hit in hits]
     assert not found, "use a registry capability (export.formats.Format):\n" + "\n".join(found)
+
+
+def test_no_private_name_is_imported_from_another_package():
+    """A name shared across packages (export.runtime.verify's parser and export.flags) is public;
+    `_private` names stay within their package."""
+    crossing = []
+    for module, path in sorted(_modules().items()):
+        package = module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                    and node.module.startswith(PACKAGES)):
+                continue
+            private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+            if private and node.module.rpartition(".")[0] != package and node.module != package:
+                crossing.append(f"{module}:{node.lineno} imports {', '.join(private)} from {node.module}")
+    assert not crossing, "\n".join(crossing)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from export.errors import UsageError
-from export.flags import OneLineParser, _path, _positive_float, _positive_int, _positive_int_list
+from export.flags import OneLineParser, path_arg, positive_float, positive_int, positive_int_list
 from export.reporting import report_failures
 from export.runtime.serve.loadgen import build_request
 from export.runtime.serve.protocol import HEADER_LENGTH
@@ -77,30 +77,30 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         help="folder or manifest holding an ONNX artifact (default artifacts/)")
     parser.add_argument("--engines", type=_engines, default=["embedded", "ray"],
                         help="engines to measure (default embedded,ray)")
-    parser.add_argument("--clients", type=_positive_int_list, default=[1, 8, 32],
+    parser.add_argument("--clients", type=positive_int_list, default=[1, 8, 32],
                         help="concurrent clients (default 1,8,32)")
-    parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help=f"embedded engine workers (default: cores, {os.cpu_count()})")
-    parser.add_argument("--replicas", type=_positive_int, default=1,
+    parser.add_argument("--replicas", type=positive_int, default=1,
                         help="Ray engine replicas (default 1)")
-    parser.add_argument("--max-batch", type=_positive_int, default=1,
+    parser.add_argument("--max-batch", type=positive_int, default=1,
                         help="Ray engine dynamic batching, rows per batch (default 1: off)")
-    parser.add_argument("--batch-rows", type=_positive_int, default=32,
+    parser.add_argument("--batch-rows", type=positive_int, default=32,
                         help="rows per request in the batch rows (default 32)")
     parser.add_argument("--no-grpc", action="store_true",
                         help="skip the embedded engine's gRPC rows")
-    parser.add_argument("--client-processes", type=_positive_int, default=2,
+    parser.add_argument("--client-processes", type=positive_int, default=2,
                         help="load generator processes at most (default 2)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="onnxruntime threads per worker/replica and in-process (default 1)")
-    parser.add_argument("--duration", type=_positive_float, default=3.0,
+    parser.add_argument("--duration", type=positive_float, default=3.0,
                         help="seconds per cell (default 3)")
     parser.add_argument("--port", type=int, default=0,
                         help="HTTP port on 127.0.0.1 (default 0: a free one)")
-    parser.add_argument("--fault-timeout", type=_positive_float, default=60.0,
+    parser.add_argument("--fault-timeout", type=positive_float, default=60.0,
                         help="longest the fault run waits for the replica (default 60 s)")
     parser.add_argument("--no-fault", action="store_true", help="skip the kill -9 run")
-    parser.add_argument("--json", type=_path, metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--json", type=path_arg, metavar="PATH", help="also write the figures as JSON")
     return parser
 
 
