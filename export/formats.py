@@ -90,8 +90,10 @@ class Format:
             facts written inside the file (export.runtime.metadata), or None where files hold none.
         signature_reader: "module:function" called as `keys(path) -> list[str]`: the signature
             keys a file holds (`len_16`, ...), for files without a manifest beside them; or None.
-        triton_platform: the `platform` of Triton's standard backend that runs its files
-            (`onnxruntime_onnx`), or None where none does (export.runtime.serve.triton).
+        serve_platform: the platform its served models report (Open Inference Protocol model
+            metadata, Triton's names: `onnxruntime_onnx`), or None for formats `export.serve`
+            does not serve (export.runtime.serve; a Triton repository takes those whose platform
+            a standard Triton backend runs, export.runtime.serve.triton).
     """
 
     name: str
@@ -123,7 +125,7 @@ class Format:
     saved_model: bool = True  # whether `--saved-model` (a user's own graph) can build it
     metadata_reader: str | None = None
     signature_reader: str | None = None
-    triton_platform: str | None = None
+    serve_platform: str | None = None
 
     def variant_for(self, quantize: str) -> str:
         """The variant this format builds when `--quantize` says `quantize`: savedmodel stays
@@ -229,6 +231,7 @@ REGISTRY: dict[str, Format] = {
             deployment="export.tflite.deployment:tflite_deployment", late_softmax=True,
             metadata_reader="export.runtime.metadata:read_tflite_metadata",
             signature_reader="export.runtime.runtimes:tflite_signature_keys",
+            serve_platform="tensorflow_lite",
         ),
         Format(
             name="onnx", title="ONNX", suffix=".onnx", default_batch=None, atol=1e-4,
@@ -238,7 +241,7 @@ REGISTRY: dict[str, Format] = {
             graph_check="export.onnx.check:check_onnx_file",
             runner="export.runtime.runtimes:onnx_function", dynamic_length=True,
             deployment="export.onnx.deployment:onnx_deployment", int8_scheme="weight-only",
-            same_variant=(("int8-cpu", "int8"),), triton_platform="onnxruntime_onnx",
+            same_variant=(("int8-cpu", "int8"),), serve_platform="onnxruntime_onnx",
             metadata_reader="export.runtime.metadata:read_onnx_metadata",
         ),
         Format(

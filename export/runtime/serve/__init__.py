@@ -21,6 +21,7 @@ import socket
 from dataclasses import dataclass, field
 
 from export.errors import ExportError, ManifestError, UsageError, first_line
+from export.formats import REGISTRY
 from export.runtime.serve.protocol import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -37,7 +38,8 @@ __all__ = [
 
 log = logging.getLogger("export")
 
-SERVED_FORMATS = ("onnx", "tflite")
+# The formats served: those whose registry record names a platform to report.
+SERVED_FORMATS = tuple(name for name, fmt in REGISTRY.items() if fmt.serve_platform)
 ROOT_APP = "xattn_v2"
 # fullmatch: `$` would also match before a final newline.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,159}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from export.errors import InputError, first_line
+from export.formats import REGISTRY
 from export.runtime.serve.protocol import (
     DATATYPES,
     HEADER_LENGTH,
@@ -31,7 +32,8 @@ from export.runtime.serve.protocol import (
     read_content_encoding,
 )
 
-PLATFORM = {"onnx": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
+# format -> the platform its model metadata reports (the registry's `serve_platform`)
+PLATFORM = {name: fmt.serve_platform for name, fmt in REGISTRY.items() if fmt.serve_platform}
 SERVER_NAME = "xattn"
 JSON = "application/json"
 

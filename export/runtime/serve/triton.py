@@ -88,11 +88,11 @@ def write_repository(models, directory: str, **config) -> tuple[list[str], list[
     Returns (written model folders, notes on what is skipped). An existing DIR/<name> is
     replaced whole, through a staged folder and a rename.
     """
-    # The formats Triton's standard backends run say so in the registry (`triton_platform`).
-    onnx_models = [m for m in models if get_format(m.format).triton_platform]
+    # What Triton's standard backends run: the served platforms BACKENDS knows.
+    onnx_models = [m for m in models if get_format(m.format).serve_platform in BACKENDS]
     notes = [
         f"- {m.artifact}  not in the Triton repository: Triton's standard backends do not run "
-        f"{m.format}" for m in models if not get_format(m.format).triton_platform
+        f"{m.format}" for m in models if get_format(m.format).serve_platform not in BACKENDS
     ]
     if not onnx_models:
         raise UsageError("no ONNX artifact to put in a Triton model repository")
@@ -118,7 +118,7 @@ def write_repository(models, directory: str, **config) -> tuple[list[str], list[
             with open(os.path.join(staging, "1", f"model{fmt.suffix}"), "wb") as f:
                 f.write(model.data)
             with open(os.path.join(staging, "config.pbtxt"), "w", encoding="utf-8") as f:
-                f.write(model_config(model, platform=fmt.triton_platform, **config))
+                f.write(model_config(model, platform=fmt.serve_platform, **config))
             os.chmod(staging, 0o755)
             if os.path.isdir(final):
                 # The old folder goes into a trash folder this run created, then that goes:
