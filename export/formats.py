@@ -91,7 +91,7 @@ class Format:
         signature_reader: "module:function" called as `keys(path) -> list[str]`: the signature
             keys a file holds (`len_16`, ...), for files without a manifest beside them; or None.
         serve_platform: the platform its served models report (Open Inference Protocol model
-            metadata, Triton's names: `onnxruntime_onnx`), or None for formats `export.serve`
+            metadata, Triton's names: `onnxruntime_onnx`), or None for formats `export.runtime.serve`
             does not serve (export.runtime.serve; a Triton repository takes those whose platform
             a standard Triton backend runs, export.runtime.serve.triton).
     """

@@ -9,6 +9,7 @@ from export.flags import (
     SHAPE_DEFAULTS,
     OneLineParser,
     add_model_flags,
+    complete,
     lengths_arg,
     path_arg,
     positive_float,
@@ -109,4 +110,4 @@ def build_parser() -> argparse.ArgumentParser:
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     talk.add_argument("-q", "--quiet", action="store_true", help="print the table only")
-    return parser
+    return complete(parser)
