@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 
-from export import resources, signing
+from export import resources
 from export.deployment import summary as deployment_summary
 from export.errors import reader_may_leave
 from export.flags import SHAPE_DEFAULTS, build_parser, check_length_flags, check_model_flags
 from export.formats import FORMAT_NAMES, get_format
 from export.reporting import check_build_half, configure_logging, report_failures
 from export.request import resolve_request
+from export.runtime import signing
 
 __all__ = ["SHAPE_DEFAULTS", "build_parser", "configure_logging", "main", "print_table",
            "report_failures", "resolve_request"]

@@ -1,6 +1,6 @@
 """The flags every entry point shares: argparse types that reject bad values in one line, the
 checks of flags that do not fit together, and the one parser of `python -m export` and its
-per-format entry points (`build_parser`). No TensorFlow here: `--help` and export.verify's
+per-format entry points (`build_parser`). No TensorFlow here: `--help` and export.runtime.verify's
 parser import this module.
 """
 
@@ -46,7 +46,7 @@ class LazyHelp(str):
         return self._make() % params
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except (TypeError, ValueError):
@@ -56,10 +56,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_int_list(text: str) -> list[int]:
+def positive_int_list(text: str) -> list[int]:
     """`1,8,32` -> [1, 8, 32]: positive integers, each once (for the benchmarks' sweeps)."""
     try:
-        values = [_positive_int(part.strip()) for part in text.split(",") if part.strip()]
+        values = [positive_int(part.strip()) for part in text.split(",") if part.strip()]
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"must be a comma-separated list of positive integers, got {text!r}") from None
@@ -82,7 +82,7 @@ def _batch(text: str):
     if text.strip().lower() == "dynamic":
         return None
     try:
-        return _positive_int(text)
+        return positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"must be a positive integer or 'dynamic', got {text!r}"
@@ -95,13 +95,13 @@ def _length(text: str):
     if text.strip().lower() == "dynamic":
         return "dynamic"
     try:
-        return _positive_int(text)
+        return positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"must be a positive integer or 'dynamic', got {text!r}") from None
 
 
-def _lengths(text: str) -> tuple:
+def lengths_arg(text: str) -> tuple:
     try:
         return parse_lengths(text)
     except SpecError as e:
@@ -147,7 +147,7 @@ def check_format_flags(args: argparse.Namespace, formats: tuple[str, ...]) -> st
     return None
 
 
-def _path(text: str) -> str:
+def path_arg(text: str) -> str:
     """A file or folder flag: a name, not an empty string (`--weights "$UNSET"` would otherwise
     mean no weights at all, `--public-key ""` no signature check)."""
     if not text.strip():
@@ -166,7 +166,7 @@ def artifact_name(text: str) -> str:
     return text
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except (TypeError, ValueError):
@@ -179,7 +179,7 @@ def _positive_float(text: str) -> float:
 def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     name, sep, dims = text.partition("=")
     try:
-        shape = tuple(_positive_int(d.strip()) for d in dims.split(","))
+        shape = tuple(positive_int(d.strip()) for d in dims.split(","))
     except argparse.ArgumentTypeError:
         shape = ()
     if not sep or not name.strip() or not shape:
@@ -242,7 +242,7 @@ def check_model_flags(args: argparse.Namespace, formats: tuple[str, ...] = ()) -
 def add_model_flags(group, *, saved_model: bool = True) -> None:
     """`--model` and the flags that go with it (shared with `python -m export.bench`, which
     compares with Keras' own export and so takes no `--saved-model`)."""
-    group.add_argument("--model", type=_path, metavar="PATH.keras",
+    group.add_argument("--model", type=path_arg, metavar="PATH.keras",
                        help="a functional, Sequential or subclassed (with --import) model saved "
                             "with model.save() (.keras, or a legacy .h5; Keras 3 or Keras 2, "
                             "fusionlab-learn's CrossAttention included); loaded with safe_mode "
@@ -254,14 +254,14 @@ def add_model_flags(group, *, saved_model: bool = True) -> None:
     group.add_argument("--input-shape", dest="input_shapes", action="append", default=[],
                        type=_input_shape, metavar="NAME=D1,D2,...",
                        help="fix the unknown non-batch axes of input NAME; repeatable")
-    group.add_argument("--sample-inputs", type=_path, metavar="PATH.npz",
+    group.add_argument("--sample-inputs", type=path_arg, metavar="PATH.npz",
                        help="real inputs, one array per model input (N, ...): the golden vectors, "
                             "the verification rows and the int8 calibration data; needed for "
                             "integer inputs")
 
 
 def _add_saved_model_flags(group) -> None:
-    group.add_argument("--saved-model", type=_path, metavar="DIR",
+    group.add_argument("--saved-model", type=path_arg, metavar="DIR",
                        help="a TensorFlow SavedModel folder (TF 2.15 ones included): its signature "
                             "is the reference; its inputs and outputs name the artifact's")
     group.add_argument("--signature", metavar="NAME",
@@ -310,8 +310,8 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         epilog=exit_codes_epilog(),  # every code, from the error classes
     )
     shapes = parser.add_argument_group("layer and shapes")
-    shapes.add_argument("--units", type=_positive_int, help="layer units (default 64)")
-    shapes.add_argument("--heads", type=_positive_int, help="attention heads (default 4)")
+    shapes.add_argument("--units", type=positive_int, help="layer units (default 64)")
+    shapes.add_argument("--heads", type=positive_int, help="attention heads (default 4)")
     dynamic_length = [f for f in formats if get_format(f).dynamic_length]
     maybe_dynamic = (f" or 'dynamic' ({', '.join(dynamic_length)}: a symbolic axis)"
                      if dynamic_length else "")
@@ -319,15 +319,15 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
                         help=f"query length Tq (default 10){maybe_dynamic}")
     shapes.add_argument("--kv-len", type=_length, metavar="N|dynamic" if dynamic_length else "N",
                         help=f"key/value length Tkv (default 10){maybe_dynamic}")
-    shapes.add_argument("--lengths", type=_lengths, metavar="L,L,...|QxKV,...",
+    shapes.add_argument("--lengths", type=lengths_arg, metavar="L,L,...|QxKV,...",
                         help="several lengths in one artifact, e.g. 16,64,256 (Tq = Tkv) or "
                              "16x32,64x128: one signature per length (len_16 ...) plus "
                              "serving_default = the largest in TFLite and SavedModel, symbolic "
                              "lengths in ONNX; implies --query-mask --value-mask (pad requests "
                              "to their bucket); replaces --query-len/--kv-len")
-    shapes.add_argument("--query-features", type=_positive_int,
+    shapes.add_argument("--query-features", type=positive_int,
                         help="source1 feature size (default 64)")
-    shapes.add_argument("--kv-features", type=_positive_int,
+    shapes.add_argument("--kv-features", type=positive_int,
                         help="source2 feature size (default 64)")
     defaults = ", ".join(
         f"{f} {'dynamic' if get_format(f).default_batch is None else get_format(f).default_batch}"
@@ -349,26 +349,26 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         "the folded computation, everything else as Keras runs it, with static shapes.")
     add_model_flags(whole)
     weights = parser.add_argument_group("weights")
-    weights.add_argument("--weights", type=_path, metavar="PATH",
+    weights.add_argument("--weights", type=path_arg, metavar="PATH",
                          help="a .keras file holding a CrossAttention, or a .weights.h5 from "
                               "model.save_weights of a model built like the reference")
     weights.add_argument("--seed", type=_non_negative_int, default=0,
                          help="seed of the random weights when --weights is not given (default 0)")
     out = parser.add_argument_group("output and verification")
-    out.add_argument("--output-dir", type=_path, default="artifacts", metavar="DIR",
+    out.add_argument("--output-dir", type=path_arg, default="artifacts", metavar="DIR",
                      help="where artifacts are published (default artifacts/)")
     out.add_argument("--name", type=artifact_name, metavar="NAME",
                      help="base file name: 1-128 letters, digits, _ - . starting with a letter or "
                           "digit (default derived from the configuration, e.g. "
                           "xattn_u64_h4_q10x64_kv10x64)")
-    out.add_argument("--sign-key", type=_path, metavar="KEY.pem",
+    out.add_argument("--sign-key", type=path_arg, metavar="KEY.pem",
                      help="sign each published set (artifact, manifest, golden, reference) with "
                           "this elliptic-curve private key into <artifact>.sig (model-signing)")
     if any("opset" in get_format(f).build_options for f in formats):
-        out.add_argument("--opset", type=_positive_int,
+        out.add_argument("--opset", type=positive_int,
                          help=LazyHelp(lambda: f"ONNX opset (default {_default_opset_text()})"))
     if any("arena_limit" in get_format(f).build_options for f in formats):
-        out.add_argument("--arena-limit", type=_positive_int, metavar="BYTES",
+        out.add_argument("--arena-limit", type=positive_int, metavar="BYTES",
                          help="TFLM: fail (exit 1, nothing published) when the smallest tensor "
                               "arena that runs the file is larger than BYTES")
     atol_defaults = ", ".join(f"{f} {get_format(f).atol:g}" for f in formats)
@@ -376,7 +376,7 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
                      help="also run the files under aarch64 emulation (qemu; make verify-arm "
                           "installs it) and record in each manifest's deployment.arm where they "
                           "stay within their gate")
-    out.add_argument("--atol", type=_positive_float,
+    out.add_argument("--atol", type=positive_float,
                      help=f"max abs diff allowed vs the reference, float32 artifacts (default "
                           f"{atol_defaults}); variants gate on --max-rel-error")
     quantizable = [f for f in formats if get_format(f).quantizable]
@@ -392,10 +392,10 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
                                 + ("" if only else f". {VARIANT_PER_DEVICE}"))
         quant.add_argument("--int8-io", action="store_true",
                            help="with --quantize int8 (TFLite): int8 inputs and outputs")
-        quant.add_argument("--calibration", type=_path, metavar="PATH.npz",
+        quant.add_argument("--calibration", type=path_arg, metavar="PATH.npz",
                            help="calibration inputs of TFLite --quantize int8 and int8-cpu: arrays source1, "
                                 "source2 (ONNX/ORT int8 is weight-only and uses none)")
-        quant.add_argument("--max-rel-error", type=_positive_float,
+        quant.add_argument("--max-rel-error", type=positive_float,
                            help="relative L2 gate of a variant (default float16 1e-3, "
                                 "dynamic-int8 2.5e-2, int8 and int8-cpu 5e-2)")
     talk = parser.add_mutually_exclusive_group()

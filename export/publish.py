@@ -139,7 +139,7 @@ def folder_lock(output_dir: str) -> Iterator[None]:
     namespaces (containers sharing the folder), and the lock file is never removed (removing it
     would let two processes lock two different files).
     """
-    import fcntl  # lazy: POSIX only; export.verify imports this module on any system
+    import fcntl  # lazy: POSIX only; export.runtime.verify imports this module on any system
 
     # O_NOFOLLOW: a link planted at the lock's name created its target outside --output-dir
     # (ELOOP instead: OutputDirError, exit 5).
@@ -154,7 +154,7 @@ def folder_lock(output_dir: str) -> Iterator[None]:
 
 def _lock_is_free(path: str) -> bool:
     """True when no live process holds an flock on `path` (or it is missing: never locked)."""
-    import fcntl  # lazy: POSIX only; export.verify imports this module on any system
+    import fcntl  # lazy: POSIX only; export.runtime.verify imports this module on any system
 
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -197,7 +197,7 @@ def clean_stale(output_dir: str) -> list[str]:
 @contextlib.contextmanager
 def staging(output_dir: str) -> Iterator[str]:
     """A private folder inside `output_dir`, locked by this process; removed on exit whatever happens."""
-    import fcntl  # lazy: POSIX only; export.verify imports this module on any system
+    import fcntl  # lazy: POSIX only; export.runtime.verify imports this module on any system
 
     os.makedirs(output_dir, exist_ok=True)
     with folder_lock(output_dir):

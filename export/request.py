@@ -9,16 +9,14 @@ import os
 from export.errors import SpecError, WeightsError
 from export.flags import FORMAT_BATCH, SHAPE_DEFAULTS, check_model_flags
 from export.formats import get_format
-from export.spec import ArtifactSpec
+from export.spec import ArtifactSpec, ExportRequest
 
 log = logging.getLogger("export")
 
 
 def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
     """Flags (+ a --weights file) -> ExportRequest. Raises SpecError / WeightsError."""
-    # lazy: both import Keras and TensorFlow; `--help` and export.verify's parser need neither.
-    from export import reference
-    from export.pipeline import ExportRequest
+    from export import reference  # lazy: Keras and TensorFlow; `--help` needs neither
 
     if args.saved_model is not None:
         return _saved_model_request(args, formats)
@@ -181,8 +179,6 @@ def _whole_model_specs(spec_cls, args: argparse.Namespace, formats: tuple[str, .
 
 
 def _whole_model_request(args: argparse.Namespace, specs: dict, reference, weights_source: str):
-    from export.pipeline import ExportRequest  # lazy: TensorFlow, after parsing
-
     return ExportRequest(
         specs=specs, output_dir=args.output_dir, atol=args.atol,
         max_rel_error=args.max_rel_error, opset=args.opset,

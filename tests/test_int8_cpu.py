@@ -21,10 +21,11 @@ from conftest import run_module
 from layer_zoo import randomize_weights
 
 import xattn
-from export import check, cli, reference
+from export import cli, reference
 from export.errors import SpecError
 from export.formats import REGISTRY, get_format
 from export.pipeline import ExportRequest, export_artifacts
+from export.runtime import check
 from export.spec import ArtifactSpec
 
 GATE = 5e-2  # int8's relative L2 gate, int8-cpu's too

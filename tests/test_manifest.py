@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from export import manifest as manifests
 from export.errors import ManifestError
 from export.formats import Built
+from export.runtime import manifest as manifests
 from export.spec import ArtifactSpec
 
 SPEC = ArtifactSpec(units=4, heads=1, query_len=2, kv_len=3, query_features=3, kv_features=2, batch=1,
@@ -277,7 +277,7 @@ def test_golden_size_limit_is_inclusive(tmp_path, monkeypatch):
 
 
 
-# -- the pure checks export.verify applies: companions, tensors and their id ranges ------------
+# -- the pure checks export.runtime.verify applies: companions, tensors and their id ranges -----------
 
 
 def _sha(data: bytes) -> str:
@@ -288,7 +288,7 @@ def _sha(data: bytes) -> str:
 
 def test_check_files_accepts_companions_with_their_sha256_and_names_each_failure(tmp_path):
     from export.errors import ManifestError
-    from export.manifest import check_files
+    from export.runtime.manifest import check_files
 
     (tmp_path / "m.cc").write_bytes(b"const unsigned char g[] = {1};\n")
     (tmp_path / "m.h").write_bytes(b"#pragma once\n")
@@ -313,7 +313,7 @@ def test_check_files_accepts_companions_with_their_sha256_and_names_each_failure
 
 def test_tensors_of_validates_names_shapes_dtypes_and_ranges():
     from export.errors import ManifestError
-    from export.manifest import tensors_of
+    from export.runtime.manifest import tensors_of
 
     ok = tensors_of([{"name": "ids", "shape": [None, 8], "dtype": "int32", "range": [0, 20]},
                      {"name": "x", "shape": [1, 8, 4], "dtype": "float32"}], "inputs")
@@ -351,7 +351,7 @@ def test_tensors_of_validates_names_shapes_dtypes_and_ranges():
 
 def test_check_golden_ranges_refuses_ids_outside_the_range_at_both_ends():
     from export.errors import ManifestError
-    from export.manifest import check_golden_ranges
+    from export.runtime.manifest import check_golden_ranges
 
     inputs = [{"name": "ids", "range": (0, 20)}, {"name": "x"}]
     golden = {"ids": np.array([[0, 19, 7]], np.int32), "x": np.full((1, 3), 1e9, np.float32)}

@@ -1,4 +1,4 @@
-"""The Open Inference Protocol's decoding and encoding (export.serve.protocol), on their own: every
+"""The Open Inference Protocol's decoding and encoding (export.runtime.serve.protocol), on their own: every
 rule a request is held to, without a server, a runtime or TensorFlow (the fast tier). The same
 kinds of bad request run end to end over HTTP in tests/test_serve.py."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from export.errors import InputError
-from export.serve import protocol
-from export.serve.protocol import (
+from export.runtime.serve import protocol
+from export.runtime.serve.protocol import (
     HEADER_LENGTH,
     BodyTooLarge,
     RequestError,
@@ -235,7 +235,7 @@ def test_a_gzip_bomb_stops_at_the_limit():
 
 
 def test_statistics_report_counts_rows_runs_and_runs_by_batch_size():
-    from export.serve.endpoint import Statistics
+    from export.runtime.serve.endpoint import Statistics
 
     stats = Statistics()
     empty = json.loads(stats.report("m"))["model_stats"][0]

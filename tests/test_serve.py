@@ -87,7 +87,7 @@ def _start(artifacts, logs, *args, env=None, wait_ready=True):
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"export.serve exited {proc.returncode}: {(logs / 'stderr').read_text()}")
+            pytest.fail(f"export.runtime.serve exited {proc.returncode}: {(logs / 'stderr').read_text()}")
         try:
             if not wait_ready and _get(port, "/v2/health/live") == 200:
                 break
@@ -98,7 +98,7 @@ def _start(artifacts, logs, *args, env=None, wait_ready=True):
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"export.serve not ready in {STARTUP_TIMEOUT_S} s")
+            pytest.fail(f"export.runtime.serve not ready in {STARTUP_TIMEOUT_S} s")
         time.sleep(0.1)
     return proc, port, out, err
 
@@ -233,7 +233,7 @@ def test_concurrent_requests_are_batched_and_split_back(server, client, artifact
     """Each caller of concurrent requests gets its own rows. The Ray engine merges them into
     batches of up to --max-batch rows (its statistics show fewer runs than requests); the embedded
     engine runs each request as it comes (one run each)."""
-    from export.runtimes import load_runner
+    from export.runtime.runtimes import load_runner
 
     proc, port, _ = server
     engine = ENGINE_OF[proc.pid]
@@ -551,10 +551,11 @@ def test_triton_repository_parses_as_triton_model_config(artifacts, tmp_path):
 
 
 def test_serve_never_imports_tensorflow():
-    code = ("import sys, export.serve.__main__, export.serve.cli, export.serve.deployments, "
-            "export.serve.loadbench, export.serve.endpoint, export.serve.embedded, "
-            "export.serve.worker, export.serve.loadgen, export.serve.grpc_service, "
-            "export.serve.triton; print(sorted({'tensorflow', 'keras', 'tf2onnx'} & set(sys.modules)))")
+    code = ("import sys, export.serve.__main__, export.runtime.serve.cli, "
+            "export.runtime.serve.deployments, export.runtime.serve.loadbench, "
+            "export.runtime.serve.endpoint, export.runtime.serve.embedded, export.runtime.serve.worker, "
+            "export.runtime.serve.loadgen, export.runtime.serve.grpc_service, export.runtime.serve.triton; "
+            "print(sorted({'tensorflow', 'keras', 'tf2onnx'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
@@ -667,7 +668,7 @@ def test_sigterm_under_load_drains_without_losing_a_request(artifacts, tmp_path,
     import asyncio
     import threading
 
-    from export.serve.loadgen import build_request, run_job
+    from export.runtime.serve.loadgen import build_request, run_job
 
     proc, port, out, err = _start(artifacts, tmp_path, "--engine", engine, "--workers", "2",
                                   "--drain-seconds", "5")

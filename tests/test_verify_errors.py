@@ -1,4 +1,4 @@
-"""Error paths users meet in `export.verify` and the manifest reader (issue 17), each with the
+"""Error paths users meet in `export.runtime.verify` and the manifest reader (issue 17), each with the
 reason it prints: a missing or failing runtime, too few outputs, malformed fields, paths, tensors
 and golden files. A tiny ONNX + TFLite set is built once (artifact_factory) and copied per test.
 """
@@ -15,9 +15,10 @@ import pytest
 from conftest import read_json as read
 from conftest import write_json as write
 
-from export import manifest as manifests
-from export import publish, runtimes, verify
+from export import publish
 from export.errors import ManifestError, UsageError
+from export.runtime import manifest as manifests
+from export.runtime import runtimes, verify
 
 TINY = dict(units=4, heads=1, query_len=2, kv_len=3, query_features=3, kv_features=2)
 FORMATS = ("onnx", "tflite")
@@ -458,7 +459,7 @@ def test_wrong_golden_shape_names_both_shapes(tiny):
 
 
 def test_public_key_is_loaded_once_and_checks_every_set(tiny, monkeypatch):
-    from export import signing
+    from export.runtime import signing
 
     folder, paths = tiny
     seen = []
@@ -596,7 +597,7 @@ def test_signature_present_but_not_checked(tiny):
 
 
 def test_verify_set_gets_the_sets_folder_manifest_name_and_manifest(tiny, monkeypatch):
-    from export import signing
+    from export.runtime import signing
 
     folder, paths = tiny
     seen = []
@@ -758,7 +759,7 @@ def test_runtime_chatter_of_every_signature_goes_to_stderr(bucketed, monkeypatch
     assert captured.err.splitlines() == [f"{step} {key}" for key in keys for step in ("loading", "running")]
 
 
-# -- the raw golden pair (export.golden_raw) that JS and C readers use --------------------------------
+# -- the raw golden pair (export.runtime.golden_raw) that JS and C readers use ------------------------
 
 
 def _raw(path: str) -> tuple[str, dict]:

@@ -1,7 +1,7 @@
 """The server's requests, engine-neutral: both engines (embedded, Ray) answer through this code.
 
 `ModelEndpoint` is one verified artifact behind `/v2/models/<name>`: metadata, readiness and
-inference (decode with `export.serve.protocol`, check, run, encode). `RootEndpoint` is `/v2`
+inference (decode with `export.runtime.serve.protocol`, check, run, encode). `RootEndpoint` is `/v2`
 itself: server metadata, health, and the error for a model that is not served. An engine only
 moves bytes: it hands over (method, path, headers, body) and sends back a `Reply`.
 """
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from export.errors import InputError, first_line
-from export.serve.protocol import (
+from export.formats import REGISTRY
+from export.runtime.serve.protocol import (
     DATATYPES,
     HEADER_LENGTH,
     BodyTooLarge,
@@ -31,7 +32,8 @@ from export.serve.protocol import (
     read_content_encoding,
 )
 
-PLATFORM = {"onnx": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
+# format -> the platform its model metadata reports (the registry's `serve_platform`)
+PLATFORM = {name: fmt.serve_platform for name, fmt in REGISTRY.items() if fmt.serve_platform}
 SERVER_NAME = "xattn"
 JSON = "application/json"
 
@@ -95,7 +97,7 @@ def too_large(limit: int) -> BodyTooLarge:
 def load_runner(model, threads: int):
     """The runtime for one `ServedModel`, from its verified bytes (checked once more here: an
     engine's worker may run in another process or on another machine)."""
-    from export import runtimes  # lazy: the runtimes load only where a model is served
+    from export.runtime import runtimes  # lazy: the runtimes load only where a model is served
 
     digest = hashlib.sha256(model.data).hexdigest()
     if digest != model.manifest["sha256"].lower():
