@@ -903,6 +903,7 @@ def test_golden_raw_file_that_cannot_be_read(tiny, monkeypatch):
 # -- what verify hands on: the outputs' digest, the companions, the ids' ranges, the format's check ---
 
 
+@pytest.mark.fast
 def test_outputs_digest_covers_names_dtypes_shapes_and_every_bit():
     rng = np.random.default_rng(7)
     a, b = rng.normal(size=(2, 3)).astype(np.float32), rng.normal(size=(2, 4)).astype(np.float32)
