@@ -110,19 +110,19 @@ def _lengths(text: str) -> tuple:
 
 def check_length_flags(args: argparse.Namespace, formats: tuple[str, ...]) -> str | None:
     """The usage error of a command line whose length flags do not fit together, or None."""
-    lengths = getattr(args, "lengths", None)
+    lengths = args.lengths
     if lengths and (args.query_len is not None or args.kv_len is not None):
         given = "--query-len" if args.query_len is not None else "--kv-len"
         return (f"--lengths replaces --query-len and --kv-len; give one or the other. "
                 f"Received: --lengths and {given}")
-    if lengths and (args.model is not None or getattr(args, "saved_model", None) is not None):
+    if lengths and (args.model is not None or args.saved_model is not None):
         return ("--lengths is for the lone layer: the length axes of a --model's inputs cannot "
                 "be told apart from its other axes yet; export one file per length with "
                 "--input-shape")
-    if lengths and getattr(args, "calibration", None):
+    if lengths and args.calibration:
         return ("--lengths and --calibration cannot be combined: each signature is calibrated "
                 "on seeded inputs of its own lengths")
-    if lengths and getattr(args, "int8_io", False):
+    if lengths and args.int8_io:
         return "--lengths and --int8-io cannot be combined: each signature would have its own scales"
     return check_format_flags(args, formats)
 
@@ -138,10 +138,10 @@ def check_format_flags(args: argparse.Namespace, formats: tuple[str, ...]) -> st
     lone = len(formats) == 1
     for fmt in formats:
         reason = get_format(fmt).refusal(
-            lengths=bool(getattr(args, "lengths", None)),
-            dynamic_batch=lone and getattr(args, "batch", 0) is None,
+            lengths=bool(args.lengths),
+            dynamic_batch=lone and args.batch is None,
             dynamic_length=dynamic[0] if dynamic else None,
-            quantize=getattr(args, "quantize", None) if lone else None)
+            quantize=args.quantize if lone else None)
         if reason:
             return reason
     return None
@@ -200,7 +200,7 @@ def _flag(dest: str) -> str:
 
 def _reference_flag(args: argparse.Namespace) -> str | None:
     """`--model` or `--saved-model`, whichever names the reference; None for the lone layer."""
-    if getattr(args, "saved_model", None) is not None:
+    if args.saved_model is not None:
         return "--saved-model"
     return "--model" if args.model is not None else None
 
@@ -208,7 +208,7 @@ def _reference_flag(args: argparse.Namespace) -> str | None:
 def check_model_flags(args: argparse.Namespace, formats: tuple[str, ...] = ()) -> str | None:
     """The usage error of a command line mixing --model/--saved-model with the layer's flags (or
     --saved-model with a format that cannot take it), or None."""
-    saved_model = getattr(args, "saved_model", None)
+    saved_model = args.saved_model
     refused = [f for f in formats if not get_format(f).saved_model]
     if saved_model is not None and refused:
         return (f"--saved-model cannot build {get_format(refused[0]).title} files: its graph is "
@@ -217,7 +217,7 @@ def check_model_flags(args: argparse.Namespace, formats: tuple[str, ...] = ()) -
     if args.model is not None and saved_model is not None:
         return (f"--model and --saved-model cannot be combined: each is the reference. Received: "
                 f"--model {args.model} --saved-model {saved_model}")
-    if getattr(args, "signature", None) is not None and saved_model is None:
+    if args.signature is not None and saved_model is None:
         return "--signature applies to --saved-model only. Received: --signature without --saved-model"
     reference = _reference_flag(args)
     if reference is None:
@@ -226,14 +226,14 @@ def check_model_flags(args: argparse.Namespace, formats: tuple[str, ...] = ()) -
             return f"{_flag(given[0])} applies to --model only. Received: {_flag(given[0])} without --model"
         return None
     path = args.model if saved_model is None else saved_model
-    layer = [d for d in LAYER_FLAGS if getattr(args, d, None) not in (None, False)]
+    layer = [d for d in LAYER_FLAGS if getattr(args, d) not in (None, False)]
     if layer:
         return (f"{reference} and {_flag(layer[0])} cannot be combined: the model's inputs give the "
                 f"shapes and it holds its weights. Received: {reference} {path} {_flag(layer[0])}")
     if saved_model is not None and args.imports:
         return ("--saved-model and --import cannot be combined: a SavedModel needs no Python "
                 f"classes. Received: --saved-model {saved_model} --import {args.imports[0]}")
-    if getattr(args, "calibration", None):
+    if args.calibration:
         return (f"{reference} and --calibration cannot be combined: pass calibration rows with "
                 "--sample-inputs (one array per model input)")
     return None
@@ -266,6 +266,35 @@ def _add_saved_model_flags(group) -> None:
                             "is the reference; its inputs and outputs name the artifact's")
     group.add_argument("--signature", metavar="NAME",
                        help="the --saved-model signature to export (default serving_default)")
+
+
+# What an option means on a parser that does not offer it (savedmodel has no --quantize, tflm no
+# --opset, the benchmark no --saved-model): `complete` gives every export parser's namespace every
+# option, so the code reads `args.quantize`, never `getattr(args, "quantize", "none")`.
+ABSENT = {
+    "lengths": None, "saved_model": None, "signature": None, "opset": None, "arena_limit": None,
+    "quantize": "none", "int8_io": False, "calibration": None, "max_rel_error": None,
+    "sign_key": None, "arm": False, "weights": None, "query_mask": False, "value_mask": False,
+    "causal": False, "scores": False,
+}
+
+
+class _FormatBatch:
+    """`--batch` not given: each format keeps its own default batch (`Format.default_batch`).
+    Not a string: argparse would run a string default through the flag's type."""
+
+    def __repr__(self) -> str:
+        return "FORMAT_BATCH"
+
+
+FORMAT_BATCH = _FormatBatch()
+
+
+def complete(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser`, its namespaces holding every option of ABSENT that it does not offer."""
+    offered = {action.dest for action in parser._actions}
+    parser.set_defaults(**{k: v for k, v in ABSENT.items() if k not in offered})
+    return parser
 
 
 def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m export"):
@@ -304,7 +333,7 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         f"{f} {'dynamic' if get_format(f).default_batch is None else get_format(f).default_batch}"
         for f in formats
     )
-    shapes.add_argument("--batch", type=_batch, default=argparse.SUPPRESS, metavar="N|dynamic",
+    shapes.add_argument("--batch", type=_batch, default=FORMAT_BATCH, metavar="N|dynamic",
                         help=f"batch size; only this axis can be dynamic (default: {defaults})")
     masks = parser.add_argument_group("masks and outputs")
     masks.add_argument("--query-mask", action="store_true",
@@ -372,7 +401,7 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     talk.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    return parser
+    return complete(parser)
 
 
 # Which variant for which device (docs/variants.md has the table and the command behind the figures).

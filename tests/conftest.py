@@ -116,6 +116,19 @@ def pytest_configure(config):
 FAST_FILES = ("test_manifest.py", "test_publish_files.py", "test_structure.py")
 
 
+def _stopping_tests_last(items: list) -> None:
+    """A test marked `stops_server` ends its session server: it runs after every other selected
+    test that shares that server (same fixture parameter), whatever the selection or order."""
+    for item in [i for i in items if i.get_closest_marker("stops_server")]:
+        server = item.get_closest_marker("stops_server").args[0]
+        param = getattr(getattr(item, "callspec", None), "params", {}).get(server)
+        items.remove(item)
+        sharing = [n for n, other in enumerate(items)
+                   if server in getattr(other, "fixturenames", ())
+                   and getattr(getattr(other, "callspec", None), "params", {}).get(server) == param]
+        items.insert(sharing[-1] + 1 if sharing else len(items), item)
+
+
 def pytest_collection_modifyitems(config, items):
     """The fast tier's files marked `fast`; under mutmut, the quickest tests first: with -x a
     killed mutant stops at its first failure.
@@ -126,6 +139,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in FAST_FILES:
             item.add_marker(pytest.mark.fast)
+    _stopping_tests_last(items)
     if not os.environ.get("MUTANT_UNDER_TEST"):
         return
     try:

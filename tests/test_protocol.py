@@ -232,3 +232,23 @@ def test_a_gzip_bomb_stops_at_the_limit():
         read_content_encoding(bomb, "gzip", 1 << 20)
     assert info.value.status == 413
     assert len(read_content_encoding(bomb, "gzip", 4 << 20)) == 4 << 20
+
+
+def test_statistics_report_counts_rows_runs_and_runs_by_batch_size():
+    from export.serve.endpoint import Statistics
+
+    stats = Statistics()
+    empty = json.loads(stats.report("m"))["model_stats"][0]
+    assert (empty["inference_count"], empty["execution_count"], empty["batch_stats"]) == (0, 0, [])
+    for rows, ns in ((3, 100), (8, 50), (3, 20)):
+        stats.count(rows, ns)
+    stats.requests += 5  # e.g. the run of 8 rows merged three requests (the Ray engine)
+    got = json.loads(stats.report("m"))["model_stats"][0]
+    assert got["name"] == "m" and got["version"] == "1" and got["last_inference"] > 0
+    assert (got["inference_count"], got["execution_count"]) == (14, 3)
+    assert got["inference_stats"]["success"] == {"count": 5}
+    assert got["inference_stats"]["compute_infer"] == {"count": 3, "ns": 170}
+    assert got["batch_stats"] == [
+        {"batch_size": 3, "compute_infer": {"count": 2, "ns": 120}},
+        {"batch_size": 8, "compute_infer": {"count": 1, "ns": 50}},
+    ]

@@ -14,6 +14,7 @@ from export.flags import (
     _positive_int,
     _positive_int_list,
     add_model_flags,
+    complete,
 )
 from export.formats import get_format
 from export.spec import QUANTIZE_MODES
@@ -109,4 +110,4 @@ def build_parser() -> argparse.ArgumentParser:
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     talk.add_argument("-q", "--quiet", action="store_true", help="print the table only")
-    return parser
+    return complete(parser)
