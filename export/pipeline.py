@@ -294,7 +294,7 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
         # Buckets: one signature each, or symbolic lengths in a format without signatures.
         spec = buckets.file_spec(spec, signatures=record.signatures)
     t0 = time.perf_counter()
-    fn, layout = ref.inference_function(spec, fallback_layout=record.layout, **graph_options(spec, fmt))
+    fn, layout = ref.inference_function(spec, fallback_layout=record.layout, options=graph_options(spec, fmt))
     # The golden vectors are written before conversion: their sha256 goes inside the file too
     # (those of `serving_default`, or the largest length, in a file with several).
     golden = goldens[points[-1].golden_name]

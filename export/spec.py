@@ -51,6 +51,10 @@ class ArtifactNames:
     """File names derived from a spec's `name`, `quantize`, `int8_io` and `batch`: shared by
     ArtifactSpec (the lone layer) and export.model.ModelSpec (a whole model)."""
 
+    # A user's own graph (`--saved-model`'s SavedModelSpec): the graph checks let it loop and
+    # read shapes. The layer's and a `--model`'s graphs are ours, and never do.
+    user_graph = False
+
     @property
     def variant_suffix(self) -> str:
         return VARIANT_SUFFIX[self.quantize] + ("io" if self.int8_io else "")

@@ -378,7 +378,7 @@ def _range_of(bounds, dtype, what: str) -> tuple[int, int]:
     if not fits:
         raise ManifestError(f"{what}: range must be [low, high] integers with low < high, "
                             f"not {short(bounds)}")
-    if dtype is None or np.dtype(dtype).kind not in "iu":
+    if dtype is None or not np.issubdtype(np.dtype(dtype), np.integer):
         raise ManifestError(f"{what}: a range needs an integer dtype, not {short(dtype)}")
     return bounds[0], bounds[1]
 
