@@ -53,7 +53,7 @@ cxx:
 # counted ([tool.coverage.run] patch = subprocess), and mutation testing of the modules that
 # carry the promises ([tool.mutmut]), one mutant at a time against the tests that reach it.
 MUTATION_STAMP := $(VENV)/.installed-mutation
-MUTATE ?= export.onnx.check* export.tflite.check* export.publish* export.manifest* export.verify* \
+MUTATE ?= export.onnx.check* export.tflite.check* export.publish* export.runtime.manifest* export.runtime.verify* \
 	xattn.layer.x__*mask*
 
 $(MUTATION_STAMP): $(TEST_STAMP)

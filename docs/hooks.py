@@ -1,7 +1,7 @@
 """mkdocs hook: the reference pages, generated from the code at every build so they cannot go stale.
 
 - reference/cli.md: every entry point's flags, read from its real argparse parser;
-- reference/manifest.md: the manifest's fields, from `export/manifest.py` (FIELDS and the order
+- reference/manifest.md: the manifest's fields, from `export/runtime/manifest.py` (FIELDS and the order
   `build_manifest` writes them in, with the comments beside them in the source);
 - reference/exit-codes.md: the typed errors of `export/errors.py` and each command's epilog.
 
@@ -44,9 +44,9 @@ def entry_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
     from export.bench.options import build_parser as bench_parser
     from export.command import build_parser as xattn_parser
     from export.formats import REGISTRY
-    from export.serve.cli import build_parser as serve_parser
-    from export.serve.loadbench import build_parser as loadbench_parser
-    from export.verify.cli import build_parser as verify_parser
+    from export.runtime.serve.cli import build_parser as serve_parser
+    from export.runtime.serve.loadbench import build_parser as loadbench_parser
+    from export.runtime.verify.cli import build_parser as verify_parser
 
     parsers = [("python -m export", cli.build_parser())]
     for fmt in REGISTRY:  # each export/<fmt>/__main__.py: the shared parser, one format
@@ -220,7 +220,7 @@ def _written_fields(module) -> list[tuple[str, str, bool]]:
 
 
 def manifest_page() -> str:
-    from export import manifest
+    from export.runtime import manifest
 
     source = inspect.getsource(manifest)
     comments = _comments(source)
@@ -231,12 +231,12 @@ def manifest_page() -> str:
     out = [
         "# The manifest",
         "",
-        "Generated at build time from `export/manifest.py`, the one module that writes and "
+        "Generated at build time from `export/runtime/manifest.py`, the one module that writes and "
         "validates manifests (`docs/hooks.py`). Each published artifact has one, "
         "`<artifact>.json`, beside it. What the fields mean: "
         "[What is in the output folder](../exporting/layer.md#what-is-in-the-output-folder).",
         "",
-        "## Fields `export.verify` relies on",
+        "## Fields `export.runtime.verify` relies on",
         "",
         "`FIELDS`: the JSON type each must hold. Required: "
         + ", ".join(f"`{k}`" for k in manifest.REQUIRED_FIELDS)

@@ -1,6 +1,6 @@
 """Run unpadded sequences through a file with several lengths: pick a bucket, pad, mask, unpad.
 
-numpy plus the runtime only (never TensorFlow for TFLite and ONNX files), like export.runtimes:
+numpy plus the runtime only (never TensorFlow for TFLite and ONNX files), like export.runtime.runtimes:
 
     from export.bucketed import BucketedRunner
 
@@ -22,21 +22,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from export import runtimes
 from export.buckets import pick_bucket
 from export.errors import InputError
-from export.formats import REGISTRY, get_format
+from export.formats import REGISTRY, format_of_file, get_format
+from export.runtime import runtimes
 from export.spec import bucket_key
 
 _KEY = re.compile(r"^len_(\d+)(?:x(\d+))?$")
 
 
 def _format_of(path: str) -> str:
-    for fmt in REGISTRY.values():
-        if fmt.is_folder and path.rstrip(os.sep).endswith(fmt.suffix):
-            return fmt.name
-        if not fmt.is_folder and path.endswith(fmt.suffix):
-            return fmt.name
+    fmt = format_of_file(path)
+    if fmt is not None:
+        return fmt.name
     raise InputError(f"cannot tell the format of {path}; pass fmt= (one of {', '.join(REGISTRY)})")
 
 
@@ -48,8 +46,8 @@ def file_buckets(path: str, fmt: str) -> tuple[tuple[int, int], ...]:
             lengths = json.load(f).get("shapes", {}).get("lengths")
         if lengths:
             return tuple((int(q), int(kv)) for q, kv in lengths)
-    if fmt == "tflite":
-        keys = runtimes.tflite_interpreter(path).get_signature_list()
+    keys = get_format(fmt).signature_keys(path)
+    if keys:
         found = [_KEY.match(k) for k in keys]
         return tuple(sorted(((int(m[1]), int(m[2] or m[1])) for m in found if m),
                             key=lambda p: (p[0] * p[1], p)))

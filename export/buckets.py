@@ -3,7 +3,7 @@
 A bucketed artifact holds one signature per bucket (`len_16`, `len_16x32`) plus `serving_default`
 (the largest) where its format has signatures (TFLite, SavedModel); an ONNX file has none, so it
 gets symbolic length axes instead and is verified at length 1, at every bucket and at the largest.
-numpy-free and TensorFlow-free: the parser and `export.verify` read it.
+numpy-free and TensorFlow-free: the parser and `export.runtime.verify` read it.
 """
 
 from __future__ import annotations

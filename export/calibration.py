@@ -19,6 +19,7 @@ import numpy as np
 
 from export.errors import CalibrationError, SpecError, first_line
 from export.formats import get_format
+from export.graph import GraphOptions
 from export.publish import sha256_path
 from export.reference import make_inputs
 from export.spec import CALIBRATED_MODES, ArtifactSpec
@@ -42,8 +43,8 @@ def calibrated(fmt: str, spec) -> bool:
     return spec.quantize in CALIBRATED_MODES and get_format(fmt).int8_scheme == "full-integer"
 
 
-def graph_options(spec, fmt: str) -> dict:
-    """Keyword arguments of the inference function that `spec`'s variant in `fmt` needs.
+def graph_options(spec, fmt: str) -> GraphOptions:
+    """The graph options (the inference function's) that `spec`'s variant in `fmt` needs.
 
     Only int8 activations need the mask margin: a weight-only int8 file computes the logits in
     float32, where the -1e9 bias is exact, so it is made from the float32 graph. A model's masks
@@ -55,11 +56,11 @@ def graph_options(spec, fmt: str) -> dict:
     (export.tflite.quantize.attention_core_nodes).
     """
     masked = not isinstance(spec, ArtifactSpec) or spec.query_mask or spec.value_mask or spec.causal
-    options = {"mask_margin": MASK_MARGIN} if calibrated(fmt, spec) and masked else {}
     float_core = not calibrated(fmt, spec) or spec.quantize == "int8-cpu"
-    if float_core and get_format(fmt).late_softmax:
-        options["late_softmax"] = True
-    return options
+    return GraphOptions(
+        mask_margin=MASK_MARGIN if calibrated(fmt, spec) and masked else None,
+        late_softmax=bool(float_core and get_format(fmt).late_softmax),
+    )
 
 
 def reference_calibration(ref, spec, fmt: str) -> Calibration | None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 
-from export import resources, signing
+from export import resources
 from export.deployment import summary as deployment_summary
 from export.errors import reader_may_leave
 from export.flags import SHAPE_DEFAULTS, build_parser, check_length_flags, check_model_flags
 from export.formats import FORMAT_NAMES, get_format
 from export.reporting import check_build_half, configure_logging, report_failures
 from export.request import resolve_request
+from export.runtime import signing
 
 __all__ = ["SHAPE_DEFAULTS", "build_parser", "configure_logging", "main", "print_table",
            "report_failures", "resolve_request"]
@@ -52,18 +53,18 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
     parser = build_parser(formats, prog)
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.quiet)
-    if getattr(args, "int8_io", False) and getattr(args, "quantize", "none") == "int8-cpu":
+    if args.int8_io and args.quantize == "int8-cpu":
         parser.error("--int8-io needs the integer-only --quantize int8; int8-cpu keeps the "
                      "attention core in float32. Received: --quantize int8-cpu --int8-io")
-    if getattr(args, "int8_io", False) and getattr(args, "quantize", "none") != "int8":
+    if args.int8_io and args.quantize != "int8":
         parser.error(f"--int8-io needs --quantize int8. Received: --quantize {args.quantize}")
-    if getattr(args, "int8_io", False) and not any(get_format(f).int8_io for f in formats):
+    if args.int8_io and not any(get_format(f).int8_io for f in formats):
         # ONNX int8 is weight-only: float32 inputs and outputs; only TFLite files take int8 ones.
         parser.error("--int8-io applies to TFLite only; ONNX int8 files take and return float32")
     mixed = check_length_flags(args, formats) or check_model_flags(args, formats)
     if mixed:
         parser.error(mixed)
-    if getattr(args, "max_rel_error", None) is not None and getattr(args, "quantize", "none") == "none":
+    if args.max_rel_error is not None and args.quantize == "none":
         parser.error("--max-rel-error gates a --quantize variant (float32 artifacts gate on "
                      "--atol). Received: --max-rel-error without --quantize")
 

@@ -31,8 +31,9 @@ class Command:
     """One `xattn` command: the `python -m` entry it is, and what `xattn --help` says of it."""
 
     name: str
-    module: str  # the `python -m` module whose main(argv) runs it
+    module: str  # the `python -m` module it is also run as (an alias where the code moved)
     help: str
+    cli: str = ""  # the module whose main(argv) runs it, when not `<module>.cli` (the code moved)
 
     @property
     def alias(self) -> str:
@@ -43,9 +44,9 @@ COMMANDS = (
     Command("export", "export", "build, verify and publish artifacts: every default format "
                                 f"({', '.join(FORMAT_NAMES)}), or one: xattn export FORMAT"),
     Command("verify", "export.verify", "check published artifacts against their manifests "
-                                       "(numpy and the runtimes only)"),
+                                       "(numpy and the runtimes only)", cli="export.runtime.verify.cli"),
     Command("serve", "export.serve", "verify, then serve artifacts over the Open Inference "
-                                     "Protocol (HTTP, gRPC)"),
+                                     "Protocol (HTTP, gRPC)", cli="export.runtime.serve.cli"),
     Command("bench", "export.bench", "benchmark the runtimes on fresh builds; `xattn bench serve`: "
                                      "the serving load benchmark"),
     Command("arm", "export.arm", "verify artifacts under aarch64 emulation (qemu)"),
@@ -113,7 +114,7 @@ def entry(name: str, argv: list[str]) -> Callable[[], int]:
         # does that and says whether it could (numpy not yet loaded) in _BLAS_PINNED.
         pinned = importlib.import_module("export.bench.__main__")
         if argv[:1] == ["serve"]:
-            from export.serve.loadbench import main as serve_main  # lazy: only `xattn bench serve`
+            from export.runtime.serve.loadbench import main as serve_main  # lazy: only `xattn bench serve`
 
             return lambda: serve_main(argv[1:], prog=f"{PROG} bench serve")
         # lazy: only for this command; it parses, then checks for the build half (TensorFlow)
@@ -123,7 +124,7 @@ def entry(name: str, argv: list[str]) -> Callable[[], int]:
                            lambda: bench_main(argv, blas_pinned=pinned._BLAS_PINNED))
     command = BY_NAME[name]
     # lazy: each command's own module (serve and arm import more than --help needs)
-    module = importlib.import_module(f"{command.module}.cli")
+    module = importlib.import_module(command.cli or f"{command.module}.cli")
     return _running_as(command.alias, f"{PROG} {name}", lambda: module.main(argv))
 
 

@@ -1,6 +1,6 @@
 """The flags every entry point shares: argparse types that reject bad values in one line, the
 checks of flags that do not fit together, and the one parser of `python -m export` and its
-per-format entry points (`build_parser`). No TensorFlow here: `--help` and export.verify's
+per-format entry points (`build_parser`). No TensorFlow here: `--help` and export.runtime.verify's
 parser import this module.
 """
 
@@ -46,7 +46,7 @@ class LazyHelp(str):
         return self._make() % params
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except (TypeError, ValueError):
@@ -56,10 +56,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_int_list(text: str) -> list[int]:
+def positive_int_list(text: str) -> list[int]:
     """`1,8,32` -> [1, 8, 32]: positive integers, each once (for the benchmarks' sweeps)."""
     try:
-        values = [_positive_int(part.strip()) for part in text.split(",") if part.strip()]
+        values = [positive_int(part.strip()) for part in text.split(",") if part.strip()]
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"must be a comma-separated list of positive integers, got {text!r}") from None
@@ -82,7 +82,7 @@ def _batch(text: str):
     if text.strip().lower() == "dynamic":
         return None
     try:
-        return _positive_int(text)
+        return positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"must be a positive integer or 'dynamic', got {text!r}"
@@ -95,13 +95,13 @@ def _length(text: str):
     if text.strip().lower() == "dynamic":
         return "dynamic"
     try:
-        return _positive_int(text)
+        return positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"must be a positive integer or 'dynamic', got {text!r}") from None
 
 
-def _lengths(text: str) -> tuple:
+def lengths_arg(text: str) -> tuple:
     try:
         return parse_lengths(text)
     except SpecError as e:
@@ -110,19 +110,19 @@ def _lengths(text: str) -> tuple:
 
 def check_length_flags(args: argparse.Namespace, formats: tuple[str, ...]) -> str | None:
     """The usage error of a command line whose length flags do not fit together, or None."""
-    lengths = getattr(args, "lengths", None)
+    lengths = args.lengths
     if lengths and (args.query_len is not None or args.kv_len is not None):
         given = "--query-len" if args.query_len is not None else "--kv-len"
         return (f"--lengths replaces --query-len and --kv-len; give one or the other. "
                 f"Received: --lengths and {given}")
-    if lengths and (args.model is not None or getattr(args, "saved_model", None) is not None):
+    if lengths and (args.model is not None or args.saved_model is not None):
         return ("--lengths is for the lone layer: the length axes of a --model's inputs cannot "
                 "be told apart from its other axes yet; export one file per length with "
                 "--input-shape")
-    if lengths and getattr(args, "calibration", None):
+    if lengths and args.calibration:
         return ("--lengths and --calibration cannot be combined: each signature is calibrated "
                 "on seeded inputs of its own lengths")
-    if lengths and getattr(args, "int8_io", False):
+    if lengths and args.int8_io:
         return "--lengths and --int8-io cannot be combined: each signature would have its own scales"
     return check_format_flags(args, formats)
 
@@ -138,16 +138,16 @@ def check_format_flags(args: argparse.Namespace, formats: tuple[str, ...]) -> st
     lone = len(formats) == 1
     for fmt in formats:
         reason = get_format(fmt).refusal(
-            lengths=bool(getattr(args, "lengths", None)),
-            dynamic_batch=lone and getattr(args, "batch", 0) is None,
+            lengths=bool(args.lengths),
+            dynamic_batch=lone and args.batch is None,
             dynamic_length=dynamic[0] if dynamic else None,
-            quantize=getattr(args, "quantize", None) if lone else None)
+            quantize=args.quantize if lone else None)
         if reason:
             return reason
     return None
 
 
-def _path(text: str) -> str:
+def path_arg(text: str) -> str:
     """A file or folder flag: a name, not an empty string (`--weights "$UNSET"` would otherwise
     mean no weights at all, `--public-key ""` no signature check)."""
     if not text.strip():
@@ -166,7 +166,7 @@ def artifact_name(text: str) -> str:
     return text
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except (TypeError, ValueError):
@@ -179,7 +179,7 @@ def _positive_float(text: str) -> float:
 def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     name, sep, dims = text.partition("=")
     try:
-        shape = tuple(_positive_int(d.strip()) for d in dims.split(","))
+        shape = tuple(positive_int(d.strip()) for d in dims.split(","))
     except argparse.ArgumentTypeError:
         shape = ()
     if not sep or not name.strip() or not shape:
@@ -200,7 +200,7 @@ def _flag(dest: str) -> str:
 
 def _reference_flag(args: argparse.Namespace) -> str | None:
     """`--model` or `--saved-model`, whichever names the reference; None for the lone layer."""
-    if getattr(args, "saved_model", None) is not None:
+    if args.saved_model is not None:
         return "--saved-model"
     return "--model" if args.model is not None else None
 
@@ -208,7 +208,7 @@ def _reference_flag(args: argparse.Namespace) -> str | None:
 def check_model_flags(args: argparse.Namespace, formats: tuple[str, ...] = ()) -> str | None:
     """The usage error of a command line mixing --model/--saved-model with the layer's flags (or
     --saved-model with a format that cannot take it), or None."""
-    saved_model = getattr(args, "saved_model", None)
+    saved_model = args.saved_model
     refused = [f for f in formats if not get_format(f).saved_model]
     if saved_model is not None and refused:
         return (f"--saved-model cannot build {get_format(refused[0]).title} files: its graph is "
@@ -217,7 +217,7 @@ def check_model_flags(args: argparse.Namespace, formats: tuple[str, ...] = ()) -
     if args.model is not None and saved_model is not None:
         return (f"--model and --saved-model cannot be combined: each is the reference. Received: "
                 f"--model {args.model} --saved-model {saved_model}")
-    if getattr(args, "signature", None) is not None and saved_model is None:
+    if args.signature is not None and saved_model is None:
         return "--signature applies to --saved-model only. Received: --signature without --saved-model"
     reference = _reference_flag(args)
     if reference is None:
@@ -226,14 +226,14 @@ def check_model_flags(args: argparse.Namespace, formats: tuple[str, ...] = ()) -
             return f"{_flag(given[0])} applies to --model only. Received: {_flag(given[0])} without --model"
         return None
     path = args.model if saved_model is None else saved_model
-    layer = [d for d in LAYER_FLAGS if getattr(args, d, None) not in (None, False)]
+    layer = [d for d in LAYER_FLAGS if getattr(args, d) not in (None, False)]
     if layer:
         return (f"{reference} and {_flag(layer[0])} cannot be combined: the model's inputs give the "
                 f"shapes and it holds its weights. Received: {reference} {path} {_flag(layer[0])}")
     if saved_model is not None and args.imports:
         return ("--saved-model and --import cannot be combined: a SavedModel needs no Python "
                 f"classes. Received: --saved-model {saved_model} --import {args.imports[0]}")
-    if getattr(args, "calibration", None):
+    if args.calibration:
         return (f"{reference} and --calibration cannot be combined: pass calibration rows with "
                 "--sample-inputs (one array per model input)")
     return None
@@ -242,7 +242,7 @@ def check_model_flags(args: argparse.Namespace, formats: tuple[str, ...] = ()) -
 def add_model_flags(group, *, saved_model: bool = True) -> None:
     """`--model` and the flags that go with it (shared with `python -m export.bench`, which
     compares with Keras' own export and so takes no `--saved-model`)."""
-    group.add_argument("--model", type=_path, metavar="PATH.keras",
+    group.add_argument("--model", type=path_arg, metavar="PATH.keras",
                        help="a functional, Sequential or subclassed (with --import) model saved "
                             "with model.save() (.keras, or a legacy .h5; Keras 3 or Keras 2, "
                             "fusionlab-learn's CrossAttention included); loaded with safe_mode "
@@ -254,18 +254,47 @@ def add_model_flags(group, *, saved_model: bool = True) -> None:
     group.add_argument("--input-shape", dest="input_shapes", action="append", default=[],
                        type=_input_shape, metavar="NAME=D1,D2,...",
                        help="fix the unknown non-batch axes of input NAME; repeatable")
-    group.add_argument("--sample-inputs", type=_path, metavar="PATH.npz",
+    group.add_argument("--sample-inputs", type=path_arg, metavar="PATH.npz",
                        help="real inputs, one array per model input (N, ...): the golden vectors, "
                             "the verification rows and the int8 calibration data; needed for "
                             "integer inputs")
 
 
 def _add_saved_model_flags(group) -> None:
-    group.add_argument("--saved-model", type=_path, metavar="DIR",
+    group.add_argument("--saved-model", type=path_arg, metavar="DIR",
                        help="a TensorFlow SavedModel folder (TF 2.15 ones included): its signature "
                             "is the reference; its inputs and outputs name the artifact's")
     group.add_argument("--signature", metavar="NAME",
                        help="the --saved-model signature to export (default serving_default)")
+
+
+# What an option means on a parser that does not offer it (savedmodel has no --quantize, tflm no
+# --opset, the benchmark no --saved-model): `complete` gives every export parser's namespace every
+# option, so the code reads `args.quantize`, never `getattr(args, "quantize", "none")`.
+ABSENT = {
+    "lengths": None, "saved_model": None, "signature": None, "opset": None, "arena_limit": None,
+    "quantize": "none", "int8_io": False, "calibration": None, "max_rel_error": None,
+    "sign_key": None, "arm": False, "weights": None, "query_mask": False, "value_mask": False,
+    "causal": False, "scores": False,
+}
+
+
+class _FormatBatch:
+    """`--batch` not given: each format keeps its own default batch (`Format.default_batch`).
+    Not a string: argparse would run a string default through the flag's type."""
+
+    def __repr__(self) -> str:
+        return "FORMAT_BATCH"
+
+
+FORMAT_BATCH = _FormatBatch()
+
+
+def complete(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser`, its namespaces holding every option of ABSENT that it does not offer."""
+    offered = {action.dest for action in parser._actions}
+    parser.set_defaults(**{k: v for k, v in ABSENT.items() if k not in offered})
+    return parser
 
 
 def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m export"):
@@ -281,8 +310,8 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         epilog=exit_codes_epilog(),  # every code, from the error classes
     )
     shapes = parser.add_argument_group("layer and shapes")
-    shapes.add_argument("--units", type=_positive_int, help="layer units (default 64)")
-    shapes.add_argument("--heads", type=_positive_int, help="attention heads (default 4)")
+    shapes.add_argument("--units", type=positive_int, help="layer units (default 64)")
+    shapes.add_argument("--heads", type=positive_int, help="attention heads (default 4)")
     dynamic_length = [f for f in formats if get_format(f).dynamic_length]
     maybe_dynamic = (f" or 'dynamic' ({', '.join(dynamic_length)}: a symbolic axis)"
                      if dynamic_length else "")
@@ -290,21 +319,21 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
                         help=f"query length Tq (default 10){maybe_dynamic}")
     shapes.add_argument("--kv-len", type=_length, metavar="N|dynamic" if dynamic_length else "N",
                         help=f"key/value length Tkv (default 10){maybe_dynamic}")
-    shapes.add_argument("--lengths", type=_lengths, metavar="L,L,...|QxKV,...",
+    shapes.add_argument("--lengths", type=lengths_arg, metavar="L,L,...|QxKV,...",
                         help="several lengths in one artifact, e.g. 16,64,256 (Tq = Tkv) or "
                              "16x32,64x128: one signature per length (len_16 ...) plus "
                              "serving_default = the largest in TFLite and SavedModel, symbolic "
                              "lengths in ONNX; implies --query-mask --value-mask (pad requests "
                              "to their bucket); replaces --query-len/--kv-len")
-    shapes.add_argument("--query-features", type=_positive_int,
+    shapes.add_argument("--query-features", type=positive_int,
                         help="source1 feature size (default 64)")
-    shapes.add_argument("--kv-features", type=_positive_int,
+    shapes.add_argument("--kv-features", type=positive_int,
                         help="source2 feature size (default 64)")
     defaults = ", ".join(
         f"{f} {'dynamic' if get_format(f).default_batch is None else get_format(f).default_batch}"
         for f in formats
     )
-    shapes.add_argument("--batch", type=_batch, default=argparse.SUPPRESS, metavar="N|dynamic",
+    shapes.add_argument("--batch", type=_batch, default=FORMAT_BATCH, metavar="N|dynamic",
                         help=f"batch size; only this axis can be dynamic (default: {defaults})")
     masks = parser.add_argument_group("masks and outputs")
     masks.add_argument("--query-mask", action="store_true",
@@ -320,26 +349,26 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
         "the folded computation, everything else as Keras runs it, with static shapes.")
     add_model_flags(whole)
     weights = parser.add_argument_group("weights")
-    weights.add_argument("--weights", type=_path, metavar="PATH",
+    weights.add_argument("--weights", type=path_arg, metavar="PATH",
                          help="a .keras file holding a CrossAttention, or a .weights.h5 from "
                               "model.save_weights of a model built like the reference")
     weights.add_argument("--seed", type=_non_negative_int, default=0,
                          help="seed of the random weights when --weights is not given (default 0)")
     out = parser.add_argument_group("output and verification")
-    out.add_argument("--output-dir", type=_path, default="artifacts", metavar="DIR",
+    out.add_argument("--output-dir", type=path_arg, default="artifacts", metavar="DIR",
                      help="where artifacts are published (default artifacts/)")
     out.add_argument("--name", type=artifact_name, metavar="NAME",
                      help="base file name: 1-128 letters, digits, _ - . starting with a letter or "
                           "digit (default derived from the configuration, e.g. "
                           "xattn_u64_h4_q10x64_kv10x64)")
-    out.add_argument("--sign-key", type=_path, metavar="KEY.pem",
+    out.add_argument("--sign-key", type=path_arg, metavar="KEY.pem",
                      help="sign each published set (artifact, manifest, golden, reference) with "
                           "this elliptic-curve private key into <artifact>.sig (model-signing)")
     if any("opset" in get_format(f).build_options for f in formats):
-        out.add_argument("--opset", type=_positive_int,
+        out.add_argument("--opset", type=positive_int,
                          help=LazyHelp(lambda: f"ONNX opset (default {_default_opset_text()})"))
     if any("arena_limit" in get_format(f).build_options for f in formats):
-        out.add_argument("--arena-limit", type=_positive_int, metavar="BYTES",
+        out.add_argument("--arena-limit", type=positive_int, metavar="BYTES",
                          help="TFLM: fail (exit 1, nothing published) when the smallest tensor "
                               "arena that runs the file is larger than BYTES")
     atol_defaults = ", ".join(f"{f} {get_format(f).atol:g}" for f in formats)
@@ -347,7 +376,7 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
                      help="also run the files under aarch64 emulation (qemu; make verify-arm "
                           "installs it) and record in each manifest's deployment.arm where they "
                           "stay within their gate")
-    out.add_argument("--atol", type=_positive_float,
+    out.add_argument("--atol", type=positive_float,
                      help=f"max abs diff allowed vs the reference, float32 artifacts (default "
                           f"{atol_defaults}); variants gate on --max-rel-error")
     quantizable = [f for f in formats if get_format(f).quantizable]
@@ -363,16 +392,16 @@ def build_parser(formats: tuple[str, ...] = FORMAT_NAMES, prog: str = "python -m
                                 + ("" if only else f". {VARIANT_PER_DEVICE}"))
         quant.add_argument("--int8-io", action="store_true",
                            help="with --quantize int8 (TFLite): int8 inputs and outputs")
-        quant.add_argument("--calibration", type=_path, metavar="PATH.npz",
+        quant.add_argument("--calibration", type=path_arg, metavar="PATH.npz",
                            help="calibration inputs of TFLite --quantize int8 and int8-cpu: arrays source1, "
                                 "source2 (ONNX/ORT int8 is weight-only and uses none)")
-        quant.add_argument("--max-rel-error", type=_positive_float,
+        quant.add_argument("--max-rel-error", type=positive_float,
                            help="relative L2 gate of a variant (default float16 1e-3, "
                                 "dynamic-int8 2.5e-2, int8 and int8-cpu 5e-2)")
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     talk.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    return parser
+    return complete(parser)
 
 
 # Which variant for which device (docs/variants.md has the table and the command behind the figures).

@@ -2,7 +2,7 @@
 
 A record says what a format is (file suffix, default batch, tolerance, runtime, head layout) and
 where its code lives (builder, graph check, runner). The code is named as "module:function" and
-imported on first use: builders import TensorFlow, and `export.verify` reads this registry in a
+imported on first use: builders import TensorFlow, and `export.runtime.verify` reads this registry in a
 process that must never import it. Adding a format is one record here plus its builder package
 (and a runner, unless an existing one opens its files: ORT files open in the ONNX runner).
 """
@@ -65,7 +65,7 @@ class Format:
             float32 activations: no calibration, the float32 graph).
         builder: "module:function", called as `builder(spec, fn, workdir, **options) -> Built`.
         build_options: the keyword options its builder takes (`opset`, `calibration`: a
-            full-integer file's, `metadata`: the facts to write inside the file, export.metadata).
+            full-integer file's, `metadata`: the facts to write inside the file, export.runtime.metadata).
         graph_check: "module:function" called as `check(path, spec)`, or None.
         runner: "module:function" returning `(run, reported_inputs)` for `(path, threads)`,
             and for `(path, threads, signature=key)` where the format has signatures.
@@ -81,11 +81,19 @@ class Format:
             variant. ONNX/ORT: int8-cpu (int8 weights, float activations where an integer kernel
             would be slow) is their int8 file, already weight-only with float32 activations.
         default_run: whether `python -m export` (every format) builds it.
-        verify_check: "module:function" that `export.verify` calls as `check(path, manifest,
+        verify_check: "module:function" that `export.runtime.verify` calls as `check(path, manifest,
             folder)` after the golden vectors pass (TFLM: the manifest's arena runs the file, the
             generated C++ holds its bytes), raising ManifestError; or None.
         saved_model: whether `--saved-model` (a user's own graph, loops and state included)
             can build it (TFLM: no).
+        metadata_reader: "module:function" called as `read(path) -> {key: text} | None`: the
+            facts written inside the file (export.runtime.metadata), or None where files hold none.
+        signature_reader: "module:function" called as `keys(path) -> list[str]`: the signature
+            keys a file holds (`len_16`, ...), for files without a manifest beside them; or None.
+        serve_platform: the platform its served models report (Open Inference Protocol model
+            metadata, Triton's names: `onnxruntime_onnx`), or None for formats `export.runtime.serve`
+            does not serve (export.runtime.serve; a Triton repository takes those whose platform
+            a standard Triton backend runs, export.runtime.serve.triton).
     """
 
     name: str
@@ -115,6 +123,9 @@ class Format:
     default_run: bool = True
     verify_check: str | None = None
     saved_model: bool = True  # whether `--saved-model` (a user's own graph) can build it
+    metadata_reader: str | None = None
+    signature_reader: str | None = None
+    serve_platform: str | None = None
 
     def variant_for(self, quantize: str) -> str:
         """The variant this format builds when `--quantize` says `quantize`: savedmodel stays
@@ -144,15 +155,23 @@ class Format:
             _resolve(self.graph_check)(path, spec)
 
     def deployment_report(self, built: Built, spec) -> dict | None:
-        """Where the built file would run on a device (export.deployment), or None."""
+        """Where the built file would run on a device (export.<fmt>.deployment), or None."""
         if built.deployment is not None:
             return built.deployment
         return None if self.deployment is None else _resolve(self.deployment)(built, spec)
 
     def check_on_device(self, path: str, manifest: dict, folder: str) -> None:
-        """export.verify's format-specific check (`verify_check`), if the format has one."""
+        """export.runtime.verify's format-specific check (`verify_check`), if the format has one."""
         if self.verify_check is not None:
             _resolve(self.verify_check)(path, manifest, folder)
+
+    def read_metadata(self, path: str) -> dict[str, str] | None:
+        """The facts written inside the file (`metadata_reader`), or None."""
+        return None if self.metadata_reader is None else _resolve(self.metadata_reader)(path)
+
+    def signature_keys(self, path: str) -> list[str]:
+        """The signature keys the file holds (`signature_reader`); none for other formats."""
+        return [] if self.signature_reader is None else list(_resolve(self.signature_reader)(path))
 
     def open_runner(self, path: str, threads: int | None,
                     signature: str | None = None) -> tuple[Callable, list]:
@@ -199,7 +218,7 @@ REGISTRY: dict[str, Format] = {
             runtime="tensorflow", runtime_module="tensorflow", runtime_label="TensorFlow",
             layout="batched-heads", dynamic_batch=True, quantizable=False, int8_io=False,
             builder="export.savedmodel.build:build_savedmodel", build_options=(),
-            graph_check=None, runner="export.runtimes:savedmodel_function",
+            graph_check=None, runner="export.runtime.runtimes:savedmodel_function",
             signatures=True, dynamic_length=True,
         ),
         Format(
@@ -208,8 +227,11 @@ REGISTRY: dict[str, Format] = {
             layout="per-head", dynamic_batch=False, quantizable=True, int8_io=True,
             builder="export.tflite.build:build_tflite", build_options=("calibration", "metadata"),
             graph_check="export.tflite.check:check_tflite_file",
-            runner="export.runtimes:tflite_function", signatures=True,
-            deployment="export.deployment:tflite_deployment", late_softmax=True,
+            runner="export.runtime.runtimes:tflite_function", signatures=True,
+            deployment="export.tflite.deployment:tflite_deployment", late_softmax=True,
+            metadata_reader="export.runtime.metadata:read_tflite_metadata",
+            signature_reader="export.runtime.runtimes:tflite_signature_keys",
+            serve_platform="tensorflow_lite",
         ),
         Format(
             name="onnx", title="ONNX", suffix=".onnx", default_batch=None, atol=1e-4,
@@ -217,9 +239,10 @@ REGISTRY: dict[str, Format] = {
             layout="batched-heads", dynamic_batch=True, quantizable=True, int8_io=False,
             builder="export.onnx.build:build_onnx", build_options=("opset", "metadata"),
             graph_check="export.onnx.check:check_onnx_file",
-            runner="export.runtimes:onnx_function", dynamic_length=True,
-            deployment="export.deployment:onnx_deployment", int8_scheme="weight-only",
-            same_variant=(("int8-cpu", "int8"),),
+            runner="export.runtime.runtimes:onnx_function", dynamic_length=True,
+            deployment="export.onnx.deployment:onnx_deployment", int8_scheme="weight-only",
+            same_variant=(("int8-cpu", "int8"),), serve_platform="onnxruntime_onnx",
+            metadata_reader="export.runtime.metadata:read_onnx_metadata",
         ),
         Format(
             name="ort", title="ORT", suffix=".ort", default_batch=1, atol=1e-4,
@@ -227,9 +250,10 @@ REGISTRY: dict[str, Format] = {
             layout="batched-heads", dynamic_batch=True, quantizable=True, int8_io=False,
             builder="export.ort.build:build_ort", build_options=("opset", "metadata"),
             graph_check="export.ort.check:check_ort_file",
-            runner="export.runtimes:onnx_function",
-            deployment="export.deployment:ort_deployment", int8_scheme="weight-only",
+            runner="export.runtime.runtimes:onnx_function",
+            deployment="export.ort.deployment:ort_deployment", int8_scheme="weight-only",
             same_variant=(("int8-cpu", "int8"),),
+            metadata_reader="export.runtime.metadata:read_onnx_metadata",
         ),
         # TensorFlow Lite for Microcontrollers: the full-int8 TFLite file, verified on TFLM's
         # own interpreter, with its smallest tensor arena and generated C++ (export.tflm).
@@ -242,6 +266,7 @@ REGISTRY: dict[str, Format] = {
             graph_check="export.tflm.check:check_tflm_file",
             runner="export.tflm.runtime:tflm_function", variants=("int8",), default_run=False,
             verify_check="export.tflm.check:check_published_set", saved_model=False,
+            metadata_reader="export.tflm.runtime:read_tflm_metadata",
         ),
     )
 }
@@ -258,6 +283,14 @@ def get_format(name: str) -> Format:
         raise SpecError(
             f"unknown format {name!r}; known formats: {', '.join(REGISTRY)}"
         ) from None
+
+
+def format_of_file(path: str) -> Format | None:
+    """The format whose files are named like `path` (`x.onnx` -> onnx, `x_savedmodel/` ->
+    savedmodel), or None; the longest suffix wins (`x.tflm.tflite` is tflm, not tflite)."""
+    found = [f for f in REGISTRY.values()
+             if (path.rstrip("/\\") if f.is_folder else path).endswith(f.suffix)]
+    return max(found, key=lambda f: len(f.suffix)) if found else None
 
 
 def format_of_manifest(filename: str) -> Format | None:

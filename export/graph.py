@@ -17,6 +17,7 @@ layouts (about half at the defaults), has no transposes, and holds half the para
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,6 +36,24 @@ LAYOUTS = ("batched-heads", "per-head", "source")
 # 1.01x batch 32; at 256 1.05x batch 1 and 1.25x batch 32 (five passes over a large tensor
 # instead of one fused pass per row).
 LATE_SOFTMAX_MAX_KEYS = 32
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """What a variant asks of the folded graph (export.calibration.graph_options), passed whole
+    from the pipeline through a reference's `inference_function` and the model rewrites to
+    `folded_attention`, whose keywords these fields are (see there): a new option is a field here,
+    a keyword there, and a line in `graph_options`."""
+
+    mask_margin: float | None = None  # int8 activations: masked logits = row minimum - margin
+    late_softmax: bool = False  # float activations in XNNPACK: divide by the sum after P·V
+
+    def keywords(self) -> dict:
+        """The options as `folded_attention`'s (and `build_inference_function`'s) keywords."""
+        return dataclasses.asdict(self)
+
+
+NO_GRAPH_OPTIONS = GraphOptions()  # the float32 graph as it is (every option off)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from export.errors import ConversionError, ExportError, SpecError, first_line, one_line
-from export.graph import FoldedWeights, fold_weights
+from export.graph import NO_GRAPH_OPTIONS, FoldedWeights, GraphOptions, fold_weights
 from export.model_load import _flat_outputs, _shape_text, _structured
 from export.model_rewrites import (
     _broadcast_dense,
@@ -176,7 +176,7 @@ class ModelReference:
         return {n: np.asarray(o, dtype=np.float32) for n, o in zip(names, _flat_outputs(self.model, out))}
 
     def inference_function(self, spec: ModelSpec, *, fallback_layout: str,
-                           mask_margin: float | None = None, late_softmax: bool = False):
+                           options: GraphOptions = NO_GRAPH_OPTIONS):
         """`(fn, layouts)`: a `tf.function` with the model's named inputs and a dict of its named
         outputs, and the head layout each folded CrossAttention got."""
         signature = [tf.TensorSpec(t.shape, tf.as_dtype(t.dtype), name=t.name) for t in spec.inputs()]
@@ -192,8 +192,7 @@ class ModelReference:
             mapping = [(v, tf.constant(value)) for v, value in values]
             with keras.StatelessScope(state_mapping=mapping), _unrolled(recurrent), \
                     _fused_layer_norms(layer_norms), _broadcast_dense(dense), _erf_gelu(), \
-                    _folded_cross_attention(folded, fallback_layout, mask_margin, layouts,
-                                            late_softmax=late_softmax):
+                    _folded_cross_attention(folded, fallback_layout, options, layouts):
                 out = model(_structured(model, list(tensors)), training=False)
             # A constant-shape reshape states every non-batch axis: shape arithmetic inside
             # (Dense on a sequence with a dynamic batch) leaves converters unsure of them.

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import keras
 import tensorflow as tf
 
-from export.graph import folded_attention, preferred_layout
+from export.graph import GraphOptions, folded_attention, preferred_layout
 from export.spec import ArtifactSpec
 from xattn import CrossAttention
 
@@ -128,9 +128,8 @@ def _broadcast_dense(layers: list) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _folded_cross_attention(folded: list, fallback_layout: str, mask_margin,
-                            layouts: dict[str, str], *, late_softmax: bool = False
-                            ) -> Iterator[None]:
+def _folded_cross_attention(folded: list, fallback_layout: str, options: GraphOptions,
+                            layouts: dict[str, str]) -> Iterator[None]:
     """While tracing, the listed CrossAttention layers run `folded_attention` instead of Keras'.
 
     The class's `call` is swapped for the duration (Keras looks `call` up at each call); any
@@ -158,7 +157,7 @@ def _folded_cross_attention(folded: list, fallback_layout: str, mask_margin,
             source1, source2, entry.folded, layout=layout, batch=source1.shape[0],
             query_mask=query_mask, value_mask=value_mask, attention_mask=attention_mask,
             causal=bool(use_causal_mask), return_scores=return_attention_scores,
-            mask_margin=mask_margin, late_softmax=late_softmax,
+            **options.keywords(),
         )
         return (out, scores) if return_attention_scores else out
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export import buckets, check, publish, reference, runtimes, sets
+from export import buckets, publish, reference, sets
 from export.calibration import (
     Calibration,
     calibrations_for,
@@ -27,11 +27,12 @@ from export.calibration import (
 from export.deployment import summary as deployment_summary
 from export.errors import ConversionError, ExportError, GraphCheckError, ParityError, SpecError
 from export.formats import get_format
-from export.golden_raw import write_golden_raw
-from export.manifest import build_manifest, quantization_entry
-from export.metadata import file_metadata
-from export.model import ModelReference, ModelSpec
-from export.spec import ArtifactSpec
+from export.model import ModelSpec
+from export.runtime import check, runtimes
+from export.runtime.golden_raw import write_golden_raw
+from export.runtime.manifest import build_manifest, quantization_entry
+from export.runtime.metadata import file_metadata
+from export.spec import ArtifactSpec, ExportRequest
 from xattn import __version__ as xattn_version
 
 log = logging.getLogger("export")
@@ -39,45 +40,6 @@ log = logging.getLogger("export")
 # The key of the one point a file of a single length (or a model) is verified at: never a
 # bucket's (`len_16`, `serving_default`), and never written (such a file has no `signatures`).
 ONE_POINT = "file"
-
-
-@dataclass
-class ExportRequest:
-    """What to build, where, and from which weights.
-
-    Attributes:
-        specs: format name -> ArtifactSpec; formats may differ in batch and variant only.
-        output_dir: where the artifacts are published.
-        seed: seed of the random weights when `weights` is None.
-        weights: the layer's 12 arrays in fusionlab order; None draws them from `seed`.
-        weights_source: where `weights` came from (a file name), for the manifest.
-        atol: the float32 gate; None takes each format's default (export.formats).
-        max_rel_error: a variant's relative L2 gate; None takes the variant's default.
-        opset: the ONNX opset; None the newest tf2onnx writes that onnxruntime runs.
-        calibration: an .npz of calibration inputs for int8 variants; None draws them.
-        model: a user's whole model (`--model`) instead of the lone layer; `specs` are then
-            ModelSpecs and `seed`/`weights` do not apply. Its sample inputs (if any) supply the
-            golden vectors and the int8 calibration.
-        sign_key: an elliptic-curve private key (PEM); None publishes unsigned sets.
-        arena_limit: TFLM files whose smallest tensor arena is larger fail (ArenaError).
-        arm: run the staged files under aarch64 emulation (export.arm) and record, per CPU
-            model, their max abs diff and whether they stay within their gate in the
-            manifest's `deployment.arm`, before any manifest is written.
-    """
-
-    specs: dict[str, ArtifactSpec | ModelSpec]
-    output_dir: str = "artifacts"
-    seed: int = 0
-    weights: list | None = None  # 12 arrays in fusionlab order; None -> random from `seed`
-    weights_source: str | None = None  # a file path, for the manifest
-    atol: float | None = None  # None -> check.DEFAULT_ATOL[format]
-    max_rel_error: float | None = None  # None -> check.DEFAULT_MAX_REL[variant]
-    opset: int | None = None
-    calibration: str | None = None
-    model: ModelReference | None = None
-    sign_key: str | None = None  # a PEM EC private key: each set signed into <artifact>.sig
-    arena_limit: int | None = None  # TFLM: the largest tensor arena allowed, in bytes
-    arm: bool = False  # verify under aarch64 emulation before publishing: deployment.arm
 
 
 @dataclass
@@ -126,7 +88,7 @@ class _Golden:
     feeds: dict
     outputs: dict
     sha256: str
-    raw: dict  # export.golden_raw's manifest entry
+    raw: dict  # export.runtime.golden_raw's manifest entry
 
 
 def verification_batches(spec: ArtifactSpec) -> list[int]:
@@ -252,7 +214,7 @@ def _guard_replaced_artifacts(output_dir: str, specs: dict) -> None:
             was = {"reference": existing.get("reference"), "format": existing.get("format"),
                    "quantize": quantization.get("mode"), "io": quantization.get("io_dtype")}
         except (OSError, ValueError, AttributeError, TypeError):
-            continue  # none there, not one of ours, or damaged: export.verify reports those
+            continue  # none there, not one of ours, or damaged: export.runtime.verify reports those
         now = {"reference": spec.reference_name, "format": fmt, "quantize": spec.quantize,
                "io": "int8" if spec.int8_io else "float32"}
         differs = [k for k in now if was[k] is not None and was[k] != now[k]]
@@ -273,7 +235,7 @@ def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens
 
     The reference and golden vectors are shared by every format of one name. Publishing new
     weights under a name whose other artifacts stay would leave those artifacts failing
-    `export.verify`; fail before converting anything instead, and say how to avoid it.
+    `export.runtime.verify`; fail before converting anything instead, and say how to avoid it.
     """
     rebuilt = {spec.manifest_name(fmt) for fmt, spec in specs.items()}
     new_golden = {name: golden.sha256 for name, golden in goldens.items()}
@@ -288,7 +250,7 @@ def _guard_shared_files(output_dir: str, specs: dict[str, ArtifactSpec], goldens
             entries = [manifest, *(manifest.get("signatures") or [])]
             relied = [(e.get("golden"), e.get("golden_sha256")) for e in entries]
         except (OSError, ValueError, AttributeError, TypeError):
-            continue  # not one of ours, or damaged: export.verify reports those
+            continue  # not one of ours, or damaged: export.runtime.verify reports those
         for golden, golden_sha in relied:
             if not (isinstance(golden, str) and golden in new_golden and golden_sha
                     and golden_sha != new_golden[golden]):
@@ -332,7 +294,7 @@ def _build_one(fmt: str, spec, request: ExportRequest, ref, stage: str, goldens:
         # Buckets: one signature each, or symbolic lengths in a format without signatures.
         spec = buckets.file_spec(spec, signatures=record.signatures)
     t0 = time.perf_counter()
-    fn, layout = ref.inference_function(spec, fallback_layout=record.layout, **graph_options(spec, fmt))
+    fn, layout = ref.inference_function(spec, fallback_layout=record.layout, options=graph_options(spec, fmt))
     # The golden vectors are written before conversion: their sha256 goes inside the file too
     # (those of `serving_default`, or the largest length, in a file with several).
     golden = goldens[points[-1].golden_name]
@@ -416,7 +378,7 @@ def _verify_points(fmt: str, path: str, spec, points: list, ref, tolerance: dict
                                       signature=point.signature)
         metrics, n_samples, applied = _verify_artifact(runner, point.spec, ref, tolerance, label)
         state = _check_state(runner, point.spec, ref, label) or state
-        # The golden vectors must pass too: that is what `export.verify` will check later.
+        # The golden vectors must pass too: that is what `export.runtime.verify` will check later.
         golden = goldens[point.golden_name]
         check.gate(check.parity_metrics(golden.outputs, runner.run(golden.feeds)),
                    artifact=f"{label} (golden vectors)", **applied)

@@ -83,8 +83,9 @@ def write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
             array = np.asarray(arrays[name])
             if array.dtype.hasobject:  # object arrays, or structured ones with an object field
                 raise ValueError(f"refusing to write object array {name!r}")
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+            buffer, contiguous = io.BytesIO(), np.ascontiguousarray(array)
+            # allow_pickle=False is a second lock: numpy reads it only for the dtypes refused above.
+            np.lib.format.write_array(buffer, contiguous, allow_pickle=False)  # pragma: no mutate
             # Every header field fixed (writestr takes them from the ZipInfo, not from ZipFile).
             info = zipfile.ZipInfo(f"{name}.npy")
             info.date_time = _ZIP_DATE
@@ -139,7 +140,7 @@ def folder_lock(output_dir: str) -> Iterator[None]:
     namespaces (containers sharing the folder), and the lock file is never removed (removing it
     would let two processes lock two different files).
     """
-    import fcntl  # lazy: POSIX only; export.verify imports this module on any system
+    import fcntl  # lazy: POSIX only; export.runtime.verify imports this module on any system
 
     # O_NOFOLLOW: a link planted at the lock's name created its target outside --output-dir
     # (ELOOP instead: OutputDirError, exit 5).
@@ -154,7 +155,7 @@ def folder_lock(output_dir: str) -> Iterator[None]:
 
 def _lock_is_free(path: str) -> bool:
     """True when no live process holds an flock on `path` (or it is missing: never locked)."""
-    import fcntl  # lazy: POSIX only; export.verify imports this module on any system
+    import fcntl  # lazy: POSIX only; export.runtime.verify imports this module on any system
 
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -197,7 +198,7 @@ def clean_stale(output_dir: str) -> list[str]:
 @contextlib.contextmanager
 def staging(output_dir: str) -> Iterator[str]:
     """A private folder inside `output_dir`, locked by this process; removed on exit whatever happens."""
-    import fcntl  # lazy: POSIX only; export.verify imports this module on any system
+    import fcntl  # lazy: POSIX only; export.runtime.verify imports this module on any system
 
     os.makedirs(output_dir, exist_ok=True)
     with folder_lock(output_dir):

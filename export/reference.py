@@ -18,7 +18,13 @@ import keras
 import numpy as np
 
 from export.errors import ExportError, WeightsError, first_line
-from export.graph import build_inference_function, fold_weights, preferred_layout
+from export.graph import (
+    NO_GRAPH_OPTIONS,
+    GraphOptions,
+    build_inference_function,
+    fold_weights,
+    preferred_layout,
+)
 from export.spec import ArtifactSpec, bucket_key
 from xattn import CrossAttention
 
@@ -166,7 +172,7 @@ class LayerReference:
         return run_reference(self.model, feeds)
 
     def inference_function(self, spec: ArtifactSpec, *, fallback_layout: str,
-                           mask_margin: float | None = None, late_softmax: bool = False):
+                           options: GraphOptions = NO_GRAPH_OPTIONS):
         """`(fn, layout)`: the folded graph of the spec and the head layout it uses.
 
         A bucketed spec gives `{signature key: fn}` (export.buckets), every bucket in one layout
@@ -178,12 +184,10 @@ class LayerReference:
             for q, kv in spec.lengths:
                 at = spec.replace(lengths=(), query_len=q, kv_len=kv, name=spec.name)
                 fns[bucket_key(q, kv)] = build_inference_function(
-                    at, self.folded, layout=layout, mask_margin=mask_margin,
-                    late_softmax=late_softmax)
+                    at, self.folded, layout=layout, **options.keywords())
             fns["serving_default"] = fns[bucket_key(spec.query_len, spec.kv_len)]
             return fns, layout
-        fn = build_inference_function(spec, self.folded, layout=layout, mask_margin=mask_margin,
-                                      late_softmax=late_softmax)
+        fn = build_inference_function(spec, self.folded, layout=layout, **options.keywords())
         return fn, layout
 
     def manifest_facts(self, spec: ArtifactSpec) -> dict:

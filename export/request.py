@@ -7,20 +7,18 @@ import logging
 import os
 
 from export.errors import SpecError, WeightsError
-from export.flags import SHAPE_DEFAULTS, check_model_flags
+from export.flags import FORMAT_BATCH, SHAPE_DEFAULTS, check_model_flags
 from export.formats import get_format
-from export.spec import ArtifactSpec
+from export.spec import ArtifactSpec, ExportRequest
 
 log = logging.getLogger("export")
 
 
 def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
     """Flags (+ a --weights file) -> ExportRequest. Raises SpecError / WeightsError."""
-    # lazy: both import Keras and TensorFlow; `--help` and export.verify's parser need neither.
-    from export import reference
-    from export.pipeline import ExportRequest
+    from export import reference  # lazy: Keras and TensorFlow; `--help` needs neither
 
-    if getattr(args, "saved_model", None) is not None:
+    if args.saved_model is not None:
         return _saved_model_request(args, formats)
     if args.model is not None:
         return _model_request(args, formats)
@@ -55,11 +53,11 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
     for key in ("query_len", "kv_len"):
         if shape_args[key] == "dynamic":
             shape_args[key] = None
-    quantize = getattr(args, "quantize", "none")
+    quantize = args.quantize
     common = dict(
         **shape_args,
         query_mask=args.query_mask, value_mask=args.value_mask, causal=args.causal,
-        scores=args.scores, name=args.name or "", lengths=getattr(args, "lengths", None) or (),
+        scores=args.scores, name=args.name or "", lengths=args.lengths or (),
     )
     specs = {}
     for fmt in formats:
@@ -67,7 +65,7 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
         specs[fmt] = ArtifactSpec(
             **common, batch=_batch_for(args, fmt, formats),
             quantize=_variant_for(fmt, quantize),
-            int8_io=bool(getattr(args, "int8_io", False)) and record.int8_io,
+            int8_io=args.int8_io and record.int8_io,
         )
     if weights == "h5":
         weights = reference.load_h5_weights(args.weights, next(iter(specs.values())))
@@ -78,11 +76,11 @@ def resolve_request(args: argparse.Namespace, formats: tuple[str, ...]):
         weights=weights,
         weights_source=weights_source,
         atol=args.atol,
-        max_rel_error=getattr(args, "max_rel_error", None),
-        opset=getattr(args, "opset", None),
-        calibration=getattr(args, "calibration", None),
-        sign_key=getattr(args, "sign_key", None), arena_limit=getattr(args, "arena_limit", None),
-        arm=bool(getattr(args, "arm", False)),
+        max_rel_error=args.max_rel_error,
+        opset=args.opset,
+        calibration=args.calibration,
+        sign_key=args.sign_key, arena_limit=args.arena_limit,
+        arm=args.arm,
     )
 
 
@@ -99,7 +97,7 @@ def _variant_for(fmt: str, quantize: str) -> str:
 def _batch_for(args: argparse.Namespace, fmt: str, formats: tuple[str, ...]):
     """The batch of format `fmt`: --batch, or its default; a static format keeps its own."""
     record = get_format(fmt)
-    batch = getattr(args, "batch", record.default_batch)
+    batch = record.default_batch if args.batch is FORMAT_BATCH else args.batch
     if batch is None and not record.dynamic_batch:
         if formats == (fmt,):
             raise SpecError(
@@ -169,24 +167,22 @@ def _sample_inputs(args: argparse.Namespace, inputs, what: str, per: str) -> dic
 def _whole_model_specs(spec_cls, args: argparse.Namespace, formats: tuple[str, ...], inputs,
                        outputs, stem: str) -> dict:
     """One spec of a whole model (`--model`, `--saved-model`) per format."""
-    quantize = getattr(args, "quantize", "none")
+    quantize = args.quantize
     return {
         fmt: spec_cls(
             model_inputs=inputs, model_outputs=outputs, stem=stem, named=bool(args.name),
             batch=_batch_for(args, fmt, formats), quantize=_variant_for(fmt, quantize),
-            int8_io=bool(getattr(args, "int8_io", False)) and get_format(fmt).int8_io,
+            int8_io=args.int8_io and get_format(fmt).int8_io,
         )
         for fmt in formats
     }
 
 
 def _whole_model_request(args: argparse.Namespace, specs: dict, reference, weights_source: str):
-    from export.pipeline import ExportRequest  # lazy: TensorFlow, after parsing
-
     return ExportRequest(
         specs=specs, output_dir=args.output_dir, atol=args.atol,
-        max_rel_error=getattr(args, "max_rel_error", None), opset=getattr(args, "opset", None),
+        max_rel_error=args.max_rel_error, opset=args.opset,
         model=reference, weights_source=weights_source,
-        sign_key=getattr(args, "sign_key", None), arena_limit=getattr(args, "arena_limit", None),
-        arm=bool(getattr(args, "arm", False)),
+        sign_key=args.sign_key, arena_limit=args.arena_limit,
+        arm=args.arm,
     )

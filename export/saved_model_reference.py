@@ -19,6 +19,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from export.errors import ConversionError, ExportError, SpecError, WeightsError, first_line
+from export.graph import NO_GRAPH_OPTIONS, GraphOptions
 from export.model import ModelSpec, model_inputs
 from export.model_load import _INPUT_DTYPES, _shape_text
 from export.names import is_valid_name
@@ -209,14 +210,14 @@ class SavedModelReference:
         return {t.name: np.asarray(out[t.name], dtype=np.float32) for t in spec.model_outputs}
 
     def inference_function(self, spec: ModelSpec, *, fallback_layout: str,
-                           mask_margin: float | None = None, late_softmax: bool = False):
+                           options: GraphOptions = NO_GRAPH_OPTIONS):
         """`(fn, {})`: a `tf.function` at the spec's batch calling the signature as it is.
 
         The signature's variables stay variables (freezing them into constants loses the
         `tf._implements` marks the TFLite converter turns into its fused LSTM): `fn.trackables`
         lists them, so a builder saving `fn` saves them with it.
         """
-        del fallback_layout, mask_margin, late_softmax  # nothing is folded in a SavedModel's graph
+        del fallback_layout, options  # nothing is folded in a SavedModel's graph
         signature = [tf.TensorSpec(t.shape, tf.as_dtype(t.dtype), name=t.name) for t in spec.inputs()]
         names = [t.name for t in spec.model_inputs]
         outputs = [(t.name, t.shape) for t in spec.model_outputs]

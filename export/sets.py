@@ -12,10 +12,10 @@ import logging
 import os
 import shutil
 
-from export import signing
-from export.manifest import write_manifest
 from export.publish import sha256_path
-from export.schema import check_manifest_schema
+from export.runtime import signing
+from export.runtime.manifest import write_manifest
+from export.runtime.schema import check_manifest_schema
 
 log = logging.getLogger("export")
 
@@ -41,7 +41,7 @@ def kept_reference(output_dir: str, reference_name: str, rebuilt: set[str]) -> s
             if manifest.get("reference") == reference_name:
                 recorded.add(str(manifest.get("reference_sha256")))
         except (OSError, ValueError, AttributeError):
-            continue  # not one of ours, or damaged: export.verify reports those
+            continue  # not one of ours, or damaged: export.runtime.verify reports those
     digest = sha256_path(path)
     return digest if digest in recorded else None
 
@@ -73,7 +73,7 @@ def seal(stage: str, output_dir: str, manifests: dict[str, dict], *,
                 manifest["reference_sha256"] = kept
         log.debug("keep     the published %s (sha256 %s...)", reference_name, kept[:12])
     for name, manifest in manifests.items():
-        check_manifest_schema(manifest)  # what every verifier holds it to (export/manifest.schema.json)
+        check_manifest_schema(manifest)  # what every verifier holds it to (manifest.schema.json)
         write_manifest(os.path.join(stage, name), manifest)
     if signer is None:
         return []

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from export.errors import SpecError
 from export.formats import get_format
 from export.names import check_name
+
+if TYPE_CHECKING:  # names in ExportRequest's annotations only: export.model imports Keras
+    from export.model import ModelReference, ModelSpec
 
 QUANTIZE_MODES = ("none", "float16", "dynamic-int8", "int8", "int8-cpu")
 VARIANT_SUFFIX = {"none": "", "float16": "_fp16", "dynamic-int8": "_dynint8", "int8": "_int8",
@@ -46,6 +50,10 @@ class TensorInfo:
 class ArtifactNames:
     """File names derived from a spec's `name`, `quantize`, `int8_io` and `batch`: shared by
     ArtifactSpec (the lone layer) and export.model.ModelSpec (a whole model)."""
+
+    # A user's own graph (`--saved-model`'s SavedModelSpec): the graph checks let it loop and
+    # read shapes. The layer's and a `--model`'s graphs are ours, and never do.
+    user_graph = False
 
     @property
     def variant_suffix(self) -> str:
@@ -237,3 +245,42 @@ def _check_buckets(spec: ArtifactSpec) -> None:
     object.__setattr__(spec, "kv_len", largest[1])
     object.__setattr__(spec, "query_mask", True)
     object.__setattr__(spec, "value_mask", True)
+
+
+@dataclass
+class ExportRequest:
+    """What to build, where, and from which weights.
+
+    Attributes:
+        specs: format name -> ArtifactSpec; formats may differ in batch and variant only.
+        output_dir: where the artifacts are published.
+        seed: seed of the random weights when `weights` is None.
+        weights: the layer's 12 arrays in fusionlab order; None draws them from `seed`.
+        weights_source: where `weights` came from (a file name), for the manifest.
+        atol: the float32 gate; None takes each format's default (export.formats).
+        max_rel_error: a variant's relative L2 gate; None takes the variant's default.
+        opset: the ONNX opset; None the newest tf2onnx writes that onnxruntime runs.
+        calibration: an .npz of calibration inputs for int8 variants; None draws them.
+        model: a user's whole model (`--model`) instead of the lone layer; `specs` are then
+            ModelSpecs and `seed`/`weights` do not apply. Its sample inputs (if any) supply the
+            golden vectors and the int8 calibration.
+        sign_key: an elliptic-curve private key (PEM); None publishes unsigned sets.
+        arena_limit: TFLM files whose smallest tensor arena is larger fail (ArenaError).
+        arm: run the staged files under aarch64 emulation (export.arm) and record, per CPU
+            model, their max abs diff and whether they stay within their gate in the
+            manifest's `deployment.arm`, before any manifest is written.
+    """
+
+    specs: dict[str, ArtifactSpec | ModelSpec]
+    output_dir: str = "artifacts"
+    seed: int = 0
+    weights: list | None = None  # 12 arrays in fusionlab order; None -> random from `seed`
+    weights_source: str | None = None  # a file path, for the manifest
+    atol: float | None = None  # None -> check.DEFAULT_ATOL[format]
+    max_rel_error: float | None = None  # None -> check.DEFAULT_MAX_REL[variant]
+    opset: int | None = None
+    calibration: str | None = None
+    model: ModelReference | None = None
+    sign_key: str | None = None  # a PEM EC private key: each set signed into <artifact>.sig
+    arena_limit: int | None = None  # TFLM: the largest tensor arena allowed, in bytes
+    arm: bool = False  # verify under aarch64 emulation before publishing: deployment.arm

@@ -132,6 +132,19 @@ LONGEST_FILES = ("test_commands.py", "test_saved_model.py", "test_serve.py", "te
                  "test_runtime_install.py", "test_trust.py", "test_tflm.py")
 
 
+def _stopping_tests_last(items: list) -> None:
+    """A test marked `stops_server` ends its session server: it runs after every other selected
+    test that shares that server (same fixture parameter), whatever the selection or order."""
+    for item in [i for i in items if i.get_closest_marker("stops_server")]:
+        server = item.get_closest_marker("stops_server").args[0]
+        param = getattr(getattr(item, "callspec", None), "params", {}).get(server)
+        items.remove(item)
+        sharing = [n for n, other in enumerate(items)
+                   if server in getattr(other, "fixturenames", ())
+                   and getattr(getattr(other, "callspec", None), "params", {}).get(server) == param]
+        items.insert(sharing[-1] + 1 if sharing else len(items), item)
+
+
 def pytest_collection_modifyitems(config, items):
     """The fast tier's files marked `fast`; under mutmut, the quickest tests first: with -x a
     killed mutant stops at its first failure.
@@ -145,6 +158,7 @@ def pytest_collection_modifyitems(config, items):
     if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects: the same order in each
         rank = {name: i for i, name in enumerate(LONGEST_FILES)}
         items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
+    _stopping_tests_last(items)
     if not os.environ.get("MUTANT_UNDER_TEST"):
         return
     try:

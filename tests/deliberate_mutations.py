@@ -33,7 +33,7 @@ MUTATIONS = {
         ("export/calibration.py", "np.load(path, allow_pickle=False)", "np.load(path, allow_pickle=True)"),
     ], ["tests/test_quantize.py", "-k", "pickle"]),
     "int8-gate-5": ([
-        ("export/check.py", '"int8": 5e-2}', '"int8": 5.0}'),
+        ("export/runtime/check.py", '"int8": 5e-2}', '"int8": 5.0}'),
     ], ["tests/test_quantize.py", "-k", "default_gate"]),
 }
 

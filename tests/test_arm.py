@@ -127,7 +127,7 @@ def test_the_project_wheel_is_whole_and_the_same_bytes_each_time(tmp_path):
             name, digest, size = line.split(",")
             data = wheel.read(name)
             assert digest == "sha256=" + provision._urlsafe_digest(data) and int(size) == len(data)
-    assert {"export/verify/__init__.py", "export/manifest.schema.json", "xattn/layer.py",
+    assert {"export/runtime/verify/__init__.py", "export/runtime/manifest.schema.json", "xattn/layer.py",
             "xattn-0.1.0.dist-info/entry_points.txt"} <= set(names)
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or n.startswith("tests/")]
     assert 'Requires-Dist: onnxruntime>=1.20; extra == "runtime"' in metadata_text
@@ -247,7 +247,7 @@ def test_guest_runs_the_verifier_and_reads_its_json(tiny, tmp_path, fake_qemu):
         assert r["status"] == "passed" and r["metrics"]["max_abs"] < 1e-4
         assert len(r["outputs_sha256"]) == 64
     info = emulate.probe(emulator_of(tmp_path, fake_qemu), "max")
-    assert info["heavy_imports"] == []  # export.verify.cli pulls in no TensorFlow, Keras, onnx
+    assert info["heavy_imports"] == []  # export.runtime.verify.cli pulls in no TensorFlow, Keras, onnx
 
 
 def test_guest_crash_is_one_line_exit_9(tiny, tmp_path):
@@ -309,8 +309,8 @@ def test_verify_json_keeps_the_lines_and_writes_results(tiny, tmp_path):
 
 def test_export_arm_records_deployment_before_publishing(tmp_path, fake_qemu, monkeypatch):
     from export.pipeline import ExportRequest, export_artifacts
+    from export.runtime.verify import verify_path
     from export.spec import ArtifactSpec
-    from export.verify import verify_path
 
     monkeypatch.setattr(arm, "provision", lambda cache, **kw: emulator_of(tmp_path, fake_qemu))
     monkeypatch.setattr(arm, "probe", lambda emulator, cpu: guest_probe(
@@ -352,11 +352,11 @@ def test_export_arm_writes_each_manifest_once_and_the_signature_covers_it(tmp_pa
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from export import manifest as manifest_module
     from export import publish
     from export.pipeline import ExportRequest, export_artifacts
+    from export.runtime import manifest as manifest_module
+    from export.runtime.verify import verify_path
     from export.spec import ArtifactSpec
-    from export.verify import verify_path
 
     key = ec.generate_private_key(ec.SECP256R1())
     private, public = tmp_path / "key.pem", tmp_path / "key.pub"

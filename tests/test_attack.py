@@ -21,7 +21,7 @@ from export.errors import SpecError
 def test_a_name_equal_to_a_bucket_golden_is_refused_not_published_over_it(tmp_path):
     # `--name bk --lengths 8,16` relies on bk.len_8.golden.npz through its signature len_8; a later
     # `--name bk.len_8` writes the same file name. Only the manifest's top-level golden was
-    # guarded: the second export published over it and `export.verify` then failed the first.
+    # guarded: the second export published over it and `export.runtime.verify` then failed the first.
     manifest = {"golden": "bk.len_16.golden.npz", "golden_sha256": "a" * 64,
                 "signatures": [{"key": "len_8", "golden": "bk.len_8.golden.npz",
                                 "golden_sha256": "b" * 64},
@@ -43,7 +43,7 @@ def test_a_name_equal_to_a_bucket_golden_is_refused_not_published_over_it(tmp_pa
 def test_a_zero_length_sequence_is_a_400_not_an_onnxruntime_500(lengths):
     # A dynamic-length file (`--lengths 8,16` ONNX) took shape [1, 0, 64]: onnxruntime failed in
     # its Add/Reshape and the server answered 500 with the runtime's message.
-    from export.serve.protocol import RequestError, TensorSpec, decode_infer_request
+    from export.runtime.serve.protocol import RequestError, TensorSpec, decode_infer_request
 
     tq, tkv = lengths
     inputs = [TensorSpec("source1", "FP32", (-1, -1, 4)), TensorSpec("source2", "FP32", (-1, -1, 4))]
@@ -69,7 +69,7 @@ def guarded_uvicorn():
 
     import uvicorn
 
-    from export.serve.worker import _protocol_class, _uvicorn_config
+    from export.runtime.serve.worker import _protocol_class, _uvicorn_config
 
     async def app(scope, receive, send):
         body, more = b"", True
@@ -143,7 +143,7 @@ FORGED = "\x1b[1A\x1b[2K✓ ok.onnx\nready"
 
 def test_an_error_quoting_a_file_name_cannot_forge_terminal_lines(capsys):
     # `python -m export.serve` printed "refusing to serve <artifact>: ..." with the manifest's
-    # artifact as it is: an ANSI code in it rewrote the line above (export.verify escaped it).
+    # artifact as it is: an ANSI code in it rewrote the line above (export.runtime.verify escaped it).
     from export.cli import report_failures
     from export.errors import ManifestError
 
@@ -157,10 +157,10 @@ def test_an_error_quoting_a_file_name_cannot_forge_terminal_lines(capsys):
 
 
 def test_serve_notes_escape_the_artifact_name(monkeypatch, tmp_path, capsys):
-    import export.serve
-    from export.serve import cli
+    import export.runtime.serve
+    from export.runtime.serve import cli
 
-    monkeypatch.setattr(export.serve, "load_models",
+    monkeypatch.setattr(export.runtime.serve, "load_models",
                         lambda path: ([], [f"- {FORGED}  not served: format tflm"]))
     # Exit 2 (no ONNX model for the repository) after the notes: printed before anything else.
     assert cli.main([str(tmp_path), "--triton-repository", str(tmp_path / "repo")]) == 2
@@ -190,7 +190,7 @@ def test_grpc_contents_that_would_be_ignored_are_refused(stray):
     # an FP32 input's fp32_contents were dropped: the request ran on data the client did not
     # mean. Triton refuses both; so does this server now, with the input named.
     from export.errors import InputError
-    from export.serve.grpc_service import to_http_body
+    from export.runtime.serve.grpc_service import to_http_body
 
     request = _grpc_request(raw=stray == "contents-beside-raw")
     if stray == "contents-beside-raw":
@@ -207,7 +207,7 @@ def test_grpc_contents_that_would_be_ignored_are_refused(stray):
 
 def test_grpc_classification_is_refused_as_over_http():
     from export.errors import InputError
-    from export.serve.grpc_service import to_http_body
+    from export.runtime.serve.grpc_service import to_http_body
 
     request = _grpc_request(raw=True)
     request.outputs.add(name="output").parameters["classification"].int64_param = 3
@@ -222,9 +222,9 @@ def test_grpc_classification_is_refused_as_over_http():
 def test_a_repeated_protocol_header_is_a_400(name):
     # Sent twice, the embedded engine used the last value and Ray's Starlette the first: one
     # request (`Content-Encoding: gzip` then `identity`) was read two ways.
-    from export.serve.endpoint import single_header
-    from export.serve.protocol import RequestError
-    from export.serve.worker import _values
+    from export.runtime.serve.endpoint import single_header
+    from export.runtime.serve.protocol import RequestError
+    from export.runtime.serve.worker import _values
 
     scope = {"headers": [(name.lower().encode(), b"gzip"), (b"host", b"x"),
                          (name.lower().encode(), b"identity")]}
@@ -237,7 +237,7 @@ def test_a_repeated_protocol_header_is_a_400(name):
 def test_the_embedded_engine_answers_a_repeated_content_encoding_with_400():
     import asyncio
 
-    from export.serve.worker import App
+    from export.runtime.serve.worker import App
 
     class Endpoint:  # only what App reaches before decoding; decoding is never reached
         name = "m"
@@ -279,7 +279,7 @@ def test_a_tensor_name_cannot_write_triton_config_outside_its_string():
     model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
     from google.protobuf import text_format
 
-    from export.serve.triton import model_config
+    from export.runtime.serve.triton import model_config
 
     hostile = ('q" data_type: TYPE_FP32 dims: [ 1 ] } ] instance_group [ { count: 64 kind: '
                'KIND_GPU } ] input [ { name: "q\\\n\x1b é')
@@ -317,14 +317,14 @@ def test_a_link_at_the_lock_name_creates_nothing_outside_the_output_dir(tmp_path
     assert isinstance(error, OutputDirError) and error.exit_code == 5
 
 
-# -- export.verify fails closed, it does not hang ---------------------------------------------
+# -- export.runtime.verify fails closed, it does not hang ---------------------------------------------
 
 
 def test_a_savedmodel_folder_holding_a_named_pipe_is_refused_before_it_is_hashed(tmp_path):
     # `mkfifo x_savedmodel/variables/pipe`: the folder's sha256 opened the pipe and waited for a
     # writer forever (`python -m export.verify` hung; no line, no exit code).
     from export.errors import ManifestError
-    from export.verify import _check_artifact
+    from export.runtime.verify import _check_artifact
 
     folder = tmp_path / "x_savedmodel"
     (folder / "variables").mkdir(parents=True)

@@ -111,7 +111,7 @@ def test_one_op_graph_has_the_artifacts_inputs_and_outputs(tmp_path, runtime, un
         assert [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in graph.input] \
             == [("source1", [3, 4, 6]), ("source2", [3, 5, 5])]
     else:
-        from export.runtimes import tflite_interpreter
+        from export.runtime.runtimes import tflite_interpreter
         from export.tflite.check import tflite_op_names
 
         assert len(tflite_op_names(path)) == 1  # before XNNPACK takes it

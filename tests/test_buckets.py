@@ -99,7 +99,7 @@ def test_dynamic_onnx_names_scores_axes(artifact_factory):
 
 
 def test_verify_checks_every_signature_and_names_a_failing_one(bucketed, tmp_path):
-    from export.verify import verify_path
+    from export.runtime.verify import verify_path
 
     out, _ = bucketed
     passed = {r.name: r for r in verify_path(out)}
@@ -216,7 +216,7 @@ def test_docs_bucketed_runner_example_runs(bucketed):
 def test_bucketed_runner_imports_no_tensorflow():
     import subprocess
 
-    code = ("import sys, export.bucketed, export.runtimes; "
+    code = ("import sys, export.bucketed, export.runtime.runtimes; "
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import run_module
 
-from export import FORMATS
+from export import FORMATS, flags
 from export.cli import build_parser, main
 
 SMALL = dict(units=8, heads=2, query_len=4, kv_len=5, query_features=6, kv_features=7)
@@ -270,7 +270,14 @@ def test_parser_defaults():
     assert (args.units, args.heads, args.query_len, args.kv_len, args.query_features,
             args.kv_features) == (None,) * 6  # None: from --weights or the documented defaults
     assert args.seed == 0 and args.output_dir == "artifacts" and args.atol is None
-    assert not hasattr(args, "batch")  # per-format default
+    assert args.batch is flags.FORMAT_BATCH  # each format's own default batch
+    # Options a parser does not offer are there too, meaning what their absence means.
+    tflm = build_parser(("tflm",)).parse_args([])
+    assert (tflm.opset, tflm.lengths, tflm.saved_model) == (None, None, None)
+    assert tflm.quantize == "int8"  # its own default, not the absent one
+    saved = build_parser(("savedmodel",)).parse_args([])
+    assert (saved.quantize, saved.int8_io, saved.calibration, saved.arena_limit) == (
+        "none", False, None, None)
 
 
 @pytest.mark.parametrize("module", list(ENTRY_POINTS))

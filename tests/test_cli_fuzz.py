@@ -233,7 +233,7 @@ VERIFY_PATHS = ["artifacts", "artifacts/", "missing", "notes.txt", "junk.npz", "
 
 
 def test_verify_command_lines(in_world):
-    from export.verify import cli as verify_cli
+    from export.runtime.verify import cli as verify_cli
 
     codes: list = []
 
@@ -264,7 +264,7 @@ SERVE_VALUES = {
 
 def test_serve_command_lines_writing_a_triton_repository(in_world):
     """`--triton-repository` always (a server would run until Ctrl-C): verify, then write."""
-    from export.serve import cli as serve_cli
+    from export.runtime.serve import cli as serve_cli
 
     codes: list = []
 
@@ -294,7 +294,7 @@ LOADBENCH_VALUES = {
 def test_loadbench_command_lines(in_world, monkeypatch):
     """The load benchmark's command line up to the measuring (which starts servers: stubbed with
     the figures it returns), then its --json."""
-    from export.serve import loadbench
+    from export.runtime.serve import loadbench
 
     monkeypatch.setattr(loadbench, "run", lambda args: {"fault": None, "cpus": 2, "cells": [],
                                                       "workers": 2, "load_before": 0.5,

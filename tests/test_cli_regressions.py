@@ -11,9 +11,10 @@ import os
 import pytest
 from conftest import run_module
 
-from export import resources, verify
+from export import resources
 from export.buckets import DYNAMIC_CHECK_LENGTHS
 from export.errors import OutOfMemoryError, SpecError
+from export.runtime import verify
 from export.spec import ArtifactSpec
 
 
@@ -97,7 +98,7 @@ def test_an_empty_path_is_a_usage_error_not_no_flag(flag, tmp_path, monkeypatch,
 
 def test_verify_with_an_empty_public_key_checks_nothing_silently_no_more(capsys):
     # `--public-key ""` verified without checking a signature, exit 0.
-    from export.verify import cli as verify_cli
+    from export.runtime.verify import cli as verify_cli
 
     with pytest.raises(SystemExit) as ended:
         verify_cli.main(["--public-key", "", "artifacts"])
@@ -107,7 +108,7 @@ def test_verify_with_an_empty_public_key_checks_nothing_silently_no_more(capsys)
 
 def test_serve_with_an_empty_triton_repository_does_not_start_a_server(capsys):
     # `--triton-repository ""` fell through to serving (a server until Ctrl-C).
-    from export.serve import cli as serve_cli
+    from export.runtime.serve import cli as serve_cli
 
     with pytest.raises(SystemExit) as ended:
         serve_cli.main(["artifacts", "--triton-repository", ""])
@@ -129,7 +130,7 @@ def test_bench_with_an_empty_model_is_refused_not_a_layer_benchmark(capsys):
 def test_loadbench_json_that_cannot_be_written_is_one_line_before_measuring(target, tmp_path,
                                                                             monkeypatch, capsys):
     # The figures were measured for minutes, then open(--json) raised: a traceback, no figures.
-    from export.serve import loadbench
+    from export.runtime.serve import loadbench
 
     measured = []
     monkeypatch.setattr(loadbench, "run", lambda args: measured.append(args) or {"fault": None, "cpus": 2})
@@ -140,7 +141,7 @@ def test_loadbench_json_that_cannot_be_written_is_one_line_before_measuring(targ
 
 
 def test_loadbench_json_that_fails_after_measuring_is_one_line(tmp_path, monkeypatch, capsys):
-    from export.serve import loadbench
+    from export.runtime.serve import loadbench
 
     def run(args):  # the folder disappears while measuring
         os.rmdir(tmp_path / "out")

@@ -105,7 +105,8 @@ def test_reference_pages_are_generated_from_the_code(site):
         for action in parser._actions:
             for option in [] if action.dest == "help" else action.option_strings:
                 assert f">{option}<" in cli_html, f"{prog} {option} is not on the CLI page"
-    from export import errors, manifest
+    from export import errors
+    from export.runtime import manifest
 
     with open(os.path.join(site, "reference", "manifest", "index.html"), encoding="utf-8") as f:
         manifest_html = f.read()
@@ -129,7 +130,7 @@ def test_every_entry_point_is_on_the_cli_page():
 
 def test_manifest_page_lists_a_real_manifests_keys_in_order(artifact_factory):
     """The generated 'in the order written' table against a manifest the pipeline published."""
-    from export import manifest
+    from export.runtime import manifest
 
     _, results = artifact_factory(formats=("onnx",))
     with open(results["onnx"].manifest_path, encoding="utf-8") as f:

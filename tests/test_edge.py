@@ -1,5 +1,5 @@
 """Edge targets (issue 13): the ORT format, the manifests' `deployment` section, metadata inside the
-files (checked by export.verify), the producer fields, and the int8 ONNX error.
+files (checked by export.runtime.verify), the producer fields, and the int8 ONNX error.
 
 Real conversions, onnxruntime and LiteRT; small shapes, artifacts built once per session.
 """
@@ -18,10 +18,10 @@ import pytest
 from conftest import run_module
 
 from export import reference
-from export.metadata import KEYS, read_tflite_metadata
 from export.pipeline import ExportRequest, export_artifacts
+from export.runtime.metadata import KEYS, read_tflite_metadata
+from export.runtime.verify import verify_path
 from export.spec import ArtifactSpec
-from export.verify import verify_path
 from xattn import __version__
 
 SMALL = dict(units=16, heads=2, query_len=5, kv_len=6, query_features=8, kv_features=8)

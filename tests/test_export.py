@@ -2,7 +2,7 @@
 
 Artifacts come from the session `artifact_factory` (one `export_artifacts` call per configuration,
 all three formats). Every runtime here is driven directly (onnxruntime, the LiteRT interpreter,
-TensorFlow) rather than through `export.runtimes`, and compared with the published `.keras`
+TensorFlow) rather than through `export.runtime.runtimes`, and compared with the published `.keras`
 reference loaded by Keras itself, on inputs the pipeline never saw.
 """
 
@@ -364,7 +364,7 @@ def test_verification_rejects_dropped_biases(tmp_path, monkeypatch, fmt):
 
 def test_verification_rejects_nan_outputs(tmp_path, monkeypatch):
     """What a weightless TFLite returns (NaN) never passes, whatever the tolerance."""
-    import export.runtimes as runtimes
+    import export.runtime.runtimes as runtimes
 
     original = runtimes.load_runner
 

@@ -19,7 +19,7 @@ import time
 import pytest
 from conftest import REPO
 
-from export import cli, publish, reference, verify
+from export import cli, publish, reference
 from export.errors import (
     CalibrationError,
     ConversionError,
@@ -34,6 +34,7 @@ from export.errors import (
 )
 from export.formats import FORMAT_NAMES, get_format
 from export.pipeline import ExportRequest, export_artifacts
+from export.runtime import verify
 from export.spec import ArtifactSpec
 
 FORMATS = ("savedmodel", "tflite", "onnx")

@@ -19,9 +19,10 @@ from conftest import REPO, read_json, run_module
 from doc_pages import block
 
 import xattn
-from export import keras2, model_load, runtimes
+from export import keras2, model_load
 from export.errors import WeightsError
 from export.formats import get_format
+from export.runtime import runtimes
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "fusionlab")
 FORMATS = ("savedmodel", "tflite", "onnx", "ort")

@@ -1,5 +1,5 @@
 """Unsafe input (issue 7), property-based: random argument lists at the CLI parser, random bytes at
-`export.verify` as artifacts, manifests and golden files. Always a clean exit code and one line
+`export.runtime.verify` as artifacts, manifests and golden files. Always a clean exit code and one line
 per artifact, never a traceback.
 
 No export runs here: once the flags parse, `export_artifacts` is replaced by a sentinel.
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from export import FORMATS, cli
-from export.verify.cli import main as verify_main
+from export.runtime.verify.cli import main as verify_main
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -107,7 +107,7 @@ def _chdir(path):  # contextlib.chdir is Python 3.11+
         os.chdir(old)
 
 
-# -- export.verify ---------------------------------------------------------------------------------
+# -- export.runtime.verify ----------------------------------------------------------------------------
 
 
 class Template(dict):
@@ -165,7 +165,7 @@ def write_case(folder: str, manifest: dict, artifact: str, golden: bytes) -> str
     raw = manifest.get("golden_raw")
     for name in (raw.get("index"), raw.get("data")) if isinstance(raw, dict) else ():
         source = os.path.join(os.path.dirname(artifact), str(name))
-        if os.path.isfile(source):  # the raw golden pair for JS readers (export.golden_raw)
+        if os.path.isfile(source):  # the raw golden pair for JS readers (export.runtime.golden_raw)
             shutil.copyfile(source, os.path.join(folder, name))
     path = os.path.join(folder, manifest["artifact"] + ".json")
     with open(path, "w", encoding="utf-8") as f:
@@ -231,10 +231,10 @@ def test_verify_random_artifact_bytes(template, data, fmt, manifest_agrees):
 
 
 def assert_reproduces_golden(fmt: str, artifact: str, manifest: dict, golden: bytes) -> None:
-    """The artifact run here (export.runtimes) on the golden inputs gives the golden outputs."""
+    """The artifact run here (export.runtime.runtimes) on the golden inputs gives the golden outputs."""
     import numpy as np
 
-    from export.runtimes import load_runner
+    from export.runtime.runtimes import load_runner
 
     with np.load(io.BytesIO(golden), allow_pickle=False) as arrays:
         data = {k: arrays[k] for k in arrays.files}
@@ -245,7 +245,7 @@ def assert_reproduces_golden(fmt: str, artifact: str, manifest: dict, golden: by
     np.testing.assert_allclose(got["output"], data["output"], rtol=0, atol=manifest["parity"]["atol"])
 
 
-# The fields every manifest must hold, and their JSON types (export.manifest).
+# The fields every manifest must hold, and their JSON types (export.runtime.manifest).
 REQUIRED = {"format": str, "artifact": str, "sha256": str, "inputs": list, "outputs": list,
             "golden": str, "parity": dict}
 JSON = st.recursive(

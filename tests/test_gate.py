@@ -1,5 +1,5 @@
-"""The one pass/fail rule (export.check): the metrics, the default gates and `gate`, on their own
-(the fast tier); the pipeline applies them before publishing and export.verify on the device."""
+"""The one pass/fail rule (export.runtime.check): the metrics, the default gates and `gate`, on their own
+(the fast tier); the pipeline applies them before publishing and export.runtime.verify on the device."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from export.check import DEFAULT_MAX_REL, gate, parity_metrics, tolerance
 from export.errors import ParityError
 from export.formats import REGISTRY
+from export.runtime.check import DEFAULT_MAX_REL, gate, parity_metrics, tolerance
 
 pytestmark = pytest.mark.fast
 

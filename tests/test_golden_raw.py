@@ -1,4 +1,4 @@
-"""export.golden_raw: the raw golden vectors a JS client reads, vs the .npz Python reads."""
+"""export.runtime.golden_raw: the raw golden vectors a JS client reads, vs the .npz Python reads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from export import publish
-from export.golden_raw import ALIGN, read_golden_raw, write_golden_raw
+from export.runtime.golden_raw import ALIGN, read_golden_raw, write_golden_raw
 
 
 def sample_arrays(seed: int = 0) -> dict[str, np.ndarray]:

@@ -458,3 +458,30 @@ def test_a_loop_passes_only_the_check_of_a_users_graph(looping_tflite):
     check_tflite_graph(looping_tflite, allowed=tflite_check.USER_GRAPH_OPS)
     with pytest.raises(GraphCheckError, match=r"\['WHILE'\]"):
         check_tflite_graph(looping_tflite, allowed=tflite_check.USER_GRAPH_OPS - {"WHILE"})
+
+
+def test_shape_ops_pass_only_the_onnx_check_of_a_users_graph(tmp_path):
+    """A `--saved-model` graph (SavedModelSpec: user_graph) may read shapes and loop at a fixed
+    batch; a `--model` or layer graph of the same tensors may not; both keep the names and axes."""
+    from export.model import ModelSpec
+    from export.onnx.check import check_onnx_file
+    from export.saved_model_reference import SavedModelSpec
+    from export.spec import ArtifactSpec, TensorInfo
+
+    tensors = dict(model_inputs=(TensorInfo("source1", (3, 4), "float32"),),
+                   model_outputs=(TensorInfo("output", (3, 4), "float32"),), stem="m", batch=1)
+    users, ours = SavedModelSpec(**tensors), ModelSpec(**tensors)
+    assert users.user_graph is True
+    assert ours.user_graph is False and ArtifactSpec(units=4, heads=1).user_graph is False
+    for name, nodes in [("shape", shape_nodes()), ("loop", loop_nodes()), ("range", range_nodes())]:
+        path = onnx_file(tmp_path / f"{name}.onnx", nodes)
+        check_onnx_file(path, users)
+        with pytest.raises(GraphCheckError, match="run-time shape ops in a fixed-batch graph"):
+            check_onnx_file(path, ours)
+    # The allowance is for ops only: a user's graph keeps the spec's names and static axes.
+    symbolic = onnx_file(tmp_path / "symbolic.onnx", shape_nodes(), inputs=[("source1", ["b", 3, 4])])
+    with pytest.raises(GraphCheckError, match=r"source1 has symbolic axes \[0\], expected \[\]"):
+        check_onnx_file(symbolic, users)
+    renamed = onnx_file(tmp_path / "renamed.onnx", [relu(dst="y")], outputs=[("y", [1, 3, 4])])
+    with pytest.raises(GraphCheckError, match=r"outputs \['y'\], expected"):
+        check_onnx_file(renamed, users)

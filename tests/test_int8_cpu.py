@@ -21,10 +21,11 @@ from conftest import run_module
 from layer_zoo import randomize_weights
 
 import xattn
-from export import check, cli, reference
+from export import cli, reference
 from export.errors import SpecError
 from export.formats import REGISTRY, get_format
 from export.pipeline import ExportRequest, export_artifacts
+from export.runtime import check
 from export.spec import ArtifactSpec
 
 GATE = 5e-2  # int8's relative L2 gate, int8-cpu's too
@@ -223,14 +224,17 @@ def test_the_late_softmax_is_the_core_and_other_subs_and_exps_are_not(tmp_path):
 
 
 def test_int8_cpu_graphs_get_the_late_softmax_int8_ones_do_not():
-    from export.calibration import graph_options
+    from export.calibration import MASK_MARGIN, graph_options
+    from export.graph import GraphOptions
 
-    assert graph_options(ArtifactSpec(quantize="int8-cpu"), "tflite") == {"late_softmax": True}
-    assert graph_options(ArtifactSpec(quantize="none"), "tflite") == {"late_softmax": True}
-    assert graph_options(ArtifactSpec(quantize="int8"), "tflite") == {}
-    assert "late_softmax" not in graph_options(ArtifactSpec(quantize="int8-cpu"), "onnx")
+    assert graph_options(ArtifactSpec(quantize="int8-cpu"), "tflite") == GraphOptions(late_softmax=True)
+    assert graph_options(ArtifactSpec(quantize="none"), "tflite") == GraphOptions(late_softmax=True)
+    assert graph_options(ArtifactSpec(quantize="int8"), "tflite") == GraphOptions()
+    assert graph_options(ArtifactSpec(quantize="int8-cpu"), "onnx").late_softmax is False
     masked = ArtifactSpec(quantize="int8-cpu", causal=True)
-    assert set(graph_options(masked, "tflite")) == {"late_softmax", "mask_margin"}
+    assert graph_options(masked, "tflite") == GraphOptions(mask_margin=MASK_MARGIN, late_softmax=True)
+    # Passed whole, they reach folded_attention as its keywords.
+    assert graph_options(masked, "tflite").keywords() == {"mask_margin": MASK_MARGIN, "late_softmax": True}
 
 
 def _ops_by_output(flatbuffer: bytes) -> dict[str, str]:

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from export import manifest as manifests
 from export.errors import ManifestError
 from export.formats import Built
+from export.runtime import manifest as manifests
 from export.spec import ArtifactSpec
 
 SPEC = ArtifactSpec(units=4, heads=1, query_len=2, kv_len=3, query_features=3, kv_features=2, batch=1,
@@ -69,16 +69,19 @@ def test_int8_io_tensors_carry_their_dtype_and_quantization():
 
 
 def test_optional_fields_appear_only_when_given():
+    companions = [{"file": "m.cc", "sha256": "c" * 64, "bytes": 7}]
     manifest = build(golden_name="m.len_3.golden.npz", signatures=[{"key": "len_3"}],
-                     file_metadata={"format": "tflite"}, deployment={"ops": 1})
+                     file_metadata={"format": "tflite"}, deployment={"ops": 1}, files=companions)
+    assert manifest["files"] == companions  # TFLM's generated C++, after the file's own bytes
+    assert list(manifest).index("files") == list(manifest).index("bytes") + 1
     assert manifest["golden"] == "m.len_3.golden.npz"
     assert manifest["signatures"] == [{"key": "len_3"}]
     assert manifest["file_metadata"] == {"format": "tflite"} and manifest["deployment"] == {"ops": 1}
     assert list(manifest).index("signatures") == list(manifest).index("golden_raw") + 1
     assert list(manifest).index("file_metadata") == list(manifest).index("quantization") + 1
     assert list(manifest).index("deployment") == list(manifest).index("parity") + 1
-    absent = build(signatures=[], file_metadata=None, deployment=None)
-    assert not {"signatures", "file_metadata", "deployment"} & set(absent)
+    for absent in (build(signatures=[], file_metadata=None, deployment=None, files=[]), build()):
+        assert not {"signatures", "file_metadata", "deployment", "files"} & set(absent)
     assert "file_metadata" in build(file_metadata={}) and "deployment" in build(deployment={})
 
 
@@ -97,6 +100,12 @@ def test_quantization_entry():
     half = ArtifactSpec(units=4, heads=1, quantize="float16")
     assert manifests.quantization_entry(half, None)["scheme"] == "float16"
     assert manifests.quantization_entry(ArtifactSpec(units=4, heads=1), None)["scheme"] == "float32"
+    # int8-cpu (ONNX/ORT): int8 but for the attention core, calibrated, its io float32.
+    cpu = ArtifactSpec(units=4, heads=1, quantize="int8-cpu")
+    assert manifests.quantization_entry(cpu, calibration, "full-integer") == {
+        "mode": "int8-cpu", "scheme": "selective-integer", "weights": "int8",
+        "activations": "int8, calibrated; attention core (BATCH_MATMULs, softmax) float32",
+        "io_dtype": "float32", "calibration": {"source": "rows.npz"}, "n_samples": 64}
 
 
 def test_write_manifest_bytes(tmp_path):
@@ -277,7 +286,7 @@ def test_golden_size_limit_is_inclusive(tmp_path, monkeypatch):
 
 
 
-# -- the pure checks export.verify applies: companions, tensors and their id ranges ------------
+# -- the pure checks export.runtime.verify applies: companions, tensors and their id ranges -----------
 
 
 def _sha(data: bytes) -> str:
@@ -288,7 +297,7 @@ def _sha(data: bytes) -> str:
 
 def test_check_files_accepts_companions_with_their_sha256_and_names_each_failure(tmp_path):
     from export.errors import ManifestError
-    from export.manifest import check_files
+    from export.runtime.manifest import check_files
 
     (tmp_path / "m.cc").write_bytes(b"const unsigned char g[] = {1};\n")
     (tmp_path / "m.h").write_bytes(b"#pragma once\n")
@@ -298,7 +307,7 @@ def test_check_files_accepts_companions_with_their_sha256_and_names_each_failure
     check_files(str(tmp_path), {})  # no companions: nothing to check
     check_files(str(tmp_path), {"files": []})
     cases = [
-        ({"files": {"file": "m.cc"}}, r"^manifest files must be a list, not "),
+        ({"files": {"file": "m.cc"}}, r"^manifest files must be a list, not \{'file': 'm\.cc'\}$"),
         ({"files": ["m.cc"]}, r"^manifest files entries must be \{file, sha256\}, not 'm.cc'"),
         ({"files": [{"file": "m.cc", "sha256": "0" * 63}]}, r"entries must be \{file, sha256\}"),
         ({"files": [{"file": "m.cc"}]}, r"entries must be \{file, sha256\}"),
@@ -313,7 +322,7 @@ def test_check_files_accepts_companions_with_their_sha256_and_names_each_failure
 
 def test_tensors_of_validates_names_shapes_dtypes_and_ranges():
     from export.errors import ManifestError
-    from export.manifest import tensors_of
+    from export.runtime.manifest import tensors_of
 
     ok = tensors_of([{"name": "ids", "shape": [None, 8], "dtype": "int32", "range": [0, 20]},
                      {"name": "x", "shape": [1, 8, 4], "dtype": "float32"}], "inputs")
@@ -351,9 +360,10 @@ def test_tensors_of_validates_names_shapes_dtypes_and_ranges():
 
 def test_check_golden_ranges_refuses_ids_outside_the_range_at_both_ends():
     from export.errors import ManifestError
-    from export.manifest import check_golden_ranges
+    from export.runtime.manifest import check_golden_ranges
 
-    inputs = [{"name": "ids", "range": (0, 20)}, {"name": "x"}]
+    # x, listed first, has no range: the ranged ids after it are still checked.
+    inputs = [{"name": "x"}, {"name": "ids", "range": (0, 20)}]
     golden = {"ids": np.array([[0, 19, 7]], np.int32), "x": np.full((1, 3), 1e9, np.float32)}
     check_golden_ranges(golden, inputs)  # 0 and 19 are inside; x has no range
     for bad, value in ((20, "20"), (-1, "-1")):

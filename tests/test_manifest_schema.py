@@ -1,5 +1,5 @@
-"""The manifest's JSON Schema (export/manifest.schema.json): one file, applied by the Python verifier
-(export.schema) and by the JavaScript one (web/lib/schema.mjs), which agree on every document."""
+"""The manifest's JSON Schema (export/runtime/manifest.schema.json): one file, applied by the Python verifier
+(export.runtime.schema) and by the JavaScript one (web/lib/schema.mjs), which agree on every document."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import subprocess
 import pytest
 from conftest import REPO
 
-from export import manifest as manifests
-from export import schema
 from export.errors import ManifestError
+from export.runtime import manifest as manifests
+from export.runtime import schema
 
 SHA = "ab" * 32
 VALID = {
@@ -164,7 +164,7 @@ def test_every_published_manifest_matches(published):
 
 
 def test_both_verifiers_refuse_what_only_the_schema_forbids(published):
-    from export.verify import verify_manifest
+    from export.runtime.verify import verify_manifest
 
     path = os.path.join(published, "xattn_u64_h4_q10x64_kv10x64.onnx.json")
     manifest = manifests.read_manifest(path)

@@ -144,7 +144,7 @@ def assert_matches_layer(got: dict, want: dict, spec, atol: float) -> None:
 
 
 def runner_for(result, **kwargs):
-    from export.runtimes import load_runner
+    from export.runtime.runtimes import load_runner
 
     return load_runner(result.format, result.path, batch=result.spec.batch, **kwargs)
 
@@ -324,7 +324,7 @@ def every_layout(built, tmp_path_factory):
 
 
 def test_every_layout_in_every_runtime(every_layout):
-    from export.runtimes import load_runner
+    from export.runtime.runtimes import load_runner
 
     spec, layer, files = every_layout
     for (fmt, layout), path in files.items():

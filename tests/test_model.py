@@ -18,9 +18,9 @@ from conftest import run_module
 from layer_zoo import randomize_weights
 
 import xattn
-from export import runtimes
 from export.cli import main
 from export.formats import FORMAT_NAMES, get_format
+from export.runtime import runtimes
 
 FORMATS = ("savedmodel", "tflite", "onnx")
 TQ, TKV = 6, 7

@@ -1,4 +1,4 @@
-"""The Open Inference Protocol's decoding and encoding (export.serve.protocol), on their own: every
+"""The Open Inference Protocol's decoding and encoding (export.runtime.serve.protocol), on their own: every
 rule a request is held to, without a server, a runtime or TensorFlow (the fast tier). The same
 kinds of bad request run end to end over HTTP in tests/test_serve.py."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from export.errors import InputError
-from export.serve import protocol
-from export.serve.protocol import (
+from export.runtime.serve import protocol
+from export.runtime.serve.protocol import (
     HEADER_LENGTH,
     BodyTooLarge,
     RequestError,
@@ -232,3 +232,23 @@ def test_a_gzip_bomb_stops_at_the_limit():
         read_content_encoding(bomb, "gzip", 1 << 20)
     assert info.value.status == 413
     assert len(read_content_encoding(bomb, "gzip", 4 << 20)) == 4 << 20
+
+
+def test_statistics_report_counts_rows_runs_and_runs_by_batch_size():
+    from export.runtime.serve.endpoint import Statistics
+
+    stats = Statistics()
+    empty = json.loads(stats.report("m"))["model_stats"][0]
+    assert (empty["inference_count"], empty["execution_count"], empty["batch_stats"]) == (0, 0, [])
+    for rows, ns in ((3, 100), (8, 50), (3, 20)):
+        stats.count(rows, ns)
+    stats.requests += 5  # e.g. the run of 8 rows merged three requests (the Ray engine)
+    got = json.loads(stats.report("m"))["model_stats"][0]
+    assert got["name"] == "m" and got["version"] == "1" and got["last_inference"] > 0
+    assert (got["inference_count"], got["execution_count"]) == (14, 3)
+    assert got["inference_stats"]["success"] == {"count": 5}
+    assert got["inference_stats"]["compute_infer"] == {"count": 3, "ns": 170}
+    assert got["batch_stats"] == [
+        {"batch_size": 3, "compute_infer": {"count": 2, "ns": 120}},
+        {"batch_size": 8, "compute_infer": {"count": 1, "ns": 50}},
+    ]

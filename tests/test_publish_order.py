@@ -11,8 +11,9 @@ import os
 
 import pytest
 
-from export import publish, verify
+from export import publish
 from export.pipeline import ExportRequest, export_artifacts
+from export.runtime import verify
 from export.spec import ArtifactSpec
 
 TINY = dict(units=4, heads=1, query_len=2, kv_len=3, query_features=3, kv_features=2)

@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 from conftest import run_module
 
-from export import calibration, check, cli, reference
+from export import calibration, cli, reference
 from export.errors import CalibrationError, ParityError, SpecError
 from export.onnx.check import check_onnx_graph
 from export.onnx.quantize import INT8_MAX
 from export.pipeline import ExportRequest, export_artifacts
+from export.runtime import check
 from export.spec import ArtifactSpec
 from export.tflite.check import check_tflite_graph
 
@@ -131,7 +132,7 @@ def manifest_of(result) -> dict:
 
 
 def run_directly(fmt: str, path: str, feeds: dict) -> dict:
-    """The artifact in its runtime, float feeds in and float outputs out (no export.runtimes)."""
+    """The artifact in its runtime, float feeds in and float outputs out (no export.runtime.runtimes)."""
     if fmt == "onnx":
         import onnxruntime as ort
 
@@ -338,7 +339,7 @@ def test_int8_with_masks_meets_gate(masked_int8_build, fmt):
     feeds["query_mask"][0] = False
     feeds["value_mask"][1] = np.arange(result.spec.kv_len) == 0
     expected = reference.run_reference(masked_reference(3), feeds)
-    from export.runtimes import load_runner
+    from export.runtime.runtimes import load_runner
 
     got = load_runner(fmt, result.path, batch=result.spec.batch).run(feeds)
     assert rel_l2(expected, got) <= GATE["int8"]
@@ -623,7 +624,7 @@ def sharp_attention_weights(spec, factor: float = 16) -> list[np.ndarray]:
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMATS)
 @pytest.mark.parametrize("mode", ["int8", "dynamic-int8"])
 def test_variant_beyond_its_default_gate_is_refused(tmp_path, fmt, mode):
-    """No --max-rel-error: the variant's default gate (export.check.DEFAULT_MAX_REL) refuses it,
+    """No --max-rel-error: the variant's default gate (export.runtime.check.DEFAULT_MAX_REL) refuses it,
     and nothing reaches the folder. Full-int8 TFLite fails on clipped calibration ranges;
     weight-only ONNX int8 has none, it fails on weights whose rounding matters."""
     spec = ArtifactSpec(**GATED, quantize=mode, batch=1 if fmt == "tflite" else None)
@@ -643,11 +644,11 @@ def test_variant_beyond_its_default_gate_is_refused(tmp_path, fmt, mode):
     assert not [n for n in os.listdir(out) if not n.startswith(".")]
 
 
-# -- export.verify reads what the variants publish ------------------------------------------------
+# -- export.runtime.verify reads what the variants publish --------------------------------------------
 
 
 def test_verify_passes_every_variant(variant_builds, masked_int8_build, calibrated_build):
-    from export import verify
+    from export.runtime import verify
 
     manifests = [r.manifest_path for mode in MODES for r in variant_builds[mode][1].values()]
     manifests += [r.manifest_path for r in masked_int8_build[1].values()]

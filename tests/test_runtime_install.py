@@ -82,7 +82,8 @@ def test_runtime_venv_holds_no_build_half_and_fits_300_mb(runtime_venv, tmp_path
     size = _site_bytes(os.path.dirname(os.path.dirname(python)))
     print(f"runtime venv: {size / 2**20:.0f} MiB of site-packages, installed in {seconds:.1f} s")
     assert size < MAX_SITE_BYTES, f"{size / 2**20:.0f} MiB"
-    imported = _run(python, "-c", "import export, export.verify, export.serve.cli, export.command",
+    imported = _run(python, "-c", "import export, export.runtime.verify, export.runtime.serve.cli, "
+                                   "export.command",
                     cwd=str(tmp_path))
     assert imported.returncode == 0, imported.stderr
     # ... and the package is the installed one, not the checkout.

@@ -18,10 +18,10 @@ import tensorflow as tf
 from conftest import REPO, run_module
 from layer_zoo import randomize_weights
 
-from export import runtimes
 from export.cli import main
 from export.errors import ParityError
 from export.formats import FORMAT_NAMES, get_format
+from export.runtime import runtimes
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "fusionlab")
 XTFT = os.path.join(FIXTURES, "xtft_savedmodel")
@@ -41,7 +41,7 @@ def _manifest(folder, artifact: str) -> dict:
 
 
 def _run_published(folder, manifest: dict, feeds: dict) -> dict:
-    """A published file run the way export.verify and export.serve run it."""
+    """A published file run the way export.runtime.verify and export.runtime.serve run it."""
     batch = manifest["inputs"][0]["shape"][0]
     runner = runtimes.load_runner(manifest["format"], os.path.join(folder, manifest["artifact"]),
                                   batch=batch, inputs=manifest["inputs"])
@@ -296,7 +296,7 @@ def test_xtft_tflite_state_is_recorded_and_reset(xtft_exported):
     assert np.abs(plain - want[:8]).max() > 1e-3
     # The pipeline's sequence check fails a runner that does not reset it.
     from export import pipeline
-    from export.runtimes import Runner
+    from export.runtime.runtimes import Runner
     from export.saved_model_reference import SavedModelReference, load_signature
 
     loaded, concrete = load_signature(XTFT, "serving_default")
@@ -313,8 +313,8 @@ def test_xtft_export_verify_and_serve_runner_reset(xtft_exported):
     done = run_module("export.verify", out)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[-1].startswith(f"{len(FORMAT_NAMES)} passed, 0 failed")
-    # export.serve's engines (embedded and Ray) load through this function.
-    from export.serve.endpoint import load_runner
+    # export.runtime.serve's engines (embedded and Ray) load through this function.
+    from export.runtime.serve.endpoint import load_runner
 
     manifest = _manifest(out, "xtft.tflite")
     with open(os.path.join(out, "xtft.tflite"), "rb") as f:
@@ -415,7 +415,7 @@ def test_parity_script_reports_fusionlab_figures(xtft_exported, tmp_path):
 
 
 def test_signed_variant_set_verifies_with_the_key(own_saved_model, tmp_path):
-    """Signing and a --quantize variant work as for --model; export.verify checks the signature."""
+    """Signing and a --quantize variant work as for --model; export.runtime.verify checks the signature."""
     pytest.importorskip("model_signing")
     from test_trust import write_key_pair
 

@@ -4,7 +4,8 @@ One server per engine (a real `python -m export.serve` process: `--engine embedd
 workers; `--engine ray`, one local Ray instance) serves the default ONNX and TFLite artifacts for
 the whole session, and the protocol suite runs against each; `tritonclient.http`, unmodified,
 talks to them with JSON and binary tensors. Bad requests go through raw HTTP so that each kind is
-sent exactly as named. The last test of each engine stops its server with Ctrl-C. The embedded
+sent exactly as named. The last test of each engine stops its server with Ctrl-C (marked
+`stops_server`: conftest runs it after every other test of that server, whatever the order). The embedded
 engine's drain (SIGTERM under load), readiness (warm-up) and bind address have their own servers.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import importlib.util
 import json
 import os
 import shutil
@@ -26,7 +28,6 @@ import numpy as np
 import pytest
 from conftest import REPO, run_module
 
-pytest.importorskip("ray.serve", reason="the serve extra is not installed")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
 
 STEM = "xattn_u64_h4_q10x64_kv10x64"
@@ -35,7 +36,12 @@ MODELS = {"onnx": ONNX, "tflite": TFLITE}
 MAX_BATCH = 8
 MAX_BODY_MB = 1
 STARTUP_TIMEOUT_S = 240
-ENGINES = ["embedded", "ray"]
+# Ray is the serve extra's; without it the embedded engine's tests still run.
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+ENGINES = ["embedded", pytest.param("ray", marks=pytest.mark.skipif(
+    not HAVE_RAY, reason="Ray Serve (the serve extra) is not installed"))]
+BATCH_WAIT_MS = 20  # Ray's batches: long enough that 16 concurrent requests share some
+ENGINE_OF: dict[int, str] = {}  # a server's pid -> its engine
 
 
 def _free_port() -> int:
@@ -81,7 +87,7 @@ def _start(artifacts, logs, *args, env=None, wait_ready=True):
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"export.serve exited {proc.returncode}: {(logs / 'stderr').read_text()}")
+            pytest.fail(f"export.runtime.serve exited {proc.returncode}: {(logs / 'stderr').read_text()}")
         try:
             if not wait_ready and _get(port, "/v2/health/live") == 200:
                 break
@@ -92,7 +98,7 @@ def _start(artifacts, logs, *args, env=None, wait_ready=True):
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"export.serve not ready in {STARTUP_TIMEOUT_S} s")
+            pytest.fail(f"export.runtime.serve not ready in {STARTUP_TIMEOUT_S} s")
         time.sleep(0.1)
     return proc, port, out, err
 
@@ -114,8 +120,9 @@ def server(request, artifacts, tmp_path_factory):
     logs = tmp_path_factory.mktemp(f"serve-logs-{request.param}")
     proc, port, out, err = _start(
         artifacts, logs, "--engine", request.param, "--max-batch", str(MAX_BATCH),
-        "--max-body-mb", str(MAX_BODY_MB),
+        "--max-body-mb", str(MAX_BODY_MB), "--batch-wait-ms", str(BATCH_WAIT_MS),
     )
+    ENGINE_OF[proc.pid] = request.param
     yield proc, port, logs
     _finish(proc, out, err)
 
@@ -210,11 +217,26 @@ def test_infer_without_requested_outputs_returns_binary(client, golden):
     np.testing.assert_allclose(result.as_numpy("output"), golden["output"], atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
-def test_concurrent_requests_are_batched_and_split_back(client, artifacts, fmt):
-    """Rows of concurrent requests share batches (Ray engine); each caller gets its own rows."""
-    from export.runtimes import load_runner
+def _stats(port: int, model: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", f"/v2/models/{model}/stats")
+        reply = conn.getresponse()
+        assert reply.status == 200 and reply.getheader("Content-Type") == "application/json"
+        return json.loads(reply.read())["model_stats"][0]
+    finally:
+        conn.close()
 
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_concurrent_requests_are_batched_and_split_back(server, client, artifacts, fmt):
+    """Each caller of concurrent requests gets its own rows. The Ray engine merges them into
+    batches of up to --max-batch rows (its statistics show fewer runs than requests); the embedded
+    engine runs each request as it comes (one run each)."""
+    from export.runtime.runtimes import load_runner
+
+    proc, port, _ = server
+    engine = ENGINE_OF[proc.pid]
     manifest = _manifest(artifacts, fmt)
     path = os.path.join(artifacts, manifest["artifact"])
     runner = load_runner(fmt, path, batch=manifest["inputs"][0]["shape"][0],
@@ -226,11 +248,41 @@ def test_concurrent_requests_are_batched_and_split_back(client, artifacts, fmt):
         requests.append({
             n: rng.normal(size=(rows, 10, 64)).astype(np.float32) for n in ("source1", "source2")
         })
+    before = _stats(port, MODELS[fmt])
     pending = [client.async_infer(MODELS[fmt], _inputs(r, binary=i % 2 == 0))
                for i, r in enumerate(requests)]
     for request, handle in zip(requests, pending):
         got = handle.get_result(timeout=60).as_numpy("output")
         np.testing.assert_allclose(got, runner.run(request)["output"], rtol=0, atol=1e-5)
+    after = _stats(port, MODELS[fmt])
+    rows = sum(len(r["source1"]) for r in requests)
+    runs = after["execution_count"] - before["execution_count"]
+    answered = (after["inference_stats"]["success"]["count"]
+                - before["inference_stats"]["success"]["count"])
+    counted = {b["batch_size"]: b["compute_infer"]["count"] for b in before["batch_stats"]}
+    sizes = {b["batch_size"] for b in after["batch_stats"]
+             if b["compute_infer"]["count"] > counted.get(b["batch_size"], 0)}
+    if engine == "ray":  # one replica: its statistics are the server's
+        assert after["inference_count"] - before["inference_count"] == rows
+        assert answered == len(requests) and runs < len(requests), after  # some requests shared a run
+        assert max(sizes) > 3 and max(sizes) <= MAX_BATCH, sizes  # merged, never past --max-batch
+    else:  # each of the --workers processes counts its own (before and after may come from two
+        # of them): a process that never merges has run exactly the requests it answered
+        assert after["execution_count"] == after["inference_stats"]["success"]["count"], after
+
+
+def test_statistics_route_answers_get_only(server):
+    _, port, _ = server
+    stats = _stats(port, ONNX)
+    assert stats["name"] == ONNX and stats["version"] == "1"
+    assert stats["execution_count"] == sum(b["compute_infer"]["count"] for b in stats["batch_stats"])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", f"/v2/models/{ONNX}/stats", body=b"{}")
+        reply = conn.getresponse()
+        assert reply.status == 400 and "no route POST" in json.loads(reply.read())["error"]
+    finally:
+        conn.close()
 
 
 def test_gzip_request_body(client, golden):
@@ -499,10 +551,11 @@ def test_triton_repository_parses_as_triton_model_config(artifacts, tmp_path):
 
 
 def test_serve_never_imports_tensorflow():
-    code = ("import sys, export.serve.__main__, export.serve.cli, export.serve.deployments, "
-            "export.serve.loadbench, export.serve.endpoint, export.serve.embedded, "
-            "export.serve.worker, export.serve.loadgen, export.serve.grpc_service, "
-            "export.serve.triton; print(sorted({'tensorflow', 'keras', 'tf2onnx'} & set(sys.modules)))")
+    code = ("import sys, export.serve.__main__, export.runtime.serve.cli, "
+            "export.runtime.serve.deployments, export.runtime.serve.loadbench, "
+            "export.runtime.serve.endpoint, export.runtime.serve.embedded, export.runtime.serve.worker, "
+            "export.runtime.serve.loadgen, export.runtime.serve.grpc_service, export.runtime.serve.triton; "
+            "print(sorted({'tensorflow', 'keras', 'tf2onnx'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
@@ -615,7 +668,7 @@ def test_sigterm_under_load_drains_without_losing_a_request(artifacts, tmp_path,
     import asyncio
     import threading
 
-    from export.serve.loadgen import build_request, run_job
+    from export.runtime.serve.loadgen import build_request, run_job
 
     proc, port, out, err = _start(artifacts, tmp_path, "--engine", engine, "--workers", "2",
                                   "--drain-seconds", "5")
@@ -712,9 +765,10 @@ def test_load_benchmark_runs_both_entry_points(artifacts, tmp_path):
     assert alias.returncode == 0 and "--engines" in alias.stdout
 
 
-# -- last: Ctrl-C ---------------------------------------------------------------------------------
+# -- Ctrl-C: after every other test of its server (tests/conftest.py, `stops_server`) ------------
 
 
+@pytest.mark.stops_server("server")
 def test_ctrl_c_stops_the_server_cleanly(server):
     proc, port, logs = server
     proc.send_signal(signal.SIGINT)

@@ -45,8 +45,8 @@ def token_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def token_endpoints(token_export):
-    from export.serve import load_models
-    from export.serve.endpoint import ModelEndpoint
+    from export.runtime.serve import load_models
+    from export.runtime.serve.endpoint import ModelEndpoint
 
     models, _ = load_models(token_export[0])
     return {m.format: ModelEndpoint(m, max_body=1 << 20, max_batch=8) for m in models}
@@ -82,7 +82,7 @@ def _feeds(bad: int | None = None):
 
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_the_manifest_records_the_range_of_ids_that_feed_an_embedding(fmt, token_export):
-    from export.schema import check_manifest_schema
+    from export.runtime.schema import check_manifest_schema
 
     with open(os.path.join(token_export[0], f"tokens.{fmt}.json")) as f:
         manifest = json.load(f)
@@ -96,8 +96,8 @@ def test_the_manifest_records_the_range_of_ids_that_feed_an_embedding(fmt, token
 def test_ids_outside_the_range_are_400_naming_input_value_and_range(fmt, bad, token_endpoints):
     """An id past input_dim got the runtime's error as a 500; -1 was answered (ONNX Gather wraps
     it to the last row). Both are now the client's 400, over JSON, binary and gRPC alike."""
-    from export.serve.grpc_service import to_http_body
-    from export.serve.protocol import RequestError
+    from export.runtime.serve.grpc_service import to_http_body
+    from export.runtime.serve.protocol import RequestError
 
     endpoint = token_endpoints[fmt]
     ids, ctx = _feeds(bad)
@@ -127,7 +127,7 @@ def live_server(token_export):
     --body-timeout 2, --max-connections 4; yields its port."""
     import socket
 
-    from export.serve import ServeOptions, load_models, start, stop
+    from export.runtime.serve import ServeOptions, load_models, start, stop
 
     models, _ = load_models(token_export[0])
     with socket.socket() as s:
@@ -166,7 +166,7 @@ def test_a_live_server_answers_400_for_an_id_past_the_embedding(live_server):
 
 def test_verify_refuses_golden_ids_outside_the_manifest_range():
     from export.errors import ManifestError
-    from export.manifest import check_golden_ranges, tensors_of
+    from export.runtime.manifest import check_golden_ranges, tensors_of
 
     inputs = tensors_of([{"name": "ids", "shape": [None, 3], "dtype": "int32", "range": [0, 5]}],
                         "inputs")
@@ -181,14 +181,14 @@ def test_verify_refuses_golden_ids_outside_the_manifest_range():
                          ids=["one", "three", "empty", "float-bound", "float-input"])
 def test_a_malformed_range_is_a_manifest_error(bounds, dtype):
     from export.errors import ManifestError
-    from export.manifest import tensors_of
+    from export.runtime.manifest import tensors_of
 
     with pytest.raises(ManifestError, match=r"manifest inputs 'ids': .*range"):
         tensors_of([{"name": "ids", "shape": [None, 3], "dtype": dtype, "range": bounds}], "inputs")
 
 
 def test_the_schema_takes_a_range_of_two_integers_only():
-    from export.schema import manifest_schema, validate
+    from export.runtime.schema import manifest_schema, validate
 
     schema = manifest_schema()
     tensors = schema["$defs"]["tensors"]
@@ -207,8 +207,8 @@ def test_a_litert_error_holds_this_requests_error_only(token_export, token_endpo
     Embedding are refused before the runtime now, so they go to the runner directly here."""
     import logging
 
-    from export import runtimes
-    from export.serve.endpoint import guarded
+    from export.runtime import runtimes
+    from export.runtime.serve.endpoint import guarded
 
     ids, ctx = _feeds(VOCAB + 5)
     runner = runtimes.load_runner("tflite", os.path.join(token_export[0], "tokens.tflite"))
@@ -342,7 +342,7 @@ def test_connections_past_the_limit_get_503_and_are_closed(live_server):
 
 def test_the_body_timeout_is_checked_like_the_read_timeout():
     from export.errors import UsageError
-    from export.serve import ServeOptions, check_options
+    from export.runtime.serve import ServeOptions, check_options
 
     for value in (0.0, -1.0, 1e300):
         with pytest.raises(UsageError, match=r"--body-timeout must be in \(0, 86400\]"):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_module
 
-from export.check import parity_metrics
+from export.runtime.check import parity_metrics
 from export.tflm.cpp import read_model_data
 from export.tflm.ops import TFLM_OPS, read_model
 from export.tflm.runtime import TflmModel, smallest_arena, tflm_function
@@ -79,7 +79,7 @@ def test_tflm_matches_litert_on_the_same_file(variant, request):
     """The int8 kernels: TFLM's reference kernels and LiteRT's give nearly the same numbers on
     the same bytes, and both are within the int8 gate of the Keras reference."""
     out, result = request.getfixturevalue(variant)
-    from export.runtimes import tflite_function
+    from export.runtime.runtimes import tflite_function
 
     golden = np.load(os.path.join(out, result.manifest["golden"]))
     feeds = {i["name"]: golden[i["name"]][:1] for i in result.manifest["inputs"]}
@@ -282,8 +282,8 @@ def test_verify_runs_tflm_files_on_tflm_and_checks_the_cpp(plain, tmp_path):
 
 
 def test_verify_stays_tensorflow_free_with_tflm():
-    code = ("import sys, export.verify, export.tflm.runtime, export.tflm.check, export.tflm.cpp\n"
-            "import export.metadata; export.metadata.read_tflm_metadata\n"
+    code = ("import sys, export.runtime.verify, export.tflm.runtime, export.tflm.check, export.tflm.cpp\n"
+            "import export.runtime.metadata; export.tflm.runtime.read_tflm_metadata\n"
             "print(','.join(m for m in ('tensorflow', 'keras', 'tf2onnx', 'ai_edge_litert') "
             "if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
@@ -369,7 +369,7 @@ def _edit_manifest(path, change) -> None:
 
 
 def test_verify_runs_the_file_in_the_manifests_arena(plain, tmp_path):
-    """The arena an engineer copies into the firmware is checked on TFLM by export.verify: a
+    """The arena an engineer copies into the firmware is checked on TFLM by export.runtime.verify: a
     manifest promising 16 bytes less than the smallest arena fails."""
     out, result = plain
     copy = tmp_path / "set"
@@ -411,8 +411,8 @@ def test_signed_tflm_set_covers_the_generated_cpp(tmp_path):
     pytest.importorskip("model_signing")
     from test_trust import write_key_pair
 
-    from export import verify
     from export.pipeline import ExportRequest, export_artifacts
+    from export.runtime import verify
     from export.spec import ArtifactSpec
 
     private, public = write_key_pair(tmp_path, "key")

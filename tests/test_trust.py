@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 from conftest import REPO, run_module
 
-from export import cli, publish, resources, verify
+from export import cli, publish, resources
 from export.errors import DiskFullError, OutOfMemoryError, OutputDirError, SpecError
 from export.formats import get_format
 from export.pipeline import ExportRequest, export_artifacts
+from export.runtime import verify
+from export.runtime.verify import cli as verify_cli
 from export.spec import ArtifactSpec
-from export.verify import cli as verify_cli
 
 PROCESS_TIMEOUT = 300
 
@@ -542,7 +543,7 @@ def test_readme_key_generation_commands_work(tmp_path):
     assert len(commands) == 2, commands
     for command in commands:
         subprocess.run(command, shell=True, cwd=tmp_path, check=True, capture_output=True)
-    from export import signing
+    from export.runtime import signing
 
     signing.load_signer(str(tmp_path / "key.pem"))
     signing.load_verifier(str(tmp_path / "key.pub"))

@@ -262,8 +262,8 @@ def test_ids_past_an_embedding_deeper_inside_are_one_line_too(tmp_path):
 @pytest.fixture(scope="module")
 def masked_endpoints(artifact_factory):
     """A served ModelEndpoint per runtime (ONNX, TFLite) of a small masked artifact."""
-    from export.serve import load_models
-    from export.serve.endpoint import ModelEndpoint
+    from export.runtime.serve import load_models
+    from export.runtime.serve.endpoint import ModelEndpoint
 
     out, _ = artifact_factory(formats=("onnx", "tflite"), query_len=4, kv_len=5, query_mask=True,
                               value_mask=True, **SMALL)
@@ -303,7 +303,7 @@ def test_bool_bytes_other_than_1_mean_true(fmt, masked_endpoints):
         # gRPC: raw_input_contents with the same bytes, through to_http_body.
         from tritonclient.grpc import service_pb2
 
-        from export.serve.grpc_service import to_http_body
+        from export.runtime.serve.grpc_service import to_http_body
 
         request = service_pb2.ModelInferRequest(model_name=endpoint.name)
         for n, a in feeds.items():
@@ -317,7 +317,7 @@ def test_bool_bytes_other_than_1_mean_true(fmt, masked_endpoints):
 
 
 def test_a_true_among_fp32_data_is_refused():
-    from export.serve.protocol import RequestError, TensorSpec, decode_infer_request
+    from export.runtime.serve.protocol import RequestError, TensorSpec, decode_infer_request
 
     spec = [TensorSpec("x", "FP32", (-1, 2))]
     ok = decode_infer_request(b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],'
@@ -335,7 +335,7 @@ def test_a_true_among_fp32_data_is_refused():
 def test_nan_outputs_are_refused_in_json_and_carried_in_binary():
     """NaN/inf became JSON null without a word: now a JSON output holding them is refused with a
     line saying so; binary outputs carry them exactly."""
-    from export.serve.protocol import (
+    from export.runtime.serve.protocol import (
         HEADER_LENGTH,
         InferRequest,
         RequestError,
@@ -359,7 +359,7 @@ def test_grpc_nan_in_fp32_contents_names_the_tensor_and_value():
     from tritonclient.grpc import service_pb2
 
     from export.errors import InputError
-    from export.serve.grpc_service import to_http_body
+    from export.runtime.serve.grpc_service import to_http_body
 
     request = service_pb2.ModelInferRequest(model_name="m")
     tensor = request.inputs.add(name="source1", datatype="FP32", shape=[1, 3])
@@ -388,7 +388,7 @@ def test_grpc_nan_in_fp32_contents_names_the_tensor_and_value():
 ], ids=["grpc-port=port", "grpc-2048mb", "drain-1e300", "batch-wait-1e300"])
 def test_serve_options_that_cannot_work_are_usage_errors(changes, needle):
     from export.errors import UsageError
-    from export.serve import ServeOptions, check_options, start
+    from export.runtime.serve import ServeOptions, check_options, start
 
     options = ServeOptions(**changes)
     with pytest.raises(UsageError, match=needle):
@@ -409,8 +409,8 @@ def test_serve_cli_refuses_grpc_on_the_http_port_before_verifying(tmp_path):
 
 def test_triton_repository_in_the_way_is_one_line(masked_endpoints, artifact_factory, tmp_path):
     from export.errors import UsageError
-    from export.serve import load_models
-    from export.serve.triton import write_repository
+    from export.runtime.serve import load_models
+    from export.runtime.serve.triton import write_repository
 
     out, _ = artifact_factory(formats=("onnx", "tflite"), query_len=4, kv_len=5, query_mask=True,
                               value_mask=True, **SMALL)
@@ -583,8 +583,8 @@ def test_head_health_is_200_and_an_encoded_slash_is_not_routed(guarded_server):
 def test_worker_configuration_is_json_not_pickle(masked_endpoints, artifact_factory):
     import json
 
-    from export.serve import ServeOptions, load_models
-    from export.serve.worker import decode_config, encode_config
+    from export.runtime.serve import ServeOptions, load_models
+    from export.runtime.serve.worker import decode_config, encode_config
 
     out, _ = artifact_factory(formats=("onnx", "tflite"), query_len=4, kv_len=5, query_mask=True,
                               value_mask=True, **SMALL)
@@ -596,7 +596,7 @@ def test_worker_configuration_is_json_not_pickle(masked_endpoints, artifact_fact
     assert config["options"] == options and config["workers"] == 3
     assert [(m.name, m.format, m.manifest, m.data) for m in config["models"]] == \
         [(m.name, m.format, m.manifest, m.data) for m in models]
-    source = open(os.path.join(os.path.dirname(flags.__file__), "serve", "worker.py")).read()
+    source = open(os.path.join(os.path.dirname(flags.__file__), "runtime", "serve", "worker.py")).read()
     assert "pickle" not in source.replace("no pickle", "").replace("not pickle", "")
 
 
@@ -654,7 +654,7 @@ def test_ort_bytes_do_not_depend_on_the_bytecode_cache(artifact_factory, tmp_pat
 
 @pytest.mark.parametrize("length", ["1_0", "+10", "\u0661\u0660", "0x0a", ""])
 def test_header_length_takes_ascii_digits_only(length):
-    from export.serve.protocol import RequestError, TensorSpec, decode_infer_request
+    from export.runtime.serve.protocol import RequestError, TensorSpec, decode_infer_request
 
     with pytest.raises(RequestError, match=r"Inference-Header-Content-Length must be an integer"):
         decode_infer_request(b'{"inputs":[]}' + b"\0" * 8, length, [TensorSpec("x", "FP32", (-1,))],
@@ -663,7 +663,7 @@ def test_header_length_takes_ascii_digits_only(length):
 
 def test_a_body_limit_below_1_kib_is_a_usage_error():
     from export.errors import UsageError
-    from export.serve import ServeOptions, check_options
+    from export.runtime.serve import ServeOptions, check_options
 
     with pytest.raises(UsageError, match=r"--max-body-mb must allow at least 1 KiB. Received: 1 "
                                          r"bytes"):
@@ -675,7 +675,7 @@ def test_a_grpc_port_taken_after_the_check_is_one_oserror_line():
     OSError line, which the worker prints and exits 2 with."""
     import socket
 
-    from export.serve.grpc_service import build_server
+    from export.runtime.serve.grpc_service import build_server
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -688,8 +688,8 @@ def test_a_grpc_port_taken_after_the_check_is_one_oserror_line():
 
 def test_a_tflm_set_named_with_a_digit_and_a_dash_builds_and_verifies(artifact_factory):
     """`--name 9lives` gave `#ifndef 9LIVES_INT8_MODEL_DATA_H_`. The whole TFLM path with such a
-    name: the manifest names the symbol prefix, the header uses it, export.verify passes."""
-    from export.verify import verify_path
+    name: the manifest names the symbol prefix, the header uses it, export.runtime.verify passes."""
+    from export.runtime.verify import verify_path
 
     out, results = artifact_factory(formats=("tflm",), quantize="int8", query_len=4, kv_len=5,
                                     name="9lives-x", **SMALL)

@@ -20,9 +20,10 @@ from conftest import REPO
 from conftest import read_json as load
 from conftest import write_json as save
 
-from export import publish, runtimes, verify
+from export import publish
 from export.errors import UsageError
-from export.verify.cli import main as verify_main
+from export.runtime import runtimes, verify
+from export.runtime.verify.cli import main as verify_main
 
 FORMATS = ("savedmodel", "tflite", "onnx")
 # The configuration test_export.py calls SMALL, and test_masks.py's masks-and-scores one: when the
@@ -204,7 +205,7 @@ def test_edited_golden_outputs_fail_parity_without_golden_sha256(small):
     assert_failed(verify.verify_manifest(manifests["onnx"]), "golden file", "sha256 mismatch")
     del manifest["golden_sha256"]
     save(manifests["onnx"], manifest)
-    # The raw pair beside it (export.golden_raw) still holds the published values.
+    # The raw pair beside it (export.runtime.golden_raw) still holds the published values.
     assert_failed(verify.verify_manifest(manifests["onnx"]),
                   "golden_raw array output holds other values than the golden file's (1536 of 1536 differ)")
     del manifest["golden_raw"]

@@ -1,10 +1,11 @@
-"""Error paths users meet in `export.verify` and the manifest reader (issue 17), each with the
+"""Error paths users meet in `export.runtime.verify` and the manifest reader (issue 17), each with the
 reason it prints: a missing or failing runtime, too few outputs, malformed fields, paths, tensors
 and golden files. A tiny ONNX + TFLite set is built once (artifact_factory) and copied per test.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -15,9 +16,10 @@ import pytest
 from conftest import read_json as read
 from conftest import write_json as write
 
-from export import manifest as manifests
-from export import publish, runtimes, verify
+from export import publish
 from export.errors import ManifestError, UsageError
+from export.runtime import manifest as manifests
+from export.runtime import runtimes, verify
 
 TINY = dict(units=4, heads=1, query_len=2, kv_len=3, query_features=3, kv_features=2)
 FORMATS = ("onnx", "tflite")
@@ -458,7 +460,7 @@ def test_wrong_golden_shape_names_both_shapes(tiny):
 
 
 def test_public_key_is_loaded_once_and_checks_every_set(tiny, monkeypatch):
-    from export import signing
+    from export.runtime import signing
 
     folder, paths = tiny
     seen = []
@@ -596,7 +598,7 @@ def test_signature_present_but_not_checked(tiny):
 
 
 def test_verify_set_gets_the_sets_folder_manifest_name_and_manifest(tiny, monkeypatch):
-    from export import signing
+    from export.runtime import signing
 
     folder, paths = tiny
     seen = []
@@ -622,7 +624,23 @@ def test_symlinks_in_an_artifact_folder_are_refused(tiny, tmp_path, kind):
     failed_with(edited(paths["tflite"], format="savedmodel", artifact="m_savedmodel"),
                 "refusing artifact m_savedmodel: it holds a symlink (m_savedmodel/variables/link)")
     os.remove(os.path.join(artifact, "variables", "link"))
-    failed(verify.verify_manifest(paths["tflite"]), "artifact is 0 bytes")  # no symlink: measured
+    (tmp_path / "saved_model.pb").write_bytes(b"graph")
+    os.link(tmp_path / "saved_model.pb", os.path.join(artifact, "saved_model.pb"))  # a hard link: a file
+    failed(verify.verify_manifest(paths["tflite"]), "artifact is 5 bytes")  # no symlink: measured
+
+
+def test_a_pipe_in_an_artifact_folder_is_refused_before_it_is_read(tiny):
+    """Hashing a named pipe would wait for a writer forever: it is refused by name, as a socket
+    or device would be, whatever folder of the artifact holds it."""
+    folder, paths = tiny
+    artifact = os.path.join(folder, "m_savedmodel")
+    os.makedirs(os.path.join(artifact, "variables"))
+    with open(os.path.join(artifact, "saved_model.pb"), "wb") as f:
+        f.write(b"graph")
+    os.mkfifo(os.path.join(artifact, "variables", "pipe"))
+    failed_with(edited(paths["tflite"], format="savedmodel", artifact="m_savedmodel"),
+                "refusing artifact m_savedmodel: it holds m_savedmodel/variables/pipe, neither a "
+                "file nor a folder (a pipe, socket or device)")
 
 
 # -- several lengths in one file (export.buckets) -----------------------------------------------------
@@ -758,7 +776,7 @@ def test_runtime_chatter_of_every_signature_goes_to_stderr(bucketed, monkeypatch
     assert captured.err.splitlines() == [f"{step} {key}" for key in keys for step in ("loading", "running")]
 
 
-# -- the raw golden pair (export.golden_raw) that JS and C readers use --------------------------------
+# -- the raw golden pair (export.runtime.golden_raw) that JS and C readers use ------------------------
 
 
 def _raw(path: str) -> tuple[str, dict]:
@@ -881,3 +899,86 @@ def test_golden_raw_file_that_cannot_be_read(tiny, monkeypatch):
     monkeypatch.setattr(manifests, "sha256_path", refuse_raw)
     failed_with(verify.verify_manifest(paths["onnx"]),
                 f"golden_raw data file {entry['data']} cannot be read: [Errno 13] Permission denied")
+
+
+# -- what verify hands on: the outputs' digest, the companions, the ids' ranges, the format's check ---
+
+
+@pytest.mark.fast
+def test_outputs_digest_covers_names_dtypes_shapes_and_every_bit():
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(2, 3)).astype(np.float32), rng.normal(size=(2, 4)).astype(np.float32)
+    digest = verify.outputs_digest({"y": a, "z": b})
+    assert len(digest) == 64 and digest == verify.outputs_digest({"z": b.copy(), "y": a.copy()})
+    assert digest == verify.outputs_digest({"y": np.asfortranarray(a), "z": b})  # same values, same bits
+    nudged = a.copy()
+    nudged[1, 2] = np.nextafter(nudged[1, 2], np.float32(np.inf))
+    others = [{"y": nudged, "z": b}, {"y": a.astype(np.float64), "z": b}, {"y": a.reshape(3, 2), "z": b},
+              {"w": a, "z": b}, {"y": a}]
+    digests = {verify.outputs_digest(o) for o in others}
+    assert len(digests) == len(others) and digest not in digests
+
+
+def test_the_result_carries_the_digest_of_the_outputs_run_here(tiny, monkeypatch):
+    _, paths = tiny
+    real = runtimes.load_runner
+    outputs = []
+
+    def load_runner(*args, **kwargs):
+        runner = real(*args, **kwargs)
+        run = runner.run
+        runner.run = lambda feeds: outputs.append(run(feeds)) or outputs[-1]
+        return runner
+
+    monkeypatch.setattr(runtimes, "load_runner", load_runner)
+    result = verify.verify_manifest(paths["onnx"])
+    assert result.status == "passed", result.reason
+    assert len(outputs) == 1 and result.outputs_sha256 == verify.outputs_digest(outputs[0])
+    assert result.as_json() == {
+        "manifest": os.path.basename(paths["onnx"]), "artifact": result.name, "format": "onnx",
+        "status": "passed", "reason": "", "metrics": result.metrics, "tolerance": result.tolerance,
+        "outputs_sha256": result.outputs_sha256}
+
+
+def test_companion_files_are_checked_in_the_manifests_folder(tiny):
+    folder, paths = tiny
+    data = b"const unsigned char g[] = {1, 2, 3};\n"
+    with open(os.path.join(folder, "m_model.cc"), "wb") as f:
+        f.write(data)
+    entry = {"file": "m_model.cc", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert edited(paths["tflite"], files=[entry]).status == "passed"
+    with open(os.path.join(folder, "m_model.cc"), "ab") as f:
+        f.write(b"// edited\n")
+    failed(verify.verify_manifest(paths["tflite"]), "file m_model.cc")
+
+
+def test_golden_ids_outside_the_manifests_range_are_refused(tiny):
+    """A golden file whose integer inputs leave the range the manifest records (the ids an
+    Embedding takes) is refused before any runtime sees it."""
+    folder, paths = tiny
+    manifest = read(paths["onnx"])
+    manifest["inputs"][0] |= {"dtype": "int32", "range": [0, 5]}
+    del manifest["golden_raw"]  # optional; its float copy would disagree with the ids first
+    write(paths["onnx"], manifest)
+
+    def ids(arrays):
+        values = np.random.default_rng(3).integers(0, 5, size=arrays["source1"].shape).astype(np.int32)
+        values.flat[4] = 5
+        return {**arrays, "source1": values}
+
+    rewrite_golden(folder, paths["onnx"], ids)
+    failed_with(verify.verify_manifest(paths["onnx"]), "golden input 'source1' holds 5, outside the "
+                "manifest's range [0, 5)")
+
+
+def test_the_formats_own_check_gets_the_artifact_its_manifest_and_folder(tiny, monkeypatch):
+    """TFLM's arena and C++ checks (`Format.check_on_device`) see what verify verified."""
+    from export.formats import Format
+
+    folder, paths = tiny
+    seen = []
+    monkeypatch.setattr(Format, "check_on_device",
+                        lambda self, path, manifest, where: seen.append((self.name, path, manifest, where)))
+    assert verify.verify_manifest(paths["tflite"]).status == "passed"
+    manifest = read(paths["tflite"])
+    assert seen == [("tflite", os.path.join(folder, manifest["artifact"]), manifest, folder)]

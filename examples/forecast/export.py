@@ -59,7 +59,7 @@ def export_all(run_dir: str, out: str, *, quiet: bool = True,
 def run_test_split(out: str, inputs: dict[str, np.ndarray], variants: tuple[str, ...] = VARIANTS
                    ) -> dict[tuple[str, str], np.ndarray]:
     """(format, variant) -> the test split's forecasts from the published file, in its runtime."""
-    from export import runtimes
+    from export.runtime import runtimes
 
     found = {}
     for fmt, ext in (("onnx", ".onnx"), ("tflite", ".tflite")):

@@ -3,8 +3,8 @@ in DIR run in its own runtime on INPUTS, against the outputs fusionlab-learn its
 (OUTPUTS, written in fusionlab's TF 2.15 environment: tests/fixtures/fusionlab/make_fixtures.py).
 
 One line per file: the max abs difference, as a fraction of the outputs' scale (max |y|) too, and
-the gate `1e-4 * scale`; exit 1 when any file is over it. Files run the way export.verify and
-export.serve run them (a stateful TFLite file reset before each call); such a file is also run on
+the gate `1e-4 * scale`; exit 1 when any file is over it. Files run the way export.runtime.verify and
+export.runtime.serve run them (a stateful TFLite file reset before each call); such a file is also run on
 a plain LiteRT interpreter without the reset, one row per invoke(), to show what a device that
 skips it gets. Needs numpy and the runtimes only (SavedModel where TensorFlow is importable).
 """
@@ -31,7 +31,7 @@ def _npz(path: str) -> dict[str, np.ndarray]:
 
 def _without_reset(path: str, feeds: dict) -> dict[str, np.ndarray]:
     """One row per invoke() on one interpreter, never reset: what a naive device loop gets."""
-    from export import runtimes
+    from export.runtime import runtimes
 
     interpreter = runtimes.tflite_interpreter(path)
     runner = interpreter.get_signature_runner("serving_default")
@@ -47,7 +47,7 @@ def _max_diff(got: dict, expected: dict) -> float:
 def compare(folder: str, inputs: str, outputs: str, *, name: str = "") -> list[dict]:
     """[{artifact, format, rows, max_abs_diff, scale, gate, ok, without_reset}] for each float32
     manifest in `folder` (whose artifact name starts with `name`)."""
-    from export import runtimes
+    from export.runtime import runtimes
 
     feeds, expected = _npz(inputs), _npz(outputs)
     scale = max(float(np.abs(v).max()) for v in expected.values())

@@ -1,6 +1,6 @@
 """ARM without hardware: the published artifacts verified under aarch64 user-mode emulation.
 
-`check_path` runs `export.verify` (TF-free) on x86 and, under qemu, on an arm64 Debian root file
+`check_path` runs `export.runtime.verify` (TF-free) on x86 and, under qemu, on an arm64 Debian root file
 system with the aarch64 wheels of the same runtime versions, for each CPU model; it compares them
 per file (max abs diff, rel L2, whether the outputs are the same bits). A file failing its gate on
 an ARM model passes only when its manifest says so in `deployment.arm` (measured at export time
@@ -23,8 +23,8 @@ from export.arm.cache import Emulator, provision, runtime_versions
 from export.arm.emulate import DEFAULT_CPUS, check_cpu, probe, verify
 from export.caches import cache_dir
 from export.errors import EmulatorError
-from export.manifest import write_manifest
-from export.verify import find_manifests, verify_manifest, verify_path
+from export.runtime.manifest import write_manifest
+from export.runtime.verify import find_manifests, verify_manifest, verify_path
 
 # The root file system and the wheels: under the user's cache folder, never the work tree (the
 # root file system holds absolute symlinks into the host). XATTN_CACHE_DIR moves it.
@@ -40,7 +40,7 @@ class FileReport:
     format: str | None
     tolerance: dict
     x86: dict
-    arm: dict = field(default_factory=dict)  # cpu -> verify result (export.verify --json)
+    arm: dict = field(default_factory=dict)  # cpu -> verify result (export.runtime.verify --json)
     declared: dict = field(default_factory=dict)  # cpu -> the manifest's deployment.arm entry
     problems: list = field(default_factory=list)  # why this file fails the ARM check
 
@@ -146,7 +146,7 @@ def _declared(manifest_path: str) -> dict:
             arm = ((json.load(f).get("deployment") or {}).get("arm") or {})
         return arm.get("cpus") or {}
     except (OSError, ValueError, AttributeError):
-        return {}  # export.verify reports a damaged manifest
+        return {}  # export.runtime.verify reports a damaged manifest
 
 
 def measure(stage: str, manifests: dict[str, dict], *, cpus: tuple[str, ...] = DEFAULT_CPUS,

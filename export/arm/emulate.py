@@ -39,7 +39,7 @@ HWCAP2_BITS = {"sve2": 1, "i8mm": 13, "bf16": 14, "sme": 23}
 
 _PROBE = r"""
 import json, platform, struct, sys
-import export, export.verify.cli
+import export, export.runtime.verify.cli
 heavy = sorted(m for m in ("tensorflow", "keras", "tf2onnx", "onnx") if m in sys.modules)
 data = open("/proc/self/auxv", "rb").read()
 aux = dict(struct.iter_unpack("<QQ", data))
@@ -113,7 +113,7 @@ def _failure(cpu: str, done: subprocess.CompletedProcess) -> EmulatorError:
 def probe(emulator: Emulator, cpu: str) -> dict:
     """{"machine": "aarch64", "heavy_imports": [], "export": its __init__.py, "features": [...]}.
 
-    It imports `export.verify.cli` first: `heavy_imports` lists TensorFlow, Keras, tf2onnx or
+    It imports `export.runtime.verify.cli` first: `heavy_imports` lists TensorFlow, Keras, tf2onnx or
     onnx if that import pulled any in (it must not: none is in the guest); `export` is where the
     package was imported from (the installed wheel, export.arm.run_all checks); `features` the
     HWCAP_BITS/HWCAP2_BITS set.

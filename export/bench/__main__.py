@@ -14,8 +14,8 @@ from export.bench.cli import main  # noqa: E402  (after pinning BLAS; TensorFlow
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:
-        # The serving benchmark (export.serve.loadbench): Ray Serve against in-process runs.
-        from export.serve.loadbench import main as serve_main  # lazy: Ray, only for this job
+        # The serving benchmark (export.runtime.serve.loadbench): Ray Serve against in-process runs.
+        from export.runtime.serve.loadbench import main as serve_main  # lazy: Ray, only for this job
 
         sys.exit(serve_main(sys.argv[2:], prog="python -m export.bench serve"))
     sys.exit(main(blas_pinned=_BLAS_PINNED))

@@ -21,7 +21,7 @@ from export.bench.report import _table
 from export.bench.timing import _stats, time_interleaved
 from export.flags import SHAPE_DEFAULTS
 from export.pipeline import ExportRequest, export_artifacts
-from export.runtimes import onnx_session, tflite_interpreter
+from export.runtime.runtimes import onnx_session, tflite_interpreter
 from export.spec import ArtifactSpec, bucket_key
 
 log = logging.getLogger("export")

@@ -15,8 +15,8 @@ from export.bench.options import PARITY_SEED, VARIANT_LABEL
 from export.errors import ConversionError, ExportError
 from export.formats import get_format
 from export.graph import preferred_layout
-from export.native_output import captured_native_output
 from export.pipeline import ExportRequest, export_artifacts
+from export.runtime.native_output import captured_native_output
 from export.spec import ArtifactSpec
 
 log = logging.getLogger("export")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from export.runtimes import onnx_session
+from export.runtime.runtimes import onnx_session
 
 # The in-cell SGEMM: onnxruntime's MLAS MatMul on n x n float32 (measured here: 256 reaches the
 # single-thread peak, 248 GFLOP/s vs 244 at 512, at a tenth of a millisecond, so the cell's

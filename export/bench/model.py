@@ -24,10 +24,10 @@ from export.bench.build import Artifact, _quiet_native
 from export.bench.options import PARITY_SEED, variant_label
 from export.bench.report import _table, machine
 from export.bench.timing import _stats, make_call, time_interleaved
-from export.check import parity_metrics
 from export.errors import ConversionError
 from export.formats import get_format
 from export.pipeline import ExportRequest, export_artifacts
+from export.runtime.check import parity_metrics
 
 log = logging.getLogger("export")
 

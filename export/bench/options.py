@@ -8,12 +8,13 @@ import logging
 from export.flags import (
     SHAPE_DEFAULTS,
     OneLineParser,
-    _lengths,
-    _path,
-    _positive_float,
-    _positive_int,
-    _positive_int_list,
     add_model_flags,
+    complete,
+    lengths_arg,
+    path_arg,
+    positive_float,
+    positive_int,
+    positive_int_list,
 )
 from export.formats import get_format
 from export.spec import QUANTIZE_MODES
@@ -59,21 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     shapes = parser.add_argument_group("layer and shapes (as python -m export)")
     for key, default in SHAPE_DEFAULTS.items():
         flag = "--" + key.replace("_", "-")
-        shapes.add_argument(flag, type=_positive_int, default=default,
+        shapes.add_argument(flag, type=positive_int, default=default,
                             help=f"{key.replace('_', ' ')} (default {default})")
     shapes.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     sweep = parser.add_argument_group("what to measure")
-    sweep.add_argument("--batch", type=_positive_int_list, default=[1, 32], metavar="N[,N...]",
+    sweep.add_argument("--batch", type=positive_int_list, default=[1, 32], metavar="N[,N...]",
                        help="batch sizes (default 1,32)")
-    sweep.add_argument("--lengths", type=_positive_int_list, metavar="L[,L...]",
+    sweep.add_argument("--lengths", type=positive_int_list, metavar="L[,L...]",
                        help="sweep sequence length: each L sets --query-len and --kv-len "
                             "(default: the --query-len/--kv-len given)")
-    sweep.add_argument("--buckets", type=_lengths, metavar="L,L,...|QxKV,...",
+    sweep.add_argument("--buckets", type=lengths_arg, metavar="L,L,...|QxKV,...",
                        help="instead of the Keras comparison: a request of the smallest length "
                             "through the largest-length file with masks vs the bucketed file "
                             "(--lengths L,L,...) and, in onnxruntime, the dynamic-length file vs "
                             "a static file of the request's length; batch 1")
-    sweep.add_argument("--threads", type=_positive_int, default=1,
+    sweep.add_argument("--threads", type=positive_int, default=1,
                        help="runtime threads (default 1)")
     sweep.add_argument("--runtimes", type=_choice_list(RUNTIMES), default=list(RUNTIMES),
                        metavar="onnx,tflite", help="runtimes to time (default both)")
@@ -86,27 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--keras-onnx-batch", choices=("dynamic", "fixed"), default="fixed",
                        help="Keras's ONNX export: one per batch (default) or one dynamic file")
     timing = parser.add_argument_group("timing")
-    timing.add_argument("--iterations", type=_positive_int, default=2000,
+    timing.add_argument("--iterations", type=positive_int, default=2000,
                         help="timed calls per artifact and cell, at most (default 2000)")
-    timing.add_argument("--warmup", type=_positive_int, default=200,
+    timing.add_argument("--warmup", type=positive_int, default=200,
                         help="untimed calls first (default 200)")
-    timing.add_argument("--max-seconds", type=_positive_float, default=3.0,
+    timing.add_argument("--max-seconds", type=positive_float, default=3.0,
                         help="time budget per artifact and cell; fewer calls for slow cells "
                              "(default 3)")
     timing.add_argument("--startup", action="store_true",
                         help="also time `python -m export.onnx --units U --heads H` end to end "
                              "against a bare Keras model.export(format='onnx') script")
-    timing.add_argument("--startup-runs", type=_positive_int, default=5,
+    timing.add_argument("--startup-runs", type=positive_int, default=5,
                         help="runs of each with --startup, interleaved (default 5)")
     whole = parser.add_argument_group(
         "a whole model (as python -m export --model): ours against Keras's model.export of it; "
         "the layer's shape and sweep flags do not apply")
     add_model_flags(whole, saved_model=False)
     out = parser.add_argument_group("output")
-    out.add_argument("--json", type=_path, metavar="PATH", help="write every figure to PATH as JSON")
-    out.add_argument("--keep-dir", type=_path, metavar="DIR",
+    out.add_argument("--json", type=path_arg, metavar="PATH", help="write every figure to PATH as JSON")
+    out.add_argument("--keep-dir", type=path_arg, metavar="DIR",
                      help="build into DIR and keep the artifacts (default: a temporary folder)")
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     talk.add_argument("-q", "--quiet", action="store_true", help="print the table only")
-    return parser
+    return complete(parser)

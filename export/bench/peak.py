@@ -16,7 +16,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from export.bench.options import PEAK_SIZES
-from export.runtimes import onnx_session
+from export.runtime.runtimes import onnx_session
 from export.spec import ArtifactSpec
 
 log = logging.getLogger("export")

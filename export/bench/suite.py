@@ -18,12 +18,9 @@ from export.bench.peak import _merge_peaks, measure_peak
 from export.bench.report import _sizes, evaluate_verdicts, machine, render
 from export.bench.startup import measure_startup
 from export.bench.timing import bench_length
-from export.cli import (
-    SHAPE_DEFAULTS,
-    configure_logging,
-    report_failures,
-)
 from export.errors import SpecError
+from export.flags import SHAPE_DEFAULTS
+from export.reporting import configure_logging, report_failures
 from export.spec import ArtifactSpec
 
 log = logging.getLogger("export")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from export import check, reference
+from export import reference
 from export.bench.build import Artifact, LengthSet
 from export.bench.floor import floor_distance, one_op_graph, sgemm_call, sgemm_gflops
 from export.bench.options import PARITY_SEED, VARIANT_LABEL
@@ -18,7 +18,8 @@ from export.bench.peak import documented_flops
 from export.errors import ExportError
 from export.formats import get_format
 from export.graph import executed_flops
-from export.runtimes import onnx_session, tflite_interpreter
+from export.runtime import check
+from export.runtime.runtimes import onnx_session, tflite_interpreter
 
 log = logging.getLogger("export")
 

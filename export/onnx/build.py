@@ -13,9 +13,9 @@ from tf2onnx import constants
 
 from export.errors import ConversionError, SpecError, first_line
 from export.formats import Built
-from export.metadata import onnx_metadata_props
 from export.onnx.axes import name_symbolic_axes
 from export.onnx.quantize import quantize_onnx
+from export.runtime.metadata import onnx_metadata_props
 from export.spec import ArtifactSpec
 from xattn import __version__ as xattn_version
 
@@ -38,7 +38,7 @@ def build_onnx(spec: ArtifactSpec, fn, workdir: str, *, opset: int | None = None
         workdir: the folder the file is written into.
         opset: the ONNX opset; None takes the newest tf2onnx writes and onnxruntime runs.
         metadata: {key: text} written into `metadata_props` as `xattn.<key>`
-            (`export.metadata.file_metadata`).
+            (`export.runtime.metadata.file_metadata`).
 
     Returns:
         `Built(path, {"opset": n})`. A variant (`spec.quantize`) is made from the float32 file

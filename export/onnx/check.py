@@ -41,7 +41,7 @@ def check_onnx_file(path: str, spec: ArtifactSpec) -> None:
         output_names=[o.name for o in spec.outputs()],
         symbolic_axes={t.name: [i for i, d in enumerate(t.shape) if d is None] for t in tensors},
         # A user's own graph (`--saved-model`) may loop and read shapes: it is theirs.
-        shape_ops_allowed=getattr(spec, "user_graph", False),
+        shape_ops_allowed=spec.user_graph,
     )
 
 

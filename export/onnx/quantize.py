@@ -11,7 +11,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from export.errors import ConversionError, SpecError, first_line
-from export.native_output import quieted_logger
+from export.runtime.native_output import quieted_logger
 from export.spec import ArtifactSpec
 from xattn.layer import MASK_BIAS_FLOAT16
 

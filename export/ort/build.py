@@ -9,7 +9,8 @@ import tempfile
 from export.errors import ConversionError, first_line
 from export.formats import Built
 from export.onnx.build import build_onnx
-from export.ort.serialize import optimized_onnx, serialize_ort
+from export.onnx.deployment import optimized_onnx
+from export.ort.serialize import serialize_ort
 from export.spec import ArtifactSpec
 
 

@@ -52,17 +52,6 @@ def serialize_ort(src: str, dst: str, scratch: str) -> subprocess.CompletedProce
     return done
 
 
-def optimized_onnx(src: str, dst: str) -> None:
-    """The same graph as ONNX (what the `.ort` file holds), for tools that read ONNX only."""
-    import onnxruntime as ort  # lazy: export time only
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = dst
-    options.log_severity_level = 3
-    ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
-
-
 def _no_address_randomization() -> None:
     """In the child before exec. Where the kernel refuses (not Linux, a seccomp profile), the file
     is still right, only not byte-reproducible."""

@@ -2,7 +2,7 @@
 
 import sys
 
-from export.serve.cli import main
+from export.runtime.serve.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

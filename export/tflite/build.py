@@ -14,8 +14,8 @@ import tensorflow as tf
 
 from export.errors import ConversionError, SpecError, first_line
 from export.formats import Built
-from export.metadata import add_tflite_metadata
-from export.native_output import captured_native_output
+from export.runtime.metadata import add_tflite_metadata
+from export.runtime.native_output import captured_native_output
 from export.savedmodel.build import build_savedmodel
 from export.spec import ArtifactSpec, bucket_key
 from export.tflite.quantize import configure_tflite, convert_tflite, tflite_io_quantization
@@ -43,7 +43,7 @@ def build_tflite(
             `spec.quantize` (`export.tflite.quantize.configure_tflite`).
         calibration: an `export.calibration.Calibration` for a full-int8 variant.
         metadata: {key: text} written into the file as the metadata buffer `xattn`
-            (`export.metadata`).
+            (`export.runtime.metadata`).
 
     Returns:
         `Built(path, facts)`; an int8-io file's facts hold `io_quantization` (each integer

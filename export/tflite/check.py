@@ -35,7 +35,7 @@ USER_GRAPH_OPS = frozenset({"WHILE", "IF", "SHAPE", "REDUCE_PROD"})
 
 def check_tflite_file(path: str, spec: ArtifactSpec | None = None) -> None:
     """The registry's graph check; a spec with `user_graph` (a SavedModel's) may loop."""
-    check_tflite_graph(path, allowed=USER_GRAPH_OPS if getattr(spec, "user_graph", False) else ())
+    check_tflite_graph(path, allowed=USER_GRAPH_OPS if spec is not None and spec.user_graph else ())
 
 
 def check_tflite_graph(path: str, allowed=()) -> None:

@@ -4,5 +4,5 @@ builder (`build`: the file, its smallest tensor arena, the C++ of `cpp`). `pytho
 is `__main__`.
 
 Importing the package imports none of them: `runtime`, `ops` and `check` need numpy and
-tflite-micro only (`export.verify` runs TFLM files with them).
+tflite-micro only (`export.runtime.verify` runs TFLM files with them).
 """

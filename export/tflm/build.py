@@ -37,7 +37,7 @@ def build_tflm(spec, fn, workdir: str, *, calibration=None, metadata: dict | Non
         spec: the artifact's shapes, names and variant (`int8`), one length, a fixed batch.
         fn: the inference function. workdir: where the file and its C++ are written.
         calibration: the int8 calibration (export.calibration), as for TFLite int8.
-        metadata: the facts written inside the file (export.metadata).
+        metadata: the facts written inside the file (export.runtime.metadata).
         arena_limit: the largest tensor arena allowed, in bytes; None: no limit.
 
     Returns:

@@ -53,7 +53,7 @@ def misaligned_buffers(data: bytes) -> list[int]:
 
 
 def check_published_set(path: str, manifest: dict, folder: str) -> None:
-    """`export.verify`'s TFLM check, after the golden vectors passed: the file runs in the
+    """`export.runtime.verify`'s TFLM check, after the golden vectors passed: the file runs in the
     manifest's `deployment.arena_bytes` on this TFLM (the number an engineer copies into the
     firmware), and the generated `_model_data.cc` holds the file's bytes.
 

@@ -3,7 +3,7 @@ tensor arena it runs in.
 
 tflite-micro's Python `runtime.Interpreter` runs TFLM's reference kernels (those a board without
 an optimized kernel library runs) over a tensor arena of a given size. numpy and tflite-micro
-only (no TensorFlow, no LiteRT): `export.verify` runs TFLM files with it.
+only (no TensorFlow, no LiteRT): `export.runtime.verify` runs TFLM files with it.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.errors import ArenaError, one_line
-from export.native_output import captured_native_output
-from export.runtimes import InputInfo, dequantize, quantize
-from export.tflm.ops import read_model
+from export.runtime.metadata import read_tflite_metadata
+from export.runtime.native_output import captured_native_output
+from export.runtime.runtimes import InputInfo, dequantize, quantize
+from export.tflm.ops import read_model, schema
 
 log = logging.getLogger("export")
 
@@ -188,3 +189,9 @@ def tflm_function(path: str, threads: int | None = None):
         else:
             reported.append(InputInfo(name, shape, dtype.name))
     return run, reported
+
+
+def read_tflm_metadata(path: str) -> dict[str, str] | None:
+    """The tflm format's metadata reader: as export.runtime.metadata.read_tflite_metadata, with
+    the schema tflite-micro ships (a board's host may have no LiteRT)."""
+    return read_tflite_metadata(path, schema())

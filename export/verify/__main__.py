@@ -2,7 +2,7 @@
 
 import sys
 
-from export.verify.cli import main
+from export.runtime.verify.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

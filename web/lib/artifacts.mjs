@@ -109,7 +109,7 @@ export function loadArtifact(manifestPath) {
   const inputs = tensors(manifest.inputs, 'inputs');
   const outputs = tensors(manifest.outputs, 'outputs');
   const tol = tolerance(manifest.parity);
-  // Whatever else the schema export.verify applies asks (export/manifest.schema.json), before
+  // Whatever else the schema export.verify applies asks (export/runtime/manifest.schema.json), before
   // any file is read; the checks above name the common mistakes in their own words.
   const problem = validate(manifest, manifestSchema());
   if (problem) throw new ArtifactError(`manifest does not match manifest.schema.json: ${problem}`);

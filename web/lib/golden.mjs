@@ -1,4 +1,4 @@
-// Golden vectors (export/golden_raw.py's <name>.golden.json + .golden.bin) as typed arrays, and
+// Golden vectors (export/runtime/golden_raw.py's <name>.golden.json + .golden.bin) as typed arrays, and
 // what every runtime runner shares: batching, int8 (de)quantization, parity metrics.
 // Runs unchanged in Node and in the browser page: no Node imports here.
 
@@ -77,7 +77,7 @@ function roundHalfEven(x) {
   return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }
 
-/** float32 -> int8 with a tensor's {scale, zero_point}, as export.runtimes.quantize does. */
+/** float32 -> int8 with a tensor's {scale, zero_point}, as export.runtime.runtimes.quantize does. */
 export function quantize(data, { scale, zero_point: zp }) {
   const out = new Int8Array(data.length);
   for (let i = 0; i < data.length; i++) {
@@ -103,7 +103,7 @@ export function batchPlan(nRows, fixedBatch) {
   return plan;
 }
 
-/** max_abs and rel_l2 (||y - ŷ|| / ||y||) over every output, sorted by name, as export.check. */
+/** max_abs and rel_l2 (||y - ŷ|| / ||y||) over every output, sorted by name, as export.runtime.check. */
 export function parityMetrics(expected, got) {
   let maxAbs = 0, sumDiff2 = 0, sumRef2 = 0, nBad = 0, n = 0;
   for (const name of Object.keys(expected).sort()) {

@@ -1,9 +1,9 @@
-// The manifest's JSON Schema, the same file export.verify reads (export/manifest.schema.json), and
+// The manifest's JSON Schema, the same file export.verify reads (export/runtime/manifest.schema.json), and
 // the small validator that applies it: the keywords that file uses (draft 2020-12 meanings), the
-// same list as export/schema.py. A schema holding any other keyword is refused, never ignored.
+// same list as export/runtime/schema.py. A schema holding any other keyword is refused, never ignored.
 import fs from 'node:fs';
 
-export const SCHEMA_URL = new URL('../../export/manifest.schema.json', import.meta.url);
+export const SCHEMA_URL = new URL('../../export/runtime/manifest.schema.json', import.meta.url);
 const ANNOTATIONS = new Set(['$schema', '$id', 'title', 'description', '$defs']);
 const KEYWORDS = new Set(['type', 'required', 'properties', 'items', 'minItems', 'maxItems', 'minLength', 'pattern',
   'minimum', 'maximum', 'exclusiveMinimum', 'anyOf', 'dependentRequired', '$ref', 'enum']);

@@ -1,4 +1,4 @@
-// node --test test/: the manifest schema (export/manifest.schema.json, the file export.verify reads)
+// node --test test/: the manifest schema (export/runtime/manifest.schema.json, the file export.verify reads)
 // as lib/schema.mjs applies it. tests/test_manifest_schema.py checks both validators agree.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';

@@ -1,7 +1,7 @@
 """Run an artifact in the runtime it is deployed to: onnxruntime, the LiteRT interpreter, TensorFlow.
 
 numpy plus the runtime only. Each runtime is imported where it is first used, never at the top:
-`export.verify` works in a container that has only numpy and one runtime (TensorFlow, for
+`export.runtime.verify` works in a container that has only numpy and one runtime (TensorFlow, for
 SavedModel, is the one a device never has). Which function opens which format is the format
 registry's `runner` (export.formats).
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from export.errors import InputError
 from export.formats import get_format
-from export.native_output import captured_native_output, without_lines
+from export.runtime.native_output import captured_native_output, without_lines
 
 
 class RuntimeMissing(RuntimeError):
@@ -258,6 +258,11 @@ def tflite_interpreter(path: str | None, threads: int | None = None, *,
         # Delegates are applied here (not at the first run), so the banner is too.
         interpreter.allocate_tensors()
     return interpreter
+
+
+def tflite_signature_keys(path: str) -> list[str]:
+    """The tflite format's signature reader: the signature keys a file holds (`len_16`, ...)."""
+    return list(tflite_interpreter(path).get_signature_list())
 
 
 # LiteRT's C++ logger writes this to fd 2 the first time it applies XNNPACK: noise on a CLI's

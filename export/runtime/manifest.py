@@ -1,7 +1,7 @@
 """The manifest: the one definition of its fields, its writer, its validator, and the safe
 reader of the golden vectors it names.
 
-The pipeline writes a manifest beside each artifact with `build_manifest`; `export.verify` reads
+The pipeline writes a manifest beside each artifact with `build_manifest`; `export.runtime.verify` reads
 it back with `read_manifest` / `check_fields` / `load_golden`. numpy only (no TensorFlow): this
 module runs on the device too. Every problem with a file's content raises ManifestError with a
 one-line reason.
@@ -20,10 +20,10 @@ import numpy as np
 
 from export.errors import ManifestError, first_line, one_line, short
 from export.formats import REGISTRY
-from export.golden_raw import read_golden_raw
 from export.publish import sha256_path
+from export.runtime.golden_raw import read_golden_raw
 
-# name -> the JSON type a manifest must hold there (None: any), for the fields `export.verify`
+# name -> the JSON type a manifest must hold there (None: any), for the fields `export.runtime.verify`
 # relies on. The writer below writes every one of them; the validator checks them.
 FIELDS: dict[str, type | tuple | None] = {
     "format": str,  # a name in export.formats.REGISTRY
@@ -68,7 +68,7 @@ def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha2
         layout: the head layout of its graph (a model: per folded layer).
         reference_sha256: of the reference `.keras` as published.
         golden_sha256: of the golden file.
-        golden_raw: the same vectors as raw buffers and a JSON index (export.golden_raw).
+        golden_raw: the same vectors as raw buffers and a JSON index (export.runtime.golden_raw).
         parity: the metrics and gate it passed.
         quantization: `quantization_entry(...)`.
         weights: where the weights came from.
@@ -76,8 +76,8 @@ def build_manifest(*, fmt: str, spec, built, facts: dict, layout, reference_sha2
         created: a UTC timestamp.
         sha256: of the artifact.
         size: of the artifact, in bytes.
-        deployment: where the file will run (export.deployment), when measured.
-        file_metadata: the facts written inside the file (export.metadata), when any.
+        deployment: where the file will run (each format's export.<fmt>.deployment), when measured.
+        file_metadata: the facts written inside the file (export.runtime.metadata), when any.
         golden_name: the golden file when it is not the spec's own (a file with several
             lengths: that of `serving_default` or the largest length).
         signatures: a file with several lengths (export.buckets): one entry per signature or
@@ -199,7 +199,7 @@ def read_manifest(path: str) -> dict:
 
 
 def check_fields(manifest: dict) -> None:
-    """The fields export.verify relies on are there, of their types, and well formed."""
+    """The fields export.runtime.verify relies on are there, of their types, and well formed."""
     missing = [k for k in REQUIRED_FIELDS if k not in manifest]
     if missing:
         raise ManifestError(f"manifest lacks the field(s) {', '.join(missing)}")
@@ -267,7 +267,7 @@ def check_files(folder: str, manifest: dict) -> None:
 
 
 def check_golden_raw(folder: str, manifest: dict, golden: dict[str, np.ndarray]) -> None:
-    """The raw golden pair JS and C readers use (export.golden_raw), when the manifest lists one:
+    """The raw golden pair JS and C readers use (export.runtime.golden_raw), when the manifest lists one:
     both files inside the folder, each with the manifest's sha256, holding exactly the golden
     file's arrays (names, dtypes, shapes, values)."""
     if "golden_raw" not in manifest:
@@ -378,7 +378,7 @@ def _range_of(bounds, dtype, what: str) -> tuple[int, int]:
     if not fits:
         raise ManifestError(f"{what}: range must be [low, high] integers with low < high, "
                             f"not {short(bounds)}")
-    if dtype is None or np.dtype(dtype).kind not in "iu":
+    if dtype is None or not np.issubdtype(np.dtype(dtype), np.integer):
         raise ManifestError(f"{what}: a range needs an integer dtype, not {short(dtype)}")
     return bounds[0], bounds[1]
 

@@ -15,15 +15,15 @@ import sys
 import threading
 
 from export.errors import exit_codes_epilog, printable
-from export.flags import OneLineParser, _path, _positive_float, _positive_int
+from export.flags import OneLineParser, path_arg, positive_float, positive_int
 from export.reporting import report_failures
-from export.verify import MARKS
+from export.runtime.verify import MARKS
 
 PROG = "python -m export.serve"
 
 
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {text!r}")
     return value
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog=PROG,
         description=(
-            "Verify every ONNX and TFLite artifact under PATH with export.verify, then serve "
+            "Verify every ONNX and TFLite artifact under PATH with export.runtime.verify, then serve "
             "each at /v2/models/<artifact stem>_<format> with the Open Inference Protocol "
             "(KServe V2: JSON and binary tensors), on uvicorn worker processes (--engine "
             "embedded, one machine) or Ray Serve (--engine ray). Ctrl-C or SIGTERM drains and "
@@ -48,16 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", choices=("embedded", "ray"), default="embedded",
                         help="embedded: uvicorn worker processes on this machine (default); "
                              "ray: Ray Serve (replicas, batching, clusters)")
-    parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help=f"embedded: worker processes (default: cores, {os.cpu_count()})")
-    parser.add_argument("--replicas", type=_positive_int, default=1,
+    parser.add_argument("--replicas", type=positive_int, default=1,
                         help="ray: replicas per artifact (default 1)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="runtime threads per worker or replica (default 1)")
-    parser.add_argument("--max-batch", type=_positive_int, default=32,
+    parser.add_argument("--max-batch", type=positive_int, default=32,
                         help="ray: dynamic batching, rows per batch at most; 1 turns it off "
                              "(default 32)")
-    parser.add_argument("--batch-wait-ms", type=_positive_float, default=2.0,
+    parser.add_argument("--batch-wait-ms", type=positive_float, default=2.0,
                         help="how long a batch waits to fill (default 2 ms, at most 60000)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; "
@@ -69,26 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", metavar="ADDR",
                         help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of "
                              "starting a local one")
-    parser.add_argument("--max-body-mb", type=_positive_float, default=32.0,
+    parser.add_argument("--max-body-mb", type=positive_float, default=32.0,
                         help="largest request body accepted; larger ones get 413 "
                              "(default 32 MiB; below 2048 with --grpc-port)")
-    parser.add_argument("--max-header-kb", type=_positive_float, default=64.0,
+    parser.add_argument("--max-header-kb", type=positive_float, default=64.0,
                         help="embedded: largest request line + headers; larger ones get 431 and "
                              "the connection is closed (default 64 KiB)")
-    parser.add_argument("--read-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
+    parser.add_argument("--read-timeout", type=positive_float, default=15.0, metavar="SECONDS",
                         help="embedded: close a connection whose request head is not complete "
                              "this long after it started, or whose body sends nothing for this "
                              "long (default 15 s)")
-    parser.add_argument("--body-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+    parser.add_argument("--body-timeout", type=positive_float, default=60.0, metavar="SECONDS",
                         help="embedded: close a connection whose request body is not complete "
                              "this long after its head, however steadily it sends (default 60 s)")
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="embedded: open connections per worker; one more is answered 503 "
                              "and closed (default 512)")
-    parser.add_argument("--drain-seconds", type=_positive_float, default=10.0,
+    parser.add_argument("--drain-seconds", type=positive_float, default=10.0,
                         help="on Ctrl-C or SIGTERM, longest wait for requests in flight "
                              "(default 10 s, at most 86400)")
-    parser.add_argument("--triton-repository", type=_path, metavar="DIR",
+    parser.add_argument("--triton-repository", type=path_arg, metavar="DIR",
                         help="write a Triton model repository of the ONNX artifacts to DIR "
                              "instead of serving")
     return parser
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.serve import (  # lazy: imports Ray (see export.serve)
+    from export.runtime.serve import (  # lazy: imports Ray (see export.runtime.serve)
         ServeOptions,
         check_options,
         load_models,
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(printable(note), flush=True)  # a note names an artifact as its manifest spells it
 
     if args.triton_repository:
-        from export.serve.triton import write_repository  # lazy: only with --triton-repository
+        from export.runtime.serve.triton import write_repository  # lazy: only with --triton-repository
 
         def write():
             return write_repository(
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ready    {server.url}/health/ready  ({shape}); Ctrl-C stops", flush=True)
         if server.embedded is None:
             threading.Event().wait()
-        from export.serve.embedded import watch  # lazy: the embedded engine only
+        from export.runtime.serve.embedded import watch  # lazy: the embedded engine only
 
         while True:
             watch(server.embedded)

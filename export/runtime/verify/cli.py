@@ -8,9 +8,9 @@ import os
 import sys
 
 from export.errors import SigningError, UsageError, exit_codes_epilog, printable, reader_may_leave
-from export.flags import OneLineParser, _path
+from export.flags import OneLineParser, path_arg
 from export.reporting import display_prog
-from export.verify import ASCII_MARKS, MARKS, verify_path
+from export.runtime.verify import ASCII_MARKS, MARKS, verify_path
 
 PROG = "python -m export.verify"
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("path", metavar="PATH",
                         help="an output folder (every *.onnx.json, *.tflite.json, "
                              "*_savedmodel.json in it) or one manifest")
-    parser.add_argument("--public-key", type=_path, metavar="KEY.pub",
+    parser.add_argument("--public-key", type=path_arg, metavar="KEY.pub",
                         help="check each set's signature (<artifact>.sig) with this elliptic-curve "
                              "public key first; an unsigned set, another key's signature or a "
                              "file changed after signing fails")

@@ -13,9 +13,12 @@ import shutil
 import tempfile
 
 from export.errors import UsageError
-from export.serve.protocol import TensorSpec
+from export.formats import get_format
+from export.runtime.serve.protocol import TensorSpec
 
 # V2 datatype -> Triton's DataType enum (model_config.proto).
+# Triton's platform -> the backend that runs it (Triton's own table, not one of our formats').
+BACKENDS = {"onnxruntime_onnx": "onnxruntime"}
 TRITON_TYPES = {
     "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
     "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
@@ -34,8 +37,8 @@ def _quoted(text: str) -> str:
 
 
 def model_config(model, *, max_batch: int = 32, batch_wait_ms: float = 2.0, instances: int = 1,
-                 threads: int = 1) -> str:
-    """config.pbtxt text for one ONNX `ServedModel`.
+                 threads: int = 1, platform: str = "onnxruntime_onnx") -> str:
+    """config.pbtxt text for one `ServedModel` whose format Triton's `platform` runs.
 
     A dynamic batch axis becomes `max_batch_size` (dims without it) with dynamic batching; a
     fixed batch stays in the dims with `max_batch_size: 0` (Triton batches nothing then).
@@ -44,8 +47,8 @@ def model_config(model, *, max_batch: int = 32, batch_wait_ms: float = 2.0, inst
     dynamic = manifest["inputs"][0]["shape"][0] is None
     lines = [
         f"name: {_quoted(model.name)}",
-        'platform: "onnxruntime_onnx"',
-        'backend: "onnxruntime"',
+        f"platform: {_quoted(platform)}",
+        f"backend: {_quoted(BACKENDS[platform])}",
         f"max_batch_size: {max_batch if dynamic else 0}",
     ]
     for key, entries in (("input", manifest["inputs"]), ("output", manifest["outputs"])):
@@ -85,10 +88,11 @@ def write_repository(models, directory: str, **config) -> tuple[list[str], list[
     Returns (written model folders, notes on what is skipped). An existing DIR/<name> is
     replaced whole, through a staged folder and a rename.
     """
-    onnx_models = [m for m in models if m.format == "onnx"]
+    # What Triton's standard backends run: the served platforms BACKENDS knows.
+    onnx_models = [m for m in models if get_format(m.format).serve_platform in BACKENDS]
     notes = [
         f"- {m.artifact}  not in the Triton repository: Triton's standard backends do not run "
-        f"{m.format}" for m in models if m.format != "onnx"
+        f"{m.format}" for m in models if get_format(m.format).serve_platform not in BACKENDS
     ]
     if not onnx_models:
         raise UsageError("no ONNX artifact to put in a Triton model repository")
@@ -110,10 +114,11 @@ def write_repository(models, directory: str, **config) -> tuple[list[str], list[
         staging = tempfile.mkdtemp(prefix=f".{model.name}.", dir=directory)
         try:
             os.makedirs(os.path.join(staging, "1"))
-            with open(os.path.join(staging, "1", "model.onnx"), "wb") as f:
+            fmt = get_format(model.format)
+            with open(os.path.join(staging, "1", f"model{fmt.suffix}"), "wb") as f:
                 f.write(model.data)
             with open(os.path.join(staging, "config.pbtxt"), "w", encoding="utf-8") as f:
-                f.write(model_config(model, **config))
+                f.write(model_config(model, platform=fmt.serve_platform, **config))
             os.chmod(staging, 0o755)
             if os.path.isdir(final):
                 # The old folder goes into a trash folder this run created, then that goes:

@@ -6,7 +6,7 @@ bundle to `<artifact>.sig` in the staging folder, before the atomic publish; `ve
 with the public key before anything else is trusted. A sha256 in a manifest proves nothing to
 someone who can rewrite the manifest too; a signature over the manifest does.
 
-numpy-free and TensorFlow-free: `export.verify` uses this module. `model-signing` is an optional
+numpy-free and TensorFlow-free: `export.runtime.verify` uses this module. `model-signing` is an optional
 extra (`pip install 'xattn[sign]'`), imported only when a key is given.
 """
 

@@ -4,7 +4,7 @@ The facts of a manifest that do not depend on the file's own bytes (format, laye
 masks, input and output names, quantization, the project's version, the golden file's sha256) go
 into the ONNX (and ORT) file's `metadata_props` as `xattn.<key>` entries, and into a TFLite file
 as a metadata buffer named `xattn` holding the same facts as one JSON object. Deterministic: no
-dates. numpy and the runtimes only (`export.verify` reads it on the device).
+dates. numpy and the runtimes only (`export.runtime.verify` reads it on the device).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import numpy as np
 
 from export.errors import ManifestError, one_line, short
+from export.formats import REGISTRY
 
 # The TFLite metadata buffer's name and the ONNX keys' prefix.
 METADATA_NAME = "xattn"
@@ -110,15 +111,7 @@ def _aligned_builder(size: int):
     return AlignedBuilder(size)
 
 
-# -- reading (export.verify) -----------------------------------------------------------------
-
-
-def read_tflm_metadata(path: str) -> dict[str, str] | None:
-    """As read_tflite_metadata, with the schema tflite-micro ships (a board's host may have no
-    LiteRT)."""
-    from export.tflm.ops import schema  # lazy: tflite-micro is optional
-
-    return read_tflite_metadata(path, schema())
+# -- reading (export.runtime.verify) -----------------------------------------------------------------
 
 
 def read_tflite_metadata(path: str, schema=None) -> dict[str, str] | None:
@@ -162,14 +155,10 @@ def read_onnx_metadata(path: str) -> dict[str, str] | None:
     return found
 
 
-# Which reader opens which format's files (formats without in-file metadata are absent).
-_READERS = {"tflite": read_tflite_metadata, "onnx": read_onnx_metadata, "ort": read_onnx_metadata,
-            "tflm": read_tflm_metadata}
-
-
 def read_file_metadata(fmt: str, path: str) -> dict[str, str] | None:
-    reader = _READERS.get(fmt)
-    return None if reader is None else reader(path)
+    """The facts inside a file of format `fmt`, read by the format's own reader (the registry's
+    `metadata_reader`); None for formats whose files hold none."""
+    return REGISTRY[fmt].read_metadata(path) if fmt in REGISTRY else None
 
 
 def check_file_metadata(fmt: str, path: str, manifest: dict) -> None:
@@ -178,7 +167,7 @@ def check_file_metadata(fmt: str, path: str, manifest: dict) -> None:
     A manifest without `file_metadata` (written before files carried metadata) is not checked.
     """
     expected = manifest.get("file_metadata")
-    if expected is None or fmt not in _READERS:
+    if expected is None or REGISTRY.get(fmt) is None or REGISTRY[fmt].metadata_reader is None:
         return
     if not isinstance(expected, dict):
         raise ManifestError("manifest field 'file_metadata' must be a JSON object")

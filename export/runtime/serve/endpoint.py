@@ -1,7 +1,7 @@
 """The server's requests, engine-neutral: both engines (embedded, Ray) answer through this code.
 
 `ModelEndpoint` is one verified artifact behind `/v2/models/<name>`: metadata, readiness and
-inference (decode with `export.serve.protocol`, check, run, encode). `RootEndpoint` is `/v2`
+inference (decode with `export.runtime.serve.protocol`, check, run, encode). `RootEndpoint` is `/v2`
 itself: server metadata, health, and the error for a model that is not served. An engine only
 moves bytes: it hands over (method, path, headers, body) and sends back a `Reply`.
 """
@@ -13,12 +13,14 @@ import json
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from export.errors import InputError, first_line
-from export.serve.protocol import (
+from export.formats import REGISTRY
+from export.runtime.serve.protocol import (
     DATATYPES,
     HEADER_LENGTH,
     BodyTooLarge,
@@ -30,7 +32,8 @@ from export.serve.protocol import (
     read_content_encoding,
 )
 
-PLATFORM = {"onnx": "onnxruntime_onnx", "tflite": "tensorflow_lite"}
+# format -> the platform its model metadata reports (the registry's `serve_platform`)
+PLATFORM = {name: fmt.serve_platform for name, fmt in REGISTRY.items() if fmt.serve_platform}
 SERVER_NAME = "xattn"
 JSON = "application/json"
 
@@ -94,7 +97,7 @@ def too_large(limit: int) -> BodyTooLarge:
 def load_runner(model, threads: int):
     """The runtime for one `ServedModel`, from its verified bytes (checked once more here: an
     engine's worker may run in another process or on another machine)."""
-    from export import runtimes  # lazy: the runtimes load only where a model is served
+    from export.runtime import runtimes  # lazy: the runtimes load only where a model is served
 
     digest = hashlib.sha256(model.data).hexdigest()
     if digest != model.manifest["sha256"].lower():
@@ -108,6 +111,45 @@ def load_runner(model, threads: int):
             f.write(model.data)
         return runtimes.load_runner(model.format, path, batch=fixed, threads=threads,
                                     inputs=model.manifest["inputs"])
+
+
+class Statistics:
+    """What `/v2/models/<name>/stats` reports (Triton's statistics extension, in its shape): the
+    requests answered, the rows inferred, the runs of the runtime, and the runs by batch size. A
+    batch that the engine merged from several requests (the Ray engine, `--max-batch`) is one run
+    of its rows. Counted per process (an embedded worker, a Ray replica): the one that answers
+    reports its own."""
+
+    def __init__(self):
+        self.requests = 0
+        self.rows = 0
+        self.runs = 0
+        self.ns = 0
+        self.last_ms = 0
+        self.by_batch: dict[int, list[int]] = {}  # rows -> [runs, ns]
+
+    def count(self, rows: int, ns: int) -> None:
+        self.rows += rows
+        self.runs += 1
+        self.ns += ns
+        self.last_ms = int(time.time() * 1000)
+        seen = self.by_batch.setdefault(rows, [0, 0])
+        seen[0] += 1
+        seen[1] += ns
+
+    def report(self, name: str) -> bytes:
+        return json.dumps({"model_stats": [{
+            "name": name, "version": "1", "last_inference": self.last_ms,
+            "inference_count": self.rows, "execution_count": self.runs,
+            "inference_stats": {
+                "success": {"count": self.requests},
+                "compute_infer": {"count": self.runs, "ns": self.ns},
+            },
+            "batch_stats": [
+                {"batch_size": rows, "compute_infer": {"count": runs, "ns": ns}}
+                for rows, (runs, ns) in sorted(self.by_batch.items())
+            ],
+        }]}).encode()
 
 
 class ModelEndpoint:
@@ -126,6 +168,7 @@ class ModelEndpoint:
         self.runner = load_runner(model, threads)
         # LiteRT interpreters are not thread-safe; batches and lone requests take turns.
         self.lock = threading.Lock()
+        self.statistics = Statistics()
         self.metadata = self._metadata()
         self.prefix = f"/v2/models/{self.name}"
 
@@ -155,7 +198,8 @@ class ModelEndpoint:
                              DATATYPES[t.datatype].newbyteorder("="))
             for t in self.inputs
         }
-        self.run(self.runner.check_feeds(feeds))
+        with self.lock:  # not counted in the statistics: no client asked for it
+            self.runner.run_checked(self.runner.check_feeds(feeds))
 
     def route(self, method: str, path: str) -> str | Reply:
         """'infer' for an inference request, else the Reply (metadata, ready, or an error)."""
@@ -174,6 +218,9 @@ class ModelEndpoint:
             return json_reply(self.metadata)
         if rest == "/ready" and method == "GET":
             return Reply(200)
+        if rest == "/stats" and method == "GET":
+            with self.lock:
+                return json_reply(self.statistics.report(self.name))
         raise RequestError(f"no route {method} {path[:80]} for model {self.name}")
 
     def decode(self, body: bytes, header_length: str | None, encoding: str | None):
@@ -190,11 +237,17 @@ class ModelEndpoint:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Feeds from `decode` (checked) -> outputs."""
+        rows = len(next(iter(feeds.values()))) if feeds else 0
         with self.lock:
-            return self.runner.run_checked(feeds)
+            started = time.perf_counter_ns()
+            results = self.runner.run_checked(feeds)
+            self.statistics.count(rows, time.perf_counter_ns() - started)
+            return results
 
     def encode(self, decoded, results) -> Reply:
         content, headers = encode_infer_response(self.name, decoded, results, self.outputs)
+        with self.lock:
+            self.statistics.requests += 1
         return Reply(200, content, headers)
 
     def infer(self, body: bytes, header_length: str | None, encoding: str | None) -> Reply:
@@ -241,6 +294,7 @@ def guarded(fn, log, what: str):
         return error_reply(f"internal error: {type(e).__name__}: {first_line(e)}", 500)
 
 
-__all__ = ["HEADER_LENGTH", "ModelEndpoint", "Reply", "RootEndpoint", "check_declared_size",
+__all__ = ["HEADER_LENGTH", "ModelEndpoint", "Reply", "RootEndpoint", "Statistics",
+           "check_declared_size",
            "encoded_slash",
            "error_reply", "guarded", "json_reply", "load_runner", "single_header", "too_large"]

@@ -5,7 +5,7 @@ on that port, shared by the workers through SO_REUSEPORT (gRPC's default on Linu
 and message classes are the ones `tritonclient.grpc` ships (generated from KServe's
 `grpc_service.proto`; importable with protobuf 7, though `tritonclient[grpc]` pins protobuf<7).
 An infer request is turned into the HTTP form (a JSON header plus the raw tensors) and decoded by
-`export.serve.endpoint`: both transports run the same checks and answer the same messages; a
+`export.runtime.serve.endpoint`: both transports run the same checks and answer the same messages; a
 request that does not fit is INVALID_ARGUMENT with that one line (413's case:
 RESOURCE_EXHAUSTED).
 """
@@ -20,8 +20,8 @@ from concurrent import futures
 import numpy as np
 
 from export.errors import InputError, first_line
-from export.serve.endpoint import PLATFORM, SERVER_NAME
-from export.serve.protocol import BodyTooLarge
+from export.runtime.serve.endpoint import PLATFORM, SERVER_NAME
+from export.runtime.serve.protocol import BodyTooLarge
 
 log = logging.getLogger("export.serve")
 

@@ -2,7 +2,7 @@
 
 Each ModelServer is its own application at `/v2/models/<name>`, so a request goes from Ray's
 HTTP proxy straight to a replica of its model (no router hop). The replica decodes the request
-with `export.serve.endpoint` (the code the embedded engine runs too), checks it, and queues its
+with `export.runtime.serve.endpoint` (the code the embedded engine runs too), checks it, and queues its
 rows for `@serve.batch`; one batch at a time runs in a worker thread, so the event loop keeps
 decoding the next requests meanwhile.
 """
@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from export.errors import InputError, first_line
-from export.serve.endpoint import (
+from export.runtime.serve.endpoint import (
     HEADER_LENGTH,
     ModelEndpoint,
     Reply,

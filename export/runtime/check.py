@@ -1,6 +1,6 @@
 """Parity against the reference: the metrics, the default gates, and the one pass/fail rule.
 
-numpy only: the pipeline gates an artifact with `gate` before publishing it, and `export.verify`
+numpy only: the pipeline gates an artifact with `gate` before publishing it, and `export.runtime.verify`
 applies the same `gate` to the golden vectors on the device.
 """
 
@@ -63,7 +63,7 @@ def gate(metrics: dict, *, artifact: str, atol: float | None = None,
          max_rel_error: float | None = None) -> None:
     """Raise ParityError when `max_abs > atol` or `rel_l2 > max_rel_error` (whichever is set).
 
-    The one pass/fail rule: the pipeline applies it before publishing, `export.verify` after.
+    The one pass/fail rule: the pipeline applies it before publishing, `export.runtime.verify` after.
     """
     if atol is not None and not metrics["max_abs"] <= atol:
         raise ParityError(

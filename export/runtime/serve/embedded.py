@@ -1,10 +1,10 @@
 """The embedded engine (the default): N uvicorn worker processes sharing one listening socket.
 
 No Ray, one machine: the supervisor (this module, in the CLI's process) binds HOST:PORT, then
-starts `--workers` processes (`export.serve.worker`, default: one per core) that inherit the
+starts `--workers` processes (`export.runtime.serve.worker`, default: one per core) that inherit the
 socket; the kernel hands each new connection to one of them. Each worker loads its own runtime
 session per model (`--threads` intra-op threads, default 1) and answers through
-`export.serve.endpoint`, the same code as the Ray engine. A worker that dies is restarted; the
+`export.runtime.serve.endpoint`, the same code as the Ray engine. A worker that dies is restarted; the
 server is ready when every worker has run one warm-up request through every model.
 `stop` drains: the supervisor stops listening, SIGTERMs the workers, and waits for them.
 """
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from export.errors import UsageError
-from export.serve.worker import WARM, SharedState, encode_config
+from export.runtime.serve.worker import WARM, SharedState, encode_config
 
 log = logging.getLogger("export")
 
@@ -94,7 +94,7 @@ def start(models, options, version: str, *, timeout: float = 120.0) -> EmbeddedS
 def _spawn(server: EmbeddedServer, index: int) -> subprocess.Popen:
     fd = server.sock.fileno()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "export.serve.worker", str(fd), server.state_path, str(index)],
+        [sys.executable, "-m", "export.runtime.serve.worker", str(fd), server.state_path, str(index)],
         stdin=subprocess.PIPE, pass_fds=(fd,),
         # Its own session would survive the supervisor; the same group gets Ctrl-C (ignored).
     )

@@ -1,4 +1,4 @@
-"""The manifest's JSON Schema (`export/manifest.schema.json`, the file the JavaScript verifier reads
+"""The manifest's JSON Schema (`export/runtime/manifest.schema.json`, the file the JavaScript verifier reads
 too) and the small validator that applies it: standard library only, so the runtime half needs no
 `jsonschema`.
 

@@ -1,9 +1,9 @@
 """One worker process of the embedded engine: uvicorn (httptools, uvloop) on an inherited socket.
 
-Started by `export.serve.embedded` as `python -m export.serve.worker FD STATE INDEX` with the
+Started by `export.runtime.serve.embedded` as `python -m export.runtime.serve.worker FD STATE INDEX` with the
 models and options as JSON on stdin (`encode_config`; no pickle). It answers the Open Inference
 Protocol through
-`export.serve.endpoint` (the code the Ray engine runs too) from a raw ASGI callable (no router
+`export.runtime.serve.endpoint` (the code the Ray engine runs too) from a raw ASGI callable (no router
 framework: a request is one dict lookup away from its model), one runtime session per model,
 inference in the event loop for small requests (the layer runs in ~0.06 ms; a thread hop costs
 more than that) and in a thread above `THREAD_ABOVE` elements.
@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 
-from export.serve.endpoint import (
+from export.runtime.serve.endpoint import (
     HEADER_LENGTH,
     ModelEndpoint,
     Reply,
@@ -45,7 +45,7 @@ from export.serve.endpoint import (
     single_header,
     too_large,
 )
-from export.serve.protocol import RequestError, error_body, refuse_by_hand
+from export.runtime.serve.protocol import RequestError, error_body, refuse_by_hand
 
 log = logging.getLogger("export.serve")
 
@@ -382,7 +382,7 @@ def serve_worker(fd: int, state_path: str, index: int, config: dict) -> None:
     server.app = app
     server.drain_seconds = options.drain_seconds
     if options.grpc_port:
-        from export.serve.grpc_service import build_server  # lazy: only with --grpc-port
+        from export.runtime.serve.grpc_service import build_server  # lazy: only with --grpc-port
 
         try:
             server.grpc = build_server(app, options.grpc_port, options.host,
@@ -410,7 +410,10 @@ def encode_config(models, options, version: str) -> bytes:
 
 def decode_config(data: bytes) -> dict:
     """`encode_config`'s JSON -> {"models": [ServedModel], "options": ServeOptions, ...}."""
-    from export.serve import ServedModel, ServeOptions  # lazy: the package imports this module's users
+    from export.runtime.serve import (  # lazy: the package imports this module's users
+        ServedModel,
+        ServeOptions,
+    )
 
     config = json.loads(data)
     config["models"] = [ServedModel(m["name"], m["format"], m["artifact"], m["manifest"],
@@ -421,7 +424,7 @@ def decode_config(data: bytes) -> dict:
 
 
 def main() -> int:
-    refuse_by_hand("python -m export.serve.worker",
+    refuse_by_hand("python -m export.runtime.serve.worker",
                    "a worker process that `python -m export.serve` starts "
                    "(a socket, a state file, models on stdin)")
     fd, state_path, index = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])

@@ -1,12 +1,12 @@
 """A cheap HTTP/1.1 load generator for the serving benchmark (one process of it).
 
-`python -m export.serve.loadgen` reads a JSON job on stdin (host, port, the whole request as
+`python -m export.runtime.serve.loadgen` reads a JSON job on stdin (host, port, the whole request as
 latin-1 text, connections, warm-up and measured seconds, which tensors to expect), keeps that many
 keep-alive connections busy (one request at a time each, no pipelining) with raw asyncio streams
 on uvloop, decodes every response as a client would (the binary extension with `np.frombuffer`,
 JSON with `json.loads`), and prints JSON: latencies, errors, its own CPU seconds. The request
 bytes are built once, so the generator spends its CPU on sockets and decoding, not on encoding;
-`export.serve.loadbench` runs several of these processes and adds them up. With a `model` path
+`export.runtime.serve.loadbench` runs several of these processes and adds them up. With a `model` path
 in the job it measures the ceiling instead: onnxruntime `session.run` in a loop, same inputs.
 """
 
@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from export.serve.protocol import HEADER_LENGTH, refuse_by_hand
+from export.runtime.serve.protocol import HEADER_LENGTH, refuse_by_hand
 
 _LENGTH = HEADER_LENGTH.lower().encode()
 
@@ -184,7 +184,7 @@ def run_in_process(job: dict) -> dict:
 
 
 def main() -> int:
-    refuse_by_hand("python -m export.serve.loadgen",
+    refuse_by_hand("python -m export.runtime.serve.loadgen",
                    "the load generator process that `python -m export.bench serve` starts "
                    "(its job as JSON on stdin)")
     import uvloop  # lazy: the generator's loop (installed with uvicorn, the serve extra)
