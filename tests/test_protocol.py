@@ -252,3 +252,23 @@ def test_statistics_report_counts_rows_runs_and_runs_by_batch_size():
         {"batch_size": 3, "compute_infer": {"count": 2, "ns": 120}},
         {"batch_size": 8, "compute_infer": {"count": 1, "ns": 50}},
     ]
+
+
+def test_statistics_route_does_not_wait_for_a_run():
+    """`/stats` answers on the engine's event loop: it must not take the runtime's lock, which a
+    run in another thread holds for its whole length (the event loop stalled behind it)."""
+    import threading
+
+    from export.runtime.serve.endpoint import ModelEndpoint, Statistics
+
+    endpoint = ModelEndpoint.__new__(ModelEndpoint)  # the route needs none of the runtime
+    endpoint.name, endpoint.prefix = "m", "/v2/models/m"
+    endpoint.lock, endpoint.statistics = threading.Lock(), Statistics()
+    answered = []
+    with endpoint.lock:  # a run in progress
+        worker = threading.Thread(
+            target=lambda: answered.append(endpoint.route("GET", "/v2/models/m/stats")))
+        worker.start()
+        worker.join(timeout=5)
+        assert answered, "GET /stats waited for the run's lock"
+    assert json.loads(answered[0].body)["model_stats"][0]["name"] == "m"
