@@ -272,3 +272,20 @@ def test_statistics_route_does_not_wait_for_a_run():
         worker.join(timeout=5)
         assert answered, "GET /stats waited for the run's lock"
     assert json.loads(answered[0].body)["model_stats"][0]["name"] == "m"
+
+
+@pytest.mark.parametrize("artifact, fmt, name", [
+    ("x.onnx", "onnx", "x_onnx"), ("x.tflite", "tflite", "x_tflite"), ("x.ort", "ort", "x_ort"),
+    ("x.tflm.tflite", "tflm", "x_tflm"), ("x_int8.tflite", "tflite", "x_int8_tflite"),
+])
+def test_a_served_models_name_drops_its_formats_own_suffix(artifact, fmt, name):
+    from export.runtime.serve import model_name
+
+    assert model_name({"artifact": artifact, "format": fmt}) == name
+
+
+def test_a_bucketed_runner_refuses_a_file_of_one_length_by_its_format():
+    from export.bucketed import BucketedRunner
+
+    with pytest.raises(InputError, match="x.tflm.tflite is a TFLM file: one static length"):
+        BucketedRunner("x.tflm.tflite")
