@@ -70,6 +70,9 @@ class BucketedRunner:
         self.path = path
         self.format = fmt or _format_of(path)
         record = get_format(self.format)
+        if not record.several_lengths:
+            raise InputError(f"{path} is a {record.title} file: one static length, no buckets; "
+                             "BucketedRunner takes a file built with --lengths")
         self.batch = record.default_batch if batch is ... else batch
         self.threads = threads
         self.buckets = file_buckets(path, self.format) if record.signatures else ()

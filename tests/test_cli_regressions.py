@@ -126,6 +126,19 @@ def test_bench_with_an_empty_model_is_refused_not_a_layer_benchmark(capsys):
     _one_usage_line(capsys.readouterr().err, "python -m export.bench", "--model")
 
 
+@pytest.mark.parametrize("flag", [["--units", "4"], ["--heads", "2"], ["--seed", "3"],
+                                  ["--lengths", "8,16"], ["--kv-len", "12"]])
+def test_bench_with_a_model_refuses_the_lone_layers_flags(flag, capsys):
+    # `python -m export.bench --model m.keras --units 4` ignored --units (the flags have defaults,
+    # so nothing told them from absent): one usage line, exit 2, before any model is loaded.
+    from export.bench.cli import main as bench_main
+
+    with pytest.raises(SystemExit) as ended:
+        bench_main(["--model", "missing.keras", *flag])
+    assert ended.value.code == 2
+    _one_usage_line(capsys.readouterr().err, "python -m export.bench", f"--model and {flag[0]}")
+
+
 @pytest.mark.parametrize("target", ["missing/figures.json", "."])
 def test_loadbench_json_that_cannot_be_written_is_one_line_before_measuring(target, tmp_path,
                                                                             monkeypatch, capsys):

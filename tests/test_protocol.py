@@ -252,3 +252,40 @@ def test_statistics_report_counts_rows_runs_and_runs_by_batch_size():
         {"batch_size": 3, "compute_infer": {"count": 2, "ns": 120}},
         {"batch_size": 8, "compute_infer": {"count": 1, "ns": 50}},
     ]
+
+
+def test_statistics_route_does_not_wait_for_a_run():
+    """`/stats` answers on the engine's event loop: it must not take the runtime's lock, which a
+    run in another thread holds for its whole length (the event loop stalled behind it)."""
+    import threading
+
+    from export.runtime.serve.endpoint import ModelEndpoint, Statistics
+
+    endpoint = ModelEndpoint.__new__(ModelEndpoint)  # the route needs none of the runtime
+    endpoint.name, endpoint.prefix = "m", "/v2/models/m"
+    endpoint.lock, endpoint.statistics = threading.Lock(), Statistics()
+    answered = []
+    with endpoint.lock:  # a run in progress
+        worker = threading.Thread(
+            target=lambda: answered.append(endpoint.route("GET", "/v2/models/m/stats")))
+        worker.start()
+        worker.join(timeout=5)
+        assert answered, "GET /stats waited for the run's lock"
+    assert json.loads(answered[0].body)["model_stats"][0]["name"] == "m"
+
+
+@pytest.mark.parametrize("artifact, fmt, name", [
+    ("x.onnx", "onnx", "x_onnx"), ("x.tflite", "tflite", "x_tflite"), ("x.ort", "ort", "x_ort"),
+    ("x.tflm.tflite", "tflm", "x_tflm"), ("x_int8.tflite", "tflite", "x_int8_tflite"),
+])
+def test_a_served_models_name_drops_its_formats_own_suffix(artifact, fmt, name):
+    from export.runtime.serve import model_name
+
+    assert model_name({"artifact": artifact, "format": fmt}) == name
+
+
+def test_a_bucketed_runner_refuses_a_file_of_one_length_by_its_format():
+    from export.bucketed import BucketedRunner
+
+    with pytest.raises(InputError, match="x.tflm.tflite is a TFLM file: one static length"):
+        BucketedRunner("x.tflm.tflite")

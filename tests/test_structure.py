@@ -196,7 +196,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                  "export.runtime.serve.loadgen", "export.runtime.serve.protocol",
                  "export.runtime.serve.triton", "export.runtime.serve.worker", "export.bucketed",
                  "export.tflm.runtime", "export.tflm.check", "export.onnx.check",
-                 "export.ort.check", "export.tflite.check")),
+                 "export.ort.check", "export.tflite.check",
+                 # the documented paths of three moved modules (aliases: each *is* the module)
+                 "export.runtimes", "export.manifest", "export.serve.protocol")),
     # The layer (Keras 3): what the build half traces; nothing TF-free may import it.
     ("layer", ("xattn", "xattn.layer")),
     # The build half: references, the folded graph, each format's builder, variants and
@@ -374,3 +376,20 @@ def test_no_private_name_is_imported_from_another_package():
             if private and node.module.rpartition(".")[0] != package and node.module != package:
                 crossing.append(f"{module}:{node.lineno} imports {', '.join(private)} from {node.module}")
     assert not crossing, "\n".join(crossing)
+
+
+# -- the old import paths the API reference documented (the runtime half moved) ------------------
+
+MOVED = {"export.runtimes": "export.runtime.runtimes", "export.manifest": "export.runtime.manifest",
+         "export.serve.protocol": "export.runtime.serve.protocol"}
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_a_documented_import_path_of_a_moved_module_still_imports(old):
+    """`from export import runtimes` (the examples), `::: export.manifest` and
+    `::: export.serve.protocol` (docs/reference/api.md) named these before the move."""
+    import importlib
+
+    package, _, name = old.rpartition(".")
+    assert importlib.import_module(old) is importlib.import_module(MOVED[old])
+    assert getattr(importlib.import_module(package), name) is importlib.import_module(MOVED[old])

@@ -21,7 +21,7 @@ import socket
 from dataclasses import dataclass, field
 
 from export.errors import ExportError, ManifestError, UsageError, first_line
-from export.formats import REGISTRY
+from export.formats import REGISTRY, format_of_manifest, get_format
 from export.runtime.serve.protocol import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -117,10 +117,9 @@ class Server:
 def model_name(manifest: dict) -> str:
     """`<artifact without extension>_<format>`: an ONNX file and a TFLite file of one
     configuration share a stem, so the format is part of the name."""
-    stem = manifest["artifact"]
-    for suffix in (".onnx", ".tflite"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
+    stem, suffix = manifest["artifact"], get_format(manifest["format"]).suffix
+    if stem.endswith(suffix):
+        stem = stem[: -len(suffix)]
     return f"{stem}_{manifest['format']}"
 
 
@@ -132,10 +131,13 @@ def load_models(path: str) -> tuple[list[ServedModel], list[str]]:
     """
     models, notes = [], []
     for manifest_path in find_manifests(path):
-        if manifest_path.endswith("_savedmodel.json"):
+        record = format_of_manifest(os.path.basename(manifest_path))
+        if record is not None and record.runtime_module == "tensorflow":
+            # Verifying it would need TensorFlow, which the runtime half never imports.
             notes.append(
-                f"- {os.path.basename(manifest_path)}  not served: SavedModel (this server runs "
-                "ONNX and TFLite; TensorFlow Serving serves SavedModel)"
+                f"- {os.path.basename(manifest_path)}  not served: {record.title} (its runtime "
+                f"is {record.runtime_label}; this server runs "
+                f"{' and '.join(REGISTRY[f].title for f in SERVED_FORMATS)})"
             )
             continue
         (result,) = verify_path(manifest_path)

@@ -118,9 +118,11 @@ class Statistics:
     requests answered, the rows inferred, the runs of the runtime, and the runs by batch size. A
     batch that the engine merged from several requests (the Ray engine, `--max-batch`) is one run
     of its rows. Counted per process (an embedded worker, a Ray replica): the one that answers
-    reports its own."""
+    reports its own. Its own lock: a report never waits for a run of the runtime (the route answers
+    on the engine's event loop)."""
 
     def __init__(self):
+        self.lock = threading.Lock()
         self.requests = 0
         self.rows = 0
         self.runs = 0
@@ -128,7 +130,15 @@ class Statistics:
         self.last_ms = 0
         self.by_batch: dict[int, list[int]] = {}  # rows -> [runs, ns]
 
+    def answered(self) -> None:
+        with self.lock:
+            self.requests += 1
+
     def count(self, rows: int, ns: int) -> None:
+        with self.lock:
+            self._count(rows, ns)
+
+    def _count(self, rows: int, ns: int) -> None:
         self.rows += rows
         self.runs += 1
         self.ns += ns
@@ -138,6 +148,10 @@ class Statistics:
         seen[1] += ns
 
     def report(self, name: str) -> bytes:
+        with self.lock:
+            return self._report(name)
+
+    def _report(self, name: str) -> bytes:
         return json.dumps({"model_stats": [{
             "name": name, "version": "1", "last_inference": self.last_ms,
             "inference_count": self.rows, "execution_count": self.runs,
@@ -219,8 +233,7 @@ class ModelEndpoint:
         if rest == "/ready" and method == "GET":
             return Reply(200)
         if rest == "/stats" and method == "GET":
-            with self.lock:
-                return json_reply(self.statistics.report(self.name))
+            return json_reply(self.statistics.report(self.name))
         raise RequestError(f"no route {method} {path[:80]} for model {self.name}")
 
     def decode(self, body: bytes, header_length: str | None, encoding: str | None):
@@ -241,13 +254,13 @@ class ModelEndpoint:
         with self.lock:
             started = time.perf_counter_ns()
             results = self.runner.run_checked(feeds)
-            self.statistics.count(rows, time.perf_counter_ns() - started)
-            return results
+            elapsed = time.perf_counter_ns() - started
+        self.statistics.count(rows, elapsed)
+        return results
 
     def encode(self, decoded, results) -> Reply:
         content, headers = encode_infer_response(self.name, decoded, results, self.outputs)
-        with self.lock:
-            self.statistics.requests += 1
+        self.statistics.answered()
         return Reply(200, content, headers)
 
     def infer(self, body: bytes, header_length: str | None, encoding: str | None) -> Reply:
