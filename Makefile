@@ -31,8 +31,12 @@ artifacts: $(STAMP)
 
 # Chromium first (apt-get where missing): tests/test_docs_site.py opens the docs site in it, and
 # fails rather than skips without it.
+# TEST_JOBS pytest-xdist workers (one a core), each test file whole on one worker (--dist loadfile:
+# a file's module fixtures built once, its tests in order); the workers share the builds of
+# conftest's artifact_factory on disk. TEST_JOBS=0: one process, as `pytest` alone runs.
+TEST_JOBS ?= 2
 test: $(TEST_STAMP) cxx chromium
-	CHROMIUM=$(CHROMIUM) $(PY) -m pytest
+	CHROMIUM=$(CHROMIUM) $(PY) -m pytest $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
 
 # The fast tier (pytest -m fast): the pure logic (flags, the registry's refusals, exit codes,
 # the manifest schema, the gate, the serving protocol's decoding): no TensorFlow, no server.

@@ -11,6 +11,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 # -- export fixtures shared by every test module ------------------------------------------------
 
+import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import pickle  # noqa: E402
@@ -48,20 +49,28 @@ def artifact_factory(tmp_path_factory):
 
     cache = {}
     # `make mutation` runs the tests once per mutant, each time a new session: there the builds
-    # are kept on disk (XATTN_TEST_ARTIFACTS), made once by unmutated code.
+    # are kept on disk (XATTN_TEST_ARTIFACTS), made once by unmutated code. Under pytest-xdist
+    # (`make test`: -n 2) each worker is a session of its own: the workers share one folder of
+    # builds, beside their own temporary folders, each build made once under a file lock.
     keep = os.environ.get("XATTN_TEST_ARTIFACTS")
+    if not keep and os.environ.get("PYTEST_XDIST_WORKER"):
+        keep = str(tmp_path_factory.getbasetemp().parent / "shared-artifacts")
 
     def build(formats=ALL_FORMATS, seed=0, **fields):
         key = (tuple(formats), seed, tuple(sorted(fields.items())))
         if key not in cache and keep:
             kept = os.path.join(keep, hashlib.sha256(repr(key).encode()).hexdigest()[:16])
-            if not os.path.isfile(os.path.join(kept, "results.pickle")):
-                shutil.rmtree(kept, ignore_errors=True)
-                os.makedirs(kept)
-                results = export_artifacts(ExportRequest(specs=specs_of(formats, fields),
-                                                         output_dir=os.path.join(kept, "out"), seed=seed))
-                with open(os.path.join(kept, "results.pickle"), "wb") as f:
-                    pickle.dump({r.format: r for r in results}, f)
+            os.makedirs(keep, exist_ok=True)
+            with open(kept + ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another worker building the same: wait for it
+                if not os.path.isfile(os.path.join(kept, "results.pickle")):
+                    shutil.rmtree(kept, ignore_errors=True)
+                    os.makedirs(kept)
+                    results = export_artifacts(ExportRequest(specs=specs_of(formats, fields),
+                                                             output_dir=os.path.join(kept, "out"),
+                                                             seed=seed))
+                    with open(os.path.join(kept, "results.pickle"), "wb") as f:
+                        pickle.dump({r.format: r for r in results}, f)
             with open(os.path.join(kept, "results.pickle"), "rb") as f:
                 cache[key] = (os.path.join(kept, "out"), pickle.load(f))  # written just above
         if key not in cache:
@@ -114,6 +123,18 @@ def pytest_configure(config):
 # Whole files of the fast tier (`make test-fast`, `-m fast`): pure logic that builds nothing and
 # starts no server. Other files mark their fast tests themselves (@pytest.mark.fast).
 FAST_FILES = ("test_manifest.py", "test_publish_files.py", "test_structure.py")
+# Under pytest-xdist (`make test`: --dist loadfile) a worker takes the next file when it is free:
+# the longest files first (their build fixtures and subprocesses; the durations `make test
+# PYTEST_ADDOPTS=--durations=0` prints), so that no worker is left alone with one at the end.
+# Only the order of files changes: within a file the tests keep theirs.
+LONGEST_FILES = ("test_commands.py", "test_saved_model.py", "test_model.py",
+                 "test_layer_table.py", "test_reproducible.py", "test_fusionlab.py",
+                 "test_runtime_install.py", "test_trust.py", "test_tflm.py")
+# ... and tests/test_serve.py last, as in a one-process run (alphabetical: after every in-process
+# ORT build): its session gRPC client (tritonclient.grpc) leaves gRPC's threads in the worker, and
+# an ORT export later in that process (export/ort/serialize.py forks its child with a preexec_fn)
+# failed once in four xdist runs with gRPC's "epoll_wait error: Bad file descriptor" in the child.
+LAST_FILES = ("test_serve.py",)
 
 
 def _stopping_tests_last(items: list) -> None:
@@ -139,6 +160,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in FAST_FILES:
             item.add_marker(pytest.mark.fast)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects: the same order in each
+        rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+        rank.update({name: len(LONGEST_FILES) + 1 + i for i, name in enumerate(LAST_FILES)})
+        items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
     _stopping_tests_last(items)
     if not os.environ.get("MUTANT_UNDER_TEST"):
         return

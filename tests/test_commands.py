@@ -66,10 +66,34 @@ SKIP = {
     "make fusionlab-fixtures":
         "makes a fusionlab-learn 0.3.1 venv (TF 2.15, ~600 MB from the package index) in the cache, "
         "then rewrites the committed fixtures; tests/test_fusionlab.py tests what it wrote",
+    # docs/exporting/savedmodel.md's XTFT block: the same three commands on the same fixture run in
+    # tests/test_saved_model.py (xtft_exported, the XTFT export; its tests run the compare
+    # script and export.verify on that folder), which also checks each file against fusionlab's
+    # outputs. Run here too, the export was made twice per `make test`.
+    "python -m export --saved-model tests/fixtures/fusionlab/xtft_savedmodel --sample-inputs "
+    "tests/fixtures/fusionlab/xtft_inputs.npz --output-dir xtft/":
+        "the same command on the same fixture runs in tests/test_saved_model.py (xtft_exported), "
+        "which also checks each file against fusionlab's own outputs",
     "python -m export --saved-model tests/fixtures/fusionlab/xtft_savedmodel --sample-inputs "
     "tests/fixtures/fusionlab/xtft_inputs.npz":
         "the same command on the same fixture runs in tests/test_saved_model.py (the XTFT CLI "
         "fixture, 35-80 s), which also checks each file against fusionlab's own outputs",
+    # docs/fusionlab.md's block: the same export from an empty folder is tests/test_fusionlab.py's
+    # fusionlab_exports (.h5), and its compare command runs there on what that published.
+    "python -m export --model tests/fixtures/fusionlab/forecaster.h5 --sample-inputs "
+    "tests/fixtures/fusionlab/forecaster_inputs.npz":
+        "the same command from an empty folder is tests/test_fusionlab.py's fusionlab_exports",
+    "python -m examples.fusionlab.compare artifacts/ tests/fixtures/fusionlab/forecaster_inputs.npz "
+    "tests/fixtures/fusionlab/forecaster_outputs.npz":
+        "runs in tests/test_fusionlab.py (test_the_pages_compare_command_passes_on_the_h5_export) "
+        "on the .h5 export fusionlab_exports made with the block's first command",
+    "python -m examples.fusionlab.compare xtft/ tests/fixtures/fusionlab/xtft_inputs.npz "
+    "tests/fixtures/fusionlab/xtft_outputs.npz":
+        "runs on the XTFT export in tests/test_saved_model.py "
+        "(test_parity_script_reports_fusionlab_figures), which also feeds it a wrong expectation",
+    "python -m export.verify xtft/":
+        "runs on the XTFT export in tests/test_saved_model.py "
+        "(test_xtft_export_verify_and_serve_runner_reset)",
 }
 # Builders: they take the layer's shape flags; what the appended small shapes are.
 BUILDERS = ("export", "export.onnx", "export.tflite", "export.savedmodel", "export.ort", "export.tflm")

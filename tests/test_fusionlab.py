@@ -118,6 +118,19 @@ def test_published_reference_is_a_keras3_file_of_the_same_model(fusionlab_export
     assert sum(isinstance(layer, xattn.CrossAttention) for layer in model.layers) == 2
 
 
+def test_the_pages_compare_command_passes_on_the_h5_export(fusionlab_exports):
+    """docs/fusionlab.md's block: its first command is fusionlab_exports' .h5 run (the same
+    command, from an empty folder); its second, `python -m examples.fusionlab.compare artifacts/
+    ...`, runs here on what that published: every format within the gate of fusionlab's outputs."""
+    out, _ = fusionlab_exports["h5"]
+    done = run_module("examples.fusionlab.compare", "artifacts/", fixture("forecaster_inputs.npz"),
+                      fixture("forecaster_outputs.npz"), cwd=os.path.dirname(out),
+                      env={"PYTHONPATH": REPO})  # `examples` is the checkout's, not installed
+    assert done.returncode == 0, done.stdout + done.stderr
+    passed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("✓")]
+    assert sorted(passed) == sorted(f"forecaster{get_format(f).suffix}" for f in FORMATS), done.stdout
+
+
 def test_export_verify_passes(fusionlab_exports):
     out, _ = fusionlab_exports["keras"]
     done = run_module("export.verify", out)
