@@ -70,15 +70,15 @@ def main(argv: list[str] | None = None, *, formats: tuple[str, ...] = FORMAT_NAM
 
     def export():
         check_build_half(prog)  # the runtime half alone: one line naming the extra, exit 2
-        from export.pipeline import export_artifacts  # lazy: TensorFlow, after parsing
-
         resources.check_output_dir(args.output_dir)
-        if args.sign_key:  # a bad key fails before anything is built
+        if args.sign_key:  # a bad key fails before anything is built (or TensorFlow loads)
             signing.load_signer(args.sign_key)
         if args.arm:  # so does a missing qemu or a failed download (cached: export.caches)
             from export import arm  # lazy: qemu's cache and the verifier, with --arm only
 
             arm.provision(arm.DEFAULT_CACHE)
+        from export.pipeline import export_artifacts  # lazy: TensorFlow, after the cheap refusals
+
         request = resolve_request(args, formats)
         resources.check_memory(request.specs, parameters=(
             request.model.parameters if request.model is not None else None))

@@ -7,6 +7,9 @@ parser import this module.
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
+import os
 
 from export import reporting
 from export.buckets import parse_lengths
@@ -427,13 +430,39 @@ def _integer_only(title: str):
     return parse
 
 
-def _default_opset_text() -> str:
-    try:  # lazy: tf2onnx imports TensorFlow; only a parser with --opset needs it
-        import onnx
-        from tf2onnx import constants
+def tf2onnx_newest_opset() -> int | None:
+    """The newest opset tf2onnx writes (`max(tf2onnx.constants.OPSET_TO_IR_VERSION)`), read from
+    its source without importing it: importing tf2onnx imports TensorFlow, seconds that a
+    builder's `--help` must not wait for. None when tf2onnx is not installed or its file changed
+    shape (tests/test_cli.py holds it equal to the imported value)."""
+    found = importlib.util.find_spec("tf2onnx")
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = os.path.join(list(found.submodule_search_locations)[0], "constants.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                getattr(t, "id", None) == "OPSET_TO_IR_VERSION" for t in node.targets):
+            try:
+                return max(ast.literal_eval(node.value))
+            except (ValueError, TypeError):
+                return None
+    return None
 
-        newest = min(max(constants.OPSET_TO_IR_VERSION), onnx.defs.onnx_opset_version())
-        return f"{newest}, the newest tf2onnx writes that onnxruntime runs"
-    except Exception:  # pragma: no cover - only for --help without tf2onnx
+
+def _default_opset_text() -> str:
+    newest = tf2onnx_newest_opset()
+    try:
+        import onnx  # lazy: only a parser with --opset prints it (onnx itself loads in 0.1 s)
+
+        newest = None if newest is None else min(newest, onnx.defs.onnx_opset_version())
+    except ImportError:  # pragma: no cover - only for --help without onnx
+        newest = None
+    if newest is None:  # pragma: no cover - only for --help without tf2onnx
         return "the newest tf2onnx writes that onnxruntime runs"
+    return f"{newest}, the newest tf2onnx writes that onnxruntime runs"
 

@@ -465,3 +465,37 @@ def test_keras_file_with_lambda_is_refused_unexecuted(tmp_path, capfd):
     assert_one_line_error(rc, capfd.readouterr().err, path, "Lambda")
     # ... and the exporter never ran it.
     assert not marker.exists()
+
+
+def test_help_reads_tf2onnxs_newest_opset_without_importing_it():
+    """--help prints --opset's default from tf2onnx's source (no TensorFlow): the same number the
+    builder takes from the imported module."""
+    import subprocess
+    import sys
+
+    import onnx
+
+    from export.onnx.build import max_opset
+
+    assert min(flags.tf2onnx_newest_opset(), onnx.defs.onnx_opset_version()) == max_opset()
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from export.cli import main\n"
+         "try: main(['--help'], formats=('onnx',), prog='p')\nexcept SystemExit: pass\n"
+         "print('HEAVY', sorted(m for m in ('tensorflow', 'tf2onnx') if m in sys.modules))"],
+        capture_output=True, text=True, timeout=120)
+    assert f"default {max_opset()}, the newest" in " ".join(done.stdout.split())
+    assert "HEAVY []" in done.stdout, done.stdout[-300:]
+
+
+def test_a_missing_sign_key_is_refused_before_tensorflow_loads(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from export.cli import main\n"
+         f"code = main(['--sign-key', {str(tmp_path / 'missing.pem')!r}, '--output-dir', "
+         f"{str(tmp_path / 'out')!r}], formats=('onnx',), prog='p')\n"
+         "print('CODE', code, sorted(m for m in ('tensorflow', 'tf2onnx') if m in sys.modules))"],
+        capture_output=True, text=True, timeout=120)
+    assert "CODE 2 []" in done.stdout, (done.stdout, done.stderr)
+    assert "missing.pem" in done.stderr and not (tmp_path / "out").exists()

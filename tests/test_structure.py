@@ -281,7 +281,6 @@ HEAVY = ("tensorflow", "keras", "tf2onnx", "onnx")
 # Where the runtime half may still import one of HEAVY, lazily, and why.
 HEAVY_ALLOWED = {
     ("export.runtime.runtimes", "tensorflow"): "the SavedModel runner: TensorFlow is that format's runtime",
-    ("export.flags", "tf2onnx"): "--opset's default, computed when a builder's --help prints it",
     ("export.flags", "onnx"): "--opset's default, computed when a builder's --help prints it",
 }
 
