@@ -652,6 +652,26 @@ def test_ort_bytes_do_not_depend_on_the_bytecode_cache(artifact_factory, tmp_pat
     assert ort_sha("warm-again") == warm
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/personality"), reason="Linux's personality(2)")
+def test_the_ort_child_starts_from_a_launcher_with_randomization_off():
+    """The serializing child's addresses repeat (ADDR_NO_RANDOMIZE), set by a fresh launcher that
+    then execs it: no code runs between fork and exec in the exporting process, whose threads
+    (TensorFlow's, a server's gRPC) made a `preexec_fn` fail once under the test workers."""
+    import subprocess
+    import sys
+
+    from export.ort import serialize
+
+    done = subprocess.run(
+        [sys.executable, "-I", "-B", "-c", serialize.LAUNCHER_SOURCE, "-I", "-c",
+         "print(open('/proc/self/personality').read())"],
+        capture_output=True, text=True, timeout=60, env={"LC_ALL": "C"})
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout, 16) & 0x0040000, done.stdout
+    mine = int(open("/proc/self/personality").read(), 16)
+    assert not mine & 0x0040000  # this process (the parent) is left as it was
+
+
 @pytest.mark.parametrize("length", ["1_0", "+10", "\u0661\u0660", "0x0a", ""])
 def test_header_length_takes_ascii_digits_only(length):
     from export.runtime.serve.protocol import RequestError, TensorSpec, decode_infer_request

@@ -17,9 +17,7 @@ the child reads none and writes none (`-B`, and `-X pycache_prefix=` an empty fo
 
 from __future__ import annotations
 
-import ctypes
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,6 +33,23 @@ options.add_session_config_entry("session.save_model_format", "ORT")
 ort.InferenceSession("model.onnx", options, providers=["CPUExecutionProvider"])
 """
 _ADDR_NO_RANDOMIZE = 0x0040000  # personality(2) flag
+# A launcher: turns address space randomization off for itself, then becomes the child (the
+# personality survives exec). Not a `preexec_fn`: code run between fork and exec in a parent that
+# holds threads (TensorFlow's, gRPC's: an export inside a server) can meet their locks and fork
+# handlers mid-way; a fresh interpreter holds none. Where the kernel refuses (not Linux, a seccomp
+# profile), the file is still right, only not byte-reproducible.
+LAUNCHER_SOURCE = f"""
+import ctypes, os, platform, sys
+if platform.system() == "Linux":
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        current = libc.personality(0xFFFFFFFF)
+        if current != -1:
+            libc.personality(current | {_ADDR_NO_RANDOMIZE:#x})
+    except (OSError, AttributeError):
+        pass
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+"""
 
 
 def serialize_ort(src: str, dst: str, scratch: str) -> subprocess.CompletedProcess:
@@ -42,25 +57,11 @@ def serialize_ort(src: str, dst: str, scratch: str) -> subprocess.CompletedProce
     shutil.copyfile(src, os.path.join(scratch, "model.onnx"))
     # Bytecode is looked up under this (empty) folder only, so every run compiles from source.
     os.makedirs(os.path.join(scratch, "no-pycache"), exist_ok=True)
+    child = ["-I", "-B", "-X", "pycache_prefix=no-pycache", "-c", CHILD_SOURCE]
     done = subprocess.run(
-        [sys.executable, "-I", "-B", "-X", "pycache_prefix=no-pycache", "-c", CHILD_SOURCE],
+        [sys.executable, *child[:4], "-c", LAUNCHER_SOURCE, *child],
         cwd=scratch, env={"LC_ALL": "C"}, capture_output=True, text=True,
-        preexec_fn=_no_address_randomization,
     )
     if done.returncode == 0:
         os.replace(os.path.join(scratch, "model.ort"), dst)
     return done
-
-
-def _no_address_randomization() -> None:
-    """In the child before exec. Where the kernel refuses (not Linux, a seccomp profile), the file
-    is still right, only not byte-reproducible."""
-    if platform.system() != "Linux":
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        current = libc.personality(0xFFFFFFFF)
-        if current != -1:
-            libc.personality(current | _ADDR_NO_RANDOMIZE)
-    except (OSError, AttributeError):
-        pass
