@@ -1,8 +1,7 @@
 """`python -m export`: every format (SavedModel, TFLite, ONNX) in one run."""
 
-import sys
-
 from export.cli import main
+from export.reporting import exit_with
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m export"))
+    exit_with(main(prog="python -m export"))

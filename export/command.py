@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from export.errors import exit_codes_epilog
 from export.flags import OneLineParser
 from export.formats import FORMAT_NAMES, REGISTRY
-from export.reporting import PROG_NAMES
+from export.reporting import PROG_NAMES, exit_with
 
 PROG = "xattn"
 
@@ -166,3 +166,8 @@ def _interrupted_early(signum, frame):  # pragma: no cover - exercised in a subp
 
 if __name__ == "__main__":  # pragma: no cover - `xattn` is the console script
     sys.exit(main())
+
+
+def run() -> None:
+    """The `xattn` console script: main(), its status through exit_with (Ctrl-C: 130)."""
+    exit_with(main())

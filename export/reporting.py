@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from export.errors import INTERRUPTED_EXIT_CODE, ExportError, UsageError, printable
 
@@ -72,3 +73,20 @@ def report_failures(prog: str, call: Callable[[], T], *,
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return None, INTERRUPTED_EXIT_CODE
+
+
+def exit_with(code: int) -> NoReturn:
+    """End a command's process with `code` (every `python -m` entry and `xattn`).
+
+    After Ctrl-C (130, already reported and cleaned up), without the interpreter's teardown: a
+    KeyboardInterrupt raised inside Python code that a C extension ran (pybind11's exec, during
+    TensorFlow's import) leaves CPython believing it went unhandled, whoever caught it, and its
+    teardown then ends the process by SIGINT (status -2) instead of 130."""
+    if code == INTERRUPTED_EXIT_CODE:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)

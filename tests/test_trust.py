@@ -285,6 +285,33 @@ def test_sigint_while_starting_is_one_line(tmp_path):
         assert not out.exists() or os.listdir(out) in ([], [publish.LOCK_NAME])
 
 
+# A KeyboardInterrupt raised in Python code that a C extension runs (pybind11's exec, as during
+# TensorFlow's import; here PyRun_String through ctypes) and caught by report_failures: CPython
+# still counts it unhandled and ends a normal exit by SIGINT (-2). The entries exit through
+# reporting.exit_with, which keeps the reported 130. Deterministic, where the test above hits it
+# only when Ctrl-C lands inside that import.
+INTERRUPT_IN_C = """
+import ctypes, sys
+from export.reporting import exit_with, report_failures
+run = ctypes.pythonapi.PyRun_String
+run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int, ctypes.py_object,
+                                               ctypes.py_object]
+_, code = report_failures("p", lambda: run(b"raise KeyboardInterrupt", 257, {}, {}))
+(exit_with if sys.argv[1] == "exit_with" else sys.exit)(code)
+"""
+
+
+@pytest.mark.parametrize("how, status", [("sys.exit", -signal.SIGINT), ("exit_with", 130)])
+def test_ctrl_c_reported_inside_c_code_exits_130(how, status, tmp_path):
+    # Run as `python -m`, as the entries are (CPython checks the flag on that path).
+    (tmp_path / "interrupt_in_c.py").write_text(INTERRUPT_IN_C)
+    done = subprocess.run([sys.executable, "-m", "interrupt_in_c", how], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert done.stderr == "p: interrupted\n"
+    assert done.returncode == status  # sys.exit: CPython's own SIGINT exit, what exit_with avoids
+
+
 # -- 4. memory estimate and progress --------------------------------------------------------------
 
 

@@ -1,8 +1,7 @@
 """`python -m export.arm [PATH]`: the published artifacts verified under aarch64 emulation."""
 
-import sys
-
 from export.arm.cli import main
+from export.reporting import exit_with
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -1,8 +1,7 @@
 """`python -m export.onnx`: build, verify and publish ONNX artifacts (the shared CLI, one format)."""
 
-import sys
-
 from export.cli import main as export_main
+from export.reporting import exit_with
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -10,4 +9,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

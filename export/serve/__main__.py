@@ -1,8 +1,7 @@
 """`python -m export.serve PATH`: verify, then serve ONNX and TFLite artifacts on Ray Serve."""
 
-import sys
-
+from export.reporting import exit_with
 from export.runtime.serve.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -1,8 +1,7 @@
 """`python -m export.verify PATH`: check published artifacts against their manifests."""
 
-import sys
-
+from export.reporting import exit_with
 from export.runtime.verify.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
