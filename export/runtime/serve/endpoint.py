@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from export.errors import InputError, first_line
-from export.formats import REGISTRY
+from export.formats import get_format
 from export.runtime.serve.protocol import (
     DATATYPES,
     HEADER_LENGTH,
@@ -32,8 +32,6 @@ from export.runtime.serve.protocol import (
     read_content_encoding,
 )
 
-# format -> the platform its model metadata reports (the registry's `serve_platform`)
-PLATFORM = {name: fmt.serve_platform for name, fmt in REGISTRY.items() if fmt.serve_platform}
 SERVER_NAME = "xattn"
 JSON = "application/json"
 
@@ -124,11 +122,8 @@ class Statistics:
     def __init__(self):
         self.lock = threading.Lock()
         self.requests = 0
-        self.rows = 0
-        self.runs = 0
-        self.ns = 0
         self.last_ms = 0
-        self.by_batch: dict[int, list[int]] = {}  # rows -> [runs, ns]
+        self.by_batch: dict[int, list[int]] = {}  # rows -> [runs, ns]; the totals derive from it
 
     def answered(self) -> None:
         with self.lock:
@@ -136,32 +131,27 @@ class Statistics:
 
     def count(self, rows: int, ns: int) -> None:
         with self.lock:
-            self._count(rows, ns)
-
-    def _count(self, rows: int, ns: int) -> None:
-        self.rows += rows
-        self.runs += 1
-        self.ns += ns
-        self.last_ms = int(time.time() * 1000)
-        seen = self.by_batch.setdefault(rows, [0, 0])
-        seen[0] += 1
-        seen[1] += ns
+            self.last_ms = int(time.time() * 1000)
+            seen = self.by_batch.setdefault(rows, [0, 0])
+            seen[0] += 1
+            seen[1] += ns
 
     def report(self, name: str) -> bytes:
         with self.lock:
-            return self._report(name)
-
-    def _report(self, name: str) -> bytes:
+            batches = sorted(self.by_batch.items())
+            requests, last_ms = self.requests, self.last_ms
         return json.dumps({"model_stats": [{
-            "name": name, "version": "1", "last_inference": self.last_ms,
-            "inference_count": self.rows, "execution_count": self.runs,
+            "name": name, "version": "1", "last_inference": last_ms,
+            "inference_count": sum(rows * runs for rows, (runs, _) in batches),
+            "execution_count": sum(runs for _, (runs, _) in batches),
             "inference_stats": {
-                "success": {"count": self.requests},
-                "compute_infer": {"count": self.runs, "ns": self.ns},
+                "success": {"count": requests},
+                "compute_infer": {"count": sum(runs for _, (runs, _) in batches),
+                                  "ns": sum(ns for _, (_, ns) in batches)},
             },
             "batch_stats": [
                 {"batch_size": rows, "compute_infer": {"count": runs, "ns": ns}}
-                for rows, (runs, ns) in sorted(self.by_batch.items())
+                for rows, (runs, ns) in batches
             ],
         }]}).encode()
 
@@ -198,7 +188,7 @@ class ModelEndpoint:
         if self.fixed_batch and self.fixed_batch > 1:
             parameters["batch_multiple"] = self.fixed_batch
         return json.dumps({
-            "name": self.name, "versions": ["1"], "platform": PLATFORM[self.format],
+            "name": self.name, "versions": ["1"], "platform": get_format(self.format).serve_platform,
             "inputs": [t.metadata() for t in self.inputs],
             "outputs": [t.metadata() for t in self.outputs],
             "parameters": parameters,

@@ -20,7 +20,8 @@ from concurrent import futures
 import numpy as np
 
 from export.errors import InputError, first_line
-from export.runtime.serve.endpoint import PLATFORM, SERVER_NAME
+from export.formats import get_format
+from export.runtime.serve.endpoint import SERVER_NAME
 from export.runtime.serve.protocol import BodyTooLarge
 
 log = logging.getLogger("export.serve")
@@ -100,7 +101,7 @@ def build_server(app, port: int, host: str, max_body: int):
             endpoint = self._endpoint(request.name, request.version, context)
             tensor = service_pb2.ModelMetadataResponse.TensorMetadata
             return service_pb2.ModelMetadataResponse(
-                name=endpoint.name, versions=["1"], platform=PLATFORM[endpoint.format],
+                name=endpoint.name, versions=["1"], platform=get_format(endpoint.format).serve_platform,
                 inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape)
                         for t in endpoint.inputs],
                 outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape)
