@@ -164,10 +164,10 @@ def _interrupted_early(signum, frame):  # pragma: no cover - exercised in a subp
     os._exit(130)
 
 
-if __name__ == "__main__":  # pragma: no cover - `xattn` is the console script
-    sys.exit(main())
-
-
 def run() -> None:
     """The `xattn` console script: main(), its status through exit_with (Ctrl-C: 130)."""
     exit_with(main())
+
+
+if __name__ == "__main__":  # pragma: no cover - `xattn` is the console script
+    run()

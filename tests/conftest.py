@@ -132,21 +132,24 @@ LONGEST_FILES = ("test_commands.py", "test_saved_model.py", "test_model.py",
                  "test_runtime_install.py", "test_trust.py", "test_tflm.py")
 # ... and tests/test_serve.py last, as in a one-process run (alphabetical: after every in-process
 # ORT build): its session gRPC client (tritonclient.grpc) leaves gRPC's threads in the worker, and
-# an ORT export later in that process (export/ort/serialize.py forks its child with a preexec_fn)
-# failed once in four xdist runs with gRPC's "epoll_wait error: Bad file descriptor" in the child.
+# an ORT export later in that process failed once in four xdist runs with gRPC's "epoll_wait
+# error: Bad file descriptor" in the child, when export/ort/serialize.py still set up its child in
+# a preexec_fn (it now starts it from a launcher; the order is kept as a one-process run has it).
 LAST_FILES = ("test_serve.py",)
 
 
 def _stopping_tests_last(items: list) -> None:
     """A test marked `stops_server` ends its session server: it runs after every other selected
     test that shares that server (same fixture parameter), whatever the selection or order."""
+    def param(item, fixture: str):
+        return getattr(getattr(item, "callspec", None), "params", {}).get(fixture)
+
     for item in [i for i in items if i.get_closest_marker("stops_server")]:
         server = item.get_closest_marker("stops_server").args[0]
-        param = getattr(getattr(item, "callspec", None), "params", {}).get(server)
         items.remove(item)
         sharing = [n for n, other in enumerate(items)
                    if server in getattr(other, "fixturenames", ())
-                   and getattr(getattr(other, "callspec", None), "params", {}).get(server) == param]
+                   and param(other, server) == param(item, server)]
         items.insert(sharing[-1] + 1 if sharing else len(items), item)
 
 
