@@ -4,20 +4,7 @@ The Python API lives in export.runtime.serve; its public names are re-exported h
 `from export.serve import load_models` keeps working.
 """
 
-from export.runtime.serve import (
-    ENGINES,
-    SERVED_FORMATS,
-    ServedModel,
-    ServeError,
-    ServeOptions,
-    Server,
-    check_options,
-    deploy,
-    load_models,
-    model_name,
-    start,
-    stop,
-)
+from export.runtime import serve as _moved
+from export.runtime.serve import *  # noqa: F403 - the alias is the moved package's public names
 
-__all__ = ["ENGINES", "SERVED_FORMATS", "ServeError", "ServeOptions", "ServedModel", "Server",
-           "check_options", "deploy", "load_models", "model_name", "start", "stop"]
+__all__ = list(_moved.__all__)

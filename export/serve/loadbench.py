@@ -1,9 +1,8 @@
 """`python -m export.serve.loadbench`: an alias of export.runtime.serve.loadbench (the serving load
 benchmark, also `python -m export.bench serve`)."""
 
-import sys
-
+from export.reporting import exit_with
 from export.runtime.serve.loadbench import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
